@@ -1,0 +1,5 @@
+import sys
+
+from dinb.cli import main
+
+sys.exit(main())

@@ -1,0 +1,253 @@
+"""``python -m dinb``: export a model, run the ranks of a job, or the seeds' demo.
+
+Subcommands::
+
+    python -m dinb export --model matmul --strategy contraction --ranks 2 --out out/
+    mpiexec -n 2 python -m dinb run --model-dir out/       # one process per rank
+    python -m dinb run --model-dir out/ --simulate 2        # one process, 2 virtual devices
+    python -m dinb demo                                     # export + mpiexec -n 2, all strategies
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dinb.errors import DinbError
+
+NOISE = re.compile(
+    r"(\[Gloo\]|is connected to \d+ peer ranks|^[IWE]0000 |^WARNING: All log messages before absl)"
+)
+
+
+def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    if args.batch is not None:
+        kw["batch"] = args.batch
+    if args.model == "mlp":
+        if args.d_model is not None:
+            kw["d_model"] = args.d_model
+        if args.d_ff is not None:
+            kw["d_ff"] = args.d_ff
+    return kw
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dinb.export import export_distributed
+    from dinb.models import get_model
+    from dinb.strategy import Strategy, infer_predict_layout
+
+    model = get_model(args.model, **_model_kwargs(args))
+    inputs = model.example_inputs()
+    if args.strategy_file:
+        strategy = Strategy.load(args.strategy_file)
+    else:
+        strategy = infer_predict_layout(model, *inputs, device_num=args.ranks, strategy=args.strategy)
+    paths = export_distributed(model, model.init_params(args.seed), strategy, inputs, args.out)
+    print(f"exported {model.name} ({args.strategy or model.default_strategy}) for "
+          f"{strategy.device_num} ranks to {args.out}:")
+    for p in paths:
+        print(f"  {p.name}  {p.stat().st_size} bytes")
+    return 0
+
+
+def _seed_lines(name: str, data: np.ndarray) -> list[str]:
+    """What the seeds' sample prints for one output tensor."""
+    flat = data.flatten()
+    return [
+        f"tensor's name is:{name} data size is:{data.nbytes} tensor elements num is:{data.size}",
+        "output data is: " + " ".join(str(v) for v in flat[:10]),
+    ]
+
+
+def _make_input(kind: str, shape: list[int], dtype: str, seed: int) -> np.ndarray:
+    if kind == "ones":
+        return np.ones(shape, dtype=dtype)
+    if kind == "random":
+        return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+    return np.load(kind).astype(dtype)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from dinb import ranks
+    from dinb.runtime import Context, Model, ModelType
+
+    job = ranks.init(args.target, simulate=args.simulate, init_timeout_s=args.init_timeout)
+    context = Context(target=[args.target], provider=args.provider)
+    model = Model()
+    model.build_from_file(args.model_dir, ModelType.DINB, context, args.config_file)
+    inputs = model.get_inputs()
+    for t in inputs:
+        t.set_data_from_numpy(_make_input(args.input, t.shape, str(t.dtype), args.seed))
+
+    times_predict, times_loop = [], []
+    for i in range(args.warmup + args.repeat):
+        t0 = time.perf_counter()
+        outputs = model.predict(inputs)
+        t1 = time.perf_counter()
+        if i >= args.warmup:
+            times_predict.append(t1 - t0)
+        if args.repeat > 1:  # the run loop as a user script would write it: fresh inputs each time
+            for t in inputs:
+                t.set_data_from_numpy(t.get_data_to_numpy().copy())
+            _ = [o.get_data_to_numpy() for o in outputs]
+            if i >= args.warmup:
+                times_loop.append(time.perf_counter() - t0)
+
+    if args.save_outputs:
+        out_dir = Path(args.save_outputs)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for rank, arrays in model.rank_outputs().items():
+            for out, data in zip(outputs, arrays):
+                np.save(out_dir / f"rank{rank}_{out.name}.npy", data)
+    report: list[str] = []
+    for rank in job.local_ranks:
+        report.append(f"rank {rank} of {job.world_size} (pid {os.getpid()}, "
+                      f"device {job.device_of(rank)}):")
+        per_rank = model.rank_outputs()[rank] if len(job.local_ranks) > 1 else \
+            [o.get_data_to_numpy() for o in outputs]
+        for out, data in zip(outputs, per_rank):
+            report += ["  " + line for line in _seed_lines(out.name.rstrip(), data)]
+    stats = {
+        "predict_ms_median": 1e3 * statistics.median(times_predict) if times_predict else None,
+        "loop_ms_median": 1e3 * statistics.median(times_loop) if times_loop else None,
+        "load_s": model.timings["load_s"], "compile_s": model.timings["compile_s"],
+    }
+    gathered = job.allgather("report", json.dumps({"lines": report, "stats": stats}))
+    if job.process_index == 0:
+        rank_stats = []
+        for g in gathered:
+            item = json.loads(g)
+            print("\n".join(item["lines"]), flush=True)
+            rank_stats.append(item["stats"])
+        if args.repeat > 1:
+            med = [s["predict_ms_median"] for s in rank_stats]
+            print(f"predict: median {max(med):.3f} ms over {args.repeat} calls (slowest rank)")
+        if args.timings_json:
+            Path(args.timings_json).write_text(json.dumps(
+                {"world_size": job.world_size, "processes": job.process_count, "ranks": rank_stats},
+                indent=2))
+    ranks.shutdown()
+    return 0
+
+
+def _mpiexec() -> str:
+    beside = Path(sys.executable).parent / "mpiexec"
+    found = str(beside) if beside.exists() else shutil.which("mpiexec")
+    if not found:
+        raise DinbError("mpiexec not found; install dinb with its dependencies (the mpich wheel)")
+    return found
+
+
+def launch(
+    n: int, run_args: list[str], timeout_s: float = 300, quiet: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run ``mpiexec -n N python -m dinb run ARGS``; output without the stack's start-up noise."""
+    cmd = [_mpiexec(), "-n", str(n), sys.executable, "-m", "dinb", "run", *run_args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+    if quiet:
+        keep = [ln for ln in proc.stdout.splitlines() if not NOISE.search(ln)]
+        proc.stdout = "\n".join(keep) + ("\n" if keep else "")
+        errs = [ln for ln in proc.stderr.splitlines() if not NOISE.search(ln)]
+        proc.stderr = "\n".join(errs) + ("\n" if errs else "")
+    return proc
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dinb.export import export_distributed
+    from dinb.models import MatMulNeg
+    from dinb.strategy import infer_predict_layout
+
+    model = MatMulNeg()
+    x = np.ones((128, 96), np.float32)
+    out_root = Path(args.out or tempfile.mkdtemp(prefix="dinb-demo-"))
+    strategies = model.strategy_names if args.strategy == "all" else (args.strategy,)
+    print(f"dinb demo: the seeds' MatMul+Neg, y = -(x @ W), W = 0.5 (96x16), x = ones(128x96)\n"
+          f"expected: -48 everywhere; {args.ranks} real rank processes under mpiexec\n")
+    failed = 0
+    for name in strategies:
+        strategy = infer_predict_layout(model, x, device_num=args.ranks, strategy=name)
+        out_dir = out_root / name
+        export_distributed(model, model.init_params(), strategy, [x], out_dir)
+        print(f"== strategy {name}: matmul.shard({_shard_str(name, args.ranks)}), "
+              f"weight {strategy['matmul_weight']}")
+        proc = launch(args.ranks, ["--model-dir", str(out_dir)], timeout_s=args.timeout)
+        sys.stdout.write(proc.stdout)
+        if proc.returncode != 0:
+            failed += 1
+            sys.stdout.write(proc.stderr)
+            print(f"!! strategy {name} failed (exit code {proc.returncode})")
+        print()
+    print(f"slice files are in {out_root}")
+    return 1 if failed else 0
+
+
+def _shard_str(name: str, n: int) -> str:
+    from dinb.models.matmul import MATMUL_SHARDS
+
+    return str(MATMUL_SHARDS[name](n))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dinb", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="write one slice file per rank")
+    p.add_argument("--model", default="matmul", choices=["matmul", "mlp"])
+    p.add_argument("--strategy", default=None, help="a named strategy of the model")
+    p.add_argument("--strategy-file", default=None, help="a JSON strategy file (MindSpore schema)")
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--d-model", type=int, default=None)
+    p.add_argument("--d-ff", type=int, default=None)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("run", help="be one rank (under mpiexec) or all ranks (--simulate N)")
+    p.add_argument("--model-dir", required=True, help="directory of an export (or a .dinb file)")
+    p.add_argument("--simulate", type=int, default=None, help="N ranks as N virtual CPU devices")
+    p.add_argument("--target", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--provider", default="xla", choices=["xla", "tensorrt"])
+    p.add_argument("--config-file", default=None, help=".ini with [runtime] options")
+    p.add_argument("--input", default="ones", help="ones | random | a .npy file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=0)
+    p.add_argument("--init-timeout", type=int, default=30, help="seconds to wait for all ranks")
+    p.add_argument("--timings-json", default=None)
+    p.add_argument("--save-outputs", default=None, help="save each rank's outputs as .npy here")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="the seeds' distributed MatMul on real ranks")
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--strategy", default="all", choices=["all", "contraction", "batch", "columns"])
+    p.add_argument("--out", default=None)
+    p.add_argument("--timeout", type=float, default=300)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except DinbError as e:
+        rank = os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK"))
+        where = f"[rank {rank}] " if rank is not None else ""
+        print(f"{where}error: {e}", file=sys.stderr, flush=True)
+        return 2

@@ -1,0 +1,25 @@
+"""Built-in models, by name: ``get_model("matmul")``, ``get_model("mlp", d_model=256)``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dinb.errors import DinbError
+from dinb.models.base import ModelDef, TensorSpec
+from dinb.models.matmul import MatMulNeg, matmul_layouts
+from dinb.models.mlp import MegatronMLP, mlp_reference
+
+MODELS: dict[str, type[ModelDef]] = {"matmul": MatMulNeg, "mlp": MegatronMLP}
+
+
+def get_model(name: str, **kwargs: Any) -> ModelDef:
+    """A built-in model by name, constructed with ``kwargs``."""
+    try:
+        cls = MODELS[name]
+    except KeyError:
+        raise DinbError(f"no built-in model {name!r}; choose one of {sorted(MODELS)}") from None
+    return cls(**kwargs)
+
+
+__all__ = ["MODELS", "MatMulNeg", "MegatronMLP", "ModelDef", "TensorSpec", "get_model",
+           "matmul_layouts", "mlp_reference"]

@@ -1,0 +1,84 @@
+"""What a dinb model is: a pure JAX function over a dict of named arrays, plus its strategies."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dinb.errors import StrategyError
+from dinb.strategy import Strategy
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape and dtype of one model input or output."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+
+class ModelDef(ABC):
+    """A model: ``apply(params, *inputs)`` plus the strategies it knows for N devices.
+
+    Subclasses set ``name``, ``strategy_names`` and implement the abstract methods. Parameter
+    names are the checkpoint keys, so a strategy file reads naturally.
+    """
+
+    name: str = "model"
+    strategy_names: tuple[str, ...] = ()
+
+    @abstractmethod
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Full shape of every parameter, by name."""
+
+    @abstractmethod
+    def init_params(self, seed: int = 0) -> dict[str, np.ndarray]:
+        """Full-size parameters as numpy arrays (deterministic for a seed)."""
+
+    @abstractmethod
+    def apply(self, params: dict[str, Any], *inputs: Any) -> Any:
+        """The forward pass, a pure JAX function (one output, or a tuple of outputs)."""
+
+    @abstractmethod
+    def input_specs(self) -> tuple[TensorSpec, ...]:
+        """The inputs a predict call takes, with example shapes."""
+
+    @abstractmethod
+    def _strategy(self, device_num: int, name: str, input_shapes: Sequence[tuple[int, ...]]) -> Strategy:
+        """The named strategy for ``device_num`` devices (name already validated)."""
+
+    default_strategy: str = ""
+
+    def output_names(self) -> tuple[str, ...]:
+        return ("output_0",)
+
+    def example_inputs(self, seed: int = 0) -> list[np.ndarray]:
+        """Deterministic example inputs matching :meth:`input_specs`."""
+        rng = np.random.default_rng(seed)
+        return [rng.standard_normal(s.shape).astype(s.dtype) for s in self.input_specs()]
+
+    def strategy(
+        self,
+        device_num: int,
+        name: str | None = None,
+        input_shapes: Sequence[tuple[int, ...]] | None = None,
+    ) -> Strategy:
+        """The strategy ``name`` (default: the model's own) for ``device_num`` ranks."""
+        if device_num < 1:
+            raise StrategyError(f"device_num must be >= 1, got {device_num}")
+        name = name or self.default_strategy
+        if name not in self.strategy_names:
+            raise StrategyError(
+                f"model {self.name!r} has no strategy {name!r}; choose one of "
+                f"{list(self.strategy_names)}"
+            )
+        shapes = [tuple(s) for s in input_shapes] if input_shapes else [s.shape for s in self.input_specs()]
+        return self._strategy(device_num, name, shapes)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"

@@ -1,0 +1,84 @@
+"""A Megatron-style tensor-parallel MLP: ``y = gelu(x @ W1 + b1) @ W2 + b2``.
+
+Shapes: ``x`` (batch, d), ``W1`` (d, ff), ``b1`` (ff), ``W2`` (ff, d), ``b2`` (d).
+
+The ``megatron`` strategy on N ranks (``dev_matrix = [N]``):
+
+* ``W1 = [W1_1, ..., W1_N]`` is split by **columns** (tensor_map ``[-1, 0]``) and ``b1`` with it:
+  rank r computes ``h_r = gelu(x @ W1_r + b1_r)``, its own ff/N hidden units, with no
+  communication (gelu acts element-wise, so it commutes with the column split).
+* ``W2 = [W2_1; ...; W2_N]`` is split by **rows** (tensor_map ``[0, -1]``): rank r computes the
+  partial output ``h_r @ W2_r``; ``y = sum_r h_r @ W2_r + b2`` needs **one all-reduce** of a
+  (batch, d) tensor. ``b2`` is replicated and added once, after the sum.
+
+Other strategies: ``batch`` (rows of x split, weights replicated: no communication until the
+outputs are gathered) and ``replicated`` (every rank computes everything).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from dinb.layout import Layout
+from dinb.models.base import ModelDef, TensorSpec
+from dinb.strategy import Strategy
+
+
+class MegatronMLP(ModelDef):
+    """Column-parallel then row-parallel MLP (see the module docstring)."""
+
+    name = "mlp"
+    strategy_names = ("megatron", "batch", "replicated")
+    default_strategy = "megatron"
+
+    def __init__(self, d_model: int = 1024, d_ff: int = 4096, batch: int = 8):
+        self.d_model, self.d_ff, self.batch = d_model, d_ff, batch
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        d, f = self.d_model, self.d_ff
+        return {"w1": (d, f), "b1": (f,), "w2": (f, d), "b2": (d,)}
+
+    def init_params(self, seed: int = 0) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        d, f = self.d_model, self.d_ff
+        return {
+            "w1": (rng.standard_normal((d, f)) / np.sqrt(d)).astype(np.float32),
+            "b1": (0.1 * rng.standard_normal(f)).astype(np.float32),
+            "w2": (rng.standard_normal((f, d)) / np.sqrt(f)).astype(np.float32),
+            "b2": (0.1 * rng.standard_normal(d)).astype(np.float32),
+        }
+
+    def apply(self, params: dict[str, Any], x: Any) -> Any:
+        import jax
+
+        h = jax.nn.gelu(x @ params["w1"] + params["b1"], approximate=True)
+        return h @ params["w2"] + params["b2"]
+
+    def input_specs(self) -> tuple[TensorSpec, ...]:
+        return (TensorSpec("x", (self.batch, self.d_model)),)
+
+    def _strategy(self, device_num: int, name: str, input_shapes: Sequence[tuple[int, ...]]) -> Strategy:
+        n = device_num
+        rep1, rep2 = Layout([n], [-1]), Layout([n], [-1, -1])
+        if name == "megatron":
+            params = {"w1": Layout([n], [-1, 0]), "b1": Layout([n], [0]),
+                      "w2": Layout([n], [0, -1]), "b2": rep1}
+            x = rep2
+        elif name == "batch":
+            params = {"w1": rep2, "b1": rep1, "w2": rep2, "b2": rep1}
+            x = Layout([n], [0, -1])
+        else:
+            params = {"w1": rep2, "b1": rep1, "w2": rep2, "b2": rep1}
+            x = rep2
+        return Strategy(params, inputs=[x], outputs=[rep2])
+
+
+def mlp_reference(params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """The same MLP in plain numpy (float64), for checking results."""
+    p = {k: v.astype(np.float64) for k, v in params.items()}
+    z = x.astype(np.float64) @ p["w1"] + p["b1"]
+    h = 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))
+    return h @ p["w2"] + p["b2"]

@@ -1,0 +1,263 @@
+"""Bootstrap of one rank: bind the device, configure collectives, join the job.
+
+All of it must happen before any other JAX call in the process. Three ways to run N ranks:
+
+* ``mpiexec -n N python -m dinb run ...``: N processes, one device each; MPI gives each its rank,
+  rank 0 picks a free port and broadcasts it, then every process joins one JAX job
+  (``jax.distributed.initialize``) whose collectives run over gloo (CPU) or NCCL (GPU).
+* notebook engines (ipyparallel) do the same with the rank handed in by the cluster.
+* simulated: one process with N virtual CPU devices (``simulate=N``); same program, same slices.
+
+Known traps handled here: the coordinator binds to 127.0.0.1 (not every interface), the
+preemption service is off (it swallows SIGTERM), the port is picked free by rank 0 (a busy port
+crashes the coordinator), and the join has a short timeout (a missing rank aborts the process).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from dinb.errors import DinbError, RankFailedError
+
+DEFAULT_INIT_TIMEOUT_S = 30
+DEFAULT_AGREE_TIMEOUT_S = 60
+
+_MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
+_job: Job | None = None
+
+
+@dataclass
+class Job:
+    """This process's view of the job: its rank(s), the world, the devices in rank order."""
+
+    process_index: int
+    process_count: int
+    target: str
+    simulate: int | None
+    devices: list[Any] = field(default_factory=list)
+    agree_timeout_s: float = DEFAULT_AGREE_TIMEOUT_S
+    _step: int = 0
+
+    @property
+    def world_size(self) -> int:
+        """Number of ranks (= devices) in the job."""
+        return len(self.devices)
+
+    @property
+    def local_ranks(self) -> list[int]:
+        """The ranks this process hosts (one under mpiexec, all of them when simulated)."""
+        return [r for r, d in enumerate(self.devices) if d.process_index == self.process_index]
+
+    def device_of(self, rank: int) -> Any:
+        return self.devices[rank]
+
+    def allgather(self, topic: str, value: str, timeout_s: float | None = None) -> list[str]:
+        """Every process publishes ``value`` for ``topic``; returns all values by process.
+
+        Goes through the JAX coordinator's key-value store (no collective, no MPI), with a
+        finite timeout: processes that do not answer in time are named in a
+        :class:`RankFailedError`.
+        """
+        if self.process_count == 1:
+            return [value]
+        from jax._src.distributed import global_state
+
+        client = global_state.client
+        self._step += 1
+        key = f"dinb/{self._step}/{topic}"
+        client.key_value_set(f"{key}/{self.process_index}", value)
+        timeout = timeout_s if timeout_s is not None else self.agree_timeout_s
+        deadline = time.monotonic() + timeout
+        values: list[str] = []
+        missing: list[int] = []
+        for p in range(self.process_count):
+            left_ms = max(1, int((deadline - time.monotonic()) * 1000))
+            try:
+                values.append(client.blocking_key_value_get(f"{key}/{p}", left_ms))
+            except Exception:
+                missing.append(p)
+                values.append("")
+        if missing:
+            raise RankFailedError(
+                f"{topic}: rank(s) {missing} did not answer within {timeout:.0f} s; they are "
+                "dead or stuck. Restart the job.",
+                tuple(missing),
+            )
+        return values
+
+    def agree(self, topic: str, error: str | None, timeout_s: float | None = None) -> None:
+        """Every process reports ``error`` (None = fine) for ``topic``; raise if any failed.
+
+        Runs before any collective that a failed rank would leave hanging: every rank learns
+        who failed and why, instead of waiting forever in the collective.
+        """
+        values = self.allgather(topic, "ok" if error is None else "error:" + error, timeout_s)
+        failures = {p: v[len("error:"):] for p, v in enumerate(values) if v != "ok"}
+        if failures:
+            ranks = tuple(failures)
+            first = next(iter(failures.values()))
+            more = "" if len(failures) == 1 else f" (and {len(failures) - 1} more)"
+            raise RankFailedError(f"{topic} failed on rank(s) {list(ranks)}: {first}{more}", ranks)
+
+
+def mpi_world() -> tuple[int, int, int] | None:
+    """``(rank, size, local_rank)`` when launched by mpiexec with more than one process."""
+    if not any(v in os.environ for v in _MPI_SIZE_VARS):
+        return None
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    if comm.size == 1:
+        return None
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED).rank
+    return comm.rank, comm.size, local
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _backends_initialized() -> bool:
+    import sys
+
+    if "jax" not in sys.modules:
+        return False
+    from jax._src import xla_bridge
+
+    return bool(xla_bridge.backends_are_initialized())
+
+
+def _bind_gpu(local_rank: int, device_id: int | None) -> None:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    choice = device_id if device_id is not None else local_rank
+    if visible:
+        ids = [v for v in visible.split(",") if v]
+        if len(ids) > 1:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ids[choice % len(ids)]
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(choice)
+
+
+def init(
+    target: str = "cpu",
+    simulate: int | None = None,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    coordinator: str | None = None,
+    device_id: int | None = None,
+    init_timeout_s: int = DEFAULT_INIT_TIMEOUT_S,
+    agree_timeout_s: float = DEFAULT_AGREE_TIMEOUT_S,
+) -> Job:
+    """Make this process a rank (or, with ``simulate=N``, all N ranks) and return the job.
+
+    Under mpiexec the rank and world come from MPI; ``process_index``/``process_count`` plus
+    ``coordinator`` ("host:port") let another launcher (notebook engines) hand them in. Calling
+    again returns the same job; asking for a different world is an error (JAX cannot leave and
+    rejoin a job: start new processes).
+    """
+    global _job
+    if target not in ("cpu", "gpu"):
+        raise DinbError(f"target must be 'cpu' or 'gpu', got {target!r}")
+    if _job is not None and simulate is not None and _job.process_count == 1 and _job.target == target:
+        import jax
+
+        if simulate <= len(jax.devices()):  # a smaller simulated world reuses the first devices
+            devices = sorted(jax.devices(), key=lambda d: d.id)[:simulate]
+            _job = Job(0, 1, target, simulate, devices, agree_timeout_s)
+            return _job
+        raise DinbError(
+            f"this process has {len(jax.devices())} devices and cannot simulate {simulate} ranks; "
+            f"restart it (the kernel) and call dinb.init_ranks(simulate={simulate}) first"
+        )
+    if _job is not None:
+        want_count = process_count or _job.process_count
+        if (want_count, simulate, target) != (_job.process_count, _job.simulate, _job.target):
+            raise DinbError(
+                f"this process already joined a job as {_job.process_count} process(es), "
+                f"simulate={_job.simulate}, target={_job.target!r}; a different job needs a new "
+                "process (restart the kernel or the engines)"
+            )
+        return _job
+
+    world = None
+    if process_count is None:
+        world = mpi_world()
+        if world is not None:
+            process_index, process_count, local_rank = world
+        else:
+            process_index, process_count, local_rank = 0, 1, 0
+    else:
+        local_rank = process_index or 0
+    assert process_index is not None
+    if simulate is not None and process_count > 1:
+        raise DinbError(
+            f"simulate={simulate} runs all ranks in one process, but this process is rank "
+            f"{process_index} of {process_count} launched processes; drop --simulate under mpiexec"
+        )
+    if _backends_initialized():
+        if process_count > 1:
+            raise DinbError(
+                "JAX was used in this process before dinb could join the job; call "
+                "dinb.init_ranks() (or build the Model) before any other JAX call"
+            )
+    else:
+        os.environ.setdefault("JAX_PLATFORMS", "cuda" if target == "gpu" else "cpu")
+        if target == "gpu":
+            _bind_gpu(local_rank, device_id)
+
+    import jax
+
+    if simulate is not None and not _backends_initialized():
+        jax.config.update("jax_num_cpu_devices", int(simulate))
+    if process_count > 1:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.config.update("jax_enable_preemption_service", False)
+        if coordinator is None:
+            if world is None:
+                raise DinbError("process_count > 1 without MPI needs coordinator='host:port'")
+            from mpi4py import MPI
+
+            port = free_port() if process_index == 0 else None
+            coordinator = f"127.0.0.1:{MPI.COMM_WORLD.bcast(port, root=0)}"
+        jax.distributed.initialize(
+            coordinator_address=coordinator,
+            num_processes=process_count,
+            process_id=process_index,
+            coordinator_bind_address=coordinator if process_index == 0 else None,
+            initialization_timeout=init_timeout_s,
+            heartbeat_timeout_seconds=max(10, init_timeout_s),
+            shutdown_timeout_seconds=max(5, init_timeout_s),
+        )
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    if simulate is not None and len(devices) > simulate:
+        devices = devices[:simulate]
+    if simulate is not None and len(devices) != simulate:
+        raise DinbError(
+            f"asked to simulate {simulate} ranks but JAX has {len(devices)} devices; JAX was "
+            "initialised earlier in this process - restart it and call dinb.init_ranks first"
+        )
+    _job = Job(process_index, process_count, target, simulate, devices, agree_timeout_s)
+    return _job
+
+
+def current_job() -> Job | None:
+    """The job this process joined, or None."""
+    return _job
+
+
+def shutdown() -> None:
+    """Leave the job (``jax.distributed.shutdown`` on every rank before the processes stop)."""
+    global _job
+    if _job is not None and _job.process_count > 1:
+        import jax
+
+        jax.distributed.shutdown()
+    _job = None

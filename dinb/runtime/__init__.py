@@ -1,0 +1,8 @@
+"""The MindSpore-Lite-shaped runtime: ``Context``, ``Model``, ``ModelType``, ``Tensor``."""
+
+from dinb.runtime.config import RuntimeConfig, load_config
+from dinb.runtime.context import Context, DeviceInfo, ModelType
+from dinb.runtime.model import Model
+from dinb.runtime.tensor import Tensor
+
+__all__ = ["Context", "DeviceInfo", "Model", "ModelType", "RuntimeConfig", "Tensor", "load_config"]

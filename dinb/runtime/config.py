@@ -1,0 +1,60 @@
+"""The optional ``config_file`` of ``Model.build_from_file``: run-time options as an .ini file.
+
+::
+
+    [runtime]
+    # seconds a rank waits for the others to join the job (a missing rank ends the job)
+    init_timeout_s = 30
+    # seconds a rank waits for the others at a checkpoint (loading, before predict)
+    agree_timeout_s = 60
+    # check every tensor's sha256 when loading a slice file
+    verify_checksums = true
+"""
+
+from __future__ import annotations
+
+import configparser
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from dinb.errors import DinbError
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    init_timeout_s: int = 30
+    agree_timeout_s: float = 60.0
+    verify_checksums: bool = True
+
+
+def load_config(path: str | Path | None) -> RuntimeConfig:
+    """Read the ``[runtime]`` section of an .ini file; unknown keys are errors, not ignored."""
+    if path is None:
+        return RuntimeConfig()
+    path = Path(path)
+    parser = configparser.ConfigParser()
+    try:
+        if not parser.read(path):
+            raise DinbError(f"config file {path} does not exist")
+    except configparser.Error as e:
+        raise DinbError(f"config file {path} is not a valid .ini file: {e}") from None
+    known = {f.name: f.type for f in fields(RuntimeConfig)}
+    values: dict[str, object] = {}
+    for section in parser.sections():
+        if section != "runtime":
+            raise DinbError(f"config file {path}: unknown section [{section}]; dinb reads [runtime]")
+        for key, raw in parser.items(section):
+            if key not in known:
+                raise DinbError(
+                    f"config file {path}: unknown key {key!r} in [runtime]; known keys: {sorted(known)}"
+                )
+            try:
+                if known[key] == "bool":
+                    values[key] = parser.getboolean(section, key)
+                elif known[key] == "int":
+                    values[key] = parser.getint(section, key)
+                else:
+                    values[key] = parser.getfloat(section, key)
+            except ValueError:
+                raise DinbError(f"config file {path}: {key} = {raw!r} is not a {known[key]}") from None
+    return RuntimeConfig(**values)  # type: ignore[arg-type]

@@ -1,0 +1,274 @@
+"""``Model``: load a rank's slice file, compile once, predict many times (MindSpore Lite's shape).
+
+::
+
+    context = Context(target=["cpu"])
+    model = Model()
+    model.build_from_file("out/matmul0.dinb", ModelType.DINB, context)  # or the directory
+    inputs = model.get_inputs()
+    inputs[0].set_data_from_numpy(np.ones(inputs[0].shape, np.float32))
+    outputs = model.predict(inputs)
+    outputs[0].get_data_to_numpy()
+
+A process reads the slice files of the ranks it hosts: its own under mpiexec, all of them in
+the simulated mode. Before the first collective, the ranks compare notes through the job's
+coordinator: if any rank failed to load, or the files come from different exports, every rank
+raises the same error naming the rank at fault instead of hanging in the collective.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dinb import ranks
+from dinb.errors import DinbError, InputError, RankFailedError, RankMismatchError, SliceFileError
+from dinb.layout import Layout, common_dev_matrix
+from dinb.runtime.config import RuntimeConfig, load_config
+from dinb.runtime.context import Context, ModelType
+from dinb.runtime.tensor import Tensor
+from dinb.slicefile import SliceFile, TensorMeta, find_slice_files, read_slice_file
+
+
+class Model:
+    """A distributed model as one rank sees it: build once, then ``predict``."""
+
+    def __init__(self) -> None:
+        self._job: ranks.Job | None = None
+        self._files: dict[int, SliceFile] = {}
+        self._inputs: list[TensorMeta] = []
+        self._outputs: list[TensorMeta] = []
+        self._compiled: Any = None
+        self._params: dict[str, Any] = {}
+        self._in_shardings: list[Any] = []
+        self._last: list[Any] = []
+        self.config = RuntimeConfig()
+        self.timings: dict[str, float] = {}
+
+    # ---- build -------------------------------------------------------------------------------
+    def build_from_file(self, model_path: str | Path, model_type: ModelType = ModelType.DINB,
+                        context: Context | None = None, config_file: str | Path | None = None) -> None:
+        """Load this process's slice file(s) and compile the SPMD program once.
+
+        ``model_path`` is a rank's ``.dinb`` file or the directory of an export.
+        """
+        context = context or Context()
+        context.check_provider()
+        if model_type is ModelType.MINDIR:
+            raise SliceFileError(
+                f"{model_path}: MindIR files are MindSpore's own format; export the model with "
+                "dinb (dinb.export_distributed or python -m dinb export) and load the .dinb files"
+            )
+        self.config = load_config(config_file)
+        info = context.device_info
+        job = ranks.current_job() or ranks.init(
+            context.target_name, device_id=info.device_id,
+            init_timeout_s=self.config.init_timeout_s, agree_timeout_s=self.config.agree_timeout_s)
+        self._job = job
+        t0 = time.perf_counter()
+        error: DinbError | None = None
+        try:
+            if info.rank_id is not None and job.process_count > 1 and info.rank_id != job.process_index:
+                raise RankMismatchError(
+                    f"Context rank_id={info.rank_id} but this process is rank {job.process_index} "
+                    "of the job; leave rank_id unset under mpiexec or pass the process's rank"
+                )
+            self._files = self._read_local(Path(model_path), job)
+        except DinbError as e:
+            error = e
+        try:
+            job.agree("load slice files", None if error is None else f"{type(error).__name__}: {error}")
+        except RankFailedError:
+            if error is not None:
+                raise error from None  # this rank's own typed error; the others name this rank
+            raise
+        ids = job.allgather("export id", next(iter(self._files.values())).export_id)
+        if len(set(ids)) > 1:
+            odd = [r for r, i in enumerate(ids) if i != ids[0]]
+            raise SliceFileError(
+                f"ranks {odd} loaded slice files from a different export than rank 0; give every "
+                "rank the files of one export (one directory)"
+            )
+        self.timings["load_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self._compile(job)
+        self.timings["compile_s"] = time.perf_counter() - t0
+
+    def _read_local(self, path: Path, job: ranks.Job) -> dict[int, SliceFile]:
+        local = job.local_ranks
+        if not path.exists():
+            raise SliceFileError(f"{path} does not exist; pass an export directory or a .dinb file")
+        if path.is_dir() or len(local) > 1:
+            directory = path if path.is_dir() else path.parent
+            by_rank = find_slice_files(directory)
+            if len(by_rank) != job.world_size:
+                raise RankMismatchError(
+                    f"{directory} holds slice files for {len(by_rank)} ranks but this job has "
+                    f"{job.world_size}; launch {len(by_rank)} ranks (mpiexec -n {len(by_rank)} or "
+                    f"--simulate {len(by_rank)}), or export again for {job.world_size} ranks"
+                )
+            paths = {r: by_rank[r] for r in local}
+        else:
+            paths = {local[0]: path}
+        files: dict[int, SliceFile] = {}
+        for rank, p in paths.items():
+            sf = read_slice_file(p, verify=self.config.verify_checksums)
+            if sf.world_size != job.world_size:
+                raise RankMismatchError(
+                    f"{p} was exported for {sf.world_size} ranks but this job has "
+                    f"{job.world_size}; launch {sf.world_size} ranks, or export again for "
+                    f"{job.world_size} ranks"
+                )
+            if sf.rank != rank:
+                raise RankMismatchError(
+                    f"{p} holds rank {sf.rank}'s slices but this process is rank {rank}; pass the "
+                    "export directory and each rank picks its own file"
+                )
+            files[rank] = sf
+        return files
+
+    def _compile(self, job: ranks.Job) -> None:
+        import jax
+        from jax import export as jax_export
+
+        first = next(iter(self._files.values()))
+        self._inputs, self._outputs = first.inputs, first.outputs
+        pmeta = first.param_meta()
+        exported = jax_export.deserialize(bytearray(first.program))
+        if exported.nr_devices != job.world_size:
+            raise RankMismatchError(
+                f"{first.path}: the program was exported for {exported.nr_devices} devices but "
+                f"this job has {job.world_size}; export again for {job.world_size} ranks"
+            )
+        layouts = [m.layout for m in pmeta.values()] + [m.layout for m in self._inputs + self._outputs]
+        grid = common_dev_matrix(layouts)
+        mesh = Layout(grid, []).mesh(job.devices)
+
+        def sharding(lay: Layout) -> Any:
+            return lay.refine(grid).named_sharding(mesh)
+
+        p_shard = {n: sharding(m.layout) for n, m in pmeta.items()}
+        self._in_shardings = [sharding(m.layout) for m in self._inputs]
+        o_shard = tuple(sharding(m.layout) for m in self._outputs)
+        self._params = {
+            n: jax.make_array_from_single_device_arrays(
+                m.shape, p_shard[n],
+                [jax.device_put(sf.params[n], job.device_of(r)) for r, sf in self._files.items()])
+            for n, m in pmeta.items()
+        }
+        structs = [jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s)
+                   for m, s in zip(self._inputs, self._in_shardings)]
+        jitted = jax.jit(exported.call, in_shardings=(p_shard, *self._in_shardings),
+                         out_shardings=o_shard)
+        self._compiled = jitted.lower(self._params, *structs).compile()
+
+    # ---- run ---------------------------------------------------------------------------------
+    def get_inputs(self) -> list[Tensor]:
+        """Empty input tensors with the exported names, shapes and dtypes."""
+        self._check_built()
+        return [Tensor(name=m.name, shape=m.shape, dtype=m.dtype) for m in self._inputs]
+
+    def get_outputs(self) -> list[Tensor]:
+        """Output tensors of the last predict (empty ones before it)."""
+        self._check_built()
+        if self._last:
+            return self._output_tensors()
+        return [Tensor(name=m.name, shape=m.shape, dtype=m.dtype) for m in self._outputs]
+
+    def predict(self, inputs: Sequence[Tensor | np.ndarray]) -> list[Tensor]:
+        """Run the model on every rank with the same inputs; returns this rank's outputs.
+
+        Inputs are checked (count, shape, dtype) before any collective is entered. Outputs whose
+        layout is replicated (the default: the last stage's ranks all hold the same result) are
+        whole on every rank; a sharded output is this rank's slice under mpiexec and the
+        assembled tensor in the simulated mode.
+        """
+        self._check_built()
+        arrays = self._check_inputs(inputs)
+        self._last = list(self._compiled(self._params, *self._global_inputs(arrays)))
+        return self._output_tensors()
+
+    def _check_inputs(self, inputs: Sequence[Tensor | np.ndarray]) -> list[np.ndarray]:
+        if len(inputs) != len(self._inputs):
+            raise InputError(
+                f"the model takes {len(self._inputs)} inputs {[m.name for m in self._inputs]}, "
+                f"got {len(inputs)}"
+            )
+        arrays = []
+        for m, x in zip(self._inputs, inputs):
+            a = x.get_data_to_numpy() if isinstance(x, Tensor) else np.asarray(x)
+            if tuple(a.shape) != tuple(m.shape) or str(a.dtype) != m.dtype:
+                raise InputError(
+                    f"input {m.name!r} must be {m.dtype}{list(m.shape)} (as exported), got "
+                    f"{a.dtype}{list(a.shape)}; convert with np.asarray(x, dtype=np.{m.dtype}) "
+                    "or export again for this shape"
+                )
+            arrays.append(a)
+        return arrays
+
+    def _global_inputs(self, arrays: list[np.ndarray]) -> list[Any]:
+        import jax
+
+        job = self._job
+        assert job is not None
+        out = []
+        for m, a, sh in zip(self._inputs, arrays, self._in_shardings):
+            shards = [jax.device_put(a[m.layout.slice_of(r, a.shape)], job.device_of(r))
+                      for r in job.local_ranks]
+            out.append(jax.make_array_from_single_device_arrays(a.shape, sh, shards))
+        return out
+
+    def _output_tensors(self) -> list[Tensor]:
+        job = self._job
+        assert job is not None
+        tensors = []
+        for m, arr in zip(self._outputs, self._last):
+            whole = len(m.layout.replica_groups()) == 1
+            data = np.asarray(arr.addressable_data(0)) if whole or len(job.local_ranks) == 1 \
+                else np.asarray(arr)
+            tensors.append(Tensor(data, name=m.name))
+        return tensors
+
+    def rank_outputs(self) -> dict[int, list[np.ndarray]]:
+        """Each local rank's own slice of every output of the last predict."""
+        job = self._job
+        assert job is not None
+        rank_of = {d: r for r, d in enumerate(job.devices)}
+        result: dict[int, list[np.ndarray]] = {r: [] for r in job.local_ranks}
+        for arr in self._last:
+            for shard in arr.addressable_shards:
+                result[rank_of[shard.device]].append(np.asarray(shard.data))
+        return result
+
+    # ---- introspection -----------------------------------------------------------------------
+    @property
+    def job(self) -> ranks.Job:
+        self._check_built()
+        assert self._job is not None
+        return self._job
+
+    @property
+    def model_name(self) -> str:
+        self._check_built()
+        return next(iter(self._files.values())).model
+
+    @property
+    def world_size(self) -> int:
+        return self.job.world_size
+
+    @property
+    def local_ranks(self) -> list[int]:
+        return self.job.local_ranks
+
+    def compiled_text(self) -> str:
+        """The partitioned HLO XLA compiled (shows the collectives the layouts imply)."""
+        self._check_built()
+        return str(self._compiled.as_text())
+
+    def _check_built(self) -> None:
+        if self._compiled is None:
+            raise DinbError("the model is not built; call build_from_file(path, ...) first")

@@ -1,0 +1,270 @@
+"""A model's parallel strategy: ``{parameter name: layout}``, plus the layouts of inputs and outputs.
+
+On disk it is MindSpore's JSON strategy schema::
+
+    {"current_stage": 0,
+     "parallel_layout_item": {
+        "matmul_weight": {"dev_matrix": [2, 2], "tensor_map": [1, 0], "tensor_shape": [96, 16],
+                          "field": 0, "opt_weight_shard_step": 0, "opt_weight_shard_size": 0}}}
+
+dinb adds one key MindSpore does not know, ``"dinb"``, holding the layouts of the model's
+inputs and outputs (MindSpore derives them from operator strategies at compile time).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from dinb.errors import DinbError, StrategyError
+from dinb.layout import Layout
+
+if TYPE_CHECKING:
+    from dinb.models.base import ModelDef
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """The layout of one parameter and MindSpore's per-parameter fields beside it."""
+
+    layout: Layout
+    shape: tuple[int, ...] | None = None
+    stage: int = 0
+    field: int = 0
+    opt_weight_shard_step: int = 0
+    opt_weight_shard_size: int = 0
+
+
+@dataclass(frozen=True)
+class Strategy(Mapping[str, Layout]):
+    """``{parameter name: Layout}`` for a whole model; a frozen, hashable value.
+
+    ``strategy["w"]`` is the layout of parameter ``w``; ``strategy.item("w")`` the full record
+    (shape, pipeline stage, optimizer-shard fields). ``inputs`` and ``outputs`` are the layouts
+    of the model's positional inputs and outputs (replicated when not given).
+    """
+
+    items_: tuple[tuple[str, ParamLayout], ...]
+    inputs: tuple[Layout, ...] = ()
+    outputs: tuple[Layout, ...] = ()
+    _index: dict[str, ParamLayout] = field(init=False, repr=False, compare=False, hash=False)
+
+    def __init__(
+        self,
+        params: Mapping[str, Layout | ParamLayout],
+        inputs: Sequence[Layout] = (),
+        outputs: Sequence[Layout] = (),
+    ):
+        items = tuple(
+            (str(n), p if isinstance(p, ParamLayout) else ParamLayout(p)) for n, p in params.items()
+        )
+        object.__setattr__(self, "items_", items)
+        object.__setattr__(self, "inputs", tuple(inputs))
+        object.__setattr__(self, "outputs", tuple(outputs))
+        object.__setattr__(self, "_index", dict(items))
+        counts = {lay.device_num for lay in self._all_layouts()}
+        if len(counts) > 1:
+            detail = ", ".join(f"{n}: {lay.device_num}" for n, lay in self._named_layouts())
+            raise StrategyError(
+                f"the layouts of one strategy must span the same number of devices; got {detail}"
+            )
+
+    # ---- Mapping -----------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> Layout:
+        try:
+            return self._index[name].layout
+        except KeyError:
+            raise KeyError(f"strategy has no parameter {name!r}; it has {list(self._index)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __hash__(self) -> int:
+        return hash((self.items_, self.inputs, self.outputs))
+
+    def item(self, name: str) -> ParamLayout:
+        """The full record of parameter ``name``."""
+        self[name]
+        return self._index[name]
+
+    def _all_layouts(self) -> list[Layout]:
+        return [p.layout for _, p in self.items_] + list(self.inputs) + list(self.outputs)
+
+    def _named_layouts(self) -> list[tuple[str, Layout]]:
+        return (
+            [(n, p.layout) for n, p in self.items_]
+            + [(f"input {i}", lay) for i, lay in enumerate(self.inputs)]
+            + [(f"output {i}", lay) for i, lay in enumerate(self.outputs)]
+        )
+
+    @property
+    def device_num(self) -> int:
+        """Number of ranks every layout of the strategy spans."""
+        layouts = self._all_layouts()
+        if not layouts:
+            raise StrategyError("an empty strategy spans no devices")
+        return layouts[0].device_num
+
+    # ---- checks ------------------------------------------------------------------------------
+    def validate(
+        self,
+        param_shapes: Mapping[str, Sequence[int]],
+        input_shapes: Sequence[Sequence[int]] = (),
+    ) -> None:
+        """Check that the strategy names exactly the model's parameters and divides every shape."""
+        missing = [n for n in param_shapes if n not in self._index]
+        extra = [n for n in self._index if n not in param_shapes]
+        if missing or extra:
+            raise StrategyError(
+                "strategy and model disagree on parameter names: "
+                + (f"missing from the strategy: {missing}. " if missing else "")
+                + (f"not in the model: {extra}. " if extra else "")
+                + "Use a strategy written for this model (dinb.infer_predict_layout makes one)."
+            )
+        for name, shape in param_shapes.items():
+            rec = self._index[name]
+            if rec.shape is not None and tuple(rec.shape) != tuple(shape):
+                raise StrategyError(
+                    f"parameter {name!r}: the strategy records tensor_shape {list(rec.shape)} but "
+                    f"the model's parameter has shape {list(shape)}"
+                )
+            if rec.opt_weight_shard_size > 1:
+                raise StrategyError(
+                    f"parameter {name!r} carries an optimizer shard (opt_weight_shard_size="
+                    f"{rec.opt_weight_shard_size}); predict strategies hold whole model-parallel "
+                    "slices, so reshard the checkpoint first"
+                )
+            rec.layout.check_shape(shape, f"parameter {name!r}")
+        if self.inputs and len(self.inputs) != len(input_shapes):
+            raise StrategyError(
+                f"strategy has layouts for {len(self.inputs)} inputs, the model takes "
+                f"{len(input_shapes)}"
+            )
+        for i, (lay, shape) in enumerate(zip(self.inputs, input_shapes)):
+            lay.check_shape(shape, f"input {i}")
+
+    def with_shapes(self, param_shapes: Mapping[str, Sequence[int]]) -> Strategy:
+        """A copy whose records carry the given full shapes (``tensor_shape`` in the file)."""
+        params = {
+            n: ParamLayout(
+                p.layout,
+                tuple(int(s) for s in param_shapes[n]) if n in param_shapes else p.shape,
+                p.stage,
+                p.field,
+                p.opt_weight_shard_step,
+                p.opt_weight_shard_size,
+            )
+            for n, p in self.items_
+        }
+        return Strategy(params, self.inputs, self.outputs)
+
+    # ---- files -------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        """MindSpore's strategy JSON (plus the ``dinb`` key for input/output layouts)."""
+        items = {}
+        for name, p in self.items_:
+            items[name] = {
+                **p.layout.to_json(),
+                "tensor_shape": list(p.shape) if p.shape is not None else [],
+                "field": p.field,
+                "opt_weight_shard_step": p.opt_weight_shard_step,
+                "opt_weight_shard_size": p.opt_weight_shard_size,
+            }
+        stages = {p.stage for _, p in self.items_} or {0}
+        return {
+            "current_stage": min(stages),
+            "parallel_layout_item": items,
+            "dinb": {
+                "inputs": [lay.to_json() for lay in self.inputs],
+                "outputs": [lay.to_json() for lay in self.outputs],
+            },
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], source: str = "strategy") -> Strategy:
+        """Parse MindSpore's JSON strategy schema; errors name ``source`` and the field."""
+        if "parallel_layout_item" not in data:
+            raise StrategyError(
+                f"{source}: no 'parallel_layout_item' key; is this a MindSpore/dinb strategy file?"
+            )
+        stage = int(data.get("current_stage", 0))
+        params: dict[str, ParamLayout] = {}
+        for name, item in data["parallel_layout_item"].items():
+            try:
+                layout = Layout(item["dev_matrix"], item["tensor_map"])
+                shape = tuple(int(s) for s in item.get("tensor_shape") or ()) or None
+                params[name] = ParamLayout(
+                    layout,
+                    shape,
+                    stage,
+                    int(item.get("field", 0)),
+                    int(item.get("opt_weight_shard_step", 0)),
+                    int(item.get("opt_weight_shard_size", 0)),
+                )
+            except KeyError as e:
+                raise StrategyError(f"{source}: parameter {name!r} lacks field {e.args[0]!r}") from None
+            except DinbError as e:
+                raise StrategyError(f"{source}: parameter {name!r}: {e}") from None
+        extra = data.get("dinb", {})
+        inputs = [Layout.from_json(d) for d in extra.get("inputs", [])]
+        outputs = [Layout.from_json(d) for d in extra.get("outputs", [])]
+        return cls(params, inputs, outputs)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the strategy as a JSON file; returns the path."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Strategy:
+        """Read a JSON strategy file (MindSpore's schema)."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise StrategyError(f"strategy file {path} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise StrategyError(
+                f"strategy file {path} is not valid JSON ({e}); dinb reads MindSpore's JSON schema"
+            ) from None
+        return cls.from_json(data, source=str(path))
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{n!r}: {p.layout!r}" for n, p in self.items_)
+        return f"Strategy({{{body}}}, device_num={self.device_num if self.items_ else 0})"
+
+
+def infer_predict_layout(
+    model: ModelDef, *predict_data: Any, device_num: int, strategy: str | None = None
+) -> Strategy:
+    """The predict strategy of ``model`` on ``device_num`` ranks, checked against the data.
+
+    Mirrors MindSpore's ``Model.infer_predict_layout(*predict_data)``: the model's operator
+    shardings (``strategy`` names one of ``model.strategy_names``; the model's default when None)
+    give a layout per parameter and input; every layout is validated against the parameter
+    shapes and the shapes of ``predict_data`` (arrays or ``(shape, dtype)`` specs).
+    """
+    shapes = [tuple(np.shape(d)) if not _is_spec(d) else tuple(d[0]) for d in predict_data]
+    specs = model.input_specs()
+    if len(shapes) != len(specs):
+        raise StrategyError(
+            f"model {model.name!r} takes {len(specs)} inputs ({[s.name for s in specs]}), "
+            f"got {len(shapes)} predict_data arrays"
+        )
+    strat = model.strategy(device_num, strategy, input_shapes=shapes)
+    param_shapes = model.param_shapes()
+    strat.validate(param_shapes, shapes)
+    return strat.with_shapes(param_shapes)
+
+
+def _is_spec(d: Any) -> bool:
+    return isinstance(d, tuple) and len(d) == 2 and isinstance(d[0], (tuple, list))
