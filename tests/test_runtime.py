@@ -5,8 +5,18 @@ import pytest
 from conftest import simulated
 
 import dinb
-from dinb import (Context, InputError, Model, ModelType, ProviderError, RankMismatchError,
-                  SliceFileError, Tensor, export_distributed, infer_predict_layout)
+from dinb import (
+    Context,
+    InputError,
+    Model,
+    ModelType,
+    ProviderError,
+    RankMismatchError,
+    SliceFileError,
+    Tensor,
+    export_distributed,
+    infer_predict_layout,
+)
 from dinb.models import MatMulNeg, MegatronMLP, mlp_reference
 
 
