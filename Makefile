@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/python -m dinb demo
 
 test: $(STAMP)
-	$(BIN)/ruff check dinb tests benchmarks
+	$(BIN)/ruff check dinb tests benchmarks tools
 	$(BIN)/python -m pytest tests
 	$(BIN)/python -m pytest --nbval-lax notebooks
 
