@@ -56,7 +56,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         strategy = infer_predict_layout(model, *inputs, device_num=args.ranks, strategy=args.strategy)
     paths = export_distributed(model, model.init_params(args.seed), strategy, inputs, args.out)
-    print(f"exported {model.name} ({args.strategy or model.default_strategy}) for "
+    source = args.strategy_file or args.strategy or model.default_strategy
+    print(f"exported {model.name} ({source}) for "
           f"{strategy.device_num} ranks to {args.out}:")
     for p in paths:
         print(f"  {p.name}  {p.stat().st_size} bytes")
@@ -77,7 +78,10 @@ def _make_input(kind: str, shape: list[int], dtype: str, seed: int) -> np.ndarra
         return np.ones(shape, dtype=dtype)
     if kind == "random":
         return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
-    return np.load(kind).astype(dtype)
+    try:
+        return np.load(kind, allow_pickle=False).astype(dtype)
+    except (OSError, ValueError) as e:
+        raise DinbError(f"--input {kind!r}: give 'ones', 'random' or a readable .npy file ({e})") from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -106,17 +110,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             if i >= args.warmup:
                 times_loop.append(time.perf_counter() - t0)
 
+    rank_outputs = model.rank_outputs()
     if args.save_outputs:
         out_dir = Path(args.save_outputs)
         out_dir.mkdir(parents=True, exist_ok=True)
-        for rank, arrays in model.rank_outputs().items():
+        for rank, arrays in rank_outputs.items():
             for out, data in zip(outputs, arrays):
                 np.save(out_dir / f"rank{rank}_{out.name}.npy", data)
     report: list[str] = []
     for rank in job.local_ranks:
         report.append(f"rank {rank} of {job.world_size} (pid {os.getpid()}, "
                       f"device {job.device_of(rank)}):")
-        per_rank = model.rank_outputs()[rank] if len(job.local_ranks) > 1 else \
+        per_rank = rank_outputs[rank] if len(job.local_ranks) > 1 else \
             [o.get_data_to_numpy() for o in outputs]
         for out, data in zip(outputs, per_rank):
             report += ["  " + line for line in _seed_lines(out.name.rstrip(), data)]

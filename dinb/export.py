@@ -35,6 +35,12 @@ def _shape_dtype(x: Any) -> tuple[tuple[int, ...], str]:
     return tuple(arr.shape), str(arr.dtype)
 
 
+def input_layouts(strategy: Strategy, input_specs: Sequence[tuple[tuple[int, ...], str]]) -> list[Layout]:
+    """The strategy's input layouts, or replicated ones when it gives none."""
+    n = strategy.device_num
+    return list(strategy.inputs) or [Layout.replicated(len(s), n) for s, _ in input_specs]
+
+
 def build_program(
     model: ModelDef,
     param_specs: dict[str, tuple[tuple[int, ...], str]],
@@ -47,7 +53,7 @@ def build_program(
     from jax import export as jax_export
 
     n = strategy.device_num
-    in_layouts = list(strategy.inputs) or [Layout.replicated(len(s), n) for s, _ in input_specs]
+    in_layouts = input_layouts(strategy, input_specs)
     out_struct = jax.eval_shape(
         model.apply,
         {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in param_specs.items()},
@@ -119,7 +125,7 @@ def export_distributed(
     n = strategy.device_num
 
     program, out_meta = build_program(model, param_specs, strategy, input_specs, platforms)
-    in_layouts = list(strategy.inputs) or [Layout.replicated(len(s), n) for s, _ in input_specs]
+    in_layouts = input_layouts(strategy, input_specs)
     names = [s.name for s in model.input_specs()]
     in_meta = [TensorMeta(names[i] if i < len(names) else f"input_{i}", s, d, lay)
                for i, ((s, d), lay) in enumerate(zip(input_specs, in_layouts))]

@@ -104,8 +104,8 @@ class Job:
             raise RankFailedError(f"{topic} failed on rank(s) {list(ranks)}: {first}{more}", ranks)
 
 
-def mpi_world() -> tuple[int, int, int] | None:
-    """``(rank, size, local_rank)`` when launched by mpiexec with more than one process."""
+def mpi_world() -> tuple[int, int, int, int] | None:
+    """``(rank, size, local_rank, local_size)`` when mpiexec launched more than one process."""
     if not any(v in os.environ for v in _MPI_SIZE_VARS):
         return None
     from mpi4py import MPI
@@ -113,8 +113,8 @@ def mpi_world() -> tuple[int, int, int] | None:
     comm = MPI.COMM_WORLD
     if comm.size == 1:
         return None
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED).rank
-    return comm.rank, comm.size, local
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    return comm.rank, comm.size, node.rank, node.size
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -200,11 +200,11 @@ def init(
     if process_count is None:
         world = mpi_world()
         if world is not None:
-            process_index, process_count, local_rank = world
+            process_index, process_count, local_rank, local_size = world
         else:
-            process_index, process_count, local_rank = 0, 1, 0
-    else:
-        local_rank = process_index or 0
+            process_index, process_count, local_rank, local_size = 0, 1, 0, 1
+    else:  # another launcher (notebook engines) on one machine
+        local_rank, local_size = process_index or 0, process_count
     assert process_index is not None
     if simulate is not None and process_count > 1:
         raise DinbError(
@@ -222,7 +222,7 @@ def init(
         if target == "gpu":
             _bind_gpu(local_rank, device_id)
         elif process_count > 1:
-            _share_cores(world[1] if world else process_count)
+            _share_cores(local_size)
 
     import jax
 

@@ -115,20 +115,22 @@ def write_slice_file(path: Path, meta: dict[str, Any], params: dict[str, np.ndar
     return path
 
 
-def read_meta(path: str | Path) -> dict[str, Any]:
-    """Only the header of a slice file (cheap: no tensor bytes are read)."""
+def _open(path: Path) -> Any:
+    """``safe_open`` the file, turning a missing or unreadable header into a SliceFileError."""
     from safetensors import safe_open
 
-    path = Path(path)
     _exists(path)
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            raw = (f.metadata() or {}).get("dinb")
+        return safe_open(str(path), framework="numpy")
     except Exception as e:  # safetensors raises its own error type for bad headers
         raise SliceFileError(
             f"{path}: not a readable slice file ({e}); it may be truncated or not a dinb export. "
             "Export the model again (python -m dinb export ...)."
         ) from None
+
+
+def _meta_of(path: Path, handle: Any) -> dict[str, Any]:
+    raw = (handle.metadata() or {}).get("dinb")
     if raw is None:
         raise SliceFileError(f"{path}: a safetensors file without dinb metadata; not a slice file")
     meta = json.loads(raw)
@@ -140,22 +142,27 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def read_slice_file(path: str | Path, verify: bool = True) -> SliceFile:
-    """Open one rank's slice file, read its tensors and check every checksum."""
-    from safetensors import safe_open
-
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """Only the header of a slice file (cheap: no tensor bytes are read)."""
     path = Path(path)
-    meta = read_meta(path)
-    rank = meta.get("rank")
-    try:
-        with safe_open(str(path), framework="numpy") as f:
+    with _open(path) as f:
+        return _meta_of(path, f)
+
+
+def read_slice_file(path: str | Path, verify: bool = True) -> SliceFile:
+    """Open one rank's slice file (once), read its tensors and check every checksum."""
+    path = Path(path)
+    with _open(path) as f:
+        meta = _meta_of(path, f)
+        rank = meta.get("rank")
+        try:
             params = {n: f.get_tensor(PARAM_PREFIX + n) for n in meta["params"]}
             program = f.get_tensor(PROGRAM_KEY)
-    except Exception as e:
-        raise SliceFileError(
-            f"{path} (rank {rank}): tensor data unreadable ({e}); the file is truncated or "
-            "damaged. Export the model again."
-        ) from None
+        except Exception as e:
+            raise SliceFileError(
+                f"{path} (rank {rank}): tensor data unreadable ({e}); the file is truncated or "
+                "damaged. Export the model again."
+            ) from None
     if verify:
         for name, arr in params.items():
             if sha256(arr) != meta["params"][name]["sha256"]:

@@ -1,8 +1,6 @@
 """Test set-up: this pytest process simulates 8 ranks (8 virtual CPU devices)."""
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -10,8 +8,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -24,8 +20,3 @@ def simulated(n: int):
     import dinb
 
     return dinb.init_ranks("cpu", simulate=n)
-
-
-@pytest.fixture
-def python():
-    return sys.executable

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from dinb.errors import StrategyError
 from dinb.layout import Layout
 from dinb.models.base import ModelDef, TensorSpec
 from dinb.strategy import Strategy
@@ -43,16 +44,12 @@ def matmul_layouts(
     """MindSpore's layouts of ``x``, ``W`` and the (partial) output for ``MatMul.shard(shard)``."""
     (a, b), (b2, c) = shard
     if b != b2:
-        from dinb.errors import StrategyError
-
         raise StrategyError(
             f"MatMul shard {shard}: the contraction dimension must be split the same way in x and "
             f"W ({b} vs {b2})"
         )
     used = a * b * c
     if device_num % used:
-        from dinb.errors import StrategyError
-
         raise StrategyError(
             f"MatMul shard {shard} uses {used} devices, which does not divide device_num="
             f"{device_num}; use a shard whose product divides {device_num}"

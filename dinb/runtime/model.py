@@ -45,6 +45,8 @@ class Model:
         self._compiled: Any = None
         self._params: dict[str, Any] = {}
         self._in_shardings: list[Any] = []
+        self._in_slices: list[list[tuple[Any, tuple[slice, ...]]]] = []
+        self._out_whole: list[bool] = []
         self._last: list[Any] = []
         self.config = RuntimeConfig()
         self.timings: dict[str, float] = {}
@@ -153,6 +155,11 @@ class Model:
 
         p_shard = {n: sharding(m.layout) for n, m in pmeta.items()}
         self._in_shardings = [sharding(m.layout) for m in self._inputs]
+        # per predict only device_put remains: each local rank's input slice is fixed here
+        self._in_slices = [[(job.device_of(r), m.layout.slice_of(r, m.shape, m.name))
+                            for r in job.local_ranks] for m in self._inputs]
+        self._out_whole = [len(m.layout.replica_groups()) == 1 or len(job.local_ranks) == 1
+                           for m in self._outputs]
         o_shard = tuple(sharding(m.layout) for m in self._outputs)
         self._params = {
             n: jax.make_array_from_single_device_arrays(
@@ -213,25 +220,15 @@ class Model:
     def _global_inputs(self, arrays: list[np.ndarray]) -> list[Any]:
         import jax
 
-        job = self._job
-        assert job is not None
         out = []
-        for m, a, sh in zip(self._inputs, arrays, self._in_shardings):
-            shards = [jax.device_put(a[m.layout.slice_of(r, a.shape)], job.device_of(r))
-                      for r in job.local_ranks]
+        for a, sh, slices in zip(arrays, self._in_shardings, self._in_slices):
+            shards = [jax.device_put(a[sl], device) for device, sl in slices]
             out.append(jax.make_array_from_single_device_arrays(a.shape, sh, shards))
         return out
 
     def _output_tensors(self) -> list[Tensor]:
-        job = self._job
-        assert job is not None
-        tensors = []
-        for m, arr in zip(self._outputs, self._last):
-            whole = len(m.layout.replica_groups()) == 1
-            data = np.asarray(arr.addressable_data(0)) if whole or len(job.local_ranks) == 1 \
-                else np.asarray(arr)
-            tensors.append(Tensor(data, name=m.name))
-        return tensors
+        return [Tensor(np.asarray(arr.addressable_data(0) if whole else arr), name=m.name)
+                for m, arr, whole in zip(self._outputs, self._last, self._out_whole)]
 
     def rank_outputs(self) -> dict[int, list[np.ndarray]]:
         """Each local rank's own slice of every output of the last predict."""
