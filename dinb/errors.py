@@ -41,3 +41,7 @@ class RankFailedError(DinbError):
     def __init__(self, message: str, ranks: tuple[int, ...] = ()):
         super().__init__(message)
         self.ranks = tuple(ranks)
+
+
+class CheckpointError(DinbError):
+    """A checkpoint slice is missing, duplicated, corrupted, or disagrees with its strategy."""

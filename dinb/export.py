@@ -11,7 +11,7 @@ program is traced over an abstract mesh.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +102,7 @@ def build_program(
 
 def export_distributed(
     model: ModelDef,
-    params: dict[str, np.ndarray],
+    params: Mapping[str, Any],
     strategy: Strategy,
     example_inputs: Sequence[Any],
     out_dir: str | Path,
@@ -111,14 +111,30 @@ def export_distributed(
 ) -> list[Path]:
     """Write ``{model}{rank}.dinb`` for every rank of ``strategy`` into ``out_dir``.
 
+    ``params`` are whole tensors by name, or a :class:`dinb.checkpoint.DistributedCheckpoint`
+    (saved under any layout and rank count): then each rank's slices are read from it directly,
+    so a resharded checkpoint becomes slice files without ever holding a whole tensor.
     ``example_inputs`` are arrays or ``(shape, dtype)`` pairs fixing the input signature.
     Also writes ``strategy.json`` (MindSpore's schema) beside the slice files. Returns the
     slice file paths in rank order.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    params = {k: np.asarray(v) for k, v in params.items()}
-    param_specs = {k: (tuple(v.shape), str(v.dtype)) for k, v in params.items()}
+    if hasattr(params, "load_rank"):  # a distributed checkpoint: read rank by rank
+        ckpt = params
+        specs = ckpt.param_specs()
+        wanted = list(model.param_shapes())
+        param_names = wanted if set(wanted) <= set(specs) else list(specs)
+        param_specs = {k: specs[k] for k in param_names}
+
+        def slices_of(rank: int) -> dict[str, np.ndarray]:
+            return ckpt.load_rank(strategy, rank, param_names, show_progress=False)
+    else:
+        arrays = {k: np.asarray(v) for k, v in params.items()}
+        param_specs = {k: (tuple(v.shape), str(v.dtype)) for k, v in arrays.items()}
+
+        def slices_of(rank: int) -> dict[str, np.ndarray]:
+            return {k: v[strategy[k].slice_of(rank, v.shape, k)] for k, v in arrays.items()}
     input_specs = [_shape_dtype(x) for x in example_inputs]
     strategy.validate({k: s for k, (s, _) in param_specs.items()}, [s for s, _ in input_specs])
     strategy = strategy.with_shapes({k: s for k, (s, _) in param_specs.items()})
@@ -135,7 +151,7 @@ def export_distributed(
     export_id = uuid.uuid4().hex
     paths = []
     for rank in progress(range(n), desc=f"export {model.name}", disable=not show_progress):
-        slices = {k: v[strategy[k].slice_of(rank, v.shape, k)] for k, v in params.items()}
+        slices = slices_of(rank)
         meta = {
             "dinb_version": __version__,
             "model": model.name,
@@ -146,10 +162,10 @@ def export_distributed(
             "inputs": [m.to_json() for m in in_meta],
             "outputs": [m.to_json() for m in out_meta],
             "params": {
-                k: {"shape": list(v.shape), "dtype": str(v.dtype),
+                k: {"shape": list(shape), "dtype": dtype,
                     "layout": strategy[k].to_json(),
-                    "slice": [[s.start, s.stop] for s in strategy[k].slice_of(rank, v.shape)]}
-                for k, v in params.items()
+                    "slice": [[s.start, s.stop] for s in strategy[k].slice_of(rank, shape)]}
+                for k, (shape, dtype) in param_specs.items()
             },
         }
         paths.append(write_slice_file(out_dir / slice_file_name(model.name, rank), meta,

@@ -219,16 +219,25 @@ class Strategy(Mapping[str, Layout]):
         return cls(params, inputs, outputs)
 
     def save(self, path: str | Path) -> Path:
-        """Write the strategy as a JSON file; returns the path."""
+        """Write the strategy file: JSON when the name ends in ``.json``, else MindSpore's protobuf."""
         path = Path(path)
+        if path.suffix != ".json":
+            from dinb.checkpoint.mindspore import strategy_to_pb
+
+            path.write_bytes(strategy_to_pb(self))
+            return path
         path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> Strategy:
-        """Read a JSON strategy file (MindSpore's schema)."""
+        """Read a strategy file as MindSpore does: JSON when named ``*.json``, else protobuf."""
         path = Path(path)
         try:
+            if path.suffix != ".json":
+                from dinb.checkpoint.mindspore import parse_strategy_pb
+
+                return parse_strategy_pb(path.read_bytes(), source=str(path))
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise StrategyError(f"strategy file {path} does not exist") from None

@@ -1,0 +1,193 @@
+"""Where a stored tensor's bytes lie in its file, and reading just a box of it.
+
+A :class:`StoredTensor` knows a tensor's dtype, shape and the byte segments of its C-order
+content in a file (one segment for safetensors; MindSpore splits tensors over 512 MiB into
+several records). :meth:`StoredTensor.read_into` reads the part of the tensor inside a box with
+``os.preadv``: for a box ``[s_0, e_0) x ... x [s_{n-1}, e_{n-1})`` the trailing axes it covers
+whole merge with the first partial axis into one contiguous *run*; each index of the remaining
+leading axes is one run at byte offset ``itemsize * sum(i_a * stride_a)``. So a row block is one
+read, a column block one read per row, and nothing outside the box is read.
+
+Checksums (dinb files): the tensor is cut into a grid of *tiles*, ``gcd(size, 8)`` parts along
+each axis (``gcd(size, 4)`` from four axes on), with one CRC-32 per tile. A read is widened to whole
+tiles, so every byte handed back has been verified; when the box follows the tile grid (even
+splits of power-of-two counts) nothing extra is read.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dinb.checkpoint.boxes import Box, box_shape, full_box, relative
+from dinb.errors import CheckpointError
+
+
+def tile_grid(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Parts per axis of the checksum tile grid of a tensor of ``shape``."""
+    parts = 8 if len(shape) <= 3 else 4
+    return tuple(math.gcd(s, parts) if s else 1 for s in shape)
+
+
+def tile_boxes(shape: tuple[int, ...], grid: tuple[int, ...]) -> list[Box]:
+    """Every tile's box, in C order over the grid."""
+    steps = [s // t for s, t in zip(shape, grid)]
+    out = []
+    for idx in np.ndindex(*grid):
+        out.append(tuple((i * st, (i + 1) * st) for i, st in zip(idx, steps)))
+    return out
+
+
+def tile_crcs(array: np.ndarray) -> list[int]:
+    """CRC-32 of every tile of ``array`` (C order over :func:`tile_grid`)."""
+    grid = tile_grid(array.shape)
+    return [_crc(array[relative(b, full_box(array.shape))]) for b in tile_boxes(array.shape, grid)]
+
+
+def _crc(a: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1))
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor inside one file: dtype, stored shape and the byte segments of its content."""
+
+    path: Path
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    segments: tuple[tuple[int, int], ...]  # (file offset, byte count), in content order
+    tile_crc32: tuple[int, ...] = ()
+    _starts: list[int] = field(default_factory=list, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        acc, starts = 0, []
+        for _, n in self.segments:
+            starts.append(acc)
+            acc += n
+        self._starts.extend(starts)
+        expected = math.prod(self.shape) * self.dtype.itemsize
+        if acc != expected:
+            raise CheckpointError(
+                f"{self.path}: tensor {self.name!r} holds {acc} bytes but shape {list(self.shape)} of "
+                f"{self.dtype} needs {expected}; the file is truncated or was not written by a "
+                "checkpoint writer"
+            )
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def read_into(self, box: Box, out: np.ndarray, fd: int, verify: bool = True) -> int:
+        """Copy the part ``box`` (in this tensor's coordinates) into ``out``; returns bytes read.
+
+        With ``verify`` and tile checksums present, the read is widened to whole tiles and every
+        tile is checked; a mismatch raises :class:`CheckpointError` naming file and tensor.
+        """
+        check = verify and bool(self.tile_crc32)
+        wide = self._widen(box) if check else box
+        direct = wide == box and out.flags.c_contiguous and out.dtype == self.dtype
+        buf = out if direct else np.empty(box_shape(wide), self.dtype)
+        nread = self._read_box(wide, buf, fd)
+        if check:
+            self._verify(wide, buf)
+        if not direct:
+            out[...] = buf[relative(box, wide)]
+        return nread
+
+    def read(self, fd: int, verify: bool = True) -> np.ndarray:
+        """The whole tensor."""
+        out = np.empty(self.shape, self.dtype)
+        self.read_into(full_box(self.shape), out, fd, verify)
+        return out
+
+    # ---- internals ---------------------------------------------------------------------------
+    def _widen(self, box: Box) -> Box:
+        grid = tile_grid(self.shape)
+        out = []
+        for (s, e), size, t in zip(box, self.shape, grid):
+            step = size // t
+            out.append(((s // step) * step, -(-e // step) * step))
+        return tuple(out)
+
+    def _verify(self, wide: Box, buf: np.ndarray) -> None:
+        grid = tile_grid(self.shape)
+        for index, tile in enumerate(tile_boxes(self.shape, grid)):
+            inside = all(ws <= ts and te <= we for (ts, te), (ws, we) in zip(tile, wide))
+            if inside and _crc(buf[relative(tile, wide)]) != self.tile_crc32[index]:
+                raise CheckpointError(
+                    f"{self.path}: tensor {self.name!r} is corrupted: the checksum of its part "
+                    f"{[list(t) for t in tile]} does not match. Re-copy or re-save this file."
+                )
+
+    def _read_box(self, box: Box, out: np.ndarray, fd: int) -> int:
+        shape, item = self.shape, self.dtype.itemsize
+        if not shape:
+            return self._pread_flat(0, item, memoryview(out.reshape(1).view(np.uint8)), fd)
+        m = len(shape)  # first axis of the trailing block covered whole
+        while m > 0 and box[m - 1] == (0, shape[m - 1]):
+            m -= 1
+        if m == 0:
+            return self._pread_flat(0, self.nbytes, memoryview(out.reshape(-1).view(np.uint8)), fd)
+        strides = [math.prod(shape[a + 1 :]) for a in range(len(shape))]
+        run_axis = m - 1
+        run = (box[run_axis][1] - box[run_axis][0]) * strides[run_axis] * item
+        base = box[run_axis][0] * strides[run_axis]
+        offsets = np.zeros(1, dtype=np.int64) + base
+        for a in range(run_axis):
+            idx = np.arange(box[a][0], box[a][1], dtype=np.int64) * strides[a]
+            offsets = (offsets[:, None] + idx[None, :]).reshape(-1)
+        flat = memoryview(out.reshape(-1).view(np.uint8))
+        total = 0
+        for k, off in enumerate(offsets.tolist()):
+            total += self._pread_flat(off * item, run, flat[k * run : (k + 1) * run], fd)
+        return total
+
+    def _pread_flat(self, start: int, n: int, dest: memoryview, fd: int) -> int:
+        """Read content bytes ``[start, start + n)`` into ``dest`` across segments."""
+        done = 0
+        while done < n:
+            seg = bisect.bisect_right(self._starts, start + done) - 1
+            file_off, seg_len = self.segments[seg]
+            within = start + done - self._starts[seg]
+            take = min(n - done, seg_len - within)
+            got = os.preadv(fd, [dest[done : done + take]], file_off + within)
+            if got <= 0:
+                raise CheckpointError(
+                    f"{self.path}: file ends inside tensor {self.name!r}; the file is truncated"
+                )
+            done += got
+        return n
+
+
+class OpenFiles:
+    """File descriptors opened once per file and closed together (a context manager)."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def fd(self, path: Path) -> int:
+        if path not in self._fds:
+            try:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise CheckpointError(f"checkpoint file {path} does not exist") from None
+        return self._fds[path]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> OpenFiles:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
