@@ -23,6 +23,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/predict_overhead.py
+	$(BIN)/python benchmarks/reshard.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

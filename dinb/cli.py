@@ -6,6 +6,8 @@ Subcommands::
     mpiexec -n 2 python -m dinb run --model-dir out/       # one process per rank
     python -m dinb run --model-dir out/ --simulate 2        # one process, 2 virtual devices
     python -m dinb demo                                     # export + mpiexec -n 2, all strategies
+    python -m dinb reshard ckpt/ out/ --src-strategy train.ckpt --dst-strategy predict.json
+    python -m dinb export --model mlp --checkpoint out/ --strategy-file predict.json --out slices/
 """
 
 from __future__ import annotations
@@ -55,7 +57,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         strategy = Strategy.load(args.strategy_file)
     else:
         strategy = infer_predict_layout(model, *inputs, device_num=args.ranks, strategy=args.strategy)
-    paths = export_distributed(model, model.init_params(args.seed), strategy, inputs, args.out)
+    if args.checkpoint:
+        from dinb.checkpoint import DistributedCheckpoint
+
+        params: Any = DistributedCheckpoint(args.checkpoint, args.checkpoint_strategy)
+    else:
+        params = model.init_params(args.seed)
+    paths = export_distributed(model, params, strategy, inputs, args.out)
     source = args.strategy_file or args.strategy or model.default_strategy
     print(f"exported {model.name} ({source}) for "
           f"{strategy.device_num} ranks to {args.out}:")
@@ -200,6 +208,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_reshard(args: argparse.Namespace) -> int:
+    from dinb.checkpoint import DistributedCheckpoint, transform_checkpoints
+    from dinb.checkpoint.reshard import as_strategy
+
+    src = DistributedCheckpoint(args.src, args.src_strategy)
+    dst = as_strategy(args.dst_strategy)
+    paths = transform_checkpoints(args.src, args.dst, args.prefix, args.src_strategy, dst,
+                                  output_format=args.format, show_progress=True if args.progress else None)
+    print(f"resharded {args.src} ({src.device_num} ranks) to {args.dst} ({len(paths)} ranks):")
+    for p in paths:
+        print(f"  {p.relative_to(args.dst)}  {p.stat().st_size} bytes")
+    return 0
+
+
 def _shard_str(name: str, n: int) -> str:
     from dinb.models.matmul import MATMUL_SHARDS
 
@@ -214,14 +236,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write one slice file per rank")
     p.add_argument("--model", default="matmul", choices=["matmul", "mlp"])
     p.add_argument("--strategy", default=None, help="a named strategy of the model")
-    p.add_argument("--strategy-file", default=None, help="a JSON strategy file (MindSpore schema)")
+    p.add_argument("--strategy-file", default=None,
+                   help="a strategy file (MindSpore JSON schema, or protobuf when not *.json)")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--d-model", type=int, default=None)
     p.add_argument("--d-ff", type=int, default=None)
+    p.add_argument("--checkpoint", default=None,
+                   help="take the weights from this checkpoint directory (rank_{r}/ folders)")
+    p.add_argument("--checkpoint-strategy", default=None,
+                   help="strategy the checkpoint was saved with (needed for MindSpore .ckpt files)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("reshard", help="transform a checkpoint to another layout or rank count")
+    p.add_argument("src", help="source checkpoint directory (rank_{r}/ folders)")
+    p.add_argument("dst", help="destination directory")
+    p.add_argument("--src-strategy", default=None, help="strategy the source was saved with")
+    p.add_argument("--dst-strategy", default=None, help="target strategy (omit: one whole checkpoint)")
+    p.add_argument("--prefix", default="checkpoint_")
+    p.add_argument("--format", default="safetensors", choices=["safetensors", "ckpt"])
+    p.add_argument("--progress", action="store_true")
+    p.set_defaults(func=cmd_reshard)
 
     p = sub.add_parser("run", help="be one rank (under mpiexec) or all ranks (--simulate N)")
     p.add_argument("--model-dir", required=True, help="directory of an export (or a .dinb file)")

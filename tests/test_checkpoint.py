@@ -283,3 +283,30 @@ def test_large_tensors_split_over_records_read_back(tmp_path, monkeypatch):
     np.testing.assert_array_equal(got["w"], w)
     part = DistributedCheckpoint([tmp_path / "big.ckpt"]).read_boxes({"w": ((5, 33), (2, 5))})
     np.testing.assert_array_equal(part["w"], w[5:33, 2:5])
+
+
+def test_cli_reshards_and_exports_from_a_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    m = MegatronMLP(d_model=64, d_ff=256, batch=4)
+    params, x = m.init_params(5), m.example_inputs(6)[0]
+    save_checkpoint(params, m.strategy(4, "megatron"), tmp_path / "train")
+    m.strategy(2, "megatron").save(tmp_path / "predict.json")
+    cli = [sys.executable, "-m", "dinb"]
+    out = subprocess.run(cli + ["reshard", str(tmp_path / "train"), str(tmp_path / "tp2"),
+                                "--dst-strategy", str(tmp_path / "predict.json")],
+                         capture_output=True, text=True, check=True).stdout
+    assert "(4 ranks) to" in out and "rank_1/checkpoint_1.safetensors" in out
+    subprocess.run(cli + ["export", "--model", "mlp", "--d-model", "64", "--d-ff", "256", "--batch", "4",
+                          "--checkpoint", str(tmp_path / "tp2"), "--strategy-file",
+                          str(tmp_path / "predict.json"), "--out", str(tmp_path / "slices")],
+                   capture_output=True, text=True, check=True)
+    simulated(2)
+    model = Model()
+    model.build_from_file(tmp_path / "slices", ModelType.DINB, Context(target=["cpu"]))
+    (y,) = model.predict([x])
+    np.testing.assert_allclose(y.get_data_to_numpy(), mlp_reference(params, x), rtol=2e-4, atol=2e-4)
+    bad = subprocess.run(cli + ["reshard", str(MS / "train4"), str(tmp_path / "x")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--src-strategy" in bad.stderr

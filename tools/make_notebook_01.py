@@ -1,10 +1,6 @@
 """Writes notebooks/01_distributed_matmul.ipynb (outputs are produced when nbval runs it)."""
 
-import nbformat as nbf
-
-md = nbf.v4.new_markdown_cell
-code = nbf.v4.new_code_cell
-CHECK = "# NBVAL_CHECK_OUTPUT\n"
+from nbtools import CHECK, code, md, write_notebook
 
 cells = [
     md("""# 01 · The seeds' distributed MatMul, rank by rank
@@ -126,18 +122,4 @@ proc = launch(2, ["--model-dir", str(out_dir)])
 print(proc.stdout or proc.stderr)"""),
 ]
 
-nb = nbf.v4.new_notebook(cells=cells, metadata={
-    "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-    "language_info": {"name": "python"}})
-nbf.write(nb, "notebooks/01_distributed_matmul.ipynb")
-
-if __name__ == "__main__":
-    import sys
-
-    if "--execute" in sys.argv:
-        from nbclient import NotebookClient
-
-        nb = nbf.read("notebooks/01_distributed_matmul.ipynb", as_version=4)
-        NotebookClient(nb, timeout=600, kernel_name="python3",
-                       resources={"metadata": {"path": "notebooks"}}).execute()
-        nbf.write(nb, "notebooks/01_distributed_matmul.ipynb")
+write_notebook(cells, "01_distributed_matmul.ipynb")

@@ -149,13 +149,18 @@ def write_ckpt(path: str | Path, arrays: Mapping[str, np.ndarray], crc_check: bo
             count = math.ceil(arr.nbytes / 1024 / (SLICE_BYTES / 1024)) if arr.nbytes > SLICE_BYTES else 1
             pieces = np.array_split(arr, count) if count > 1 else [arr]
             for piece in pieces:
-                tensor = b"".join(pb.int_field(1, int(d)) for d in arr.shape)
-                tensor += pb.len_field(2, NP_TO_MS[str(arr.dtype)].encode())
-                tensor += pb.len_field(3, np.ascontiguousarray(piece).tobytes())
-                value = pb.len_field(1, name.encode()) + pb.len_field(2, tensor)
-                record = pb.len_field(1, value)
-                crc = zlib.crc32(record, crc)
-                f.write(record)
+                content = memoryview(np.ascontiguousarray(piece).reshape(-1).view(np.uint8))
+                tensor_head = b"".join(pb.int_field(1, int(d)) for d in arr.shape)
+                tensor_head += pb.len_field(2, NP_TO_MS[str(arr.dtype)].encode())
+                tensor_head += pb.key(3, pb.LEN) + pb.varint(len(content))
+                tensor_len = len(tensor_head) + len(content)
+                value_head = pb.len_field(1, name.encode()) + pb.key(2, pb.LEN) + pb.varint(tensor_len)
+                value_len = len(value_head) + tensor_len
+                head = pb.key(1, pb.LEN) + pb.varint(value_len) + value_head + tensor_head
+                if crc_check:
+                    crc = zlib.crc32(content, zlib.crc32(head, crc))
+                f.write(head)
+                f.write(content)
         if crc_check:
             f.write(CRC_TAG + crc.to_bytes(10, "big"))
     os.replace(tmp, path)

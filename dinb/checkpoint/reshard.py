@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,8 @@ class DistributedCheckpoint:
         if n is None and first.suffix == ".ckpt" and len(by_rank) > 1:
             raise CheckpointError(
                 f"{len(by_rank)} MindSpore .ckpt rank files ({first.parent.parent}) need the strategy "
-                "file they were saved with; pass train_strategy_filename= (src_strategy_file=)"
+                "file they were saved with; pass train_strategy_filename= (src_strategy_file=, or "
+                "--src-strategy)"
             )
         if n is None:
             n = DinbRankFile(first).world_size if first.suffix == SUFFIX else len(by_rank)
@@ -181,10 +183,7 @@ class DistributedCheckpoint:
 
     def plan(self, name: str, target: Box) -> list[tuple[int, Box]]:
         """``[(source rank, part of the full tensor to read from it)]`` covering ``target``."""
-        held = self._held[name]
-        boxes = [held[r][0] if r in held else _box_of(self.strategy, name, r, self.shapes[name])
-                 for r in range(self.device_num)]
-        pieces = overlap_plan(target, boxes)
+        pieces = overlap_plan(target, self.source_boxes(name))
         covered = sum(box_size(p) for _, p in pieces)
         if covered != box_size(target):
             raise CheckpointError(
@@ -213,13 +212,23 @@ class DistributedCheckpoint:
         out = {name: np.empty(box_shape(box), self.dtypes[name]) for name, box in target.items()}
         steps = [(name, r, piece) for name, plan in plans.items() for r, piece in plan]
         bar = progress(steps, desc=desc, disable=not show, total=len(steps))
-        with OpenFiles() as files:
-            for name, r, piece in bar:
-                src_box, stored = self._held[name][r]
-                dest = out[name][relative(piece, target[name])]
-                self.bytes_read += stored.read_into(
-                    _local(piece, src_box), dest, files.fd(stored.path), self.verify
-                )
+        checks: list[Future[None]] = []
+        # one thread checks the tiles of a piece while the next piece is read
+        with OpenFiles() as files, ThreadPoolExecutor(max_workers=1) as verifier:
+            try:
+                for name, r, piece in bar:
+                    src_box, stored = self._held[name][r]
+                    dest = out[name][relative(piece, target[name])]
+                    self.bytes_read += stored.read_into(
+                        _local(piece, src_box), dest, files.fd(stored.path), self.verify,
+                        defer=lambda check: checks.append(verifier.submit(check)),
+                    )
+            except BaseException:
+                for c in checks:
+                    c.cancel()  # a read failed: drop the checks not started yet
+                raise
+            for c in checks:
+                c.result()  # re-raises the first checksum error; nothing is returned unchecked
         return out
 
     def load_rank(self, strategy: StrategyLike, rank: int, names: Sequence[str] | None = None,
@@ -239,6 +248,29 @@ class DistributedCheckpoint:
             target[name] = param_box(_item(strategy, name, len(self.shapes[name])), rank,
                                      self.shapes[name], name)
         return self.read_boxes(target, show_progress, desc=f"load rank {rank}")
+
+    def read_plan(self, strategy: StrategyLike, rank: int) -> list[dict[str, Any]]:
+        """What loading ``rank`` under ``strategy`` reads: one row per (parameter, source rank).
+
+        Each row: ``param``, ``source_rank``, ``file``, ``part`` (the box of the full tensor read)
+        and ``bytes``. Nothing is read.
+        """
+        strategy = as_strategy(strategy)
+        rows = []
+        for name, shape in self.shapes.items():
+            target = param_box(_item(strategy, name, len(shape)), rank, shape, name)
+            for r, piece in self.plan(name, target):
+                held = self._held[name].get(r)
+                rows.append({"param": name, "source_rank": r,
+                             "file": str(held[1].path) if held else None,
+                             "part": [list(b) for b in piece],
+                             "bytes": box_size(piece) * self.dtypes[name].itemsize})
+        return rows
+
+    def source_boxes(self, name: str) -> list[Box]:
+        """The box every source rank holds of parameter ``name``, in rank order."""
+        return [self._held[name][r][0] if r in self._held[name]
+                else _box_of(self.strategy, name, r, self.shapes[name]) for r in range(self.device_num)]
 
     # ---- what export needs -------------------------------------------------------------------
     def param_specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -442,7 +474,7 @@ def transform_checkpoint_by_rank(
     """
     ckpt = DistributedCheckpoint(dict(checkpoint_files_map), src_strategy_file, verify=verify)
     dst = as_strategy(dst_strategy_file)
-    return _write_rank(ckpt, dst, rank_id, Path(save_checkpoint_file_name))
+    return _write_rank(ckpt, dst, rank_id, Path(save_checkpoint_file_name), None)
 
 
 def transform_checkpoints(
@@ -465,16 +497,17 @@ def transform_checkpoints(
     ext = SUFFIX if output_format == "safetensors" else ".ckpt"
     paths = []
     n = _device_num(dst)
-    for rank in progress(range(n), desc="transform", disable=not (show_progress or False)):
+    for rank in range(n):
         path = out_dir / f"rank_{rank}" / f"{ckpt_prefix}{rank}{ext}"
-        paths.append(_write_rank(ckpt, dst, rank, path))
+        paths.append(_write_rank(ckpt, dst, rank, path, show_progress))
     if dst is not None:
         dst.with_shapes(ckpt.shapes).save(out_dir / "strategy.json")
     return paths
 
 
-def _write_rank(ckpt: DistributedCheckpoint, dst: Strategy | None, rank: int, path: Path) -> Path:
-    slices = ckpt.load_rank(dst, rank)
+def _write_rank(ckpt: DistributedCheckpoint, dst: Strategy | None, rank: int, path: Path,
+                show_progress: bool | None) -> Path:
+    slices = ckpt.load_rank(dst, rank, show_progress=show_progress)
     if path.suffix == ".ckpt":
         return write_ckpt(path, slices)
     records = {name: _record(dst, name, rank, ckpt.shapes[name]) for name in slices}

@@ -20,6 +20,7 @@ import bisect
 import math
 import os
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,21 +86,27 @@ class StoredTensor:
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 
-    def read_into(self, box: Box, out: np.ndarray, fd: int, verify: bool = True) -> int:
+    def read_into(self, box: Box, out: np.ndarray, fd: int, verify: bool = True,
+                  defer: Callable[[Callable[[], None]], None] | None = None) -> int:
         """Copy the part ``box`` (in this tensor's coordinates) into ``out``; returns bytes read.
 
         With ``verify`` and tile checksums present, the read is widened to whole tiles and every
         tile is checked; a mismatch raises :class:`CheckpointError` naming file and tensor.
+        ``defer`` receives the check instead of running it (so a thread can verify one piece
+        while the next is read); the caller must run every deferred check before using ``out``.
         """
         check = verify and bool(self.tile_crc32)
         wide = self._widen(box) if check else box
         direct = wide == box and out.flags.c_contiguous and out.dtype == self.dtype
         buf = out if direct else np.empty(box_shape(wide), self.dtype)
         nread = self._read_box(wide, buf, fd)
-        if check:
-            self._verify(wide, buf)
         if not direct:
             out[...] = buf[relative(box, wide)]
+        if check:
+            if defer is None:
+                self._verify(wide, buf)
+            else:
+                defer(lambda: self._verify(wide, buf))
         return nread
 
     def read(self, fd: int, verify: bool = True) -> np.ndarray:

@@ -1,0 +1,27 @@
+"""Shared by the notebook generators: write a notebook, and with --execute store its outputs."""
+
+import sys
+from pathlib import Path
+
+import nbformat as nbf
+
+ROOT = Path(__file__).resolve().parent.parent
+md = nbf.v4.new_markdown_cell
+code = nbf.v4.new_code_cell
+CHECK = "# NBVAL_CHECK_OUTPUT\n"
+
+
+def write_notebook(cells: list, name: str) -> Path:
+    """Write ``notebooks/{name}``; run it and keep the outputs when ``--execute`` is given."""
+    path = ROOT / "notebooks" / name
+    nb = nbf.v4.new_notebook(cells=cells, metadata={
+        "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+        "language_info": {"name": "python"}})
+    if "--execute" in sys.argv:
+        from nbclient import NotebookClient
+
+        NotebookClient(nb, timeout=600, kernel_name="python3",
+                       resources={"metadata": {"path": str(path.parent)}}).execute()
+    nbf.write(nb, path)
+    print("wrote", path.relative_to(ROOT))
+    return path
