@@ -2,10 +2,24 @@
 
 Layers, bottom up: ``layout``/``strategy`` (how tensors are split), ``models`` (pure JAX
 functions), ``export`` (per-rank slice files), ``runtime`` (``Context``/``Model``/``Tensor``),
-``ranks`` (joining a job). Importing dinb does not import JAX: a rank must configure JAX first.
+``ranks`` (joining a job), ``checkpoint`` (sharded checkpoints), ``cluster`` + ``magics``
+(notebook engines as ranks, ``%load_ext dinb``). Importing dinb does not import JAX: a rank
+must configure JAX first.
 """
 
+from dinb.checkpoint import (
+    DistributedCheckpoint,
+    build_searched_strategy,
+    load_distributed_checkpoint,
+    merge_sliced_parameter,
+    rank_list_for_transform,
+    save_checkpoint,
+    transform_checkpoint_by_rank,
+    transform_checkpoints,
+)
+from dinb.cluster import RankCluster, start_cluster
 from dinb.errors import (
+    CheckpointError,
     DinbError,
     InputError,
     LayoutError,
@@ -26,7 +40,18 @@ from dinb.slicefile import read_meta, read_slice_file
 from dinb.strategy import ParamLayout, Strategy, infer_predict_layout
 from dinb.version import __version__
 
+
+def load_ipython_extension(ipython: object) -> None:
+    """``%load_ext dinb``: registers the ``%dinfer`` magics."""
+    from dinb.magics import load_ipython_extension as load
+
+    load(ipython)
+
+
 __all__ = [
+    "CheckpointError", "DistributedCheckpoint", "RankCluster", "build_searched_strategy",
+    "load_distributed_checkpoint", "merge_sliced_parameter", "rank_list_for_transform",
+    "save_checkpoint", "start_cluster", "transform_checkpoint_by_rank", "transform_checkpoints",
     "Context", "DinbError", "InputError", "Job", "Layout", "LayoutError", "MatMulNeg",
     "MegatronMLP", "Model", "ModelDef", "ModelType", "ParamLayout", "ProviderError",
     "RankFailedError", "RankMismatchError", "SliceFileError", "Strategy", "StrategyError",

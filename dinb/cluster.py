@@ -1,0 +1,330 @@
+"""Notebook ranks: N ipyparallel engines, each bound to a device and acting as one rank of one job.
+
+``start_cluster(n)`` starts the engines (MPI engines through the ``mpiexec`` of the ``mpich``
+wheel by default, or ``engines="local"``) or attaches to running ones (``profile=`` or
+``connection_file=``), asks each engine who it is (pid, MPI rank), picks a free port on
+127.0.0.1 for the JAX coordinator and has every engine join the job at once
+(:func:`dinb.engine.join`: gloo, preemption service off, short init timeout).
+
+Every SPMD call goes to all ranks together (a call sent to only some ranks hangs in the first
+collective) and is watched with a finite timeout. While it waits, the client checks each
+engine's process: a rank that died is named at once (the job cannot go on; ``restart()``), and
+a call that outlives its timeout names the ranks that never reached the collective (stuck in
+their own part) apart from the ranks waiting for them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dinb import engine
+from dinb.errors import DinbError, RankFailedError
+from dinb.ranks import free_port
+
+DEFAULT_TIMEOUT_S = 60.0
+_current: RankCluster | None = None
+
+
+class ClusterError(DinbError):
+    """The cluster is missing, already running, or could not start."""
+
+
+@dataclass
+class PredictResult:
+    """The outputs of one predict: one copy (all ranks agree) plus each rank's own view."""
+
+    outputs: list[np.ndarray]
+    per_rank: dict[int, list[np.ndarray]]
+    agree: bool
+    seconds: float
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped) is dead too
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+class RankCluster:
+    """N engines = N ranks. Use :func:`start_cluster`; every method is one call on all ranks."""
+
+    def __init__(self, n: int = 2, engines: str = "mpi", devices: str = "cpu", profile: str | None = None,
+                 connection_file: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 init_timeout_s: int = 30):
+        if engines not in ("mpi", "local"):
+            raise ClusterError(f"engines must be 'mpi' or 'local', not {engines!r}")
+        if devices not in ("cpu", "gpu"):
+            raise ClusterError(f"devices must be 'cpu' or 'gpu', not {devices!r}")
+        self.n, self.engines, self.devices = n, engines, devices
+        self.profile, self.connection_file = profile, connection_file
+        self.timeout_s, self.init_timeout_s = timeout_s, init_timeout_s
+        self._cluster: Any = None
+        self._client: Any = None
+        self.engine_of: list[int] = []  # engine id of each rank
+        self.pids: list[int] = []
+        self.device_names: list[str] = []
+        self.model_dir: str | None = None
+        self.last: PredictResult | None = None
+        self.start_seconds: float | None = None
+        self._broken = False  # a rank died or got stuck: the job cannot be left politely
+
+    # ---- life cycle --------------------------------------------------------------------------
+    def start(self) -> RankCluster:
+        import ipyparallel as ipp
+
+        t0 = time.perf_counter()
+        if self.profile or self.connection_file:
+            kw = {"url_file": self.connection_file} if self.connection_file else {"profile": self.profile}
+            self._client = ipp.Client(**kw, timeout=self.init_timeout_s)
+            self._client.wait_for_engines(self.n, timeout=self.init_timeout_s, interactive=False)
+        else:
+            self._cluster = ipp.Cluster(n=self.n, engines=self.engines, log_level=40)
+            if self.engines == "mpi":
+                self._cluster.config.MPILauncher.mpi_cmd = [_mpiexec()]
+            self._cluster.start_cluster_sync()
+            self._client = self._cluster.connect_client_sync()
+            self._client.wait_for_engines(self.n, timeout=self.init_timeout_s, interactive=False)
+        ids = sorted(self._client.ids)[: self.n]
+        who = self._client[ids].apply_sync(engine.identify)
+        ranks = [w["mpi_rank"] if w["mpi_rank"] is not None and w["mpi_size"] == self.n else i
+                 for i, w in enumerate(who)]
+        if sorted(ranks) != list(range(self.n)):
+            ranks = list(range(self.n))
+        order = sorted(range(self.n), key=lambda i: ranks[i])
+        self.engine_of = [ids[i] for i in order]
+        self.pids = [who[i]["pid"] for i in order]
+        coordinator = f"127.0.0.1:{free_port()}"
+        joined = self._all(engine.join, lambda r: (r, self.n, coordinator, self.devices, self.init_timeout_s),
+                           timeout_s=self.init_timeout_s + 15, what="joining the job")
+        self.device_names = [j["device"] for j in joined]
+        self.start_seconds = time.perf_counter() - t0
+        return self
+
+    def stop(self) -> None:
+        """Leave the JAX job on every rank, stop the engines, leave no process behind."""
+        global _current
+        if self._broken:  # stuck or dead ranks cannot leave the job: end them first
+            for pid in self.pids:
+                if _alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+        if self._client is not None:
+            if all(_alive(p) for p in self.pids):
+                try:
+                    self._all(engine.leave, timeout_s=15, what="leaving the job")
+                except DinbError:
+                    pass
+            try:
+                if self._cluster is not None:
+                    self._cluster.stop_cluster_sync()
+                else:
+                    self._client.shutdown(targets=self.engine_of, block=True)
+            except Exception:  # a dead cluster may fail to stop cleanly; the pids are checked below
+                pass
+            try:
+                self._client.close()
+            except Exception:
+                pass
+        for pid in self.pids:
+            if _alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self._client = self._cluster = None
+        self.pids, self.model_dir, self.last, self._broken = [], None, None, False
+        if _current is self:
+            _current = None
+
+    def restart(self) -> RankCluster:
+        """Stop everything and start the same number of fresh ranks (reloading the model)."""
+        global _current
+        model_dir = self.model_dir
+        self.stop()
+        self.start()
+        _current = self
+        if model_dir:
+            self.load(model_dir, show_progress=False)
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self._client is not None
+
+    # ---- dispatch ----------------------------------------------------------------------------
+    def _all(self, fn: Callable[..., Any], args: Callable[[int], tuple] | tuple = (),
+             timeout_s: float | None = None, what: str = "the call") -> list[Any]:
+        """Call ``fn`` on every rank at once; per-rank results in rank order (finite timeout)."""
+        if self._client is None:
+            raise ClusterError("no cluster is running; start one with `%dinfer cluster start -n 2`")
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        ars = []
+        for r, eid in enumerate(self.engine_of):
+            a = args(r) if callable(args) else args
+            ars.append(self._client[eid].apply_async(fn, *a))
+        deadline = time.monotonic() + timeout_s
+        while not all(ar.ready() for ar in ars):
+            dead = [r for r, pid in enumerate(self.pids) if not _alive(pid)]
+            if dead:
+                self._broken = True
+                raise RankFailedError(
+                    f"rank(s) {dead} died during {what} (engine process "
+                    f"{', '.join(str(self.pids[r]) for r in dead)} exited); the job cannot continue. "
+                    "Run `%dinfer cluster restart` (RankCluster.restart()).", ranks=tuple(dead))
+            if time.monotonic() > deadline:
+                reached = [r for r, ar in enumerate(ars)
+                           if (ar.data or {}).get("phase") in ("collective", "done")]
+                pending = [r for r, ar in enumerate(ars) if not ar.ready()]
+                stuck = [r for r in pending if r not in reached] or pending
+                waiting = [r for r in pending if r not in stuck]
+                self._broken = True
+                raise RankFailedError(
+                    f"rank(s) {stuck} did not finish {what} within {timeout_s:g} s"
+                    + (f"; rank(s) {waiting} are waiting for them in the collective" if waiting else "")
+                    + ". Those ranks are stuck; run `%dinfer cluster restart` (RankCluster.restart()).",
+                    ranks=tuple(stuck))
+            ars[0].wait(0.002)
+        results, errors = [], {}
+        for r, ar in enumerate(ars):
+            try:
+                results.append(ar.get(0))
+            except Exception as e:  # a remote error: report it with its rank
+                errors[r] = _remote_message(e)
+        if errors:
+            detail = "; ".join(f"rank {r}: {m}" for r, m in errors.items())
+            raise RankFailedError(f"{what} failed on rank(s) {sorted(errors)}: {detail}",
+                                  ranks=tuple(sorted(errors)))
+        return results
+
+    # ---- the Lite-shaped steps ---------------------------------------------------------------
+    def context(self, target: str = "cpu", provider: str = "xla") -> list[str]:
+        """Build every rank's ``Context`` (target, provider)."""
+        return self._all(engine.set_context, (target, provider), what="building the context")
+
+    def load(self, model_dir: str | Path, show_progress: bool = True) -> dict[str, Any]:
+        """Each rank loads its own slice file from ``model_dir`` and compiles the program."""
+        model_dir = str(Path(model_dir).resolve())
+        if not show_progress:
+            infos = self._all(engine.load, (model_dir,), what=f"loading {model_dir}")
+        else:
+            from tqdm.auto import tqdm
+
+            with tqdm(total=self.n, desc="load ranks", leave=False) as bar:
+                infos = self._all(engine.load, (model_dir,), what=f"loading {model_dir}")
+                bar.update(self.n)
+        self.model_dir, self.last = model_dir, None
+        return infos[0]
+
+    def predict(self, *inputs: Any, timeout_s: float | None = None) -> PredictResult:
+        """Send the same inputs to every rank (as in the seeds), run the SPMD program, gather."""
+        arrays = [np.asarray(x) for x in inputs]
+        t0 = time.perf_counter()
+        outs = self._all(engine.predict, (arrays,), timeout_s=timeout_s, what="predict")
+        seconds = time.perf_counter() - t0
+        per_rank = dict(enumerate(outs))
+        first = outs[0]
+        agree = all(len(o) == len(first) and all(np.array_equal(a, b) for a, b in zip(o, first))
+                    for o in outs)
+        self.last = PredictResult(list(first), per_rank, agree, seconds)
+        return self.last
+
+    def outputs(self) -> PredictResult:
+        if self.last is None:
+            raise ClusterError("no predict has run yet; run `%dinfer predict EXPR` first")
+        return self.last
+
+    def strategy(self) -> Any:
+        """The loaded model's strategy (from the export's ``strategy.json``)."""
+        from dinb.strategy import Strategy
+
+        if self.model_dir is None:
+            raise ClusterError("no model is loaded; run `%dinfer load DIR` first")
+        path = Path(self.model_dir)
+        return Strategy.load(path / "strategy.json" if path.is_dir() else path.parent / "strategy.json")
+
+    def status(self) -> list[dict[str, Any]]:
+        """One row per rank: rank, pid, device, resident memory, what is loaded (alive or not)."""
+        rows = []
+        for r, pid in enumerate(self.pids):
+            rows.append({"rank": r, "pid": pid, "alive": _alive(pid),
+                         "device": self.device_names[r] if r < len(self.device_names) else None})
+        if rows and all(row["alive"] for row in rows):
+            for row, st in zip(rows, self._all(engine.status, timeout_s=10, what="status")):
+                row.update(rss_mib=st["rss_mib"], loaded=st["loaded"])
+        return rows
+
+    def execute(self, code: str, timeout_s: float | None = None) -> dict[int, str]:
+        """Run a cell on every rank; returns each rank's printed output."""
+        return dict(enumerate(self._all(_run_cell, (code,), timeout_s=timeout_s, what="the cell")))
+
+
+def _run_cell(code: str) -> str:
+    """Executed in an engine: run ``code`` in the engine's namespace, capture what it prints."""
+    import contextlib
+    import io
+
+    import __main__
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        exec(compile(code, "<dinfer cell>", "exec"), __main__.__dict__)
+    return buf.getvalue()
+
+
+def _remote_message(e: Exception) -> str:
+    ename, evalue = getattr(e, "ename", type(e).__name__), getattr(e, "evalue", str(e))
+    return f"{ename}: {evalue}"
+
+
+def _mpiexec() -> str:
+    here = Path(sys.executable).parent / "mpiexec"
+    return str(here) if here.exists() else "mpiexec"
+
+
+# ---- the current cluster (what the magics use) ---------------------------------------------------
+def start_cluster(n: int = 2, engines: str = "mpi", devices: str = "cpu", **kw: Any) -> RankCluster:
+    """Start N ranks and make them the current cluster. Errors if one is already running."""
+    global _current
+    if _current is not None and _current.running:
+        raise ClusterError(
+            f"a cluster of {_current.n} ranks is already running; `%dinfer cluster stop` (or "
+            "restart) first"
+        )
+    _current = RankCluster(n, engines, devices, **kw).start()
+    return _current
+
+
+def current() -> RankCluster:
+    """The running cluster, or a clear error."""
+    if _current is None or not _current.running:
+        raise ClusterError("no cluster is running; start one with `%dinfer cluster start -n 2`")
+    return _current
+
+
+def stop_cluster() -> None:
+    if _current is not None:
+        _current.stop()
+
+
+def rank_table(rows: Sequence[dict[str, Any]]) -> str:
+    keys = ["rank", "pid", "alive", "device", "rss_mib", "loaded"]
+    lines = ["  ".join(f"{k:>8}" for k in keys)]
+    for row in rows:
+        lines.append("  ".join(f"{str(row.get(k, '')):>8}" for k in keys))
+    return "\n".join(lines)

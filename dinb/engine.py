@@ -1,0 +1,127 @@
+"""What runs inside each notebook engine: one engine is one rank of one JAX job.
+
+The client (:mod:`dinb.cluster`) calls these functions on every engine together. State lives in
+this module (the engine process's rank, context and loaded model). Before the one collective a
+predict runs, each rank publishes ``phase = "collective"`` through ipyparallel's data channel,
+so when a call times out the client can tell the rank stuck in its own part (never reached the
+collective) from the ranks waiting for it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+_state: dict[str, Any] = {"rank": None, "world": None, "context": None, "model": None, "model_dir": None,
+                          "outputs": None}
+
+
+def _publish(**data: Any) -> None:
+    try:
+        from ipyparallel.datapub import publish_data
+
+        publish_data(data)
+    except Exception:  # outside an engine task (tests calling directly): nothing to publish
+        pass
+
+
+def identify() -> dict[str, Any]:
+    """This engine's process id, host and MPI rank (None when not launched by mpiexec)."""
+    import socket
+
+    from dinb.ranks import mpi_world
+
+    world = mpi_world()
+    return {"pid": os.getpid(), "host": socket.gethostname(),
+            "mpi_rank": world[0] if world else None, "mpi_size": world[1] if world else None}
+
+
+def join(rank: int, world: int, coordinator: str, target: str, init_timeout_s: int) -> dict[str, Any]:
+    """Bind the device and join the job as ``rank`` of ``world`` (before any other JAX call)."""
+    import dinb
+
+    job = dinb.init_ranks(target, process_index=rank, process_count=world, coordinator=coordinator,
+                          init_timeout_s=init_timeout_s)
+    _state.update(rank=rank, world=world)
+    return {"rank": rank, "device": str(job.devices[rank])}
+
+
+def set_context(target: str, provider: str) -> str:
+    """Build this rank's ``Context`` (the seeds' ``Context(target, device_id, rank_id, provider)``)."""
+    from dinb import Context
+
+    ctx = Context(target=[target], rank_id=_state["rank"], provider=provider)
+    ctx.check_provider()
+    _state["context"] = ctx
+    return f"{target}/{provider}"
+
+
+def load(model_dir: str) -> dict[str, Any]:
+    """Load this rank's own slice file and compile (all ranks at once, as MindSpore Lite does)."""
+    from dinb import Context, Model, ModelType
+
+    model = Model()
+    model.build_from_file(model_dir, ModelType.DINB, _state["context"] or Context(target=["cpu"]))
+    _state.update(model=model, model_dir=model_dir, outputs=None)
+    return {"rank": _state["rank"], "model": model.model_name,
+            "inputs": [(t.name, list(t.shape), str(t.dtype)) for t in model.get_inputs()]}
+
+
+def model() -> Any:
+    """This rank's loaded :class:`dinb.Model` (for ``%%dinfer`` cells)."""
+    return _model()
+
+
+def _model() -> Any:
+    if _state["model"] is None:
+        from dinb.errors import DinbError
+
+        raise DinbError(f"rank {_state['rank']} has no model loaded; run `%dinfer load DIR` first")
+    return _state["model"]
+
+
+def predict(inputs: list[Any]) -> list[Any]:
+    """Run the SPMD program on this rank; returns this rank's outputs as numpy arrays."""
+    model = _model()
+    _publish(phase="collective", t=time.time())
+    outs = [t.get_data_to_numpy() for t in model.predict(inputs)]
+    _publish(phase="done", t=time.time())
+    _state["outputs"] = outs
+    return outs
+
+
+def rank() -> int:
+    """This engine's rank in the job."""
+    return int(_state["rank"])
+
+
+def status() -> dict[str, Any]:
+    """Rank, pid, device, resident memory and what is loaded."""
+    rss = 0
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    device = None
+    if _state["rank"] is not None:
+        from dinb.ranks import current_job
+
+        job = current_job()
+        device = str(job.devices[_state["rank"]]) if job else None
+    return {"rank": _state["rank"], "pid": os.getpid(), "device": device, "rss_mib": round(rss / 2**20),
+            "loaded": _state["model_dir"]}
+
+
+def outputs() -> list[Any] | None:
+    return _state["outputs"]
+
+
+def leave() -> bool:
+    """Leave the JAX job (``jax.distributed.shutdown``) before the engine stops."""
+    from dinb.ranks import shutdown
+
+    shutdown()
+    return True

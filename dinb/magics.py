@@ -1,0 +1,155 @@
+"""``%dinfer`` and ``%%dinfer``: the notebook face of :mod:`dinb.cluster` (``%load_ext dinb``).
+
+Each subcommand is one call of the Python API, so everything here can be done without magics.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from dinb import cluster as cl
+from dinb.errors import DinbError
+
+USAGE = """Run a model split over notebook ranks (ipyparallel engines, one rank each).
+
+Subcommands (each is one call of dinb.cluster's Python API):
+
+  %dinfer cluster start -n 2 [--engines mpi|local] [--devices cpu|gpu]
+        start N engines bound to devices, joined in one JAX job     start_cluster(n, ...)
+  %dinfer cluster status       rank, pid, device, memory, loaded model     current().status()
+  %dinfer cluster stop         leave the job, stop the engines             current().stop()
+  %dinfer cluster restart      fresh engines, reload the model             current().restart()
+  %dinfer context --target cpu --provider xla
+        build every rank's Context                                  current().context(...)
+  %dinfer load DIR             each rank loads its own slice file          current().load(DIR)
+  %dinfer predict EXPR [EXPR ...] [--timeout S]
+        the same inputs (evaluated here) to every rank, predict     current().predict(*arrays)
+  %dinfer outputs              per-rank outputs of the last predict        current().outputs()
+  %dinfer strategy             the loaded model's strategy as a table      current().strategy()
+
+  %%dinfer [--timeout S]       run the cell on every rank, output grouped by rank
+                                                                    current().execute(code)
+Examples:
+  %dinfer cluster start -n 2
+  %dinfer load out/matmul
+  %dinfer predict np.ones((128, 96), np.float32)
+"""
+
+
+@magics_class
+class DinferMagics(Magics):
+    @line_magic
+    def dinfer(self, line: str) -> Any:
+        words = shlex.split(line)
+        if not words or words[0] in ("-h", "--help", "help"):
+            print(USAGE)
+            return None
+        command, rest = words[0], words[1:]
+        handler = getattr(self, f"_cmd_{command}", None)
+        if handler is None:
+            raise DinbError(f"unknown %dinfer subcommand {command!r}; see %dinfer? for the list")
+        return handler(" ".join(shlex.quote(w) for w in rest), line)
+
+    dinfer.__doc__ = USAGE
+
+    @cell_magic("dinfer")
+    def dinfer_cell(self, line: str, cell: str) -> None:
+        args = parse_argstring(self._cell_args, line)
+        outputs = cl.current().execute(cell, timeout_s=args.timeout)
+        for rank, text in outputs.items():
+            print(f"[rank {rank}]")
+            print(text.rstrip("\n") if text.strip() else "(no output)")
+
+    @magic_arguments()
+    @argument("--timeout", type=float, default=None, help="seconds before the stuck ranks are named")
+    def _cell_args(self, line: str) -> None:
+        """%%dinfer [--timeout S]"""
+
+    # ---- subcommands ----------------------------------------------------------------------------
+    @magic_arguments()
+    @argument("action", choices=["start", "status", "stop", "restart"])
+    @argument("-n", type=int, default=2, help="number of ranks")
+    @argument("--engines", default="mpi", choices=["mpi", "local"])
+    @argument("--devices", default="cpu", choices=["cpu", "gpu"])
+    def _cluster(self, line: str) -> None:
+        """%dinfer cluster start|status|stop|restart [-n N] [--engines mpi|local] [--devices cpu|gpu]"""
+
+    def _cmd_cluster(self, rest: str, line: str) -> Any:
+        args = parse_argstring(self._cluster, rest)
+        if args.action == "start":
+            c = cl.start_cluster(args.n, engines=args.engines, devices=args.devices)
+            print(f"{c.n} ranks ready ({args.engines} engines, devices {', '.join(c.device_names)})")
+        elif args.action == "status":
+            print(cl.rank_table(cl.current().status()))
+        elif args.action == "stop":
+            n = cl.current().n
+            cl.stop_cluster()
+            print(f"stopped {n} ranks")
+        else:
+            c = cl.current().restart()
+            print(f"restarted {c.n} ranks" + (", model reloaded" if c.model_dir else ""))
+        return None
+
+    @magic_arguments()
+    @argument("--target", default="cpu", choices=["cpu", "gpu"])
+    @argument("--provider", default="xla", choices=["xla", "tensorrt"])
+    def _context(self, line: str) -> None:
+        """%dinfer context --target cpu --provider xla"""
+
+    def _cmd_context(self, rest: str, line: str) -> None:
+        args = parse_argstring(self._context, rest)
+        cl.current().context(args.target, args.provider)
+        print(f"context on {cl.current().n} ranks: target {args.target}, provider {args.provider}")
+
+    @magic_arguments()
+    @argument("model_dir", help="export directory (one slice file per rank)")
+    def _load(self, line: str) -> None:
+        """%dinfer load DIR"""
+
+    def _cmd_load(self, rest: str, line: str) -> None:
+        args = parse_argstring(self._load, rest)
+        c = cl.current()
+        info = c.load(args.model_dir)
+        inputs = ", ".join(f"{n}{tuple(s)} {d}" for n, s, d in info["inputs"])
+        print(f"loaded {info['model']} on {c.n} ranks, each from its own slice file; inputs: {inputs}")
+
+    def _cmd_predict(self, rest: str, line: str) -> Any:
+        timeout = None
+        text = line.split(None, 1)[1] if len(line.split(None, 1)) > 1 else ""
+        if " --timeout " in f" {text} ":
+            text, _, t = text.rpartition("--timeout")
+            timeout = float(t)
+        if not text.strip():
+            raise DinbError("usage: %dinfer predict EXPR [EXPR ...]  (e.g. np.ones((128, 96), np.float32))")
+        ns = self.shell.user_ns if self.shell is not None else {}
+        value = eval(f"({text.strip()},)", ns)
+        result = cl.current().predict(*value, timeout_s=timeout)
+        for i, out in enumerate(result.outputs):
+            print(f"output {i}: shape {list(out.shape)} {out.dtype}; all {len(result.per_rank)} ranks agree: "
+                  f"{result.agree}")
+        return result.outputs[0] if len(result.outputs) == 1 else result.outputs
+
+    def _cmd_outputs(self, rest: str, line: str) -> Any:
+        result = cl.current().outputs()
+        for rank, outs in result.per_rank.items():
+            desc = "; ".join(f"{list(o.shape)} min {o.min():.4g} max {o.max():.4g} mean {o.mean():.4g}"
+                             for o in outs)
+            print(f"rank {rank}: {desc}")
+        print(f"all ranks agree: {result.agree}")
+        return None
+
+    def _cmd_strategy(self, rest: str, line: str) -> None:
+        strategy = cl.current().strategy()
+        print(f"{'parameter':<16} {'shape':<14} {'dev_matrix':<12} {'tensor_map':<14}")
+        for name in strategy:
+            rec = strategy.item(name)
+            print(f"{name:<16} {str(list(rec.shape or ())):<14} {str(list(rec.layout.dev_matrix)):<12} "
+                  f"{str(rec.layout.to_json()['tensor_map']):<14}")
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    ipython.register_magics(DinferMagics)
