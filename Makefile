@@ -24,6 +24,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/predict_overhead.py
 	$(BIN)/python benchmarks/reshard.py
+	$(BIN)/python benchmarks/notebook_predict.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -84,6 +84,7 @@ class RankCluster:
         self.last: PredictResult | None = None
         self.start_seconds: float | None = None
         self._broken = False  # a rank died or got stuck: the job cannot be left politely
+        self._socks: list[Any] | None = None  # the fast predict path's sockets, one per rank
 
     # ---- life cycle --------------------------------------------------------------------------
     def start(self) -> RankCluster:
@@ -147,6 +148,9 @@ class RankCluster:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        for sock in self._socks or []:
+            sock.close(linger=0)
+        self._socks = None
         self._client = self._cluster = None
         self.pids, self.model_dir, self.last, self._broken = [], None, None, False
         if _current is self:
@@ -231,23 +235,103 @@ class RankCluster:
         self.model_dir, self.last = model_dir, None
         return infos[0]
 
-    def predict(self, *inputs: Any, timeout_s: float | None = None) -> PredictResult:
-        """Send the same inputs to every rank (as in the seeds), run the SPMD program, gather."""
-        arrays = [np.asarray(x) for x in inputs]
+    def predict(self, *inputs: Any, timeout_s: float | None = None, fast: bool = True) -> PredictResult:
+        """Send the same inputs to every rank (as in the seeds), run the SPMD program, gather.
+
+        The fast path sends the inputs over each rank's own socket and gets back rank 0's outputs
+        plus every other rank's output checksum (so agreement is checked without moving the
+        data); :meth:`outputs` fetches each rank's own copy when asked. ``fast=False`` goes
+        through ipyparallel (``apply`` on every engine) and returns every rank's outputs.
+        """
+        arrays = [np.ascontiguousarray(x) for x in inputs]
         t0 = time.perf_counter()
-        outs = self._all(engine.predict, (arrays,), timeout_s=timeout_s, what="predict")
-        seconds = time.perf_counter() - t0
-        per_rank = dict(enumerate(outs))
-        first = outs[0]
-        agree = all(len(o) == len(first) and all(np.array_equal(a, b) for a, b in zip(o, first))
-                    for o in outs)
-        self.last = PredictResult(list(first), per_rank, agree, seconds)
+        if fast:
+            first, crcs = self._fast_predict(arrays, self.timeout_s if timeout_s is None else timeout_s)
+            per_rank: dict[int, list[np.ndarray]] = {0: first}
+            agree = all(c == crcs[0] for c in crcs)
+        else:
+            outs = self._all(engine.predict, (arrays,), timeout_s=timeout_s, what="predict")
+            per_rank = dict(enumerate(outs))
+            first = outs[0]
+            agree = all(len(o) == len(first) and all(np.array_equal(a, b) for a, b in zip(o, first))
+                        for o in outs)
+        self.last = PredictResult(list(first), per_rank, agree, time.perf_counter() - t0)
         return self.last
 
     def outputs(self) -> PredictResult:
+        """The last predict's result, with every rank's own outputs."""
         if self.last is None:
             raise ClusterError("no predict has run yet; run `%dinfer predict EXPR` first")
+        if len(self.last.per_rank) < self.n:
+            outs = self._all(engine.outputs, timeout_s=30, what="gathering outputs")
+            self.last.per_rank = dict(enumerate(outs))
         return self.last
+
+    def ping(self, timeout_s: float = 10) -> float:
+        """Round trip of an empty message to every rank over the fast path, in seconds."""
+        t0 = time.perf_counter()
+        self._fast_predict([], timeout_s, noop=True)
+        return time.perf_counter() - t0
+
+    def _fast_predict(self, arrays: list[np.ndarray], timeout_s: float,
+                      noop: bool = False) -> tuple[list[np.ndarray], list[Any]]:
+        import json
+
+        import zmq
+
+        if self._client is None:
+            raise ClusterError("no cluster is running; start one with `%dinfer cluster start -n 2`")
+        if self._socks is None:
+            ports = self._all(engine.serve_fast, what="starting the predict servers")
+            ctx = zmq.Context.instance()
+            self._socks = []
+            for port in ports:
+                sock = ctx.socket(zmq.REQ)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(f"tcp://127.0.0.1:{port}")
+                self._socks.append(sock)
+        header: dict[str, Any] = {"inputs": [[list(a.shape), str(a.dtype)] for a in arrays]}
+        if noop:
+            header["noop"] = True
+        for r, sock in enumerate(self._socks):
+            head = json.dumps(dict(header, want_data=r == 0)).encode()
+            sock.send_multipart([head, *arrays], copy=False)
+        poller = zmq.Poller()
+        for sock in self._socks:
+            poller.register(sock, zmq.POLLIN)
+        replies: dict[int, list[Any]] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(replies) < self.n:
+            events = dict(poller.poll(5))
+            for r, sock in enumerate(self._socks):
+                if r not in replies and sock in events:
+                    replies[r] = sock.recv_multipart(copy=False)
+            if len(replies) == self.n:
+                break
+            dead = [r for r, pid in enumerate(self.pids) if not _alive(pid)]
+            if dead:
+                self._broken = True
+                raise RankFailedError(
+                    f"rank(s) {dead} died during predict (engine process "
+                    f"{', '.join(str(self.pids[r]) for r in dead)} exited); the job cannot continue. "
+                    "Run `%dinfer cluster restart` (RankCluster.restart()).", ranks=tuple(dead))
+            if time.monotonic() > deadline:
+                self._broken = True
+                pending = [r for r in range(self.n) if r not in replies]
+                raise RankFailedError(
+                    f"rank(s) {pending} did not answer predict within {timeout_s:g} s; "
+                    "run `%dinfer cluster restart` (RankCluster.restart()).", ranks=tuple(pending))
+        heads = {r: json.loads(bytes(frames[0].buffer)) for r, frames in replies.items()}
+        errors = {r: h["error"] for r, h in heads.items() if "error" in h}
+        if errors:
+            detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(errors.items()))
+            raise RankFailedError(f"predict failed on rank(s) {sorted(errors)}: {detail}",
+                                  ranks=tuple(sorted(errors)))
+        first = [np.frombuffer(f.buffer, dtype=m["dtype"]).reshape(m["shape"])
+                 for f, m in zip(replies[0][1:], heads[0]["outputs"])]
+        crcs = [[(tuple(m["shape"]), m["dtype"], m["crc"]) for m in heads[r]["outputs"]]
+                for r in range(self.n)]
+        return first, crcs
 
     def strategy(self) -> Any:
         """The loaded model's strategy (from the export's ``strategy.json``)."""

@@ -46,7 +46,14 @@ def test_engines_are_ranks_and_predict_agrees(ranks):
     assert all(r["loaded"] == str(ranks.model_dir) for r in rows)
     result = ranks.predict(X)
     np.testing.assert_array_equal(result.outputs[0], np.full((128, 16), -48, np.float32))
-    assert result.agree and sorted(result.per_rank) == [0, 1]
+    assert result.agree
+    every = ranks.outputs()  # each rank's own copy, fetched on demand
+    assert sorted(every.per_rank) == [0, 1]
+    for outs in every.per_rank.values():
+        np.testing.assert_array_equal(outs[0], result.outputs[0])
+    plain = ranks.predict(X, fast=False)  # through ipyparallel: every rank's outputs at once
+    assert plain.agree and sorted(plain.per_rank) == [0, 1]
+    assert ranks.ping() > 0
     assert ranks.strategy()["matmul_weight"].tensor_map == (1, 0)
     printed = ranks.execute("import dinb.engine as E\nprint('rank', E.rank(), E.model().world_size)")
     assert printed == {0: "rank 0 2\n", 1: "rank 1 2\n"}
