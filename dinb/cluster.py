@@ -172,6 +172,16 @@ class RankCluster:
         return self._client is not None
 
     # ---- dispatch ----------------------------------------------------------------------------
+    def _check_alive(self, what: str) -> None:
+        """Name every rank whose engine process has exited (the job cannot go on without it)."""
+        dead = [r for r, pid in enumerate(self.pids) if not _alive(pid)]
+        if dead:
+            self._broken = True
+            raise RankFailedError(
+                f"rank(s) {dead} died during {what} (engine process "
+                f"{', '.join(str(self.pids[r]) for r in dead)} exited); the job cannot continue. "
+                "Run `%dinfer cluster restart` (RankCluster.restart()).", ranks=tuple(dead))
+
     def _all(self, fn: Callable[..., Any], args: Callable[[int], tuple] | tuple = (),
              timeout_s: float | None = None, what: str = "the call") -> list[Any]:
         """Call ``fn`` on every rank at once; per-rank results in rank order (finite timeout)."""
@@ -184,13 +194,7 @@ class RankCluster:
             ars.append(self._client[eid].apply_async(fn, *a))
         deadline = time.monotonic() + timeout_s
         while not all(ar.ready() for ar in ars):
-            dead = [r for r, pid in enumerate(self.pids) if not _alive(pid)]
-            if dead:
-                self._broken = True
-                raise RankFailedError(
-                    f"rank(s) {dead} died during {what} (engine process "
-                    f"{', '.join(str(self.pids[r]) for r in dead)} exited); the job cannot continue. "
-                    "Run `%dinfer cluster restart` (RankCluster.restart()).", ranks=tuple(dead))
+            self._check_alive(what)
             if time.monotonic() > deadline:
                 reached = [r for r, ar in enumerate(ars)
                            if (ar.data or {}).get("phase") in ("collective", "done")]
@@ -308,13 +312,7 @@ class RankCluster:
                     replies[r] = sock.recv_multipart(copy=False)
             if len(replies) == self.n:
                 break
-            dead = [r for r, pid in enumerate(self.pids) if not _alive(pid)]
-            if dead:
-                self._broken = True
-                raise RankFailedError(
-                    f"rank(s) {dead} died during predict (engine process "
-                    f"{', '.join(str(self.pids[r]) for r in dead)} exited); the job cannot continue. "
-                    "Run `%dinfer cluster restart` (RankCluster.restart()).", ranks=tuple(dead))
+            self._check_alive("predict")
             if time.monotonic() > deadline:
                 self._broken = True
                 pending = [r for r in range(self.n) if r not in replies]

@@ -127,10 +127,10 @@ class DinferMagics(Magics):
             raise DinbError("usage: %dinfer predict EXPR [EXPR ...]  (e.g. np.ones((128, 96), np.float32))")
         ns = self.shell.user_ns if self.shell is not None else {}
         value = eval(f"({text.strip()},)", ns)
-        result = cl.current().predict(*value, timeout_s=timeout)
+        c = cl.current()
+        result = c.predict(*value, timeout_s=timeout)
         for i, out in enumerate(result.outputs):
-            print(f"output {i}: shape {list(out.shape)} {out.dtype}; all {len(result.per_rank)} ranks agree: "
-                  f"{result.agree}")
+            print(f"output {i}: shape {list(out.shape)} {out.dtype}; all {c.n} ranks agree: {result.agree}")
         return result.outputs[0] if len(result.outputs) == 1 else result.outputs
 
     def _cmd_outputs(self, rest: str, line: str) -> Any:
