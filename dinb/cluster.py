@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,8 +183,12 @@ class RankCluster:
                 "Run `%dinfer cluster restart` (RankCluster.restart()).", ranks=tuple(dead))
 
     def _all(self, fn: Callable[..., Any], args: Callable[[int], tuple] | tuple = (),
-             timeout_s: float | None = None, what: str = "the call") -> list[Any]:
-        """Call ``fn`` on every rank at once; per-rank results in rank order (finite timeout)."""
+             timeout_s: float | None = None, what: str = "the call",
+             on_done: Callable[[int], None] | None = None) -> list[Any]:
+        """Call ``fn`` on every rank at once; per-rank results in rank order (finite timeout).
+
+        ``on_done(k)`` is told each time k more ranks have finished (for a progress bar).
+        """
         if self._client is None:
             raise ClusterError("no cluster is running; start one with `%dinfer cluster start -n 2`")
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
@@ -193,7 +197,14 @@ class RankCluster:
             a = args(r) if callable(args) else args
             ars.append(self._client[eid].apply_async(fn, *a))
         deadline = time.monotonic() + timeout_s
-        while not all(ar.ready() for ar in ars):
+        finished = 0
+        while True:
+            ready = sum(ar.ready() for ar in ars)
+            if on_done is not None and ready > finished:
+                on_done(ready - finished)
+            finished = ready
+            if ready == len(ars):
+                break
             self._check_alive(what)
             if time.monotonic() > deadline:
                 reached = [r for r, ar in enumerate(ars)
@@ -228,14 +239,10 @@ class RankCluster:
     def load(self, model_dir: str | Path, show_progress: bool = True) -> dict[str, Any]:
         """Each rank loads its own slice file from ``model_dir`` and compiles the program."""
         model_dir = str(Path(model_dir).resolve())
-        if not show_progress:
-            infos = self._all(engine.load, (model_dir,), what=f"loading {model_dir}")
-        else:
-            from tqdm.auto import tqdm
+        from tqdm.auto import tqdm
 
-            with tqdm(total=self.n, desc="load ranks", leave=False) as bar:
-                infos = self._all(engine.load, (model_dir,), what=f"loading {model_dir}")
-                bar.update(self.n)
+        with tqdm(total=self.n, desc="ranks loaded", leave=False, disable=not show_progress) as bar:
+            infos = self._all(engine.load, (model_dir,), what=f"loading {model_dir}", on_done=bar.update)
         self.model_dir, self.last = model_dir, None
         return infos[0]
 
@@ -402,11 +409,3 @@ def current() -> RankCluster:
 def stop_cluster() -> None:
     if _current is not None:
         _current.stop()
-
-
-def rank_table(rows: Sequence[dict[str, Any]]) -> str:
-    keys = ["rank", "pid", "alive", "device", "rss_mib", "loaded"]
-    lines = ["  ".join(f"{k:>8}" for k in keys)]
-    for row in rows:
-        lines.append("  ".join(f"{str(row.get(k, '')):>8}" for k in keys))
-    return "\n".join(lines)

@@ -13,8 +13,8 @@ import os
 import time
 from typing import Any
 
-_state: dict[str, Any] = {"rank": None, "world": None, "context": None, "model": None, "model_dir": None,
-                          "outputs": None}
+_state: dict[str, Any] = {"rank": None, "world": None, "target": None, "context": None, "model": None,
+                          "model_dir": None, "outputs": None}
 
 
 def _publish(**data: Any) -> None:
@@ -43,7 +43,7 @@ def join(rank: int, world: int, coordinator: str, target: str, init_timeout_s: i
 
     job = dinb.init_ranks(target, process_index=rank, process_count=world, coordinator=coordinator,
                           init_timeout_s=init_timeout_s)
-    _state.update(rank=rank, world=world)
+    _state.update(rank=rank, world=world, target=target)
     return {"rank": rank, "device": str(job.devices[rank])}
 
 
@@ -62,7 +62,8 @@ def load(model_dir: str) -> dict[str, Any]:
     from dinb import Context, Model, ModelType
 
     model = Model()
-    model.build_from_file(model_dir, ModelType.DINB, _state["context"] or Context(target=["cpu"]))
+    context = _state["context"] or Context(target=[_state["target"] or "cpu"], rank_id=_state["rank"])
+    model.build_from_file(model_dir, ModelType.DINB, context)
     _state.update(model=model, model_dir=model_dir, outputs=None)
     return {"rank": _state["rank"], "model": model.model_name,
             "inputs": [(t.name, list(t.shape), str(t.dtype)) for t in model.get_inputs()]}

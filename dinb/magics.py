@@ -84,7 +84,7 @@ class DinferMagics(Magics):
             c = cl.start_cluster(args.n, engines=args.engines, devices=args.devices)
             print(f"{c.n} ranks ready ({args.engines} engines, devices {', '.join(c.device_names)})")
         elif args.action == "status":
-            print(cl.rank_table(cl.current().status()))
+            print(rank_table(cl.current().status()))
         elif args.action == "stop":
             n = cl.current().n
             cl.stop_cluster()
@@ -149,6 +149,15 @@ class DinferMagics(Magics):
             rec = strategy.item(name)
             print(f"{name:<16} {str(list(rec.shape or ())):<14} {str(list(rec.layout.dev_matrix)):<12} "
                   f"{str(rec.layout.to_json()['tensor_map']):<14}")
+
+
+def rank_table(rows: list[dict[str, Any]]) -> str:
+    """The status rows as a fixed-width table."""
+    keys = ["rank", "pid", "alive", "device", "rss_mib", "loaded"]
+    lines = ["  ".join(f"{k:>8}" for k in keys)]
+    for row in rows:
+        lines.append("  ".join(f"{str(row.get(k, '')):>8}" for k in keys))
+    return "\n".join(lines)
 
 
 def load_ipython_extension(ipython: Any) -> None:

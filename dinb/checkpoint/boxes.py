@@ -52,13 +52,22 @@ def relative(inner: Box, outer: Box) -> tuple[slice, ...]:
     return tuple(slice(s - o, e - o) for (s, e), (o, _) in zip(inner, outer))
 
 
+def opt_shard_size(item: ParamLayout) -> int:
+    """Into how many parts the optimizer shard cuts axis 0 of the slice (1: no shard).
+
+    MindSpore's ``-1`` means "over every replica": the product of the replica dimensions.
+    """
+    size = item.opt_weight_shard_size
+    if size == -1:
+        return math.prod(item.layout.dim_size(d) for d in item.layout.replica_dims)
+    return max(size, 1)
+
+
 def opt_shard_part(layout: Layout, rank: int, size: int) -> int:
     """Which of the ``size`` optimizer-shard parts of its slice ``rank`` holds (see module doc)."""
     k = len(layout.dev_matrix)
     replica_index = {k - 1 - d for d in layout.replica_dims}  # dev_matrix positions, left to right
     replica = [i for i in range(k) if i in replica_index and layout.dev_matrix[i] > 1]
-    if size == -1:
-        size = math.prod(layout.dev_matrix[i] for i in replica)
     coord = layout.coord(rank)
     chosen: list[tuple[int, int]] = []  # (coordinate within the used part, size of that part)
     remaining = size
@@ -90,10 +99,8 @@ def param_box(item: ParamLayout, rank: int, shape: Sequence[int], name: str = "t
     lay = item.layout
     sl = lay.slice_of(rank, shape, name)
     box = [(s.start, s.stop) for s in sl]
-    size = item.opt_weight_shard_size
-    if size and size != 1 and shape:
-        if size == -1:
-            size = math.prod(lay.dim_size(d) for d in lay.replica_dims)
+    size = opt_shard_size(item)
+    if size > 1 and shape:
         start, stop = box[0]
         if (stop - start) % size:
             raise LayoutError(

@@ -146,7 +146,7 @@ def write_ckpt(path: str | Path, arrays: Mapping[str, np.ndarray], crc_check: bo
             arr = np.asarray(arr)
             if str(arr.dtype) not in NP_TO_MS:
                 raise CheckpointError(f"parameter {name!r}: dtype {arr.dtype} has no MindSpore tensor_type")
-            count = math.ceil(arr.nbytes / 1024 / (SLICE_BYTES / 1024)) if arr.nbytes > SLICE_BYTES else 1
+            count = math.ceil(arr.nbytes / SLICE_BYTES)
             pieces = np.array_split(arr, count) if count > 1 else [arr]
             for piece in pieces:
                 content = memoryview(np.ascontiguousarray(piece).reshape(-1).view(np.uint8))

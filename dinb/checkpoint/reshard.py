@@ -15,7 +15,6 @@ bytes, and peak memory is the target slices plus one source piece.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,7 +23,16 @@ from typing import Any
 
 import numpy as np
 
-from dinb.checkpoint.boxes import Box, box_shape, box_size, full_box, overlap_plan, param_box, relative
+from dinb.checkpoint.boxes import (
+    Box,
+    box_shape,
+    box_size,
+    full_box,
+    opt_shard_size,
+    overlap_plan,
+    param_box,
+    relative,
+)
 from dinb.checkpoint.dinbfile import SUFFIX, DinbRankFile, rank_file, write_rank_file
 from dinb.checkpoint.mindspore import MindSporeCheckpoint, write_ckpt
 from dinb.checkpoint.stored import OpenFiles, StoredTensor
@@ -192,10 +200,6 @@ class DistributedCheckpoint:
             )
         return pieces
 
-    def needed_ranks(self, target: Mapping[str, Box]) -> list[int]:
-        """Source ranks whose files are read to fill ``target`` ({name: box})."""
-        return sorted({r for name, box in target.items() for r, _ in self.plan(name, box)})
-
     def read_boxes(self, target: Mapping[str, Box], show_progress: bool | None = None,
                    desc: str = "load") -> dict[str, np.ndarray]:
         """Read ``{name: box}``; each result holds exactly that part of the full tensor."""
@@ -287,11 +291,8 @@ def _local(piece: Box, held: Box) -> Box:
 
 def _full_shape(item: ParamLayout, stored: tuple[int, ...]) -> tuple[int, ...]:
     full = [s * item.layout.parts(a) if a < item.layout.rank else s for a, s in enumerate(stored)]
-    size = item.opt_weight_shard_size
-    if size == -1:
-        size = math.prod(item.layout.dim_size(d) for d in item.layout.replica_dims)
-    if size > 1 and full:
-        full[0] *= size
+    if full:
+        full[0] *= opt_shard_size(item)
     return tuple(full)
 
 

@@ -21,7 +21,8 @@ import math
 import os
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -66,14 +67,14 @@ class StoredTensor:
     shape: tuple[int, ...]
     segments: tuple[tuple[int, int], ...]  # (file offset, byte count), in content order
     tile_crc32: tuple[int, ...] = ()
-    _starts: list[int] = field(default_factory=list, repr=False, compare=False)
+
+    @cached_property
+    def _starts(self) -> list[int]:
+        """Offset of each segment within the content."""
+        return [sum(n for _, n in self.segments[:i]) for i in range(len(self.segments))]
 
     def __post_init__(self) -> None:
-        acc, starts = 0, []
-        for _, n in self.segments:
-            starts.append(acc)
-            acc += n
-        self._starts.extend(starts)
+        acc = sum(n for _, n in self.segments)
         expected = math.prod(self.shape) * self.dtype.itemsize
         if acc != expected:
             raise CheckpointError(
