@@ -99,6 +99,9 @@ class RankCluster:
             self._cluster = ipp.Cluster(n=self.n, engines=self.engines, log_level=40)
             if self.engines == "mpi":
                 self._cluster.config.MPILauncher.mpi_cmd = [_mpiexec()]
+                # mpiexec would otherwise kill every rank when one dies, and the rank at fault
+                # could no longer be told from the others; stop()/restart() end the rest
+                self._cluster.config.MPILauncher.mpi_args = ["-disable-auto-cleanup"]
             self._cluster.start_cluster_sync()
             self._client = self._cluster.connect_client_sync()
             self._client.wait_for_engines(self.n, timeout=self.init_timeout_s, interactive=False)
