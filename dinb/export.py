@@ -136,6 +136,7 @@ def export_distributed(
     n = strategy.device_num
 
     program, out_meta = build_program(model, param_specs, strategy, input_specs, platforms)
+    from jax import __version__ as jax_version
     in_layouts = input_layouts(strategy, input_specs)
     names = [s.name for s in model.input_specs()]
     in_meta = [TensorMeta(names[i] if i < len(names) else f"input_{i}", s, d, lay)
@@ -149,6 +150,7 @@ def export_distributed(
         slices = slices_of(rank)
         meta = {
             "dinb_version": __version__,
+            "jax_version": jax_version,
             "model": model.name,
             "model_config": model.config(),
             "rank": rank,

@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # jax is imported lazily: a rank must configure it before the
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MapEntry = int | tuple[int, ...]
+MAX_DEVICES = 1 << 20  # more ranks than any job has: a layout claiming more comes from a damaged file
 
 
 def _divisors(n: int) -> list[int]:
@@ -60,16 +61,26 @@ class Layout:
     tensor_map: tuple[MapEntry, ...]
 
     def __init__(self, dev_matrix: Sequence[int], tensor_map: Sequence[MapEntry | Sequence[int]]):
-        dm = tuple(int(d) for d in dev_matrix)
+        dm = tuple(_as_int(d, "dev_matrix entry") for d in dev_matrix)
         tm = tuple(_normalize_entry(e) for e in tensor_map)
         object.__setattr__(self, "dev_matrix", dm)
         object.__setattr__(self, "tensor_map", tm)
         self._validate()
 
     def _validate(self) -> None:
+        if len(self.dev_matrix) > 64 or len(self.tensor_map) > 64:
+            raise LayoutError(
+                f"a layout with {len(self.dev_matrix)} device dimensions and {len(self.tensor_map)} tensor "
+                "axes; dinb handles at most 64 of each (is the strategy file damaged?)"
+            )
         if not self.dev_matrix or any(d < 1 for d in self.dev_matrix):
             raise LayoutError(
                 f"dev_matrix {list(self.dev_matrix)} must be a non-empty list of positive sizes"
+            )
+        if self.device_num > MAX_DEVICES:
+            raise LayoutError(
+                f"dev_matrix {list(self.dev_matrix)} spans {self.device_num} devices; dinb handles at most "
+                f"{MAX_DEVICES} (is the strategy file damaged?)"
             )
         k = len(self.dev_matrix)
         used: list[int] = []
@@ -300,13 +311,20 @@ class Layout:
         return f"Layout(dev_matrix={list(self.dev_matrix)}, tensor_map={_map_list(self.tensor_map)})"
 
 
+def _as_int(value: Any, what: str) -> int:
+    """An integer (numpy integers too); anything else (a float, a string) is a LayoutError."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise LayoutError(f"{what} {value!r} must be an integer")
+    return int(value)
+
+
 def _normalize_entry(e: Any) -> MapEntry:
     if isinstance(e, (list, tuple)):
-        dims = tuple(int(d) for d in e)
-        if any(d < 0 for d in dims):
-            raise LayoutError(f"nested tensor_map entry {list(dims)} may not contain -1")
+        dims = tuple(_as_int(d, "tensor_map entry") for d in e)
+        if not dims or any(d < 0 for d in dims):
+            raise LayoutError(f"nested tensor_map entry {list(dims)} must list device dimensions (no -1)")
         return dims[0] if len(dims) == 1 else dims
-    return int(e)
+    return _as_int(e, "tensor_map entry")
 
 
 def _dims(e: MapEntry) -> tuple[int, ...]:

@@ -1,7 +1,7 @@
 """The slice file: everything rank r needs, in one safetensors file (``{model}{r}.dinb``).
 
-It is the analogue of MindSpore's ``Matmul0.mindir``. Format (plain safetensors, so
-``safetensors.safe_open`` reads it and loading never runs code):
+It is the analogue of MindSpore's ``Matmul0.mindir``. Format (plain safetensors, see
+:mod:`dinb.formats.safetensors`; any safetensors reader opens it and loading never runs code):
 
 * tensor ``param/<name>``: rank r's slice of parameter ``<name>`` under its layout;
 * tensor ``program``: uint8 bytes of the serialized ``jax.export`` SPMD program (identical in
@@ -10,12 +10,16 @@ It is the analogue of MindSpore's ``Matmul0.mindir``. Format (plain safetensors,
   ``model``, ``rank``, ``world_size``, ``export_id`` (shared by the files of one export),
   ``platforms``, ``inputs``/``outputs`` (name, shape, dtype, layout), ``params`` (full shape,
   dtype, layout, the slice bounds and a sha256 per tensor) and ``program`` (sha256, bytes).
+
+Reading checks the header field by field before any tensor is read (a damaged file is a
+:class:`SliceFileError` naming the file and the field), then reads the tensors with one open.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from dinb.errors import SliceFileError
-from dinb.layout import Layout
+from dinb.errors import DinbError, SliceFileError
+from dinb.formats import safetensors as st
+from dinb.formats.untrusted import Fields
+from dinb.layout import MAX_DEVICES, Layout
 
 FORMAT = "dinb-slice"
 FORMAT_VERSION = 1
@@ -101,63 +107,116 @@ class SliceFile:
 def write_slice_file(path: Path, meta: dict[str, Any], params: dict[str, np.ndarray],
                      program: bytes) -> Path:
     """Write one rank's slice file; checksums are computed here and stored in ``meta``."""
-    from safetensors.numpy import save_file
-
     meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION)
     prog = np.frombuffer(program, dtype=np.uint8)
     meta["program"] = {"sha256": sha256(prog), "nbytes": len(program)}
     meta["params"] = {n: dict(meta["params"][n], sha256=sha256(a)) for n, a in params.items()}
-    tensors = {PARAM_PREFIX + n: np.ascontiguousarray(a) for n, a in params.items()}
+    tensors = {PARAM_PREFIX + n: a for n, a in params.items()}
     tensors[PROGRAM_KEY] = prog
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"dinb": json.dumps(meta)})
-    tmp.replace(path)  # a crash mid-write never leaves a half file under the real name
-    return path
+    return st.write_file(path, tensors, {"dinb": json.dumps(meta)})
 
 
-def _open(path: Path) -> Any:
-    """``safe_open`` the file, turning a missing or unreadable header into a SliceFileError."""
-    from safetensors import safe_open
-
-    _exists(path)
-    try:
-        return safe_open(str(path), framework="numpy")
-    except Exception as e:  # safetensors raises its own error type for bad headers
-        raise SliceFileError(
-            f"{path}: not a readable slice file ({e}); it may be truncated or not a dinb export. "
-            "Export the model again (python -m dinb export ...)."
-        ) from None
-
-
-def _meta_of(path: Path, handle: Any) -> dict[str, Any]:
-    raw = (handle.metadata() or {}).get("dinb")
-    if raw is None:
+def _header(path: Path) -> tuple[st.Header, dict[str, Any]]:
+    """The file's safetensors header and its checked dinb metadata."""
+    header = st.read_header(path, SliceFileError, "slice file")
+    if "dinb" not in header.metadata:
         raise SliceFileError(f"{path}: a safetensors file without dinb metadata; not a slice file")
-    meta = json.loads(raw)
+    check = Fields(SliceFileError, str(path))
+    meta = check.obj(check.json(header.metadata["dinb"], "the dinb metadata"), "the dinb metadata")
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise SliceFileError(
             f"{path}: format {meta.get('format')!r} version {meta.get('format_version')!r}; this "
             f"dinb reads {FORMAT!r} version {FORMAT_VERSION}. Re-export with this dinb version."
         )
-    return meta
+    _check_meta(check, meta, header)
+    return header, meta
+
+
+def _check_meta(check: Fields, meta: dict[str, Any], header: st.Header) -> None:
+    """Every field a reader of the metadata uses, checked against the file's own tensors."""
+    for key in ("model", "export_id"):
+        check.get(meta, key, "metadata", str)
+    world = check.int(check.get(meta, "world_size", "metadata", int), "world_size", 1)
+    rank = check.int(check.get(meta, "rank", "metadata", int), "rank", 0)
+    if rank >= world or world > MAX_DEVICES:
+        check.fail(f"rank {rank} of a world of {world} ranks; the file is damaged")
+    check.obj(meta.get("model_config", {}), "model_config")
+    for i, p in enumerate(check.get(meta, "platforms", "metadata", list, [])):
+        check.check(p, f"platforms[{i}]", str)
+    for role in ("inputs", "outputs"):
+        for i, d in enumerate(check.get(meta, role, "metadata", list)):
+            where = f"{role}[{i}]"
+            d = check.obj(d, where)
+            check.get(d, "name", where, str)
+            _tensor_layout(check, d, where, world).check_shape(d["shape"], where)
+    params = check.obj(check.get(meta, "params", "metadata", dict), "params")
+    for name, d in params.items():
+        where = f"parameter {name!r} (rank {rank})"
+        d = check.obj(d, where)
+        layout = _tensor_layout(check, d, where, world)
+        check.get(d, "sha256", where, str)
+        try:
+            want = [[sl.start, sl.stop] for sl in layout.slice_of(rank, d["shape"], name)]
+        except DinbError as e:
+            check.fail(f"{where}: {e}")
+        if check.get(d, "slice", where, list) != want:
+            check.fail(f"{where}: slice {d['slice']} is not what its layout gives rank {rank} ({want})")
+        entry = header.entries.get(PARAM_PREFIX + name)
+        shape = tuple(b - a for a, b in want)
+        if entry is None or entry.shape != shape or str(entry.dtype) != d["dtype"]:
+            found = "no tensor" if entry is None else f"{entry.dtype}{list(entry.shape)}"
+            check.fail(f"{where}: the file holds {found} for it, the metadata says {d['dtype']}{list(shape)}")
+    program = check.obj(check.get(meta, "program", "metadata", dict), "program")
+    check.get(program, "sha256", "program", str)
+    nbytes = check.int(check.get(program, "nbytes", "program", int), "program.nbytes", 0)
+    entry = header.entries.get(PROGRAM_KEY)
+    if entry is None or entry.shape != (nbytes,) or entry.dtype != np.uint8:
+        check.fail(f"the program tensor is missing or is not {nbytes} bytes of uint8")
+
+
+def _tensor_layout(check: Fields, d: dict[str, Any], where: str, world: int) -> Layout:
+    """Check a tensor record's ``shape``, ``dtype`` and ``layout`` (over ``world`` ranks)."""
+    check.shape(check.get(d, "shape", where, list), f"{where}.shape")
+    dtype = check.get(d, "dtype", where, str)
+    if dtype not in st.DTYPES:
+        check.fail(f"{where}.dtype {dtype!r} is not one of {sorted(st.DTYPES)}")
+    lay = check.obj(check.get(d, "layout", where, dict), f"{where}.layout")
+    try:
+        layout = Layout(check.get(lay, "dev_matrix", f"{where}.layout", list),
+                        check.get(lay, "tensor_map", f"{where}.layout", list))
+    except DinbError as e:
+        check.fail(f"{where}.layout: {e}")
+    if layout.device_num != world:
+        check.fail(f"{where}.layout spans {layout.device_num} ranks, the export {world}")
+    return layout
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
-    """Only the header of a slice file (cheap: no tensor bytes are read)."""
-    path = Path(path)
-    with _open(path) as f:
-        return _meta_of(path, f)
+    """Only the header of a slice file (cheap: no tensor bytes are read), checked."""
+    return _header(Path(path))[1]
+
+
+def _read(path: Path, params: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The checked metadata and the program (plus, with ``params``, every parameter slice)."""
+    header, meta = _header(path)
+    names = [PARAM_PREFIX + n for n in meta["params"]] if params else []
+    names.append(PROGRAM_KEY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise SliceFileError(f"slice file {path} cannot be read ({e.strerror or e})") from None
+    try:
+        arrays = {n: st.read_tensor(fd, header.entries[n], path, SliceFileError) for n in names}
+    finally:
+        os.close(fd)
+    return meta, arrays
 
 
 def read_program(path: str | Path) -> tuple[dict[str, Any], bytes]:
     """The header and the serialized program of a slice file, without its parameters."""
     path = Path(path)
-    with _open(path) as f:
-        meta = _meta_of(path, f)
-        try:
-            program = f.get_tensor(PROGRAM_KEY)
-        except Exception as e:
-            raise SliceFileError(f"{path}: the program is unreadable ({e}); export the model again") from None
+    meta, arrays = _read(path, params=False)
+    program = arrays[PROGRAM_KEY]
     if sha256(program) != meta["program"]["sha256"]:
         raise SliceFileError(f"{path}: the program fails its checksum; the file is corrupted")
     return meta, program.tobytes()
@@ -166,17 +225,10 @@ def read_program(path: str | Path) -> tuple[dict[str, Any], bytes]:
 def read_slice_file(path: str | Path, verify: bool = True) -> SliceFile:
     """Open one rank's slice file (once), read its tensors and check every checksum."""
     path = Path(path)
-    with _open(path) as f:
-        meta = _meta_of(path, f)
-        rank = meta.get("rank")
-        try:
-            params = {n: f.get_tensor(PARAM_PREFIX + n) for n in meta["params"]}
-            program = f.get_tensor(PROGRAM_KEY)
-        except Exception as e:
-            raise SliceFileError(
-                f"{path} (rank {rank}): tensor data unreadable ({e}); the file is truncated or "
-                "damaged. Export the model again."
-            ) from None
+    meta, arrays = _read(path, params=True)
+    rank = meta["rank"]
+    params = {n[len(PARAM_PREFIX):]: a for n, a in arrays.items() if n.startswith(PARAM_PREFIX)}
+    program = arrays[PROGRAM_KEY]
     if verify:
         for name, arr in params.items():
             if sha256(arr) != meta["params"][name]["sha256"]:
@@ -231,7 +283,3 @@ def find_slice_files(model_dir: str | Path) -> dict[int, Path]:
         )
     return by_rank
 
-
-def _exists(path: Path) -> None:
-    if not path.is_file():
-        raise SliceFileError(f"slice file {path} does not exist")

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dinb.errors import DinbError, StrategyError
+from dinb.formats import strategy_pb
+from dinb.formats.untrusted import Fields
 from dinb.layout import Layout
 
 if TYPE_CHECKING:
@@ -189,42 +191,40 @@ class Strategy(Mapping[str, Layout]):
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any], source: str = "strategy") -> Strategy:
+    def from_json(cls, data: Any, source: str = "strategy") -> Strategy:
         """Parse MindSpore's JSON strategy schema; errors name ``source`` and the field."""
+        check = Fields(StrategyError, source)
+        data = check.obj(data, "the strategy")
         if "parallel_layout_item" not in data:
-            raise StrategyError(
-                f"{source}: no 'parallel_layout_item' key; is this a MindSpore/dinb strategy file?"
-            )
-        stage = int(data.get("current_stage", 0))
+            check.fail("no 'parallel_layout_item' key; is this a MindSpore/dinb strategy file?")
+        stage = check.int(data.get("current_stage", 0), "current_stage", minimum=0)
+        items = check.obj(data["parallel_layout_item"], "parallel_layout_item")
         params: dict[str, ParamLayout] = {}
-        for name, item in data["parallel_layout_item"].items():
-            try:
-                layout = Layout(item["dev_matrix"], item["tensor_map"])
-                shape = tuple(int(s) for s in item.get("tensor_shape") or ()) or None
-                params[name] = ParamLayout(
-                    layout,
-                    shape,
-                    stage,
-                    int(item.get("field", 0)),
-                    int(item.get("opt_weight_shard_step", 0)),
-                    int(item.get("opt_weight_shard_size", 0)),
-                )
-            except KeyError as e:
-                raise StrategyError(f"{source}: parameter {name!r} lacks field {e.args[0]!r}") from None
-            except DinbError as e:
-                raise StrategyError(f"{source}: parameter {name!r}: {e}") from None
-        extra = data.get("dinb", {})
-        inputs = [Layout.from_json(d) for d in extra.get("inputs", [])]
-        outputs = [Layout.from_json(d) for d in extra.get("outputs", [])]
-        return cls(params, inputs, outputs)
+        for name, item in items.items():
+            where = f"parameter {name!r}"
+            item = check.obj(item, where)
+            layout = _layout(check, item, where)
+            shape = check.shape(check.get(item, "tensor_shape", where, list, []), f"{where}.tensor_shape")
+            params[name] = ParamLayout(
+                layout, shape or None, stage,
+                *(check.int(check.get(item, key, where, int, 0), f"{where}.{key}")
+                  for key in ("field", "opt_weight_shard_step", "opt_weight_shard_size")),
+            )
+        extra = check.obj(data.get("dinb", {}), "dinb")
+        inputs = [_layout(check, check.obj(d, f"dinb.inputs[{i}]"), f"dinb.inputs[{i}]")
+                  for i, d in enumerate(check.get(extra, "inputs", "dinb", list, []))]
+        outputs = [_layout(check, check.obj(d, f"dinb.outputs[{i}]"), f"dinb.outputs[{i}]")
+                   for i, d in enumerate(check.get(extra, "outputs", "dinb", list, []))]
+        try:
+            return cls(params, inputs, outputs)
+        except DinbError as e:
+            raise StrategyError(f"{source}: {e}") from None
 
     def save(self, path: str | Path) -> Path:
         """Write the strategy file: JSON when the name ends in ``.json``, else MindSpore's protobuf."""
         path = Path(path)
         if path.suffix != ".json":
-            from dinb.checkpoint.mindspore import strategy_to_pb
-
-            path.write_bytes(strategy_to_pb(self))
+            path.write_bytes(strategy_pb.serialize(self.to_json()))
             return path
         path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
         return path
@@ -234,18 +234,16 @@ class Strategy(Mapping[str, Layout]):
         """Read a strategy file as MindSpore does: JSON when named ``*.json``, else protobuf."""
         path = Path(path)
         try:
-            if path.suffix != ".json":
-                from dinb.checkpoint.mindspore import parse_strategy_pb
-
-                return parse_strategy_pb(path.read_bytes(), source=str(path))
-            data = json.loads(path.read_text())
+            raw = path.read_bytes()
         except FileNotFoundError:
             raise StrategyError(f"strategy file {path} does not exist") from None
-        except json.JSONDecodeError as e:
-            raise StrategyError(
-                f"strategy file {path} is not valid JSON ({e}); dinb reads MindSpore's JSON schema"
-            ) from None
-        return cls.from_json(data, source=str(path))
+        except OSError as e:
+            raise StrategyError(f"strategy file {path} cannot be read ({e.strerror or e})") from None
+        if path.suffix != ".json":
+            return cls.from_json(strategy_pb.parse(raw, source=str(path)), source=str(path))
+        check = Fields(StrategyError, f"strategy file {path}")
+        return cls.from_json(check.json(raw, "the file (dinb reads MindSpore's JSON schema)"),
+                             source=str(path))
 
     def __repr__(self) -> str:
         body = ", ".join(f"{n!r}: {p.layout!r}" for n, p in self.items_)
@@ -277,3 +275,15 @@ def infer_predict_layout(
 
 def _is_spec(d: Any) -> bool:
     return isinstance(d, tuple) and len(d) == 2 and isinstance(d[0], (tuple, list))
+
+
+def _layout(check: Fields, d: dict[str, Any], where: str) -> Layout:
+    """The layout in a JSON record: ``dev_matrix`` and ``tensor_map`` lists, checked."""
+    dev_matrix = check.get(d, "dev_matrix", where, list)
+    tensor_map = check.get(d, "tensor_map", where, list)
+    for i, e in enumerate(tensor_map):
+        check.check(e, f"{where}.tensor_map[{i}]", (int, list))
+    try:
+        return Layout(dev_matrix, tensor_map)
+    except DinbError as e:
+        check.fail(f"{where}: {e}")

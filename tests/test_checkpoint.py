@@ -15,6 +15,7 @@ from dinb.checkpoint import (
     DistributedCheckpoint,
     MindSporeCheckpoint,
     build_searched_strategy,
+    load_checkpoint,
     load_distributed_checkpoint,
     merge_sliced_parameter,
     rank_list_for_transform,
@@ -75,6 +76,24 @@ def test_writes_mindspore_files_byte_for_byte(tmp_path):
     strategy = build_searched_strategy(str(TRAIN))
     strategy.save(tmp_path / "s.ckpt")
     assert filecmp.cmp(tmp_path / "s.ckpt", TRAIN, shallow=False)
+
+
+def test_string_records_load_as_mindspore_loads_them(tmp_path):
+    """save_checkpoint(..., append_dict={"note": "hi"}) writes "str" records: they load as str."""
+    want = json.loads((MS / "expected.json").read_text())["load_checkpoint"]["with_strings.ckpt"]
+    got = load_checkpoint(MS / "with_strings.ckpt")
+    assert list(got) == list(want)
+    for name, w in want.items():
+        if isinstance(w, str):
+            assert got[name] == w, name
+        else:
+            assert str(got[name].dtype) == w["dtype"].lower() and list(got[name].shape) == w["shape"], name
+            np.testing.assert_array_equal(got[name].reshape(-1), np.array(w["values"], got[name].dtype))
+    assert got["note"] == "hi" and got["label"] == "distribución 分布式" and got["step"].shape == ()
+    write_ckpt(tmp_path / "again.ckpt", got)  # strings and 0-d tensors are written as MindSpore does
+    assert filecmp.cmp(tmp_path / "again.ckpt", MS / "with_strings.ckpt", shallow=False)
+    ck = DistributedCheckpoint([MS / "with_strings.ckpt"])  # strings are not parameters
+    assert ck.names() == ["dense.weight", "step", "epoch_num", "lr"]
 
 
 def test_reads_mindspore_strategy_fields():
@@ -272,7 +291,7 @@ def test_corrupted_truncated_and_wrong_dtype_files(saved, tmp_path):
 
 
 def test_large_tensors_split_over_records_read_back(tmp_path, monkeypatch):
-    import dinb.checkpoint.mindspore as msf
+    import dinb.checkpoint.ckpt_file as msf
 
     monkeypatch.setattr(msf, "SLICE_BYTES", 256)  # force MindSpore's multi-record form
     w = np.arange(40 * 6, dtype=np.float32).reshape(40, 6)

@@ -126,20 +126,35 @@ def test_rank_count_does_not_match_slices(matmul2):
 
 
 def test_program_for_n_devices_run_on_m(matmul2, tmp_path_factory):
-    """A file claiming another world size than its program still cannot run on the wrong count."""
+    """A file lying about its world size is caught by its header; a program swapped in from a
+    2-rank export still cannot run on 1 rank."""
     import json
 
     from safetensors import safe_open
     from safetensors.numpy import save_file
 
-    src = matmul2 / "matmul0.dinb"
-    with safe_open(str(src), framework="numpy") as f:
-        meta = json.loads(f.metadata()["dinb"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    meta["world_size"] = 1
+    def rewrite(src, dst, **change):
+        with safe_open(str(src), framework="numpy") as f:  # dinb's files are plain safetensors
+            meta = json.loads(f.metadata()["dinb"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        for key, value in change.items():
+            (tensors if key == "program" else meta)[key] = value
+        if "program" in change:
+            meta["program"] = {"sha256": dinb.slicefile.sha256(change["program"]),
+                               "nbytes": len(change["program"])}
+        save_file(tensors, str(dst), metadata={"dinb": json.dumps(meta)})
+
     lone = tmp_path_factory.mktemp("lone")
-    save_file(tensors, str(lone / "matmul0.dinb"), metadata={"dinb": json.dumps(meta)})
+    rewrite(matmul2 / "matmul0.dinb", lone / "matmul0.dinb", world_size=1)
     simulated(1)
+    with pytest.raises(SliceFileError, match=r"matmul0.dinb: inputs\[0\].layout spans 2 ranks, the export 1"):
+        Model().build_from_file(lone / "matmul0.dinb")
+
+    one = tmp_path_factory.mktemp("one")
+    m = MatMulNeg()
+    export_distributed(m, m.init_params(), m.strategy(1), [np.ones((128, 96), np.float32)], one)
+    program = np.frombuffer(dinb.slicefile.read_program(matmul2 / "matmul0.dinb")[1], np.uint8)
+    rewrite(one / "matmul0.dinb", lone / "matmul0.dinb", program=program)
     with pytest.raises(RankMismatchError, match="exported for 2 devices but this job has 1"):
         Model().build_from_file(lone / "matmul0.dinb")
 

@@ -6,7 +6,8 @@ Needs MindSpore (CPU), which dinb itself never imports::
     /tmp/msvenv/bin/python tools/make_mindspore_fixtures.py
 
 Everything in the fixture directory is written by MindSpore's own code: the full checkpoint by
-``save_checkpoint``, the strategy files by MindSpore's ``node_strategy_pb2`` protobuf classes, the
+``save_checkpoint`` (and ``with_strings.ckpt``, with string records from ``append_dict``), the
+strategy files by MindSpore's ``node_strategy_pb2`` protobuf classes, the
 per-rank slices and every resharded result by ``transform_checkpoints`` /
 ``transform_checkpoint_by_rank``, the merged weights by ``merge_sliced_parameter``, the rank lists by
 ``rank_list_for_transform``. ``expected.json`` records the answers the tests compare dinb against.
@@ -107,6 +108,24 @@ def _np(p) -> np.ndarray:
     return p.data.asnumpy()
 
 
+# values saved beside the weights by save_checkpoint(..., append_dict=...): strings and scalars
+APPENDED = {"note": "hi", "label": "distribución 分布式", "epoch_num": 3, "lr": 0.01}
+
+
+def write_strings_fixture(full: dict[str, np.ndarray]) -> dict:
+    """A checkpoint with string records; returns what MindSpore's load_checkpoint gives for it."""
+    path = OUT / "with_strings.ckpt"
+    ms.save_checkpoint(
+        [{"name": "dense.weight", "data": ms.Tensor(full["dense.weight"])},
+         {"name": "step", "data": ms.Tensor(np.array(7, np.int32))}],
+        str(path), append_dict=APPENDED,
+    )
+    loaded = ms.load_checkpoint(str(path))
+    return {n: v if isinstance(v, str) else {"dtype": str(v.dtype), "shape": list(v.shape),
+                                             "values": _np(v).reshape(-1).tolist()}
+            for n, v in loaded.items()}
+
+
 def main() -> None:
     if OUT.exists():
         shutil.rmtree(OUT)
@@ -153,6 +172,7 @@ def main() -> None:
         1, files, str(OUT / "by_rank" / "predict2_rank1.ckpt"), strategies["train4"], strategies["predict2"]
     )
     expected["dtypes"] = {n: str(PARAMS[n][1]) for n in PARAMS}
+    expected["load_checkpoint"] = {"with_strings.ckpt": write_strings_fixture(full)}
     (OUT / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
     np.savez(OUT / "full_params.npz", **full)
     print(json.dumps(expected, indent=1))

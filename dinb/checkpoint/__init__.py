@@ -4,11 +4,18 @@
 rank's slices for another layout or rank count, touching only the bytes that rank needs;
 ``transform_checkpoints`` does the same offline for every rank. MindSpore ``.ckpt`` and
 protobuf strategy files are read and written directly.
+
+Modules: ``boxes`` (which part of a tensor a rank holds), ``stored`` (reading a box of a stored
+tensor), ``dinbfile`` and ``ckpt_file`` (dinb's and MindSpore's file formats), ``distributed``
+(the index of a checkpoint's rank files and its read plans), ``mindspore_api`` (the functions
+with MindSpore's names).
 """
 
-from dinb.checkpoint.mindspore import MindSporeCheckpoint, write_ckpt
-from dinb.checkpoint.reshard import (
-    DistributedCheckpoint,
+from dinb.checkpoint.ckpt_file import MindSporeCheckpoint, write_ckpt
+from dinb.checkpoint.distributed import DistributedCheckpoint
+from dinb.checkpoint.mindspore_api import (
+    build_searched_strategy,
+    load_checkpoint,
     load_distributed_checkpoint,
     merge_sliced_parameter,
     rank_list_for_transform,
@@ -16,16 +23,9 @@ from dinb.checkpoint.reshard import (
     transform_checkpoint_by_rank,
     transform_checkpoints,
 )
-from dinb.strategy import Strategy
-
-
-def build_searched_strategy(strategy_filename: str) -> Strategy:
-    """Read a strategy file (MindSpore's name): JSON when ``*.json``, protobuf otherwise."""
-    return Strategy.load(strategy_filename)
-
 
 __all__ = [
-    "DistributedCheckpoint", "MindSporeCheckpoint", "build_searched_strategy",
+    "DistributedCheckpoint", "MindSporeCheckpoint", "build_searched_strategy", "load_checkpoint",
     "load_distributed_checkpoint", "merge_sliced_parameter", "rank_list_for_transform",
     "save_checkpoint", "transform_checkpoint_by_rank", "transform_checkpoints", "write_ckpt",
 ]

@@ -9,43 +9,31 @@ The header's ``__metadata__["dinb"]`` is JSON::
                        "tile_crc32": [...]}}}
 
 so each file says which part of which full tensor it holds, and a reader needs neither the
-strategy nor any other rank's file to know it. Any safetensors reader opens these files.
+strategy nor any other rank's file to know it. Any safetensors reader opens these files. Every
+field is checked when the file is opened (:class:`DinbRankFile`): a box inside the full shape and
+of the stored tensor's shape, one checksum per tile.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import struct
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dinb.checkpoint.boxes import Box
-from dinb.checkpoint.stored import StoredTensor, tile_crcs
+from dinb.checkpoint.boxes import Box, box_shape
+from dinb.checkpoint.stored import StoredTensor, tile_crcs, tile_grid
 from dinb.errors import CheckpointError
+from dinb.formats import safetensors as st
+from dinb.formats.untrusted import Fields
+from dinb.layout import MAX_DEVICES
 
 FORMAT = "dinb-checkpoint"
 FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
-
-_ST_DTYPES = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
-    "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
-}
-_NP_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
-
-
-def np_dtype(name: str) -> np.dtype:
-    """numpy dtype for a dtype name, bfloat16 included (through ml_dtypes, which JAX ships)."""
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 def rank_file(out_dir: Path, prefix: str, rank: int) -> Path:
@@ -57,34 +45,14 @@ def write_rank_file(
     world_size: int,
 ) -> Path:
     """Write one rank's slices with their records (shape, box, layout); adds the tile checksums."""
-    header: dict[str, Any] = {}
-    params: dict[str, Any] = {}
-    offset = 0
-    arrays = {}
+    params = {}
     for name, arr in slices.items():
-        arr = np.ascontiguousarray(arr)
-        dt = str(arr.dtype)
-        if dt not in _ST_DTYPES:
-            raise CheckpointError(f"parameter {name!r}: dtype {dt} cannot be stored in a checkpoint")
-        header[name] = {"dtype": _ST_DTYPES[dt], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + arr.nbytes]}
-        params[name] = {**records[name], "dtype": dt, "tile_crc32": tile_crcs(arr)}
-        offset += arr.nbytes
-        arrays[name] = arr
+        if str(arr.dtype) not in st.DTYPES:
+            raise CheckpointError(f"parameter {name!r}: dtype {arr.dtype} cannot be stored in a checkpoint")
+        params[name] = {**records[name], "dtype": str(arr.dtype), "tile_crc32": tile_crcs(arr)}
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "rank": rank,
             "world_size": world_size, "params": params}
-    header["__metadata__"] = {"dinb": json.dumps(meta, separators=(",", ":"))}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # safetensors aligns the data to 8 bytes
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for arr in arrays.values():
-            f.write(memoryview(arr.reshape(-1).view(np.uint8)))
-    os.replace(tmp, path)
-    return path
+    return st.write_file(path, slices, {"dinb": json.dumps(meta, separators=(",", ":"))})
 
 
 class DinbRankFile:
@@ -92,47 +60,49 @@ class DinbRankFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                if n > size - 8 or n > 100 * 2**20:
-                    raise ValueError("header length beyond the file")
-                header = json.loads(f.read(n))
-            meta = json.loads(header["__metadata__"]["dinb"])
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"format is {meta.get('format')!r}")
-        except FileNotFoundError:
-            raise CheckpointError(f"checkpoint file {self.path} does not exist") from None
-        except (ValueError, KeyError, struct.error, TypeError) as e:
-            raise CheckpointError(
-                f"{self.path} is not a dinb checkpoint file ({e}); it may be truncated, or written "
-                "by another tool (MindSpore .ckpt files are read by name ending in .ckpt)"
-            ) from None
-        self.rank = int(meta["rank"])
-        self.world_size = int(meta["world_size"])
-        self.records: dict[str, dict[str, Any]] = meta["params"]
-        data_start = 8 + n
+        header = st.read_header(self.path, CheckpointError, "dinb checkpoint file")
+        check = Fields(CheckpointError, str(self.path))
+        if "dinb" not in header.metadata:
+            check.fail("not a dinb checkpoint file (no dinb metadata); it may be written by another tool "
+                       "(MindSpore .ckpt files are read by name ending in .ckpt)")
+        meta = check.obj(check.json(header.metadata["dinb"], "the dinb metadata"), "the dinb metadata")
+        if meta.get("format") != FORMAT:
+            check.fail(f"format is {meta.get('format')!r}, not {FORMAT!r}; not a dinb checkpoint file")
+        self.world_size = check.int(check.get(meta, "world_size", "metadata", int), "world_size", 1)
+        self.rank = check.int(check.get(meta, "rank", "metadata", int), "rank", 0)
+        if self.rank >= self.world_size or self.world_size > MAX_DEVICES:
+            check.fail(f"rank {self.rank} of a world of {self.world_size} ranks; the file is damaged")
+        params = check.obj(check.get(meta, "params", "metadata", dict), "params")
+        self.records: dict[str, dict[str, Any]] = {}
         self.tensors: dict[str, StoredTensor] = {}
-        for name, rec in self.records.items():
-            entry = header.get(name)
+        self._boxes: dict[str, Box] = {}
+        for name, rec in params.items():
+            where = f"parameter {name!r} (rank {self.rank})"
+            rec = check.obj(rec, where)
+            entry = header.entries.get(name)
             if entry is None:
-                raise CheckpointError(f"{self.path}: metadata lists {name!r} but the file has no such tensor")
-            b, e = entry["data_offsets"]
-            if data_start + e > size:
-                raise CheckpointError(
-                    f"{self.path}: file ends inside tensor {name!r} (rank {self.rank}); it is truncated"
-                )
-            if entry["dtype"] not in _NP_DTYPES:
-                raise CheckpointError(f"{self.path}: tensor {name!r} has unknown dtype {entry['dtype']!r}")
-            dtype = np_dtype(_NP_DTYPES[entry["dtype"]])
-            self.tensors[name] = StoredTensor(
-                self.path, name, dtype, tuple(entry["shape"]), ((data_start + b, e - b),),
-                tuple(rec.get("tile_crc32", ())),
-            )
+                check.fail(f"the metadata lists {name!r} but the file has no such tensor")
+            full = check.shape(check.get(rec, "shape", where, list), f"{where}.shape")
+            spans = [check.ints(b, f"{where}.box[{i}]", 0)
+                     for i, b in enumerate(check.get(rec, "box", where, list))]
+            if len(spans) != len(full) or any(len(b) != 2 or not b[0] <= b[1] <= s
+                                              for b, s in zip(spans, full)):
+                check.fail(f"{where}: box {[list(b) for b in spans]} is not a part of shape {list(full)}")
+            box: Box = tuple((b[0], b[1]) for b in spans)
+            if box_shape(box) != entry.shape:
+                check.fail(f"{where}: the tensor has shape {list(entry.shape)} but its box "
+                           f"{[list(b) for b in box]} has shape {list(box_shape(box))}")
+            crcs = check.ints(check.get(rec, "tile_crc32", where, list, []), f"{where}.tile_crc32", 0)
+            tiles = math.prod(tile_grid(entry.shape))
+            if crcs and len(crcs) != tiles:
+                check.fail(f"{where}: {len(crcs)} tile checksums for a tensor of {tiles} tiles")
+            self.records[name] = rec
+            self._boxes[name] = box
+            self.tensors[name] = StoredTensor(self.path, name, entry.dtype, entry.shape,
+                                              ((entry.offset, entry.nbytes),), crcs)
 
     def full_shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.records[name]["shape"])
 
     def box(self, name: str) -> Box:
-        return tuple((int(s), int(e)) for s, e in self.records[name]["box"])
+        return self._boxes[name]

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import configparser
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -32,10 +33,15 @@ def load_config(path: str | Path | None) -> RuntimeConfig:
     if path is None:
         return RuntimeConfig()
     path = Path(path)
-    parser = configparser.ConfigParser()
+    parser = configparser.ConfigParser(interpolation=None)
     try:
-        if not parser.read(path):
-            raise DinbError(f"config file {path} does not exist")
+        parser.read_string(path.read_text(encoding="utf-8"), source=str(path))
+    except FileNotFoundError:
+        raise DinbError(f"config file {path} does not exist") from None
+    except OSError as e:
+        raise DinbError(f"config file {path} cannot be read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise DinbError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
     except configparser.Error as e:
         raise DinbError(f"config file {path} is not a valid .ini file: {e}") from None
     known = {f.name: f.type for f in fields(RuntimeConfig)}
@@ -57,4 +63,6 @@ def load_config(path: str | Path | None) -> RuntimeConfig:
                     values[key] = parser.getfloat(section, key)
             except ValueError:
                 raise DinbError(f"config file {path}: {key} = {raw!r} is not a {known[key]}") from None
+            if key.endswith("_s") and not 0 < values[key] < math.inf:  # type: ignore[operator]
+                raise DinbError(f"config file {path}: {key} = {raw!r}; give a number of seconds above 0")
     return RuntimeConfig(**values)  # type: ignore[arg-type]

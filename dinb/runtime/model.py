@@ -147,7 +147,14 @@ class Model:
         first = next(iter(self._files.values()))
         self._inputs, self._outputs = first.inputs, first.outputs
         pmeta = first.param_meta()
-        exported = jax_export.deserialize(bytearray(first.program))
+        try:
+            exported = jax_export.deserialize(bytearray(first.program))
+        except Exception as e:  # flatbuffers or a JAX version that cannot read this serialization
+            raise SliceFileError(
+                f"{first.path}: the program cannot be read by jax {jax.__version__} ({type(e).__name__}: "
+                f"{e}); it was exported with jax {first.meta.get('jax_version', 'unknown')}. Export again "
+                "with this JAX."
+            ) from None
         if exported.nr_devices != job.world_size:
             raise RankMismatchError(
                 f"{first.path}: the program was exported for {exported.nr_devices} devices but "

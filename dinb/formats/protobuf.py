@@ -6,6 +6,11 @@ length-prefixed byte string (type 2), or 8/4 fixed bytes (types 1/5). :func:`fie
 message and yields ``(number, wire_type, value)``, where a length-delimited value is returned as
 ``(start, end)`` offsets into the buffer rather than a copy, so a multi-GiB checkpoint is walked
 through a memory map without reading its tensor bytes.
+
+The bytes come from outside: every offset is checked against the message's end before use, a
+field of the wrong wire type is a :class:`WireError` naming the field (:func:`expect`), and text
+is decoded strictly (:func:`text`). Readers turn a ``WireError`` into their own typed error
+naming the file and record.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ from collections.abc import Iterator
 from typing import Any
 
 VARINT, FIXED64, LEN, FIXED32 = 0, 1, 2, 5
+WIRE_NAMES = {VARINT: "varint", FIXED64: "fixed64", LEN: "length-delimited", FIXED32: "fixed32"}
 
 
 class WireError(ValueError):
-    """The bytes are not a well-formed protobuf message."""
+    """The bytes are not a well-formed protobuf message (or not the message expected)."""
 
 
 def read_varint(buf: Any, pos: int, end: int) -> tuple[int, int]:
@@ -30,38 +36,57 @@ def read_varint(buf: Any, pos: int, end: int) -> tuple[int, int]:
         pos += 1
         result |= (b & 0x7F) << shift
         if not b & 0x80:
+            if result >= 1 << 64:
+                raise WireError("varint larger than 64 bits")
             return result, pos
         shift += 7
-        if shift > 70:
+        if shift >= 70:
             raise WireError("varint longer than 10 bytes")
 
 
 def fields(buf: Any, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, Any]]:
     """Yield ``(field number, wire type, value)`` for each field of the message in ``buf[start:end]``.
 
-    Varints are returned as ``int``; length-delimited fields as ``(start, end)`` offsets.
+    Varints are returned as ``int``; length-delimited fields as ``(start, end)`` offsets; fixed
+    fields as their raw bytes.
     """
     end = len(buf) if end is None else end
     pos = start
     while pos < end:
         key, pos = read_varint(buf, pos, end)
         number, wire = key >> 3, key & 7
+        if number == 0:
+            raise WireError(f"field number 0 at byte {pos} (not a protobuf message)")
         if wire == VARINT:
             value, pos = read_varint(buf, pos, end)
         elif wire == LEN:
             n, pos = read_varint(buf, pos, end)
-            if pos + n > end:
+            if n > end - pos:
                 raise WireError(f"field {number} claims {n} bytes but the message ends {end - pos} bytes on")
             value, pos = (pos, pos + n), pos + n
-        elif wire == FIXED64:
-            value, pos = bytes(buf[pos : pos + 8]), pos + 8
-        elif wire == FIXED32:
-            value, pos = bytes(buf[pos : pos + 4]), pos + 4
+        elif wire in (FIXED64, FIXED32):
+            n = 8 if wire == FIXED64 else 4
+            if n > end - pos:
+                raise WireError(f"field {number} is cut short by the end of the message")
+            value, pos = bytes(buf[pos : pos + n]), pos + n
         else:
             raise WireError(f"unsupported wire type {wire} for field {number} at byte {pos}")
         yield number, wire, value
-    if pos != end:
-        raise WireError("message ends inside a field")
+
+
+def expect(wire: int, want: int, what: str) -> None:
+    """Raise :class:`WireError` unless a field has the wire type its schema gives it."""
+    if wire != want:
+        raise WireError(f"{what} is {WIRE_NAMES.get(wire, wire)}, expected {WIRE_NAMES[want]}")
+
+
+def text(buf: Any, span: tuple[int, int], what: str) -> str:
+    """The UTF-8 string at ``span``; bytes that are not UTF-8 are a :class:`WireError` naming ``what``."""
+    raw = bytes(buf[span[0] : span[1]])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise WireError(f"{what} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 4]!r})") from None
 
 
 def packed_or_single(buf: Any, wire: int, value: Any, signed: bool = False) -> list[int]:
@@ -74,7 +99,7 @@ def packed_or_single(buf: Any, wire: int, value: Any, signed: bool = False) -> l
             v, pos = read_varint(buf, pos, value[1])
             values.append(v)
     else:
-        raise WireError(f"expected an integer field, got wire type {wire}")
+        raise WireError(f"expected an integer field, got wire type {WIRE_NAMES.get(wire, wire)}")
     return [_signed(v) for v in values] if signed else values
 
 
