@@ -180,16 +180,27 @@ def launch(
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from dinb.export import export_distributed
     from dinb.models import MatMulNeg
-    from dinb.strategy import infer_predict_layout
 
     model = MatMulNeg()
     x = np.ones((128, 96), np.float32)
     out_root = Path(args.out or tempfile.mkdtemp(prefix="dinb-demo-"))
+    try:
+        return _demo(args, model, x, out_root)
+    finally:
+        if args.out is None:
+            shutil.rmtree(out_root, ignore_errors=True)
+            print(f"removed the demo's slice files from {out_root} (keep them with --out DIR)")
+
+
+def _demo(args: argparse.Namespace, model: Any, x: np.ndarray, out_root: Path) -> int:
+    from dinb.export import export_distributed
+    from dinb.strategy import infer_predict_layout
+
     strategies = model.strategy_names if args.strategy == "all" else (args.strategy,)
     print(f"dinb demo: the seeds' MatMul+Neg, y = -(x @ W), W = 0.5 (96x16), x = ones(128x96)\n"
-          f"expected: -48 everywhere; {args.ranks} real rank processes under mpiexec\n")
+          f"expected: -48 everywhere; {args.ranks} real rank processes under mpiexec; slice files "
+          f"in {out_root}\n")
     failed = 0
     for name in strategies:
         strategy = infer_predict_layout(model, x, device_num=args.ranks, strategy=name)
@@ -204,13 +215,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
             sys.stdout.write(proc.stderr)
             print(f"!! strategy {name} failed (exit code {proc.returncode})")
         print()
-    print(f"slice files are in {out_root}")
     return 1 if failed else 0
 
 
 def cmd_reshard(args: argparse.Namespace) -> int:
     from dinb.checkpoint import DistributedCheckpoint, transform_checkpoints
-    from dinb.checkpoint.reshard import as_strategy
+    from dinb.checkpoint.distributed import as_strategy
 
     src = DistributedCheckpoint(args.src, args.src_strategy)
     dst = as_strategy(args.dst_strategy)

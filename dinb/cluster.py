@@ -16,8 +16,10 @@ their own part) apart from the ranks waiting for them.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,6 +64,49 @@ def _alive(pid: int) -> bool:
         return True
 
 
+class DeathWatch:
+    """Notes the moment each rank's process exits, from a thread blocked on the processes' pidfds.
+
+    When rank 1 is killed in a collective, rank 0 dies some 100 ms later (gloo's broken
+    connection); when rank 0 is killed, the others die within a millisecond (it hosted the
+    coordinator). Polling from the client's own loop can see both dead at once when the machine
+    is busy; the watcher wakes the moment each exits, so the order is known.
+    """
+
+    def __init__(self, pids: list[int]):
+        self.died_at: dict[int, float] = {}
+        self._wake_r, self._wake_w = os.pipe()
+        self._fds: dict[int, int] = {}
+        for rank, pid in enumerate(pids):
+            try:
+                self._fds[os.pidfd_open(pid)] = rank
+            except ProcessLookupError:
+                self.died_at[rank] = time.monotonic()
+            except OSError:  # no pidfds here: the client's own polling still finds the dead
+                pass
+        self._thread = threading.Thread(target=self._run, daemon=True, name="dinb-death-watch")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while self._fds:
+            ready, _, _ = select.select([*self._fds, self._wake_r], [], [])
+            now = time.monotonic()
+            if self._wake_r in ready:
+                break
+            for fd in ready:
+                self.died_at.setdefault(self._fds.pop(fd), now)
+                os.close(fd)
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = {}
+
+    def close(self) -> None:
+        os.write(self._wake_w, b"x")
+        self._thread.join(timeout=5)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
 class RankCluster:
     """N engines = N ranks. Use :func:`start_cluster`; every method is one call on all ranks."""
 
@@ -84,6 +129,7 @@ class RankCluster:
         self.last: PredictResult | None = None
         self.start_seconds: float | None = None
         self._broken = False  # a rank died or got stuck: the job cannot be left politely
+        self._watch: DeathWatch | None = None
         self._socks: list[Any] | None = None  # the fast predict path's sockets, one per rank
 
     # ---- life cycle --------------------------------------------------------------------------
@@ -114,6 +160,7 @@ class RankCluster:
         order = sorted(range(self.n), key=lambda i: ranks[i])
         self.engine_of = [ids[i] for i in order]
         self.pids = [who[i]["pid"] for i in order]
+        self._watch = DeathWatch(self.pids)
         coordinator = f"127.0.0.1:{free_port()}"
         joined = self._all(engine.join, lambda r: (r, self.n, coordinator, self.devices, self.init_timeout_s),
                            timeout_s=self.init_timeout_s + 15, what="joining the job")
@@ -156,6 +203,9 @@ class RankCluster:
         self._socks = None
         self._client = self._cluster = None
         self.pids, self.model_dir, self.last, self._broken = [], None, None, False
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         if _current is self:
             _current = None
 
@@ -176,14 +226,32 @@ class RankCluster:
 
     # ---- dispatch ----------------------------------------------------------------------------
     def _check_alive(self, what: str) -> None:
-        """Name every rank whose engine process has exited (the job cannot go on without it)."""
-        dead = [r for r, pid in enumerate(self.pids) if not _alive(pid)]
-        if dead:
-            self._broken = True
-            raise RankFailedError(
-                f"rank(s) {dead} died during {what} (engine process "
-                f"{', '.join(str(self.pids[r]) for r in dead)} exited); the job cannot continue. "
-                "Run `%dinfer cluster restart` (RankCluster.restart()).", ranks=tuple(dead))
+        """Name the rank whose engine process exited (the job cannot go on without it).
+
+        Rank 0 hosts the JAX coordinator: when it dies the job ends every other rank too, so
+        several ranks can be dead at once. The rank that died first (:class:`DeathWatch`) is the
+        cause; when rank 0 died with others in the same instant, it is named as the cause and the
+        others as ended by the job.
+        """
+        now = time.monotonic()
+        watched = self._watch.died_at if self._watch else {}
+        dead = {r: watched.get(r, now) for r, pid in enumerate(self.pids)
+                if r in watched or not _alive(pid)}
+        if not dead:
+            return
+        self._broken = True
+        first = min(dead.values())
+        cause = sorted(r for r, t in dead.items() if t - first < 0.01)  # died together: one event
+        if 0 in cause:
+            cause = [0]
+        followers = [r for r in range(self.n) if r not in cause]
+        pids = ", ".join(str(self.pids[r]) for r in cause)
+        message = f"rank(s) {cause} died during {what} (engine process {pids} exited)"
+        if cause == [0] and followers:
+            message += (f"; rank(s) {followers} were then ended by the job because rank 0 hosted its "
+                        "coordinator")
+        raise RankFailedError(message + "; the job cannot continue. Run `%dinfer cluster restart` "
+                              "(RankCluster.restart()).", ranks=tuple(cause))
 
     def _all(self, fn: Callable[..., Any], args: Callable[[int], tuple] | tuple = (),
              timeout_s: float | None = None, what: str = "the call",

@@ -58,7 +58,9 @@ class XlaViewer:
         self.devices = max(int(devices), 1)
         self.timeout_s = timeout_s
         self._proc: subprocess.Popen[bytes] | None = None
-        self._log = tempfile.NamedTemporaryFile(prefix="dinb-xla-view-", suffix=".log", delete=False)
+        # the helper's stderr: a file with no name (unlinked at once), so nothing is left behind
+        # however this process ends, and its tail is still there for error messages
+        self._log = tempfile.TemporaryFile(prefix="dinb-xla-view-", suffix=".log")
 
     # ---- requests ----------------------------------------------------------------------------
     def compile_model(self, model: Any, strategy: Any, input_specs: Sequence[tuple[tuple[int, ...], str]],
@@ -86,10 +88,9 @@ class XlaViewer:
             self._proc = None
 
     def shutdown(self) -> None:
-        """Stop the helper and remove its log (at interpreter exit)."""
+        """Stop the helper and drop its log (at interpreter exit)."""
         self.close()
         self._log.close()
-        Path(self._log.name).unlink(missing_ok=True)
 
     # ---- the helper process ------------------------------------------------------------------
     def _request(self, request: tuple, device_count: int) -> CompiledView:
@@ -130,8 +131,11 @@ class XlaViewer:
 
     def _log_tail(self) -> str:
         try:
-            return Path(self._log.name).read_text(errors="replace")[-800:] or "(empty)"
-        except OSError:
+            fd = self._log.fileno()
+            size = os.fstat(fd).st_size
+            tail = os.pread(fd, 800, max(0, size - 800))  # pread leaves the helper's offset alone
+            return tail.decode(errors="replace") or "(empty)"
+        except (OSError, ValueError):
             return "(unreadable)"
 
 

@@ -94,6 +94,19 @@ def test_killed_rank_is_named_within_seconds_then_restart_recovers(ranks):
     assert ranks.predict(X).agree
 
 
+def test_killed_coordinator_rank_is_named_as_the_cause(ranks):
+    """Rank 0 hosts the JAX coordinator: its death ends rank 1 too, and the cause comes first."""
+    victim = ranks.pids[0]
+    threading.Timer(0.3, lambda: os.kill(victim, signal.SIGKILL)).start()
+    with pytest.raises(RankFailedError, match=r"^rank\(s\) \[0\] died during predict") as e:
+        for _ in range(100000):
+            ranks.predict(X)
+    assert e.value.ranks == (0,)
+    assert "rank(s) [1] were then ended by the job because rank 0 hosted its coordinator" in str(e.value)
+    ranks.restart()
+    assert ranks.predict(X).agree
+
+
 def test_stop_leaves_no_process(matmul_dir):
     cl.stop_cluster()
     with pytest.raises(cl.ClusterError, match="no cluster is running"):

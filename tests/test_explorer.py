@@ -271,3 +271,22 @@ def test_magic_outputs_displays_the_viewer():
 
     assert "RankOutputs" in magics.USAGE and "%dinfer explore" in magics.USAGE
     assert dinb.RankOutputs is RankOutputs and dinb.StrategyExplorer is StrategyExplorer
+
+
+def test_the_compiler_helper_leaves_no_log_file_however_its_client_ends(tmp_path):
+    """The helper's log has no name on disk: a killed notebook leaves nothing in the temp folder."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    before = set(Path(tempfile.gettempdir()).glob("dinb-xla-view-*"))
+    code = ("import os, signal, dinb\n"
+            "plan = dinb.StrategyPlan.create(dinb.MatMulNeg(), 2)\n"
+            "plan.compile()\n"
+            "print('compiled', flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL and "compiled" in proc.stdout, proc.stderr
+    assert set(Path(tempfile.gettempdir()).glob("dinb-xla-view-*")) <= before

@@ -1,5 +1,6 @@
 """Real rank processes: ``mpiexec -n N python -m dinb run`` and the simulated CLI mode."""
 
+import os
 import re
 import subprocess
 import sys
@@ -74,3 +75,17 @@ def test_simulated_mode_runs_the_same_files(tmp_path, n):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count(SEED_LINE) == n
     assert f"rank {n - 1} of {n}" in proc.stdout
+
+
+def test_demo_says_where_its_files_are_and_removes_them_unless_out_is_given(tmp_path):
+    cli = [sys.executable, "-m", "dinb", "demo", "--strategy", "contraction"]
+    proc = subprocess.run(cli, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count(SEED_LINE) == 2
+    where = re.search(r"slice files in (\S+)", proc.stdout).group(1)
+    assert f"removed the demo's slice files from {where}" in proc.stdout
+    assert not os.path.exists(where)
+    kept = subprocess.run(cli + ["--out", str(tmp_path / "demo")], capture_output=True, text=True,
+                          timeout=180)
+    assert kept.returncode == 0 and "removed" not in kept.stdout
+    assert (tmp_path / "demo" / "contraction" / "matmul1.dinb").is_file()
