@@ -1,5 +1,10 @@
 # The two commands of the README: `make demo` and `make test`. Both set everything up first.
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# The newest JAX needs Python 3.12 or newer; 3.11 still runs dinb, with jax 0.10. The first
+# interpreter that starts wins (pyenv's shims only start the versions it has enabled, so its
+# installed versions are tried by path too).
+PYTHON ?= $(shell for p in python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) \
+	python3.13 python3.11 python3; do $$p -c 'import sys; assert sys.version_info >= (3, 11)' \
+	2>/dev/null && { command -v $$p; break; }; done)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

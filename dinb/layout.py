@@ -208,21 +208,29 @@ class Layout:
         return PartitionSpec(*entries)
 
     def mesh(self, devices: Sequence[Any]) -> Mesh:
-        """A concrete ``Mesh``: ``devices`` in rank order, reshaped to ``dev_matrix``."""
-        from jax.sharding import Mesh
+        """A concrete ``Mesh``: ``devices`` in rank order, reshaped to ``dev_matrix``.
+
+        Every axis is ``AxisType.Auto``: the layouts say how inputs, parameters and outputs are
+        split and XLA's partitioner decides the rest (jax >= 0.11 makes new meshes ``Explicit``,
+        where every intermediate's split must be spelled out in the program).
+        """
+        from jax.sharding import AxisType, Mesh
 
         if len(devices) != self.device_num:
             raise LayoutError(
                 f"layout spans {self.device_num} devices (dev_matrix {list(self.dev_matrix)}) "
                 f"but {len(devices)} were given"
             )
-        return Mesh(np.array(devices, dtype=object).reshape(self.dev_matrix), self.mesh_axis_names)
+        return Mesh(np.array(devices, dtype=object).reshape(self.dev_matrix), self.mesh_axis_names,
+                    axis_types=(AxisType.Auto,) * len(self.dev_matrix))
 
     def abstract_mesh(self) -> Any:
-        """A device-free ``AbstractMesh`` of the same shape (for exporting without devices)."""
-        from jax.sharding import AbstractMesh
+        """A device-free ``AbstractMesh`` of the same shape (for exporting without devices), with
+        ``Auto`` axes as :meth:`mesh`."""
+        from jax.sharding import AbstractMesh, AxisType
 
-        return AbstractMesh(self.dev_matrix, self.mesh_axis_names)
+        return AbstractMesh(self.dev_matrix, self.mesh_axis_names,
+                            axis_types=(AxisType.Auto,) * len(self.dev_matrix))
 
     def named_sharding(self, devices_or_mesh: Any = None) -> NamedSharding:
         """``NamedSharding`` on a concrete mesh (``devices`` in rank order) or, if None, abstract."""

@@ -117,15 +117,24 @@ class CostEstimate:
     def total_s(self) -> float:
         return self.compute_s + self.comm_s
 
-    def summary(self) -> str:
-        """The collectives and the estimates as text."""
+    def collectives_summary(self) -> str:
+        """The collectives XLA inserted and their time, as text (the same under every XLA that
+        partitions the program the same way)."""
         lines = [f"  {c.kind} in groups of {c.group_size} {c.groups_text()}: {c.shape_text()} per rank, "
                  f"sends {fmt_bytes(c.bytes_sent_per_rank)} per rank = {fmt_seconds(s)}"
                  for c, s in self.collectives] or ["  no collectives"]
-        lines.append(f"  compute {self.flops / 1e6:.4g} MFLOP per rank = {fmt_seconds(self.compute_s)} at "
-                     f"{self.tflop_per_s:g} TFLOP/s; communication {fmt_seconds(self.comm_s)} at "
-                     f"{self.link_gb_per_s:g} GB/s")
         return "\n".join(lines)
+
+    def compute_summary(self) -> str:
+        """XLA's FLOPs per rank over the compute rate beside the traffic time (XLA's FLOP count
+        varies a little between versions)."""
+        return (f"  compute {self.flops / 1e6:.4g} MFLOP per rank = {fmt_seconds(self.compute_s)} at "
+                f"{self.tflop_per_s:g} TFLOP/s; communication {fmt_seconds(self.comm_s)} at "
+                f"{self.link_gb_per_s:g} GB/s")
+
+    def summary(self) -> str:
+        """The collectives and the estimates as text."""
+        return self.collectives_summary() + "\n" + self.compute_summary()
 
 
 # ---- where the tensors come from -------------------------------------------------------------

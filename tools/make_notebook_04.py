@@ -48,8 +48,13 @@ The plan below is what the explorer renders; printing it shows the same numbers 
     code(CHECK + """for preset in ("batch", "columns", "contraction"):
     plan = StrategyPlan.create(MatMulNeg(), 4, preset)
     print(plan.summary())
-    print(plan.cost(plan.compile(), link_gb_per_s=100, tflop_per_s=100).summary())
+    print(plan.cost(plan.compile(), link_gb_per_s=100).collectives_summary())
     print()"""),
+    md("""Beside the traffic, the estimate puts XLA's own count of each rank's FLOPs over a compute
+rate (the exact count differs a little between XLA versions, so this cell is not compared):"""),
+    code("""for preset in ("batch", "columns", "contraction"):
+    plan = StrategyPlan.create(MatMulNeg(), 4, preset)
+    print(preset, plan.cost(plan.compile(), link_gb_per_s=100, tflop_per_s=100).compute_summary())"""),
     md("""Try it: switch the strategy, the device count (5 devices do not divide 96 or 128: the
 explorer falls back to whole tensors and greys those splits out), or click a split per axis."""),
     code(IGNORE + """StrategyExplorer("matmul", devices=4, preset="contraction", capacity_gib=0.0001)"""),
@@ -64,8 +69,11 @@ it, `2 (N-1)/N`, *grows* with N."""),
     code(CHECK + """for n in (2, 4):
     plan = StrategyPlan.create(MegatronMLP(), n, "megatron")
     print(plan.summary())
-    print(plan.cost(plan.compile(), link_gb_per_s=100, tflop_per_s=100).summary())
+    print(plan.cost(plan.compile(), link_gb_per_s=100).collectives_summary())
     print()"""),
+    code("""for n in (2, 4):
+    plan = StrategyPlan.create(MegatronMLP(), n, "megatron")
+    print(n, "ranks:", plan.cost(plan.compile(), link_gb_per_s=100, tflop_per_s=100).compute_summary())"""),
     code(IGNORE + """explorer = StrategyExplorer("mlp", devices=2, capacity_gib=0.02)
 explorer"""),
     md("""## 3 · Two mesh axes: data and tensor parallel together
@@ -78,7 +86,7 @@ assembles the output: `{0,2}` and `{1,3}`."""),
         .with_mesh((2, 2))
         .with_axis("x", 0, 1))
 print(plan.summary())
-print(plan.cost(plan.compile()).summary())"""),
+print(plan.cost(plan.compile()).collectives_summary())"""),
     md("""Invalid choices come with the reason. On 5 devices no axis of the MatMul divides:"""),
     code(CHECK + """plan = StrategyPlan.create(MatMulNeg(), 5, "contraction")
 print(plan.notes[0].split(":")[0])

