@@ -63,7 +63,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         params: Any = DistributedCheckpoint(args.checkpoint, args.checkpoint_strategy)
     else:
         params = model.init_params(args.seed)
-    paths = export_distributed(model, params, strategy, inputs, args.out)
+    paths = export_distributed(model, params, strategy, inputs, args.out, dtype=args.dtype)
     source = args.strategy_file or args.strategy or model.default_strategy
     print(f"exported {model.name} ({source}) for "
           f"{strategy.device_num} ranks to {args.out}:")
@@ -81,7 +81,7 @@ def _seed_lines(name: str, data: np.ndarray) -> list[str]:
     ]
 
 
-def _make_input(kind: str, shape: list[int], dtype: str, seed: int) -> np.ndarray:
+def _make_input(kind: str, shape: list[int], dtype: Any, seed: int) -> np.ndarray:
     if kind == "ones":
         return np.ones(shape, dtype=dtype)
     if kind == "random":
@@ -102,7 +102,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     model.build_from_file(args.model_dir, ModelType.DINB, context, args.config_file)
     inputs = model.get_inputs()
     for t in inputs:
-        t.set_data_from_numpy(_make_input(args.input, t.shape, str(t.dtype), args.seed))
+        t.set_data_from_numpy(_make_input(args.input, t.shape, t.dtype, args.seed))
 
     times_predict, times_loop = [], []
     for i in range(args.warmup + args.repeat):
@@ -254,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--d-model", type=int, default=None)
     p.add_argument("--d-ff", type=int, default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="cast floating-point weights and inputs (bfloat16 halves the bytes per rank)")
     p.add_argument("--checkpoint", default=None,
                    help="take the weights from this checkpoint directory (rank_{r}/ folders)")
     p.add_argument("--checkpoint-strategy", default=None,

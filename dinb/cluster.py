@@ -439,7 +439,8 @@ class RankCluster:
                          "device": self.device_names[r] if r < len(self.device_names) else None})
         if rows and all(row["alive"] for row in rows):
             for row, st in zip(rows, self._all(engine.status, timeout_s=10, what="status")):
-                row.update(rss_mib=st["rss_mib"], loaded=st["loaded"])
+                row.update(kind=st["kind"], device_mem=st["device_mem"], rss_mib=st["rss_mib"],
+                           loaded=st["loaded"])
         return rows
 
     def execute(self, code: str, timeout_s: float | None = None) -> dict[int, str]:

@@ -107,14 +107,28 @@ def status() -> dict[str, Any]:
                 rss = int(line.split()[1]) * 1024
     except OSError:
         pass
-    device = None
+    row = {"rank": _state["rank"], "pid": os.getpid(), "device": None, "kind": None, "device_mem": None,
+           "rss_mib": round(rss / 2**20), "loaded": _state["model_dir"]}
     if _state["rank"] is not None:
         from dinb.ranks import current_job
 
         job = current_job()
-        device = str(job.devices[_state["rank"]]) if job else None
-    return {"rank": _state["rank"], "pid": os.getpid(), "device": device, "rss_mib": round(rss / 2**20),
-            "loaded": _state["model_dir"]}
+        if job is not None:
+            dev = job.devices[_state["rank"]]
+            row.update(device=str(dev), kind=dev.device_kind, device_mem=_device_memory(dev))
+    return row
+
+
+def _device_memory(dev: Any) -> str | None:
+    """``used/total GiB`` of an accelerator (XLA's allocator); None for CPU devices."""
+    try:
+        stats = dev.memory_stats() or {}
+    except Exception:  # CPU devices have no memory stats
+        return None
+    total = stats.get("bytes_limit")
+    if not total:
+        return None
+    return f"{stats.get('bytes_in_use', 0) / 2**30:.1f}/{total / 2**30:.1f} GiB"
 
 
 def outputs() -> list[Any] | None:

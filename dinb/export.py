@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from dinb.errors import StrategyError
+from dinb.errors import DinbError, StrategyError
+from dinb.formats.safetensors import np_dtype
 from dinb.layout import Layout, one_mesh_shardings
 from dinb.models.base import ModelDef
 from dinb.progress import progress
@@ -26,6 +27,7 @@ from dinb.strategy import Strategy
 from dinb.version import __version__
 
 DEFAULT_PLATFORMS = ("cpu", "cuda")
+FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64"}
 
 
 def _shape_dtype(x: Any) -> tuple[tuple[int, ...], str]:
@@ -103,6 +105,7 @@ def export_distributed(
     out_dir: str | Path,
     platforms: Sequence[str] = DEFAULT_PLATFORMS,
     show_progress: bool = False,
+    dtype: str | None = None,
 ) -> list[Path]:
     """Write ``{model}{rank}.dinb`` for every rank of ``strategy`` into ``out_dir``.
 
@@ -110,8 +113,10 @@ def export_distributed(
     (saved under any layout and rank count): then each rank's slices are read from it directly,
     so a resharded checkpoint becomes slice files without ever holding a whole tensor.
     ``example_inputs`` are arrays or ``(shape, dtype)`` pairs fixing the input signature.
-    Also writes ``strategy.json`` (MindSpore's schema) beside the slice files. Returns the
-    slice file paths in rank order.
+    ``dtype`` (``"bfloat16"``, ``"float16"``, ...) casts the floating-point parameters and
+    inputs, so the program computes in that precision and each slice takes that many bytes
+    (integer inputs such as token ids are left as they are). Also writes ``strategy.json``
+    (MindSpore's schema) beside the slice files. Returns the slice file paths in rank order.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -122,15 +127,24 @@ def export_distributed(
         param_names = wanted if set(wanted) <= set(specs) else list(specs)
         param_specs = {k: specs[k] for k in param_names}
 
-        def slices_of(rank: int) -> dict[str, np.ndarray]:
+        def read_slices(rank: int) -> dict[str, np.ndarray]:
             return ckpt.load_rank(strategy, rank, param_names, show_progress=False)
     else:
         arrays = {k: np.asarray(v) for k, v in params.items()}
         param_specs = {k: (tuple(v.shape), str(v.dtype)) for k, v in arrays.items()}
 
-        def slices_of(rank: int) -> dict[str, np.ndarray]:
+        def read_slices(rank: int) -> dict[str, np.ndarray]:
             return {k: v[strategy[k].slice_of(rank, v.shape, k)] for k, v in arrays.items()}
+
+    def slices_of(rank: int) -> dict[str, np.ndarray]:
+        return {k: v.astype(np_dtype(param_specs[k][1]), copy=False) for k, v in read_slices(rank).items()}
+
     input_specs = [_shape_dtype(x) for x in example_inputs]
+    if dtype is not None:
+        if dtype not in FLOAT_DTYPES:
+            raise DinbError(f"dtype {dtype!r}: export casts to one of {sorted(FLOAT_DTYPES)}")
+        param_specs = {k: (s, dtype if d in FLOAT_DTYPES else d) for k, (s, d) in param_specs.items()}
+        input_specs = [(s, dtype if d in FLOAT_DTYPES else d) for s, d in input_specs]
     strategy.validate({k: s for k, (s, _) in param_specs.items()}, [s for s, _ in input_specs])
     strategy = strategy.with_shapes({k: s for k, (s, _) in param_specs.items()})
     n = strategy.device_num

@@ -174,11 +174,13 @@ class DinferMagics(Magics):
 
 
 def rank_table(rows: list[dict[str, Any]]) -> str:
-    """The status rows as a fixed-width table."""
-    keys = ["rank", "pid", "alive", "device", "rss_mib", "loaded"]
-    lines = ["  ".join(f"{k:>8}" for k in keys)]
-    for row in rows:
-        lines.append("  ".join(f"{str(row.get(k, '')):>8}" for k in keys))
+    """The status rows as a table (device memory only when an accelerator reports it)."""
+    keys = ["rank", "pid", "alive", "device", "kind", "device_mem", "rss_mib", "loaded"]
+    keys = [k for k in keys if k in ("rank", "pid", "alive") or any(row.get(k) is not None for row in rows)]
+    cells = [[str(row.get(k, "")) for k in keys] for row in rows]
+    widths = [max([len(k)] + [len(c[i]) for c in cells]) for i, k in enumerate(keys)]
+    lines = ["  ".join(k.rjust(w) for k, w in zip(keys, widths))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(cell, widths)) for cell in cells]
     return "\n".join(lines)
 
 

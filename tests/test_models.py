@@ -29,3 +29,24 @@ def test_every_model_and_strategy_equals_one_device(tmp_path, name, strategy, n)
     assert len(got) == len(want)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)
+
+
+def test_bfloat16_export_halves_the_bytes_and_stays_close(tmp_path):
+    from dinb import read_meta
+    from dinb.formats.safetensors import np_dtype
+
+    model = get_model("mlp", **SMALL["mlp"])
+    params, (x,) = model.init_params(3), model.example_inputs(4)
+    export_distributed(model, params, model.strategy(2, "megatron"), [x], tmp_path / "bf16", dtype="bfloat16")
+    export_distributed(model, params, model.strategy(2, "megatron"), [x], tmp_path / "f32")
+    meta = read_meta(tmp_path / "bf16" / "mlp1.dinb")
+    assert meta["params"]["w2"]["dtype"] == "bfloat16" and meta["inputs"][0]["dtype"] == "bfloat16"
+    size = {k: (tmp_path / k / "mlp1.dinb").stat().st_size for k in ("bf16", "f32")}
+    assert size["bf16"] < 0.6 * size["f32"]
+    simulated(2)
+    ranks = Model()
+    ranks.build_from_file(tmp_path / "bf16", ModelType.DINB, Context(target=["cpu"]))
+    (y,) = ranks.predict([x.astype(np_dtype("bfloat16"))])
+    want = np.asarray(jax.jit(model.apply)(params, x))
+    assert y.dtype == np_dtype("bfloat16")
+    np.testing.assert_allclose(y.get_data_to_numpy().astype(np.float32), want, rtol=0.05, atol=0.05)

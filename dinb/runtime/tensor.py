@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from dinb.errors import InputError
+from dinb.formats.safetensors import np_dtype
 
 
 class Tensor:
@@ -18,7 +19,8 @@ class Tensor:
         if data is not None:
             self._data = np.ascontiguousarray(data)
         else:
-            self._data = np.zeros(tuple(shape or ()), dtype=np.dtype(dtype or np.float32))
+            dt = np_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype or np.float32)
+            self._data = np.zeros(tuple(shape or ()), dtype=dt)
         self.name = name
 
     @property
