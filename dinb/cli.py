@@ -93,11 +93,15 @@ def _make_input(kind: str, shape: list[int], dtype: Any, seed: int) -> np.ndarra
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import warnings
+
     from dinb import ranks
+    from dinb.errors import ProviderFallbackWarning
     from dinb.runtime import Context, Model, ModelType
 
     job = ranks.init(args.target, simulate=args.simulate, init_timeout_s=args.init_timeout)
     context = Context(target=[args.target], provider=args.provider)
+    warnings.simplefilter("ignore", ProviderFallbackWarning)  # the notice is printed with the provider
     model = Model()
     model.build_from_file(args.model_dir, ModelType.DINB, context, args.config_file)
     inputs = model.get_inputs()
@@ -140,6 +144,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     }
     gathered = job.allgather("report", json.dumps({"lines": report, "stats": stats}))
     if job.process_index == 0:
+        notice = f" ({model.provider_notice})" if model.provider_notice else ""
+        print(f"provider: {model.provider}{notice}")
         rank_stats = []
         for g in gathered:
             item = json.loads(g)

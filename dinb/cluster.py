@@ -440,7 +440,7 @@ class RankCluster:
         if rows and all(row["alive"] for row in rows):
             for row, st in zip(rows, self._all(engine.status, timeout_s=10, what="status")):
                 row.update(kind=st["kind"], device_mem=st["device_mem"], rss_mib=st["rss_mib"],
-                           loaded=st["loaded"])
+                           provider=st["provider"], loaded=st["loaded"])
         return rows
 
     def execute(self, code: str, timeout_s: float | None = None) -> dict[int, str]:

@@ -35,6 +35,10 @@ class ProviderError(DinbError):
     """The requested compute provider cannot be used on this machine."""
 
 
+class ProviderFallbackWarning(UserWarning):
+    """The provider asked for runs on a fallback (e.g. ONNX Runtime without TensorRT): said, never silent."""
+
+
 class RankFailedError(DinbError):
     """One or more ranks failed or did not answer in time; ``ranks`` names them."""
 

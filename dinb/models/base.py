@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from dinb.errors import StrategyError
+from dinb.models.rank_program import RankProgram
 from dinb.strategy import Strategy
 
 
@@ -68,6 +69,25 @@ class ModelDef(ABC):
         names = self.output_names()
         return tuple(TensorSpec(names[i] if i < len(names) else f"output_{i}", tuple(o.shape),
                                 str(o.dtype)) for i, o in enumerate(outs))
+
+    def rank_program(self, name: str, device_num: int) -> RankProgram | None:
+        """What each rank computes under the named strategy, with explicit collectives (see
+        :mod:`dinb.models.rank_program`); None when the model does not spell it out."""
+        return None
+
+    def strategy_name_of(self, strategy: Strategy) -> str | None:
+        """Which of the model's named strategies ``strategy`` is (its layouts), or None."""
+        n = strategy.device_num
+        for name in self.strategy_names:
+            try:
+                known = self.strategy(n, name)
+            except StrategyError:
+                continue
+            if (all(k in strategy and strategy[k] == known[k] for k in known) and len(known) == len(strategy)
+                    and (not strategy.inputs or strategy.inputs == known.inputs)
+                    and (not strategy.outputs or strategy.outputs == known.outputs)):
+                return name
+        return None
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments that rebuild this model (stored in exports); ``{}`` if unknown."""

@@ -29,6 +29,7 @@ import numpy as np
 from dinb.errors import StrategyError
 from dinb.layout import Layout
 from dinb.models.base import ModelDef, TensorSpec
+from dinb.models.rank_program import AllGather, AllReduce, Local, RankProgram
 from dinb.strategy import Strategy
 
 MATMUL_SHARDS = {
@@ -102,6 +103,22 @@ class MatMulNeg(ModelDef):
 
     def _strategy(self, device_num: int, name: str, input_shapes: Sequence[tuple[int, ...]]) -> Strategy:
         return self._from_shard(MATMUL_SHARDS[name](device_num), device_num)
+
+    def rank_program(self, name: str, device_num: int) -> RankProgram | None:
+        """Rank r's part of each named split (see the module docstring)."""
+        def neg_matmul(p: dict[str, Any], x: Any) -> tuple[Any, ...]:
+            return (-(x @ p["matmul_weight"]),)
+
+        if name == "contraction":
+            return RankProgram((
+                Local(lambda p, x: (x @ p["matmul_weight"],), "partial y_r = x[:, k_r] @ W[k_r, :]"),
+                AllReduce(),
+                Local(lambda p, y: (-y,), "y = -(sum_r y_r)"),
+            ))
+        if name in ("batch", "columns"):
+            return RankProgram((Local(neg_matmul, "y_r = -(x_r @ W_r)"),
+                                AllGather(axis=0 if name == "batch" else 1)))
+        return None
 
     def _from_shard(self, shard: Any, device_num: int) -> Strategy:
         x_layout, w_layout, _ = matmul_layouts(shard, device_num)

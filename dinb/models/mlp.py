@@ -24,6 +24,7 @@ import numpy as np
 
 from dinb.layout import Layout
 from dinb.models.base import ModelDef, TensorSpec
+from dinb.models.rank_program import AllGather, AllReduce, Local, RankProgram
 from dinb.strategy import Strategy
 
 
@@ -65,6 +66,19 @@ class MegatronMLP(ModelDef):
 
     def config(self) -> dict[str, Any]:
         return {"d_model": self.d_model, "d_ff": self.d_ff, "batch": self.batch}
+
+    def rank_program(self, name: str, device_num: int) -> RankProgram | None:
+        """Rank r's part of each strategy (see the module docstring)."""
+        import jax
+
+        def partial(p: dict[str, Any], x: Any) -> tuple[Any, ...]:
+            return (jax.nn.gelu(x @ p["w1"] + p["b1"], approximate=True) @ p["w2"],)
+
+        if name == "megatron":
+            return RankProgram((Local(partial, "h_r = gelu(x W1_r + b1_r) W2_r"), AllReduce(),
+                                Local(lambda p, h: (h + p["b2"],), "y = sum_r h_r + b2")))
+        whole = Local(lambda p, x: (self.apply(p, x),), "y_r = mlp(x_r)")
+        return RankProgram((whole, AllGather(axis=0)) if name == "batch" else (whole,))
 
     def _strategy(self, device_num: int, name: str, input_shapes: Sequence[tuple[int, ...]]) -> Strategy:
         n = device_num

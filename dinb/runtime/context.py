@@ -10,7 +10,9 @@ Two equivalent spellings::
     ctx.gpu.provider = "xla"
 
 ``rank_id`` defaults to the rank mpiexec gave the process (0 outside MPI). Providers: ``xla``
-(default, CPU and GPU) and ``tensorrt`` (GPU only, needs NVIDIA TensorRT installed).
+(default, CPU and GPU: one SPMD program compiled by XLA) and ``tensorrt`` (each rank's program
+as ONNX models run by ONNX Runtime with the TensorRT, CUDA or CPU execution provider, the first
+available, said aloud when it is not TensorRT; see :mod:`dinb.runtime.onnx_rank`).
 """
 
 from __future__ import annotations
@@ -87,21 +89,9 @@ class Context:
         if provider not in PROVIDERS:
             raise ProviderError(f"provider {provider!r} is unknown; choose one of {list(PROVIDERS)}")
         if provider == "tensorrt":
-            if self.target_name != "gpu":
-                raise ProviderError(
-                    "provider 'tensorrt' needs target ['gpu']; on CPU use provider 'xla'"
-                )
-            try:
-                import tensorrt  # noqa: F401
-            except ImportError:
-                raise ProviderError(
-                    "provider 'tensorrt' needs NVIDIA TensorRT, which is not installed: "
-                    "pip install tensorrt onnx (with a CUDA GPU and driver), or use provider 'xla'"
-                ) from None
-            raise ProviderError(
-                "TensorRT is installed, but dinb's TensorRT path is not built yet; "
-                "use provider 'xla' (it runs on the same GPU)"
-            )
+            from dinb.runtime.onnx_rank import check_installed
+
+            check_installed()
         return provider
 
     def __repr__(self) -> str:

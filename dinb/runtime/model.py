@@ -31,6 +31,7 @@ from dinb.formats.safetensors import np_dtype
 from dinb.layout import one_mesh_shardings
 from dinb.runtime.config import RuntimeConfig, load_config
 from dinb.runtime.context import Context, ModelType
+from dinb.runtime.onnx_rank import OnnxRanks
 from dinb.runtime.tensor import Tensor
 from dinb.slicefile import SliceFile, TensorMeta, find_slice_files, read_slice_file
 
@@ -46,7 +47,11 @@ class Model:
         self._compiled: Any = None
         self._params: dict[str, Any] = {}
         self._in_shardings: list[Any] = []
-        self._in_slices: list[list[tuple[Any, tuple[slice, ...]]]] = []
+        self._in_slices: dict[int, list[tuple[slice, ...]]] = {}  # each local rank's input slices
+        self._onnx: OnnxRanks | None = None
+        self._last_by_rank: dict[int, tuple[np.ndarray, ...]] = {}
+        self.provider = ""  # what runs the program: "xla", or the ONNX Runtime provider used
+        self.provider_notice: str | None = None
         self._in_types: list[tuple[tuple[int, ...], np.dtype]] = []  # checked on every predict
         self._out_whole: list[bool] = []
         self._last: list[Any] = []
@@ -104,7 +109,14 @@ class Model:
         if on_phase is not None:
             on_phase("read")
         t0 = time.perf_counter()
-        self._compile(job)
+        self._prepare(job)
+        if context.device_info.provider == "tensorrt":
+            self._onnx = OnnxRanks(self._files, job.world_size, job.process_count, job.target)
+            self.provider = f"tensorrt: onnxruntime {self._onnx.provider}"
+            self.provider_notice = self._onnx.notice
+        else:
+            self._compile(job)
+            self.provider = "xla"
         self.timings["compile_s"] = time.perf_counter() - t0
         if on_phase is not None:
             on_phase("compiled")
@@ -142,13 +154,21 @@ class Model:
             files[rank] = sf
         return files
 
+    def _prepare(self, job: ranks.Job) -> None:
+        """What every predict needs from the export: input checks, each local rank's input slices."""
+        first = next(iter(self._files.values()))
+        self._inputs, self._outputs = first.inputs, first.outputs
+        self._in_types = [(tuple(m.shape), np_dtype(m.dtype)) for m in self._inputs]
+        self._in_slices = {r: [m.layout.slice_of(r, m.shape, m.name) for m in self._inputs]
+                           for r in job.local_ranks}
+        self._out_whole = [len(m.layout.replica_groups()) == 1 or len(job.local_ranks) == 1
+                           for m in self._outputs]
+
     def _compile(self, job: ranks.Job) -> None:
         import jax
         from jax import export as jax_export
 
         first = next(iter(self._files.values()))
-        self._inputs, self._outputs = first.inputs, first.outputs
-        self._in_types = [(tuple(m.shape), np_dtype(m.dtype)) for m in self._inputs]
         pmeta = first.param_meta()
         try:
             exported = jax_export.deserialize(bytearray(first.program))
@@ -168,11 +188,6 @@ class Model:
                                        + [m.layout for m in self._inputs + self._outputs], job.devices)
         p_shard = dict(zip(names, shardings))
         self._in_shardings = shardings[len(names):len(names) + len(self._inputs)]
-        # per predict only device_put remains: each local rank's input slice is fixed here
-        self._in_slices = [[(job.device_of(r), m.layout.slice_of(r, m.shape, m.name))
-                            for r in job.local_ranks] for m in self._inputs]
-        self._out_whole = [len(m.layout.replica_groups()) == 1 or len(job.local_ranks) == 1
-                           for m in self._outputs]
         o_shard = tuple(shardings[len(names) + len(self._inputs):])
         self._params = {
             n: jax.make_array_from_single_device_arrays(
@@ -214,6 +229,11 @@ class Model:
         """
         self._check_built()
         arrays = self._check_inputs(inputs)
+        if self._onnx is not None:
+            self._last_by_rank = self._onnx.run(
+                {r: tuple(a[sl] for a, sl in zip(arrays, slices)) for r, slices in self._in_slices.items()})
+            self._last = list(next(iter(self._last_by_rank.values())))
+            return self._output_tensors()
         self._last = list(self._compiled(self._params, *self._global_inputs(arrays)))
         return self._output_tensors()
 
@@ -245,13 +265,14 @@ class Model:
         import jax
 
         out = []
-        for a, sh, slices in zip(arrays, self._in_shardings, self._in_slices):
-            shards = [jax.device_put(a[sl], device) for device, sl in slices]
+        for i, (a, sh) in enumerate(zip(arrays, self._in_shardings)):
+            shards = [jax.device_put(a[slices[i]], self._job.device_of(r))
+                      for r, slices in self._in_slices.items()]
             out.append(jax.make_array_from_single_device_arrays(a.shape, sh, shards))
         return out
 
     def _output_tensors(self) -> list[Tensor]:
-        if self._job is not None and self._job.process_count == 1:  # every shard is here
+        if self._onnx is not None or self._job is not None and self._job.process_count == 1:  # all here
             return [Tensor(np.asarray(arr), name=m.name) for m, arr in zip(self._outputs, self._last)]
         return [Tensor(np.asarray(arr.addressable_data(0) if whole else arr), name=m.name)
                 for m, arr, whole in zip(self._outputs, self._last, self._out_whole)]
@@ -260,6 +281,8 @@ class Model:
         """Each local rank's own slice of every output of the last predict."""
         job = self._job
         assert job is not None
+        if self._onnx is not None:
+            return {r: list(v) for r, v in self._last_by_rank.items()}
         rank_of = {d: r for r, d in enumerate(job.devices)}
         result: dict[int, list[np.ndarray]] = {r: [] for r in job.local_ranks}
         for arr in self._last:
@@ -288,10 +311,13 @@ class Model:
         return self.job.local_ranks
 
     def compiled_text(self) -> str:
-        """The partitioned HLO XLA compiled (shows the collectives the layouts imply)."""
+        """The partitioned HLO XLA compiled (shows the collectives the layouts imply); with the
+        ``tensorrt`` provider, the rank's ONNX steps and collectives."""
         self._check_built()
+        if self._onnx is not None:
+            return self._onnx.describe()
         return str(self._compiled.as_text())
 
     def _check_built(self) -> None:
-        if self._compiled is None:
+        if self._compiled is None and self._onnx is None:
             raise DinbError("the model is not built; call build_from_file(path, ...) first")
