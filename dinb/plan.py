@@ -27,6 +27,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -207,6 +208,15 @@ class PlanSource:
                 )
             self._compiled[key] = view
         return self._compiled[key]
+
+    def weights(self, seed: int = 0) -> Any:
+        """What an export reads its weights from: the model's released checkpoint (each rank
+        reads only its slices), else :meth:`full_params`."""
+        if not self.exported and self.model is not None and self.model.checkpoint() is not None:
+            from dinb.checkpoint import DistributedCheckpoint
+
+            return DistributedCheckpoint(self.model.checkpoint())
+        return self.full_params(seed)
 
     def full_params(self, seed: int = 0) -> dict[str, np.ndarray]:
         """Whole parameters: the model's own (``init_params(seed)``) or assembled from the export."""
@@ -505,7 +515,7 @@ class StrategyPlan:
             raise DinbError(f"{self.source.name}: the export does not say how to rebuild its model; "
                             "export it again with this dinb version")
         inputs = [(t.shape, t.dtype) for t in self.tensors if t.role == "input"]
-        return export_distributed(model, self.source.full_params(seed), self.strategy(), inputs, out_dir,
+        return export_distributed(model, self.source.weights(seed), self.strategy(), inputs, out_dir,
                                   show_progress=show_progress)
 
     def summary(self) -> str:

@@ -9,7 +9,9 @@ The header's ``__metadata__["dinb"]`` is JSON::
                        "tile_crc32": [...]}}}
 
 so each file says which part of which full tensor it holds, and a reader needs neither the
-strategy nor any other rank's file to know it. Any safetensors reader opens these files. Every
+strategy nor any other rank's file to know it. Any safetensors reader opens these files. A
+safetensors file without that metadata (a Hugging Face ``model.safetensors``) is read as the
+checkpoint of one device: every tensor whole. Every
 field is checked when the file is opened (:class:`DinbRankFile`): a box inside the full shape and
 of the stored tensor's shape, one checksum per tile.
 """
@@ -63,8 +65,8 @@ class DinbRankFile:
         header = st.read_header(self.path, CheckpointError, "dinb checkpoint file")
         check = Fields(CheckpointError, str(self.path))
         if "dinb" not in header.metadata:
-            check.fail("not a dinb checkpoint file (no dinb metadata); it may be written by another tool "
-                       "(MindSpore .ckpt files are read by name ending in .ckpt)")
+            self._whole_tensors(header)
+            return
         meta = check.obj(check.json(header.metadata["dinb"], "the dinb metadata"), "the dinb metadata")
         if meta.get("format") != FORMAT:
             check.fail(f"format is {meta.get('format')!r}, not {FORMAT!r}; not a dinb checkpoint file")
@@ -100,6 +102,17 @@ class DinbRankFile:
             self._boxes[name] = box
             self.tensors[name] = StoredTensor(self.path, name, entry.dtype, entry.shape,
                                               ((entry.offset, entry.nbytes),), crcs)
+
+    def _whole_tensors(self, header: st.Header) -> None:
+        """A safetensors file from another tool (a Hugging Face ``model.safetensors``): one device's
+        checkpoint, every tensor whole."""
+        self.world_size, self.rank = 1, 0
+        self.records, self.tensors, self._boxes = {}, {}, {}
+        for name, entry in header.entries.items():
+            self.records[name] = {"shape": list(entry.shape)}
+            self._boxes[name] = tuple((0, s) for s in entry.shape)
+            self.tensors[name] = StoredTensor(self.path, name, entry.dtype, entry.shape,
+                                              ((entry.offset, entry.nbytes),))
 
     def full_shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.records[name]["shape"])

@@ -91,6 +91,7 @@ class DistributedCheckpoint:
         for rank in self.ranks:
             self._add_file(rank, by_rank[rank])
         self.bytes_read = 0
+        self.reads: dict[int, int] = {}  # bytes read for each target rank loaded (load_rank)
 
     # ---- indexing ----------------------------------------------------------------------------
     def _check_rank_count(self, by_rank: dict[int, Path], partial: bool) -> int:
@@ -250,7 +251,10 @@ class DistributedCheckpoint:
                 )
             target[name] = param_box(item_of(strategy, name, len(self.shapes[name])), rank,
                                      self.shapes[name], name)
-        return self.read_boxes(target, show_progress, desc=f"load rank {rank}")
+        before = self.bytes_read
+        out = self.read_boxes(target, show_progress, desc=f"load rank {rank}")
+        self.reads[rank] = self.bytes_read - before
+        return out
 
     def read_plan(self, strategy: StrategyLike, rank: int) -> list[dict[str, Any]]:
         """What loading ``rank`` under ``strategy`` reads: one row per (parameter, source rank).

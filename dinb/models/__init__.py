@@ -6,10 +6,11 @@ from typing import Any
 
 from dinb.errors import DinbError
 from dinb.models.base import ModelDef, TensorSpec
+from dinb.models.bert import BertEncoder, minilm_dir
 from dinb.models.matmul import MatMulNeg, matmul_layouts
 from dinb.models.mlp import MegatronMLP, mlp_reference
 
-MODELS: dict[str, type[ModelDef]] = {"matmul": MatMulNeg, "mlp": MegatronMLP}
+MODELS: dict[str, type[ModelDef]] = {"matmul": MatMulNeg, "mlp": MegatronMLP, "minilm": BertEncoder}
 
 
 def get_model(name: str, **kwargs: Any) -> ModelDef:
@@ -21,5 +22,5 @@ def get_model(name: str, **kwargs: Any) -> ModelDef:
     return cls(**kwargs)
 
 
-__all__ = ["MODELS", "MatMulNeg", "MegatronMLP", "ModelDef", "TensorSpec", "get_model",
-           "matmul_layouts", "mlp_reference"]
+__all__ = ["MODELS", "BertEncoder", "MatMulNeg", "MegatronMLP", "ModelDef", "TensorSpec", "get_model",
+           "matmul_layouts", "minilm_dir", "mlp_reference"]

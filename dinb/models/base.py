@@ -70,6 +70,12 @@ class ModelDef(ABC):
         return tuple(TensorSpec(names[i] if i < len(names) else f"output_{i}", tuple(o.shape),
                                 str(o.dtype)) for i, o in enumerate(outs))
 
+    def checkpoint(self) -> Any:
+        """A checkpoint of the model's released weights (a path, or anything
+        :class:`dinb.checkpoint.DistributedCheckpoint` opens), or None: export then uses
+        :meth:`init_params`."""
+        return None
+
     def rank_program(self, name: str, device_num: int) -> RankProgram | None:
         """What each rank computes under the named strategy, with explicit collectives (see
         :mod:`dinb.models.rank_program`); None when the model does not spell it out."""

