@@ -60,7 +60,8 @@ def main() -> None:
     np.savez_compressed(OUT, sentences=np.array(SENTENCES), input_ids=ids, attention_mask=mask,
                         token_type_ids=types, last_hidden_state=hidden.astype(np.float32),
                         sentence_embedding=embedding.astype(np.float32),
-                        versions=np.array([f"torch {torch.__version__}", f"transformers {transformers.__version__}",
+                        versions=np.array([f"torch {torch.__version__}",
+                                           f"transformers {transformers.__version__}",
                                            f"sentence-transformers {sentence_transformers.__version__}"]))
     print(f"wrote {OUT} ({OUT.stat().st_size} bytes): {len(SENTENCES)} sentences, tokens per sentence "
           f"{mask.sum(1).tolist()}, embedding norms {np.linalg.norm(embedding, axis=1).round(6).tolist()}")
