@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from dinb import engine
+from dinb import engine, remote_predict, wire
 from dinb.errors import DinbError, RankFailedError
 from dinb.ranks import free_port
 
@@ -341,9 +341,8 @@ class RankCluster:
         arrays = [np.ascontiguousarray(x) for x in inputs]
         t0 = time.perf_counter()
         if fast:
-            first, crcs = self._fast_predict(arrays, self.timeout_s if timeout_s is None else timeout_s)
+            first, agree = self._fast_predict(arrays, self.timeout_s if timeout_s is None else timeout_s)
             per_rank: dict[int, list[np.ndarray]] = {0: first}
-            agree = all(c == crcs[0] for c in crcs)
         else:
             outs = self._all(engine.predict, (arrays,), timeout_s=timeout_s, what="predict")
             per_rank = dict(enumerate(outs))
@@ -369,9 +368,7 @@ class RankCluster:
         return time.perf_counter() - t0
 
     def _fast_predict(self, arrays: list[np.ndarray], timeout_s: float,
-                      noop: bool = False) -> tuple[list[np.ndarray], list[Any]]:
-        import json
-
+                      noop: bool = False) -> tuple[list[np.ndarray], bool]:
         import zmq
 
         if self._client is None:
@@ -385,12 +382,8 @@ class RankCluster:
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.connect(f"tcp://127.0.0.1:{port}")
                 self._socks.append(sock)
-        header: dict[str, Any] = {"inputs": [[list(a.shape), str(a.dtype)] for a in arrays]}
-        if noop:
-            header["noop"] = True
         for r, sock in enumerate(self._socks):
-            head = json.dumps(dict(header, want_data=r == 0)).encode()
-            sock.send_multipart([head, *arrays], copy=False)
+            sock.send_multipart(wire.pack({"want_data": r == 0, "noop": noop}, arrays), copy=False)
         poller = zmq.Poller()
         for sock in self._socks:
             poller.register(sock, zmq.POLLIN)
@@ -410,17 +403,12 @@ class RankCluster:
                 raise RankFailedError(
                     f"rank(s) {pending} did not answer predict within {timeout_s:g} s; "
                     "run `%dinfer cluster restart` (RankCluster.restart()).", ranks=tuple(pending))
-        heads = {r: json.loads(bytes(frames[0].buffer)) for r, frames in replies.items()}
-        errors = {r: h["error"] for r, h in heads.items() if "error" in h}
+        heads, data, errors = remote_predict.read_replies(replies)
         if errors:
             detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(errors.items()))
             raise RankFailedError(f"predict failed on rank(s) {sorted(errors)}: {detail}",
                                   ranks=tuple(sorted(errors)))
-        first = [np.frombuffer(f.buffer, dtype=m["dtype"]).reshape(m["shape"])
-                 for f, m in zip(replies[0][1:], heads[0]["outputs"])]
-        crcs = [[(tuple(m["shape"]), m["dtype"], m["crc"]) for m in heads[r]["outputs"]]
-                for r in range(self.n)]
-        return first, crcs
+        return data[0], remote_predict.agreement(heads)
 
     def strategy(self) -> Any:
         """The loaded model's strategy (from the export's ``strategy.json``)."""

@@ -170,32 +170,23 @@ def serve_fast() -> int:
 
 
 def _fast_loop(sock: Any) -> None:
-    import json
-    import zlib
-
-    import numpy as np
+    from dinb import remote_predict, wire
 
     while True:
         frames = sock.recv_multipart(copy=False)
-        header = json.loads(bytes(frames[0].buffer))
-        if header.get("noop"):  # the client measuring the path itself
-            sock.send_multipart([b'{"outputs": []}'])
+        if len(frames) == 1 and wire.unpack(frames)[0].get("noop"):
+            sock.send_multipart(wire.pack({"outputs": []}))  # the client measuring the path itself
             continue
-        try:
-            arrays = [np.frombuffer(f.buffer, dtype=d).reshape(s)
-                      for f, (s, d) in zip(frames[1:], header["inputs"])]
-            _fast["phase"] = "collective"
-            outs = [t.get_data_to_numpy() for t in _model().predict(arrays)]
-            _fast["phase"] = "done"
+        _fast["phase"] = "collective"
+        reply, outs = remote_predict.answer(_predict_arrays, frames)
+        _fast["phase"] = "done" if outs is not None else "error"
+        if outs is not None:
             _state["outputs"] = outs
-            meta = [{"shape": list(o.shape), "dtype": str(o.dtype),
-                     "crc": zlib.crc32(np.ascontiguousarray(o).view(np.uint8).reshape(-1))} for o in outs]
-            send = outs if header.get("want_data") else []
-            sock.send_multipart([json.dumps({"outputs": meta}).encode()]
-                                + [np.ascontiguousarray(o) for o in send], copy=False)
-        except Exception as e:  # the error goes back to the client with this rank's name
-            _fast["phase"] = "error"
-            sock.send_multipart([json.dumps({"error": f"{type(e).__name__}: {e}"}).encode()])
+        sock.send_multipart(reply, copy=False)
+
+
+def _predict_arrays(arrays: list[Any]) -> list[Any]:
+    return [t.get_data_to_numpy() for t in _model().predict(arrays)]
 
 
 def fast_phase() -> str:
