@@ -226,6 +226,82 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_agent(args: argparse.Namespace) -> int:
+    """One Agent: join the job, load this rank's slice file, serve the worker until it says stop."""
+    import signal
+    import threading
+    import uuid
+
+    from dinb import ranks
+    from dinb.runtime import Context, Model, ModelType
+    from dinb.serving import agent
+
+    if args.world > 1 and ranks.mpi_world() is None and (args.rank is None or args.coordinator is None):
+        raise DinbError("serve-agent outside mpiexec needs --rank, --world and --coordinator host:port")
+    job = ranks.init(args.target, process_index=args.rank if ranks.mpi_world() is None else None,
+                     process_count=args.world if ranks.mpi_world() is None else None,
+                     coordinator=args.coordinator, init_timeout_s=args.init_timeout)
+    model = Model()
+    path = Path(args.model_file or args.model_dir)
+    model.build_from_file(path, ModelType.DINB, Context(target=[args.target]))
+    job_id = args.job or job.allgather("serving job", uuid.uuid4().hex[:12])[0]
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    how = agent.serve(args.distributed_address, model, job.process_index, job.process_count, job_id, stop,
+                      args.worker_timeout)
+    if how == "stopped":
+        ranks.shutdown()  # every rank was told to stop: they leave the job together
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """A one-method servable from an export: agents, the worker, REST and gRPC, until Ctrl-C."""
+    import signal
+    import tempfile
+    import threading
+
+    from dinb.serving import distributed, server
+    from dinb.slicefile import find_slice_files, read_meta
+
+    files = find_slice_files(args.model_dir)
+    meta = read_meta(files[0])
+    name = args.name or meta["model"]
+    ins = [m["name"] for m in meta["inputs"]]
+    outs = [m["name"] for m in meta["outputs"]]
+    bad = [n for n in ins + [name] if not n.isidentifier()]
+    if bad:
+        raise DinbError(f"names {bad} are not Python identifiers; pass --name, or export with other "
+                        "input names")
+    servable_dir = Path(tempfile.mkdtemp(prefix="dinb-servable-"))
+    (servable_dir / name).mkdir()
+    (servable_dir / name / "servable_config.py").write_text(
+        "from dinb.serving import distributed, register\n\n"
+        f"model = distributed.declare_servable(rank_size={len(files)}, stage_size=1, "
+        f"with_batch_dim={bool(args.batching)})\n\n\n"
+        f"@register.register_method(output_names={outs!r})\n"
+        f"def predict({', '.join(ins)}):\n"
+        f"    return register.add_stage(model, {', '.join(ins)}, outputs_count={len(outs)})\n")
+    launcher = distributed.startup_agents(args.distributed_address, [files[r] for r in sorted(files)],
+                                          target=args.target, block=False)
+    try:
+        distributed.start_servable(servable_dir, name, distributed_address=args.distributed_address,
+                                   wait_agents_time_in_seconds=args.wait, batch_delay_ms=args.batch_delay_ms)
+        server.start_grpc_server(args.grpc)
+        server.start_restful_server(args.rest)
+        print(f"serving {name} ({len(files)} ranks, method predict: {ins} -> {outs}) on gRPC {args.grpc} and "
+              f"REST http://{args.rest} (v2 model {name!r}); Ctrl-C stops", flush=True)
+        done = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: done.set())
+        try:
+            done.wait()
+        except KeyboardInterrupt:
+            pass
+    finally:
+        server.stop()
+        launcher.stop()
+    return 0
+
+
 def _mpiexec() -> str:
     beside = Path(sys.executable).parent / "mpiexec"
     found = str(beside) if beside.exists() else shutil.which("mpiexec")
@@ -370,6 +446,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: the export's)")
     p.add_argument("--init-timeout", type=int, default=30)
     p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("serve-agent", help="one serving Agent (a rank): under mpiexec, or with --rank")
+    p.add_argument("--distributed-address", required=True, help="the Distributed Worker's host:port")
+    p.add_argument("--model-file", default=None, help="this rank's slice file")
+    p.add_argument("--model-dir", default=None, help="an export directory (each rank picks its own file)")
+    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--world", type=int, default=1)
+    p.add_argument("--coordinator", default=None, help="host:port of the JAX coordinator (rank 0 hosts it)")
+    p.add_argument("--job", default=None, help="one id shared by the ranks of one job")
+    p.add_argument("--target", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--init-timeout", type=int, default=30)
+    p.add_argument("--worker-timeout", type=float, default=300.0,
+                   help="seconds to wait for the worker to answer before giving up")
+    p.set_defaults(func=cmd_serve_agent)
+
+    p = sub.add_parser("serve", help="serve an export: agents, worker, REST and gRPC (Open Inference "
+                                     "Protocol v2)")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--name", default=None, help="the servable's name (default: the export's model)")
+    p.add_argument("--grpc", default="127.0.0.1:5500")
+    p.add_argument("--rest", default="127.0.0.1:1500")
+    p.add_argument("--distributed-address", default="127.0.0.1:6200")
+    p.add_argument("--batching", action="store_true", help="merge requests along the first axis")
+    p.add_argument("--batch-delay-ms", type=float, default=2.0)
+    p.add_argument("--target", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the agents to register")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="the seeds' distributed MatMul on real ranks")
     p.add_argument("--ranks", type=int, default=2)

@@ -174,7 +174,7 @@ def _fast_loop(sock: Any) -> None:
 
     while True:
         frames = sock.recv_multipart(copy=False)
-        if len(frames) == 1 and wire.unpack(frames)[0].get("noop"):
+        if wire.header(frames).get("noop"):
             sock.send_multipart(wire.pack({"outputs": []}))  # the client measuring the path itself
             continue
         _fast["phase"] = "collective"

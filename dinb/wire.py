@@ -39,5 +39,16 @@ def unpack(frames: Sequence[Any]) -> tuple[dict[str, Any], list[np.ndarray]]:
     return header, arrays
 
 
+def header(frames: Sequence[Any]) -> dict[str, Any]:
+    """Only the header of a message (its arrays stay where they are)."""
+    try:
+        head = json.loads(bytes(_buffer(frames[0])))
+    except (ValueError, IndexError) as e:
+        raise DinbError(f"a malformed message between dinb processes ({e})") from None
+    if not isinstance(head, dict):
+        raise DinbError("a malformed message between dinb processes (its header is not an object)")
+    return head
+
+
 def _buffer(frame: Any) -> Any:
     return frame.buffer if hasattr(frame, "buffer") else frame

@@ -1,0 +1,143 @@
+"""An Agent: one rank of the served model, answering the Distributed Worker's requests.
+
+The agent has already joined its JAX job and loaded its own slice file (a :class:`dinb.Model`);
+:func:`serve` registers it with the worker at ``distributed_address`` and runs every request the
+worker sends through ``Model.predict`` (the SPMD program, XLA's collectives between the ranks),
+until the worker says stop. A second socket sends a heartbeat every 0.25 s from its own thread,
+so a long predict does not look like a dead rank. An agent started before its worker waits for
+it, saying so every 5 s, for at most ``worker_timeout_s``; when the worker restarts, the agent
+registers again.
+
+Three ways to start agents, all ending here: ``distributed.startup_agents`` (one process per slice
+file), ``mpiexec -n N python -m dinb serve-agent`` and notebook engines (``%dinfer serve``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from dinb import remote_predict, wire
+from dinb.errors import DinbError
+from dinb.serving.worker import HEARTBEAT_S
+
+log = logging.getLogger("dinb.serving")
+
+
+def model_io(model: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Name, full shape and dtype of the model's inputs and outputs."""
+
+    def rows(metas: Any) -> list[dict[str, Any]]:
+        return [{"name": m.name, "shape": list(m.shape), "dtype": str(m.dtype)} for m in metas]
+
+    return rows(model.get_inputs()), rows(model.output_meta())
+
+
+def serve(
+    distributed_address: str,
+    model: Any,
+    rank: int,
+    world: int,
+    job: str,
+    stop: threading.Event | None = None,
+    worker_timeout_s: float = 300.0,
+) -> str:
+    """Register with the worker and answer it until it says stop (or ``stop`` is set).
+
+    Returns why it ended: ``"stopped"`` (the worker's order), ``"interrupted"`` (``stop``).
+    Raises :class:`DinbError` when no worker answers within ``worker_timeout_s``, or the worker
+    refuses the agent (another rank count).
+    """
+    import zmq
+
+    stop = stop or threading.Event()
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, f"{job}/{rank}".encode())
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://{distributed_address}")
+    inputs, outputs = model_io(model)
+    me = {"rank": rank, "job": job}
+    registration = wire.pack(
+        {
+            "type": "register",
+            "world": world,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "inputs": inputs,
+            "outputs": outputs,
+            **me,
+        }
+    )
+    beat = threading.Thread(
+        target=_heartbeats,
+        args=(distributed_address, me, stop),
+        daemon=True,
+        name=f"dinb-agent-{rank}-heartbeat",
+    )
+    beat.start()
+
+    def predict(arrays: list[Any]) -> list[Any]:
+        return [t.get_data_to_numpy() for t in model.predict(arrays)]
+
+    sock.send_multipart(registration)
+    registered, t0, told = False, time.monotonic(), time.monotonic()
+    try:
+        while not stop.is_set():
+            if not sock.poll(200):
+                if not registered and time.monotonic() - t0 > worker_timeout_s:
+                    raise DinbError(
+                        f"rank {rank}: no distributed worker answered at {distributed_address} "
+                        f"within {worker_timeout_s:g} s; start the servable "
+                        "(distributed.start_servable) with this distributed_address"
+                    )
+                if not registered and time.monotonic() - told > 5:
+                    log.warning("rank %d waits for the distributed worker at %s", rank, distributed_address)
+                    told = time.monotonic()
+                continue
+            frames = sock.recv_multipart(copy=False)
+            header = wire.header(frames)
+            kind = header.get("type")
+            if kind == "welcome":
+                registered = True
+            elif kind == "register_again":  # the worker restarted under this agent
+                sock.send_multipart(registration)
+            elif kind == "refused":
+                raise DinbError(
+                    f"rank {rank}: the distributed worker at {distributed_address} refused this "
+                    f"agent: {header.get('reason')}"
+                )
+            elif kind == "infer":
+                reply, _ = remote_predict.answer(predict, frames, type="result", id=header["id"], **me)
+                sock.send_multipart(reply, copy=False)
+            elif kind == "stop":
+                sock.send_multipart(wire.pack({"type": "bye", **me}))
+                return "stopped"
+        return "interrupted"
+    finally:
+        stop.set()
+        beat.join(timeout=2)
+        sock.close(linger=100)
+
+
+def _heartbeats(address: str, me: dict[str, Any], stop: threading.Event) -> None:
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, f"{me['job']}/{me['rank']}/heartbeat".encode())
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 4)  # a missing worker must not pile heartbeats up
+    sock.connect(f"tcp://{address}")
+    frames = wire.pack({"type": "heartbeat", **me})
+    try:
+        while not stop.wait(HEARTBEAT_S):
+            try:
+                sock.send_multipart(frames, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+    finally:
+        sock.close(linger=0)

@@ -1,0 +1,89 @@
+"""Prometheus metrics of the serving process (``GET /metrics`` on the REST server).
+
+``dinb_requests_total{model, protocol, status}``, ``dinb_request_seconds{model, protocol}``
+(end to end inside the server), ``dinb_queue_seconds{servable}`` (enqueued to batch start),
+``dinb_batch_rows{servable}`` (rows per model run: above 1 when requests were merged) and
+``dinb_rank_compute_seconds{servable, rank}`` (``Model.predict`` inside each agent). Each
+serving process has its own registry, so tests and notebooks can start several.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "dinb_requests_total",
+            "Requests by model, protocol and status",
+            ["model", "protocol", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "dinb_request_seconds",
+            "Time of a request inside the server",
+            ["model", "protocol"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue = Histogram(
+            "dinb_queue_seconds",
+            "Time from enqueue to the start of its batch",
+            ["servable"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.rows = Histogram(
+            "dinb_batch_rows",
+            "Rows per model run (merged requests)",
+            ["servable"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
+        )
+        self.compute = Histogram(
+            "dinb_rank_compute_seconds",
+            "Model.predict inside each agent",
+            ["servable", "rank"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def request(self, model: str, protocol: str, status: str, seconds: float) -> None:
+        self.requests.labels(model, protocol, status).inc()
+        self.latency.labels(model, protocol).observe(seconds)
+
+    def batch(self, servable: str, queued_s: list[float], rows: int, compute_ms: dict[int, float]) -> None:
+        for q in queued_s:
+            self.queue.labels(servable).observe(q)
+        self.rows.labels(servable).observe(rows)
+        for rank, ms in compute_ms.items():
+            self.compute.labels(servable, str(rank)).observe(ms / 1e3)
+
+    def exposition(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def status_of(error: BaseException | None) -> str:
+    """The status label of a request: ok, bad_request, not_found, unavailable, error."""
+    from dinb.serving.inference import NotFound, RequestError
+    from dinb.serving.worker import Unavailable
+
+    kinds: list[tuple[type, str]] = [
+        (RequestError, "bad_request"),
+        (NotFound, "not_found"),
+        (Unavailable, "unavailable"),
+    ]
+    if error is None:
+        return "ok"
+    return next((label for cls, label in kinds if isinstance(error, cls)), "error")
+
+
+__all__: list[Any] = ["Metrics", "status_of"]

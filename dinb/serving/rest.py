@@ -1,0 +1,214 @@
+"""The REST server (aiohttp): Open Inference Protocol v2, MindSpore Serving's form, /metrics.
+
+    GET  /v2/health/live   /v2/health/ready   /v2
+    GET  /v2/models/{model}[/versions/{v}]            metadata
+    GET  /v2/models/{model}[/versions/{v}]/ready      200 when ready, 503 when not
+    GET  /v2/models/{model}[/versions/{v}]/config
+    POST /v2/models/{model}[/versions/{v}]/infer      JSON, or the binary tensor data extension
+    POST /model/{servable}:{method}                   MindSpore Serving: {"instances": [...]}
+    GET  /metrics                                     Prometheus
+
+Bad requests get 400 (404 for an unknown model) with ``{"error": message}``; a body over the
+size limit 413; a servable that cannot run (a dead rank, not ready) 503. gzip and deflate bodies
+are accepted (``Content-Encoding``), and responses are compressed when ``Accept-Encoding`` asks.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+from typing import Any
+
+import numpy as np
+
+from dinb.errors import DinbError
+from dinb.serving import protocol
+from dinb.serving.inference import NotFound, RequestError
+from dinb.serving.main import Main, split_address
+from dinb.serving.worker import Unavailable
+from dinb.version import __version__
+
+
+class TooLarge(RequestError):
+    """The body (after decompression) is over the server's limit: HTTP 413."""
+
+
+def http_status(e: BaseException) -> int:
+    for cls, code in ((TooLarge, 413), (RequestError, 400), (NotFound, 404), (Unavailable, 503)):
+        if isinstance(e, cls):
+            return code
+    return 500
+
+
+def app(main: Main, max_body: int) -> Any:
+    from aiohttp import web
+
+    def reply(
+        body: bytes | dict[str, Any],
+        status: int = 200,
+        request: Any = None,
+        header_length: int | None = None,
+        content_type: str = "application/json",
+    ) -> Any:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        headers = {}
+        if header_length is not None:
+            headers["Inference-Header-Content-Length"] = str(header_length)
+        accept = request.headers.get("Accept-Encoding", "") if request is not None else ""
+        if "gzip" in accept:
+            data, headers["Content-Encoding"] = gzip.compress(data), "gzip"
+        elif "deflate" in accept:
+            data, headers["Content-Encoding"] = zlib.compress(data), "deflate"
+        return web.Response(body=data, status=status, headers=headers, content_type=content_type)
+
+    def failure(e: BaseException, ms_form: bool = False) -> Any:
+        status = http_status(e)
+        message = str(e) if status != 500 else f"{type(e).__name__}: {e}"
+        return reply({"error_msg": message} if ms_form else {"error": message}, status)
+
+    async def body_of(request: Any) -> bytes:
+        raw = await request.read()
+        encoding = request.headers.get("Content-Encoding", "")
+        if encoding in ("gzip", "deflate"):
+            d = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+            try:
+                raw = d.decompress(raw, max_body + 1)
+            except zlib.error as e:
+                raise RequestError(f"the {encoding} body cannot be decompressed ({e})") from None
+            if len(raw) > max_body:
+                raise TooLarge(f"the decompressed body is over the server's limit of {max_body} bytes")
+        return raw
+
+    def model_of(request: Any) -> tuple[Any, str, str]:
+        model = request.match_info["model"]
+        servable, method = protocol.resolve(main.servables, model, request.match_info.get("version", ""))
+        return servable, method, model
+
+    async def live(request: Any) -> Any:
+        return reply({"live": True})
+
+    async def ready(request: Any) -> Any:
+        return reply({"ready": main.ready}, 200 if main.ready else 503)
+
+    async def server_metadata(request: Any) -> Any:
+        return reply({"name": "dinb", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+    async def model_metadata(request: Any) -> Any:
+        try:
+            servable, method, model = model_of(request)
+            return reply(protocol.metadata(servable, method, model))
+        except DinbError as e:
+            return failure(e)
+
+    async def model_ready(request: Any) -> Any:
+        try:
+            servable, _, _ = model_of(request)
+        except DinbError as e:
+            return failure(e)
+        ok = servable.ready and not main.stopping
+        return reply({"ready": ok}, 200 if ok else 503)
+
+    async def model_config(request: Any) -> Any:
+        try:
+            servable, method, model = model_of(request)
+            meta = protocol.metadata(servable, method, model)
+        except DinbError as e:
+            return failure(e)
+        batch = servable.batcher.max_batch if servable.spec.model.with_batch_dim else 0
+        return reply(
+            {
+                "name": model,
+                "platform": "dinb",
+                "max_batch_size": batch,
+                "input": [
+                    {"name": t["name"], "data_type": "TYPE_" + t["datatype"], "dims": t["shape"]}
+                    for t in meta["inputs"]
+                ],
+                "output": [
+                    {"name": t["name"], "data_type": "TYPE_" + t["datatype"], "dims": t["shape"]}
+                    for t in meta["outputs"]
+                ],
+            }
+        )
+
+    async def infer(request: Any) -> Any:
+        model = request.match_info["model"]
+        try:
+            servable, method, model = model_of(request)
+            length = request.headers.get("Inference-Header-Content-Length")
+            if length is not None and not length.isdigit():
+                raise RequestError(f"Inference-Header-Content-Length {length!r} is not a byte count")
+            inputs, req = protocol.parse_rest(await body_of(request), int(length) if length else None)
+        except DinbError as e:
+            main.count(model, "rest", e)
+            return failure(e)
+        try:
+            outputs = await main.infer(servable, method, inputs, "rest", model)
+            body, header_length = protocol.rest_response(model, servable.version, outputs, req, req.get("id"))
+        except DinbError as e:
+            return failure(e)
+        return reply(body, request=request, header_length=header_length)
+
+    async def mindspore(request: Any) -> Any:
+        target = request.match_info["target"]
+        name, _, method = target.partition(":")
+        try:
+            servable, method = protocol.resolve(main.servables, f"{name}.{method}" if method else name)
+            instances = protocol.parse_instances(await body_of(request))
+            ins, _ = servable.io(servable.method(method))
+            dtypes = {t["name"]: t["dtype"] for t in ins}
+            batched = servable.spec.model.with_batch_dim
+            results = []
+            label = f"{servable.name}.{method}"
+            requests = [
+                {k: protocol.cast(k, v, dtypes.get(k, str(v.dtype))) for k, v in inst.items()}
+                for inst in instances
+            ]
+            if batched:  # each instance is one sample: stack them into one request of n rows
+                names = list(requests[0])
+                if any(list(r) != names for r in requests):
+                    raise RequestError("every instance must give the same inputs")
+                merged = {k: np.stack([r[k] for r in requests]) for k in names}
+                out = await main.infer(servable, method, merged, "mindspore", label)
+                results = [{k: v[i] for k, v in out.items()} for i in range(len(requests))]
+            else:
+                for r in requests:
+                    results.append(await main.infer(servable, method, r, "mindspore", label))
+        except DinbError as e:
+            return failure(e, ms_form=True)
+        return reply(protocol.instances_response(results), request=request)
+
+    async def metrics(request: Any) -> Any:
+        body, content_type = main.metrics.exposition()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    application = web.Application(client_max_size=max_body)
+    for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+        application.router.add_get(prefix, model_metadata)
+        application.router.add_get(prefix + "/ready", model_ready)
+        application.router.add_get(prefix + "/config", model_config)
+        application.router.add_post(prefix + "/infer", infer)
+    application.router.add_get("/v2/health/live", live)
+    application.router.add_get("/v2/health/ready", ready)
+    application.router.add_get("/v2", server_metadata)
+    application.router.add_post("/model/{target}", mindspore)
+    application.router.add_get("/metrics", metrics)
+    return application
+
+
+async def start(main: Main, address: str, max_body: int) -> Any:
+    from aiohttp import web
+
+    host, port = split_address(address, "REST address")
+    runner = web.AppRunner(app(main, max_body), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        raise DinbError(
+            f"the REST server cannot listen on {address} ({e.strerror or e}); give another address"
+        ) from None
+    return runner

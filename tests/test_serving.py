@@ -1,0 +1,497 @@
+"""Distributed serving with real processes over loopback: Main, agents, tritonclient, curl-like calls.
+
+Every server here is a real process (the seed's scripts, or ``python -m dinb serve``), every agent
+a real rank process joined in a JAX job, and every client a real HTTP or gRPC client.
+"""
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from dinb import export_distributed
+from dinb.models import MatMulNeg, MegatronMLP, mlp_reference
+from dinb.ranks import free_port
+
+pytestmark = pytest.mark.mpi
+PY = sys.executable
+ENV = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+def http(method, url, body=None, headers=None, timeout=30):
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), dict(e.headers)
+
+
+def wait_until(predicate, timeout_s, what):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return time.monotonic()
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{what} did not happen within {timeout_s} s")
+
+
+def ready(rest):
+    return http("GET", f"http://{rest}/v2/health/ready", timeout=2)[0] == 200
+
+
+def children(pid):
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def rss_mib(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def v2_json(x, name="x"):
+    return json.dumps({"inputs": [{"name": name, "shape": list(x.shape), "datatype": "FP32",
+                                   "data": x.reshape(-1).tolist()}]}).encode()
+
+
+class Serve:
+    """``python -m dinb serve`` on free ports: Main, the worker and the agents' launcher."""
+
+    def __init__(self, model_dir, batching=True, extra=()):
+        self.rest, self.grpc, self.dist = (f"127.0.0.1:{free_port()}" for _ in range(3))
+        cmd = [PY, "-m", "dinb", "serve", "--model-dir", str(model_dir), "--rest", self.rest, "--grpc",
+               self.grpc, "--distributed-address", self.dist, *(["--batching"] if batching else []), *extra]
+        self.proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+        wait_until(lambda: ready(self.rest), 120, f"the server at {self.rest}")
+
+    def agents(self):
+        return [p for p in children(self.proc.pid) if "serve-agent" in open(f"/proc/{p}/cmdline").read()]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.stdout.read()
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlp")
+    net = MegatronMLP(d_model=256, d_ff=1024, batch=8)
+    params = net.init_params(1)
+    export_distributed(net, params, net.strategy(2), net.example_inputs(), root / "mlp")
+    server = Serve(root / "mlp")
+    yield server, params
+    server.stop()
+
+
+# ---- the seed's flow --------------------------------------------------------------------------------
+SEED_CONFIG = """
+from dinb.serving import distributed
+from dinb.serving import register
+
+model = distributed.declare_servable(rank_size=2, stage_size=1, with_batch_dim=False)
+
+
+@register.register_method(output_names=["y"])
+def predict(x):
+    y = register.add_stage(model, x, outputs_count=1)
+    return y
+"""
+SEED_SERVER = """
+import os
+import sys
+from dinb.serving import server
+from dinb.serving import distributed
+
+
+def start():
+    servable_dir = os.path.dirname(os.path.realpath(sys.argv[0]))
+    distributed.start_servable(servable_dir, "matmul", rank_table_json_file="rank_table_2pcs.json",
+                               version_number=1, distributed_address="{dist}", wait_agents_time_in_seconds=0)
+    server.start_grpc_server("{grpc}")
+    server.start_restful_server("{rest}")
+
+
+if __name__ == "__main__":
+    start()
+"""
+SEED_AGENT = """
+from dinb.serving import distributed
+
+
+def start_agents():
+    model_files = []
+    for i in range(2):
+        model_files.append(f"model/matmul{{i}}.dinb")
+    distributed.startup_agents(distributed_address="{dist}", model_files=model_files,
+                               group_config_files=None, agent_start_port={port}, agent_ip=None,
+                               rank_start=None)
+
+
+if __name__ == "__main__":
+    start_agents()
+"""
+SEED_CLIENT = """
+import numpy as np
+from dinb.serving.client import Client
+
+
+def run_matmul():
+    client = Client("{grpc}", "matmul", "predict")
+    instance = {{"x": np.ones((128, 96), np.float32)}}
+    result = client.infer(instance)
+    print("result:\\n", result)
+
+
+if __name__ == "__main__":
+    run_matmul()
+"""
+
+
+def seed_dir(tmp_path):
+    addr = {"rest": f"127.0.0.1:{free_port()}", "grpc": f"127.0.0.1:{free_port()}",
+            "dist": f"127.0.0.1:{free_port()}", "port": free_port()}
+    (tmp_path / "matmul").mkdir()
+    (tmp_path / "matmul" / "servable_config.py").write_text(SEED_CONFIG)
+    (tmp_path / "serving_server.py").write_text(textwrap.dedent(SEED_SERVER).format(**addr))
+    (tmp_path / "serving_agent.py").write_text(textwrap.dedent(SEED_AGENT).format(**addr))
+    (tmp_path / "serving_client.py").write_text(textwrap.dedent(SEED_CLIENT).format(**addr))
+    (tmp_path / "rank_table_2pcs.json").write_text(json.dumps(
+        {"version": "1.0", "server_count": "1", "status": "completed",
+         "server_list": [{"server_id": "127.0.0.1", "device": [
+             {"device_id": str(i), "device_ip": f"192.98.{i}.10", "rank_id": str(i)} for i in range(2)]}]}))
+    net = MatMulNeg()
+    x = np.ones((128, 96), np.float32)
+    export_distributed(net, net.init_params(), net.strategy(2, "contraction"), [x], tmp_path / "model")
+    return addr
+
+
+def test_the_seeds_serving_flow_prints_minus_48(tmp_path):
+    """seed 001 as written, dinb in place of mindspore_serving: server, agents, client."""
+    addr = seed_dir(tmp_path)
+    server = subprocess.Popen([PY, "serving_server.py"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    agents = subprocess.Popen([PY, "serving_agent.py"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: ready(addr["rest"]), 120, "the seed's server")
+        out = subprocess.run([PY, "serving_client.py"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("result:\n [{'y': array([[-48., -48., -48., ..., -48., -48., -48.],")
+        assert out.stdout.count("-48.") >= 36 and "dtype=float32)}]" in out.stdout
+    finally:
+        server.send_signal(signal.SIGTERM)  # drain, stop the agents: every process ends
+        assert server.wait(timeout=60) == 0
+        assert agents.wait(timeout=60) == 0, agents.stdout.read()
+
+
+# ---- standard clients -------------------------------------------------------------------------------
+def test_tritonclient_http_and_grpc_unchanged(mlp):
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+
+    server, params = mlp
+    x = np.random.default_rng(0).standard_normal((3, 256)).astype(np.float32)
+    want = mlp_reference(params, x)
+    for mod, url in ((th, server.rest), (tg, server.grpc)):
+        client = mod.InferenceServerClient(url)
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("mlp")
+        meta = client.get_model_metadata("mlp")
+        inputs = meta["inputs"] if mod is th else [
+            {"name": i.name, "datatype": i.datatype, "shape": list(i.shape)} for i in meta.inputs]
+        assert inputs == [{"name": "x", "datatype": "FP32", "shape": [-1, 256]}]
+        for binary in (True, False):
+            inp = mod.InferInput("x", list(x.shape), "FP32")
+            if mod is th:
+                inp.set_data_from_numpy(x, binary_data=binary)
+                out = mod.InferRequestedOutput("output_0", binary_data=binary)
+            else:
+                inp.set_data_from_numpy(x)
+                out = mod.InferRequestedOutput("output_0")
+            got = client.infer("mlp", [inp], outputs=[out]).as_numpy("output_0")
+            np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+        if mod is th:
+            got = client.async_infer("mlp.predict", [inp]).get_result().as_numpy("output_0")
+        else:
+            got = grpc_async(client, inp)
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
+def grpc_async(client, inp):
+    done = []
+    client.async_infer("mlp.predict", [inp], callback=lambda result, error: done.append((result, error)))
+    wait_until(lambda: done, 30, "the async gRPC call")
+    assert done[0][1] is None
+    return done[0][0].as_numpy("output_0")
+
+
+def test_mindspore_rest_form_and_client(mlp):
+    from dinb.serving.client import Client
+
+    server, params = mlp
+    x = np.random.default_rng(1).standard_normal((2, 256)).astype(np.float32)
+    body = json.dumps({"instances": [{"x": row.tolist()} for row in x]}).encode()
+    status, data, _ = http("POST", f"http://{server.rest}/model/mlp:predict", body)
+    assert status == 200
+    got = np.array([inst["output_0"] for inst in json.loads(data)["instances"]], np.float32)
+    np.testing.assert_allclose(got, mlp_reference(params, x), rtol=2e-4, atol=2e-4)
+    client = Client(server.grpc, "mlp", "predict")
+    result = client.infer([{"x": row} for row in x])
+    assert [list(r) for r in result] == [["output_0"], ["output_0"]] and result[0]["output_0"].shape == (256,)
+    np.testing.assert_allclose(np.stack([r["output_0"] for r in result]), mlp_reference(params, x),
+                               rtol=2e-4, atol=2e-4)
+    assert client.infer_async({"x": x[0]}).result(timeout=30)[0]["output_0"].shape == (256,)
+
+
+def test_concurrent_requests_are_merged_into_batches(mlp):
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pbg
+
+    server, params = mlp
+    rows = np.random.default_rng(2).standard_normal((24, 256)).astype(np.float32)
+
+    async def one(stub, i):
+        req = pb.ModelInferRequest(model_name="mlp")
+        req.inputs.append(pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1, 256]))
+        req.raw_input_contents.append(rows[i:i + 1].tobytes())
+        resp = await stub.ModelInfer(req)
+        return np.frombuffer(resp.raw_output_contents[0], np.float32).reshape(1, 256)
+
+    async def burst():
+        async with grpc.aio.insecure_channel(server.grpc) as channel:
+            stub = pbg.GRPCInferenceServiceStub(channel)
+            return await asyncio.gather(*(one(stub, i) for i in range(24)))
+
+    before = batch_rows(server.rest)
+    got = np.concatenate(asyncio.run(burst()))
+    np.testing.assert_allclose(got, mlp_reference(params, rows), rtol=2e-4, atol=2e-4)
+    after = batch_rows(server.rest)
+    runs, merged = after[0] - before[0], after[1] - before[1]
+    assert merged == 24 and runs < 24  # fewer model runs than requests: requests shared batches
+
+
+def batch_rows(rest):
+    """(model runs, rows run) so far, from the Prometheus metrics."""
+    text = http("GET", f"http://{rest}/metrics")[1].decode()
+    count = float(re.search(r'^dinb_batch_rows_count\{servable="mlp"\} (\S+)$', text, re.M).group(1))
+    total = float(re.search(r'^dinb_batch_rows_sum\{servable="mlp"\} (\S+)$', text, re.M).group(1))
+    return count, total
+
+
+# ---- bad requests -----------------------------------------------------------------------------------
+BINARY_HEAD = b'{"inputs": [{"name": "x", "shape": [1, 256], "datatype": "FP32", "parameters": {"binary_data_size": 1024}}]}'
+
+def test_bad_requests_get_4xx_naming_the_problem_and_the_server_stays_up(mlp):
+    server, _ = mlp
+    url = f"http://{server.rest}/v2/models"
+    x = np.ones((1, 256), np.float32)
+    cases = [
+        ("POST", f"{url}/nothing/infer", v2_json(x), {}, 404, "no model 'nothing'"),
+        ("POST", f"{url}/mlp.train/infer", v2_json(x), {}, 404, "no method 'train'"),
+        ("POST", f"{url}/mlp/infer", b'{"inputs": []}', {}, 400, "missing ['x']"),
+        ("POST", f"{url}/mlp/infer", v2_json(x, "y")[:-2] + b', {"name": "x", "shape": [1, 256], "datatype": '
+         b'"FP32", "data": ' + json.dumps([1.0] * 256).encode() + b"}]}", {}, 400, "not inputs of it: ['y']"),
+        ("POST", f"{url}/mlp/infer", v2_json(np.ones((1, 3), np.float32)), {}, 400,
+         "must have shape [n, 256]"),
+        ("POST", f"{url}/mlp/infer", v2_json(x).replace(b'"FP32"', b'"INT32"'), {}, 400, "must be float32"),
+        ("POST", f"{url}/mlp/infer", b"{not json", {}, 400, "not valid JSON"),
+        ("POST", f"{url}/mlp/infer", BINARY_HEAD + b"\0" * 1000,  # 1000 bytes where 1024 are announced
+         {"Inference-Header-Content-Length": str(len(BINARY_HEAD))}, 400, "binary_data_size"),
+        ("POST", f"{url}/mlp/infer", b"x" * (101 * 2**20), {}, 413, ""),
+        ("POST", "http://" + server.rest + "/model/mlp:predict", b'{"instances": 3}', {}, 400, "instances"),
+    ]
+    for method, target, body, headers, code, words in cases:
+        status, data, _ = http(method, target, body, headers)
+        assert status == code, (target, status, data[:200])
+        if words:
+            assert words in json.loads(data).get("error", json.loads(data).get("error_msg", "")), data[:300]
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pbg
+
+    stub = pbg.GRPCInferenceServiceStub(grpc.insecure_channel(server.grpc))
+    for model, shape, dtype, raw, code, words in (
+            ("mlp", [1, 3], "FP32", b"\0" * 12, "INVALID_ARGUMENT", "must have shape"),
+            ("mlp", [1, 256], "FP64", b"\0" * 2048, "INVALID_ARGUMENT", "must be float32"),
+            ("mlp", [1, 256], "FP32", b"\0" * 10, "INVALID_ARGUMENT", "needs 1024 bytes"),
+            ("elsewhere", [1, 256], "FP32", b"\0" * 1024, "NOT_FOUND", "no model 'elsewhere'")):
+        req = pb.ModelInferRequest(model_name=model)
+        req.inputs.append(pb.ModelInferRequest.InferInputTensor(name="x", datatype=dtype, shape=shape))
+        req.raw_input_contents.append(raw)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(req, timeout=30)
+        assert e.value.code().name == code and words in e.value.details(), e.value.details()
+    assert ready(server.rest) and server.proc.poll() is None
+
+
+# ---- load ---------------------------------------------------------------------------------------------
+def test_load_2000_requests_at_concurrency_32_both_protocols_10_percent_malformed(mlp):
+    import aiohttp
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pbg
+
+    server, params = mlp
+    rng = np.random.default_rng(3)
+    pool = rng.standard_normal((64, 256)).astype(np.float32)
+    want = mlp_reference(params, pool).astype(np.float32)
+    results = {"ok": 0, "bad": 0, "wrong": 0, "lost": 0}
+
+    async def rest_call(session, i, bad):
+        row = pool[i % 64:i % 64 + 1]
+        body = b'{"inputs": [{"name": "x", "shape": [1, 255]' if bad else v2_json(row)
+        async with session.post(f"http://{server.rest}/v2/models/mlp/infer", data=body) as r:
+            data = await r.read()
+            if bad:
+                return "bad" if 400 <= r.status < 500 else "wrong"
+            got = np.array(json.loads(data)["outputs"][0]["data"], np.float32)
+            right = r.status == 200 and np.allclose(got, want[i % 64], rtol=2e-4, atol=2e-4)
+            return "ok" if right else "wrong"
+
+    async def grpc_call(stub, i, bad):
+        req = pb.ModelInferRequest(model_name="mlp")
+        req.inputs.append(pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1, 256]))
+        req.raw_input_contents.append(pool[i % 64].tobytes()[: 100 if bad else None])
+        try:
+            resp = await stub.ModelInfer(req)
+        except grpc.aio.AioRpcError as e:
+            return "bad" if bad and e.code() == grpc.StatusCode.INVALID_ARGUMENT else "wrong"
+        got = np.frombuffer(resp.raw_output_contents[0], np.float32)
+        return "ok" if not bad and np.allclose(got, want[i % 64], rtol=2e-4, atol=2e-4) else "wrong"
+
+    async def load(n, first):
+        sem = asyncio.Semaphore(32)
+        async with aiohttp.ClientSession() as session, grpc.aio.insecure_channel(server.grpc) as channel:
+            stub = pbg.GRPCInferenceServiceStub(channel)
+
+            async def one(i):
+                async with sem:
+                    bad = (i * 7919) % 10 == 0  # 10% malformed, spread out
+                    try:
+                        call = rest_call(session, i, bad) if i % 2 else grpc_call(stub, i, bad)
+                        return await asyncio.wait_for(call, 60)
+                    except Exception:
+                        return "lost"
+
+            return await asyncio.gather(*(one(first + i) for i in range(n)))
+
+    asyncio.run(load(200, 0))  # warm up: the server's memory settles
+    before = rss_mib(server.proc.pid)
+    for outcome in asyncio.run(load(2000, 200)):
+        results[outcome] += 1
+    after = rss_mib(server.proc.pid)
+    assert results["lost"] == 0 and results["wrong"] == 0, results
+    assert results["ok"] + results["bad"] == 2000 and 150 <= results["bad"] <= 250, results
+    assert after - before < 25, f"the server grew from {before:.0f} to {after:.0f} MiB"
+
+
+# ---- failure and life cycle ----------------------------------------------------------------------------
+def test_a_killed_agent_is_named_within_5_s_then_relaunched_without_restarting_main(mlp):
+    import tritonclient.grpc as tg
+
+    server, params = mlp
+    agents = server.agents()
+    assert len(agents) == 2
+    victim = [p for p in agents if "--rank 1" in open(f"/proc/{p}/cmdline").read().replace("\0", " ")][0]
+    x = np.ones((1, 256), np.float32)
+    os.kill(victim, signal.SIGKILL)
+    t0 = time.monotonic()
+    t_down = wait_until(lambda: http("GET", f"http://{server.rest}/v2/models/mlp/ready")[0] == 503, 5,
+                        "model ready turning false")
+    assert t_down - t0 < 5
+    status, data, _ = http("POST", f"http://{server.rest}/v2/models/mlp/infer", v2_json(x))
+    if status == 503:  # not relaunched yet: the error names the dead rank
+        assert "rank 1 died" in json.loads(data)["error"]
+    client = tg.InferenceServerClient(server.grpc)
+    wait_until(lambda: client.is_model_ready("mlp"), 60, "the relaunched agents")
+    status, data, _ = http("POST", f"http://{server.rest}/v2/models/mlp/infer", v2_json(x))
+    assert status == 200 and server.proc.poll() is None
+    assert not alive(victim) and set(server.agents()).isdisjoint(agents)
+
+
+def test_sigterm_drains_and_leaves_no_process(tmp_path):
+    net = MegatronMLP(d_model=128, d_ff=512, batch=4)
+    export_distributed(net, net.init_params(), net.strategy(2), net.example_inputs(), tmp_path / "m")
+    server = Serve(tmp_path / "m")
+    agents = server.agents()
+
+    async def burst():
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            async def one():
+                try:
+                    async with session.post(f"http://{server.rest}/v2/models/mlp/infer",
+                                            data=v2_json(np.ones((1, 128), np.float32))) as r:
+                        return r.status
+                except aiohttp.ClientError:
+                    return "refused"
+
+            tasks = [asyncio.create_task(one()) for _ in range(64)]
+            await asyncio.sleep(0.05)
+            server.proc.send_signal(signal.SIGTERM)
+            return await asyncio.gather(*tasks)
+
+    statuses = asyncio.run(burst())
+    assert set(statuses) <= {200, 503, "refused"} and statuses.count(200) > 0, statuses
+    assert server.proc.wait(timeout=60) == 0
+    wait_until(lambda: not any(alive(p) for p in agents), 10, "the agents ending")
+
+
+def test_agents_before_the_worker_and_a_worker_restarted_under_running_agents(tmp_path):
+    addr = seed_dir(tmp_path)
+    agents = subprocess.Popen([PY, "serving_agent.py"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(3)  # the agents are up and wait for their worker
+        assert agents.poll() is None
+        for attempt in range(2):  # the second server starts under the same, still running agents
+            server = subprocess.Popen([PY, "serving_server.py"], cwd=tmp_path, env=ENV,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            wait_until(lambda: ready(addr["rest"]), 60, f"server {attempt} getting the agents")
+            body = v2_json(np.ones((128, 96), np.float32))
+            status, data, _ = http("POST", f"http://{addr['rest']}/v2/models/matmul/infer", body)
+            assert status == 200 and set(json.loads(data)["outputs"][0]["data"]) == {-48.0}
+            if attempt == 0:
+                server.kill()  # no drain, no stop message: the agents keep running
+                server.wait(timeout=10)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+        assert agents.wait(timeout=60) == 0
+    finally:
+        for p in (agents, server):
+            if p.poll() is None:
+                p.kill()
