@@ -431,6 +431,21 @@ class RankCluster:
                            provider=st["provider"], loaded=st["loaded"])
         return rows
 
+    def serve(self, distributed_address: str, worker_timeout_s: float = 300.0) -> str:
+        """Make every rank an Agent of the servable whose Distributed Worker listens at
+        ``distributed_address`` (:func:`dinb.serving.distributed.start_servable`, in this kernel or
+        elsewhere); the ranks serve from a thread until :meth:`stop_serving`. Returns the job id."""
+        if self.model_dir is None:
+            raise ClusterError("no model is loaded; run `%dinfer load DIR` first, then serve it")
+        job = f"notebook-{self.engine_of[0]}-{self.pids[0]}"
+        self._all(engine.serve_agent, (distributed_address, job, worker_timeout_s),
+                  what="starting the agents")
+        return job
+
+    def stop_serving(self) -> None:
+        """The ranks stop serving (the worker sees them go)."""
+        self._all(engine.stop_agent, what="stopping the agents")
+
     def execute(self, code: str, timeout_s: float | None = None) -> dict[int, str]:
         """Run a cell on every rank; returns each rank's printed output."""
         return dict(enumerate(self._all(_run_cell, (code,), timeout_s=timeout_s, what="the cell")))

@@ -85,6 +85,7 @@ def _model() -> Any:
 
 def predict(inputs: list[Any]) -> list[Any]:
     """Run the SPMD program on this rank; returns this rank's outputs as numpy arrays."""
+    _not_serving()
     model = _model()
     _publish(phase="collective", t=time.time())
     outs = [t.get_data_to_numpy() for t in model.predict(inputs)]
@@ -186,7 +187,50 @@ def _fast_loop(sock: Any) -> None:
 
 
 def _predict_arrays(arrays: list[Any]) -> list[Any]:
+    _not_serving()
     return [t.get_data_to_numpy() for t in _model().predict(arrays)]
+
+
+# ---- serving: this rank as an Agent of a servable -------------------------------------------------
+def serve_agent(distributed_address: str, job: str, worker_timeout_s: float) -> int:
+    """Serve the loaded model as this rank's Agent (:mod:`dinb.serving.agent`) from a thread."""
+    import threading
+
+    from dinb.serving import agent
+
+    if _state.get("serving") is not None:
+        from dinb.errors import DinbError
+
+        raise DinbError(f"rank {_state['rank']} already serves; stop it first (%dinfer serve stop)")
+    model, stop = _model(), threading.Event()
+    _state["serving"] = stop
+
+    def run() -> None:
+        try:
+            agent.serve(distributed_address, model, _state["rank"], _state["world"], job, stop,
+                        worker_timeout_s)
+        finally:
+            _state["serving"] = None
+
+    threading.Thread(target=run, daemon=True, name="dinb-agent").start()
+    return int(_state["rank"])
+
+
+def stop_agent() -> bool:
+    """Stop serving (the thread leaves at its next poll)."""
+    stop = _state.get("serving")
+    if stop is not None:
+        stop.set()
+    return stop is not None
+
+
+def _not_serving() -> None:
+    if _state.get("serving") is not None:
+        from dinb.errors import DinbError
+
+        raise DinbError(f"rank {_state['rank']} serves a servable: its requests and this predict would "
+                        "meet in the collectives out of order. Use the servable, or stop serving "
+                        "(%dinfer serve stop)")
 
 
 def fast_phase() -> str:

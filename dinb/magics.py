@@ -31,6 +31,8 @@ Subcommands (each is one call of dinb.cluster's Python API):
   %dinfer outputs [REF_EXPR]   per-rank outputs of the last predict, one panel per rank
         (with a difference against REF_EXPR when given)    RankOutputs(current().outputs())
   %dinfer strategy             the loaded model's strategy as a table      current().strategy()
+  %dinfer serve ADDRESS | stop  every rank serves the loaded model as an Agent of the servable
+        whose Distributed Worker listens at ADDRESS (host:port)      current().serve(ADDRESS)
   %dinfer explore [MODEL|DIR] [-n N]
         the strategy explorer (no cluster needed)           StrategyExplorer(MODEL, devices=N)
 
@@ -98,6 +100,21 @@ class DinferMagics(Magics):
             c = cl.current().restart()
             print(f"restarted {c.n} ranks" + (", model reloaded" if c.model_dir else ""))
         return None
+
+    @magic_arguments()
+    @argument("address", help="the Distributed Worker's host:port, or 'stop'")
+    def _serve(self, line: str) -> None:
+        """%dinfer serve ADDRESS | stop"""
+
+    def _cmd_serve(self, rest: str, line: str) -> None:
+        args = parse_argstring(self._serve, rest)
+        c = cl.current()
+        if args.address == "stop":
+            c.stop_serving()
+            print(f"{c.n} ranks stopped serving")
+        else:
+            c.serve(args.address)
+            print(f"{c.n} ranks serve {c.model_dir} as agents of the worker at {args.address}")
 
     @magic_arguments()
     @argument("--target", default="cpu", choices=["cpu", "gpu"])

@@ -24,13 +24,15 @@ def answer(predict: Callable[[list[np.ndarray]], list[np.ndarray]], frames: Sequ
     """The rank side: run ``predict`` on the message's arrays; returns the reply frames and the
     outputs (None after an error, which goes back in the reply with its type and message)."""
     try:
+        start = time.perf_counter()
         header, arrays = wire.unpack(frames)
         t0 = time.perf_counter()
         outs = predict(arrays)
         ms = (time.perf_counter() - t0) * 1e3
         meta = [{"shape": list(o.shape), "dtype": str(o.dtype), "crc": crc(o)} for o in outs]
         send = outs if header.get("want_data") else []
-        return wire.pack({"outputs": meta, "compute_ms": ms, **extra}, send), outs
+        answer_ms = (time.perf_counter() - start) * 1e3
+        return wire.pack({"outputs": meta, "compute_ms": ms, "answer_ms": answer_ms, **extra}, send), outs
     except Exception as e:  # the error goes back to the sender with this rank's name
         return wire.pack({"error": f"{type(e).__name__}: {e}", **extra}), None
 

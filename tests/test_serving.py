@@ -495,3 +495,83 @@ def test_agents_before_the_worker_and_a_worker_restarted_under_running_agents(tm
         for p in (agents, server):
             if p.poll() is None:
                 p.kill()
+
+
+def test_notebook_engines_and_mpiexec_ranks_serve_as_agents(tmp_path):
+    """Main in this process; the agents are notebook engines, then ranks under mpiexec."""
+    import dinb
+    from dinb import cluster as cl
+    from dinb.cli import _mpiexec
+    from dinb.serving import distributed, server
+
+    addr = seed_dir(tmp_path)
+    x = v2_json(np.ones((128, 96), np.float32))
+    engines = dinb.start_cluster(2, timeout_s=60)
+    try:
+        engines.load(tmp_path / "model", show_progress=False)
+        engines.serve(addr["dist"])
+        distributed.start_servable(tmp_path, "matmul", distributed_address=addr["dist"],
+                                   wait_agents_time_in_seconds=60, handle_sigterm=False)
+        server.start_restful_server(addr["rest"])
+        status, data, _ = http("POST", f"http://{addr['rest']}/v2/models/matmul/infer", x)
+        assert status == 200 and set(json.loads(data)["outputs"][0]["data"]) == {-48.0}
+        with pytest.raises(dinb.RankFailedError, match="serves a servable"):
+            engines.predict(np.ones((128, 96), np.float32))
+        engines.stop_serving()
+        wait_until(lambda: http("GET", f"http://{addr['rest']}/v2/models/matmul/ready")[0] == 503, 10,
+                   "the servable noticing the engines left")
+        ranks = subprocess.Popen([_mpiexec(), "-n", "2", PY, "-m", "dinb", "serve-agent", "--distributed-address",
+                                  addr["dist"], "--model-dir", str(tmp_path / "model")], env=ENV,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_until(lambda: ready(addr["rest"]), 60, "the mpiexec ranks registering")
+        status, data, _ = http("POST", f"http://{addr['rest']}/v2/models/matmul/infer", x)
+        assert status == 200 and set(json.loads(data)["outputs"][0]["data"]) == {-48.0}
+    finally:
+        server.stop()
+        cl.stop_cluster()
+    assert ranks.wait(timeout=60) == 0, ranks.stdout.read()  # the server told them to stop
+
+
+def test_declaration_errors_name_what_to_do(tmp_path):
+    from dinb.serving import distributed
+    from dinb.serving.register import ServableError
+
+    (tmp_path / "piped").mkdir()
+    (tmp_path / "piped" / "servable_config.py").write_text(
+        "from dinb.serving import distributed\nmodel = distributed.declare_servable(rank_size=4, stage_size=2)\n")
+    with pytest.raises(ServableError, match="stage_size=2: serving pipeline stages needs pipelined exports"):
+        distributed.load_servable(tmp_path, "piped")
+    with pytest.raises(ServableError, match="servable_config.py does not exist"):
+        distributed.load_servable(tmp_path, "absent")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "servable_config.py").write_text(
+        "from dinb.serving import distributed\nmodel = distributed.declare_servable(rank_size=2)\n")
+    with pytest.raises(ServableError, match="registers no method"):
+        distributed.load_servable(tmp_path, "empty")
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps({"server_list": [{"device": [{"device_id": "0"}] * 8}]}))
+    (tmp_path / "seed").mkdir()
+    seed_dir(tmp_path / "seed")
+    with pytest.raises(ServableError, match="lists 8 devices but servable 'matmul' declares rank_size=2"):
+        distributed.start_servable(tmp_path / "seed", "matmul", rank_table_json_file=str(table),
+                                   handle_sigterm=False)
+
+
+def test_waiting_without_limit_says_which_ranks_are_missing(caplog):
+    """wait_agents_time_in_seconds=0 waits without limit, naming the missing ranks every few seconds."""
+    from dinb.serving.worker import DistributedWorker
+
+    async def wait():
+        worker = DistributedWorker("lonely", 2, f"127.0.0.1:{free_port()}")
+        await worker.start()
+        try:
+            await asyncio.wait_for(worker.wait_ready(None, every_s=0.2), 1.0)
+        except TimeoutError:
+            pass
+        finally:
+            await worker.stop()
+
+    with caplog.at_level("WARNING", logger="dinb.serving"):
+        asyncio.run(wait())
+    lines = [r.getMessage() for r in caplog.records if "waits for rank(s) [0, 1] of 2" in r.getMessage()]
+    assert len(lines) >= 3

@@ -122,6 +122,7 @@ def start_servable(
     max_queue: int = 1024,
     heartbeat_timeout_s: float = 1.5,
     request_timeout_s: float = 60.0,
+    handle_sigterm: bool = True,
 ) -> None:
     """Load the servable and start its Distributed Worker at ``distributed_address``; return once
     all ``rank_size`` agents have registered.
@@ -129,6 +130,7 @@ def start_servable(
     ``wait_agents_time_in_seconds``: how long to wait for them; 0 keeps MindSpore's meaning (no
     limit), saying every 5 s which ranks are still missing. ``batch_delay_ms``: how long the first
     request of a batch waits for others to merge with; ``max_queue``: requests waiting at most.
+    ``handle_sigterm``: in the main thread, SIGTERM drains and stops the server (as MindSpore's does).
     """
     from dinb.serving.main import Main, stop_on_sigterm
 
@@ -141,7 +143,8 @@ def start_servable(
                 f"{rank_table_json_file} lists {devices} devices but servable {servable_name!r} "
                 f"declares rank_size={spec.model.rank_size}"
             )
-    stop_on_sigterm()
+    if handle_sigterm:
+        stop_on_sigterm()
     Main.get().add_servable(
         spec,
         distributed_address,
@@ -299,6 +302,8 @@ class AgentLauncher:
                     ", ".join(f"rank {r}: {codes[r]}" for r in dead),
                     self.job,
                 )
+                for r in dead:  # the worker hears it now, not after the heartbeat timeout
+                    self._tell_worker({"type": "rank_died", "job": self.job, "rank": r, "code": codes[r]})
                 self._end_all()
                 if self.restart == "always" and self.restarts < self.max_restarts:
                     self.restarts += 1

@@ -150,7 +150,7 @@ def servicer(main: Main) -> Any:
                 main.count(request.model_name, "grpc", e)
                 await abort(context, e)
             try:
-                outputs = await main.infer(servable, method, inputs, "grpc", request.model_name)
+                outputs, compute_ms = await main.infer(servable, method, inputs, "grpc", request.model_name)
                 names = [o.name for o in request.outputs] or list(outputs)
                 unknown = [n for n in names if n not in outputs]
                 if unknown:
@@ -160,6 +160,7 @@ def servicer(main: Main) -> Any:
             response = pb.ModelInferResponse(
                 model_name=request.model_name, model_version=str(servable.version), id=request.id
             )
+            response.parameters["dinb_compute_ms"].double_param = compute_ms
             for name in names:
                 a = np.ascontiguousarray(outputs[name])
                 response.outputs.append(

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,8 +59,8 @@ class Batcher:
         self._waiting: collections.deque[_Pending] = collections.deque()
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[Any] | None = None
-        self.idle = asyncio.Event()
-        self.idle.set()
+        self._one_at_a_time = asyncio.Lock()  # every rank runs one batch at a time, in order
+        self._direct = 0  # requests waiting for the model without batching
 
     @property
     def max_batch(self) -> int:
@@ -80,12 +79,28 @@ class Batcher:
                 item.future.set_exception(Unavailable(f"servable {self.name!r} is stopping"))
         self._waiting.clear()
 
-    async def call(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        """The model's outputs for one request's model inputs (any number of rows)."""
+    async def call(self, arrays: list[np.ndarray]) -> tuple[list[np.ndarray], float]:
+        """The model's outputs for one request's model inputs (any number of rows), and the time
+        the ranks computed on them (the slowest rank's ``Model.predict``, in ms)."""
         if not self.worker.ready:
             raise Unavailable(self.worker.why_unavailable())
-        if not self.model.with_batch_dim:
-            return await self._enqueue(arrays, 0)
+        if not self.model.with_batch_dim:  # no merging: run in this request's own task, in turn
+            if self._direct >= self.max_queue:
+                raise Unavailable(
+                    f"servable {self.name!r}: the queue is full ({self.max_queue} requests); retry later"
+                )
+            self._direct += 1
+            queued = time.perf_counter()
+            try:
+                async with self._one_at_a_time:
+                    start = time.perf_counter()
+                    outs = await self.worker.run(arrays)
+                    compute = max(self.worker.compute_ms.values(), default=0.0)
+            finally:
+                self._direct -= 1
+            if self.metrics is not None:
+                self.metrics.batch(self.name, [start - queued], 1, self.worker.compute_ms)
+            return outs, compute
         b = self.max_batch
         rows = self._rows(arrays)
         if rows <= b:
@@ -100,28 +115,29 @@ class Batcher:
             )
             for s in range(0, rows, b)
         ]
-        return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
+        return (
+            [np.concatenate([p[0][k] for p in parts]) for k in range(len(parts[0][0]))],
+            sum(p[1] for p in parts),
+        )
 
     def _rows(self, arrays: list[np.ndarray]) -> int:
         return next(
             int(a.shape[0]) for i, a in enumerate(arrays) if i not in self.model.without_batch_dim_inputs
         )
 
-    async def _enqueue(self, arrays: list[np.ndarray], rows: int) -> list[np.ndarray]:
+    async def _enqueue(self, arrays: list[np.ndarray], rows: int) -> tuple[list[np.ndarray], float]:
         if len(self._waiting) >= self.max_queue:
             raise Unavailable(
                 f"servable {self.name!r}: the queue is full ({self.max_queue} requests); retry later"
             )
         item = _Pending(arrays, rows, asyncio.get_running_loop().create_future())
         self._waiting.append(item)
-        self.idle.clear()
         self._arrived.set()
         return await item.future
 
     async def _dispatch(self) -> None:
         while True:
             while not self._waiting:
-                self.idle.set()
                 self._arrived.clear()
                 await self._arrived.wait()
             batch = await self._gather()
@@ -130,8 +146,6 @@ class Batcher:
     async def _gather(self) -> list[_Pending]:
         """The requests of the next run: the first in line, and (batching) those that fit with it."""
         first = self._waiting.popleft()
-        if not self.model.with_batch_dim:
-            return [first]
         batch, rows, cap = [first], first.rows, self.max_batch
         deadline = first.queued + self.delay_s
         while rows < cap:
@@ -158,11 +172,10 @@ class Batcher:
     async def _run(self, batch: list[_Pending]) -> None:
         start = time.perf_counter()
         try:
-            if self.model.with_batch_dim:
-                arrays = self._merge(batch)
-            else:
-                arrays = batch[0].arrays
-            outs = await self.worker.run(arrays)
+            arrays = self._merge(batch)
+            async with self._one_at_a_time:
+                outs = await self.worker.run(arrays)
+                compute = max(self.worker.compute_ms.values(), default=0.0)
         except Exception as e:  # every request of the batch gets the error
             for item in batch:
                 if not item.future.done():
@@ -178,10 +191,7 @@ class Batcher:
         offset = 0
         for item in batch:
             if not item.future.done():
-                if self.model.with_batch_dim:
-                    item.future.set_result([o[offset : offset + item.rows] for o in outs])
-                else:
-                    item.future.set_result(outs)
+                item.future.set_result(([o[offset : offset + item.rows] for o in outs], compute))
             offset += item.rows
 
     def _merge(self, batch: list[_Pending]) -> list[np.ndarray]:
@@ -232,25 +242,29 @@ class Servable:
             ) from None
 
     # ---- requests ------------------------------------------------------------------------------
-    async def infer(self, method_name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run a method on one request's named arrays (checked first); its named outputs."""
+    async def infer(
+        self, method_name: str, inputs: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], float]:
+        """Run a method on one request's named arrays (checked first): its named outputs, and the
+        ms its ranks spent in ``Model.predict`` (the floor a request cannot go under)."""
         method = self.method(method_name)
+        compute = 0.0
         self.check_inputs(method, inputs)
         values: dict[int, Any] = {i: inputs[n] for i, n in enumerate(method.input_names)}
         for stage in method.stages:
             args = [values[a] for a in stage.args]
             if isinstance(stage.target, DistributedModel):
-                outs: Sequence[Any] = await self.batcher.call([np.ascontiguousarray(a) for a in args])
+                outs, compute = await self.batcher.call([np.ascontiguousarray(a) for a in args])
             else:
                 result = stage.target(*args)
-                outs = result if isinstance(result, tuple) else (result,)
+                outs = list(result) if isinstance(result, tuple) else [result]
             if len(outs) != len(stage.outputs):
                 raise DinbError(
                     f"a stage of method {method.name!r} returned {len(outs)} values, "
                     f"outputs_count is {len(stage.outputs)}"
                 )
             values.update((i, np.asarray(o)) for i, o in zip(stage.outputs, outs))
-        return {n: values[i] for n, i in zip(method.output_names, method.results)}
+        return {n: values[i] for n, i in zip(method.output_names, method.results)}, compute
 
     def check_inputs(self, method: Method, inputs: dict[str, np.ndarray]) -> None:
         """Every input named, none extra; the ones that go into the model of its dtype and shape."""
@@ -314,4 +328,3 @@ class Servable:
             else:
                 outs.append({"name": name, "dtype": "float32", "shape": [-1]})
         return ins, outs
-

@@ -26,6 +26,15 @@ from dinb.serving.worker import DistributedWorker, Unavailable
 log = logging.getLogger("dinb.serving")
 
 
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop when it is installed (it answers each request faster), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def split_address(address: str, what: str) -> tuple[str, int]:
     host, sep, port = str(address).rpartition(":")
     if not sep or not port.isdigit() or not host:
@@ -39,7 +48,7 @@ class Main:
     _instance: Main | None = None
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = _new_loop()
         self.servables: dict[str, Servable] = {}
         self.metrics = Metrics()
         self.inflight = 0
@@ -113,7 +122,7 @@ class Main:
     # ---- requests (the REST and gRPC handlers go through here) ---------------------------------
     async def infer(
         self, servable: Servable, method: str, inputs: dict[str, Any], protocol: str, model: str
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], float]:
         t0 = time.perf_counter()
         error: BaseException | None = None
         self.inflight += 1

@@ -161,9 +161,10 @@ def parse_rest(body: bytes, header_length: int | None) -> tuple[dict[str, np.nda
 
 
 def rest_response(
-    model: str, version: int, outputs: dict[str, np.ndarray], req: dict[str, Any], request_id: Any = None
+    model: str, version: int, outputs: dict[str, np.ndarray], req: dict[str, Any], compute_ms: float = 0.0
 ) -> tuple[bytes, int | None]:
-    """The v2 REST response body, and the JSON header's length when outputs go as binary."""
+    """The v2 REST response body, and the JSON header's length when outputs go as binary. The
+    response's parameters carry ``dinb_compute_ms``: the ranks' own time on this request."""
     params = req.get("parameters") if isinstance(req.get("parameters"), dict) else {}
     wanted = req.get("outputs") if isinstance(req.get("outputs"), list) else None
     binary_all = bool(params.get("binary_data_output", False))
@@ -190,9 +191,14 @@ def rest_response(
                 (a.astype(np.float32) if a.dtype == np_dtype("bfloat16") else a).reshape(-1).tolist()
             )
         out_json.append(entry)
-    body: dict[str, Any] = {"model_name": model, "model_version": str(version), "outputs": out_json}
-    if request_id is not None:
-        body["id"] = request_id
+    body: dict[str, Any] = {
+        "model_name": model,
+        "model_version": str(version),
+        "outputs": out_json,
+        "parameters": {"dinb_compute_ms": round(compute_ms, 4)},
+    }
+    if req.get("id") is not None:
+        body["id"] = req["id"]
     head = json.dumps(body).encode()
     return (head + b"".join(blobs), len(head)) if blobs else (head, None)
 

@@ -10,7 +10,8 @@
 
 Bad requests get 400 (404 for an unknown model) with ``{"error": message}``; a body over the
 size limit 413; a servable that cannot run (a dead rank, not ready) 503. gzip and deflate bodies
-are accepted (``Content-Encoding``), and responses are compressed when ``Accept-Encoding`` asks.
+are accepted (``Content-Encoding``), and responses of 16 KiB or more are compressed when
+``Accept-Encoding`` asks (most HTTP libraries ask by default; small bodies gain nothing).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from dinb.serving.inference import NotFound, RequestError
 from dinb.serving.main import Main, split_address
 from dinb.serving.worker import Unavailable
 from dinb.version import __version__
+
+COMPRESS_FROM = 16 * 1024  # bytes; like a web server's minimum length for gzip
 
 
 class TooLarge(RequestError):
@@ -56,6 +59,8 @@ def app(main: Main, max_body: int) -> Any:
         if header_length is not None:
             headers["Inference-Header-Content-Length"] = str(header_length)
         accept = request.headers.get("Accept-Encoding", "") if request is not None else ""
+        if len(data) < COMPRESS_FROM:  # small bodies: compressing costs more than it saves
+            accept = ""
         if "gzip" in accept:
             data, headers["Content-Encoding"] = gzip.compress(data), "gzip"
         elif "deflate" in accept:
@@ -144,8 +149,8 @@ def app(main: Main, max_body: int) -> Any:
             main.count(model, "rest", e)
             return failure(e)
         try:
-            outputs = await main.infer(servable, method, inputs, "rest", model)
-            body, header_length = protocol.rest_response(model, servable.version, outputs, req, req.get("id"))
+            outputs, compute_ms = await main.infer(servable, method, inputs, "rest", model)
+            body, header_length = protocol.rest_response(model, servable.version, outputs, req, compute_ms)
         except DinbError as e:
             return failure(e)
         return reply(body, request=request, header_length=header_length)
@@ -170,11 +175,11 @@ def app(main: Main, max_body: int) -> Any:
                 if any(list(r) != names for r in requests):
                     raise RequestError("every instance must give the same inputs")
                 merged = {k: np.stack([r[k] for r in requests]) for k in names}
-                out = await main.infer(servable, method, merged, "mindspore", label)
+                out, _ = await main.infer(servable, method, merged, "mindspore", label)
                 results = [{k: v[i] for k, v in out.items()} for i in range(len(requests))]
             else:
                 for r in requests:
-                    results.append(await main.infer(servable, method, r, "mindspore", label))
+                    results.append((await main.infer(servable, method, r, "mindspore", label))[0])
         except DinbError as e:
             return failure(e, ms_form=True)
         return reply(protocol.instances_response(results), request=request)

@@ -177,16 +177,20 @@ class DistributedWorker:
         if not remote_predict.agreement(heads):
             raise DinbError(f"servable {self.name!r}: the ranks returned different outputs")
         self.compute_ms = {r: float(h.get("compute_ms", 0.0)) for r, h in heads.items()}
-        return [np.array(a) for a in data[0]]  # copies: the frames' buffers are reused
+        return data[0]  # views on rank 0's reply frames, which they keep alive
 
     def why_unavailable(self) -> str:
         if self.dead:
             first, rest = self.dead[0], self.dead[1:]
             ended = f"; rank(s) {rest} ended with it" if rest else ""
-            return (f"servable {self.name!r}: rank {first} died{ended}; the servable is not ready until the "
-                    "agents are relaunched")
-        return (f"servable {self.name!r} is not ready: rank(s) {self.missing()} of {self.rank_size} "
-                "have not registered")
+            return (
+                f"servable {self.name!r}: rank {first} died{ended}; the servable is not ready until the "
+                "agents are relaunched"
+            )
+        return (
+            f"servable {self.name!r} is not ready: rank(s) {self.missing()} of {self.rank_size} "
+            "have not registered"
+        )
 
     # ---- the agents' messages ------------------------------------------------------------------
     async def _send(self, identity: bytes, header: dict[str, Any], arrays: Sequence[np.ndarray] = ()) -> None:
@@ -246,8 +250,11 @@ class DistributedWorker:
                     "servable %r: agents of a new job register; the old job's ranks are dropped", self.name
                 )
             self.job, self.agents, self.dead = h["job"], {}, []
-            self._fail_pending(Unavailable(f"servable {self.name!r}: the agents were relaunched while the "
-                                           "request ran; send it again"))
+            self._fail_pending(
+                Unavailable(
+                    f"servable {self.name!r}: the agents were relaunched while the request ran; send it again"
+                )
+            )
         self.agents[h["rank"]] = Agent(
             h["rank"], h["world"], h["job"], h["pid"], h.get("host", ""), h["inputs"], h["outputs"], identity
         )
@@ -292,8 +299,13 @@ class DistributedWorker:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             now = time.monotonic()
-            quiet = [a for a in self.agents.values()
-                     if now - a.last_seen > self.heartbeat_timeout_s and a.rank not in self.dead]
+            quiet = [
+                a
+                for a in self.agents.values()
+                if now - a.last_seen > self.heartbeat_timeout_s and a.rank not in self.dead
+            ]
             for agent in sorted(quiet, key=lambda a: a.last_seen):
-                self._gone({"rank": agent.rank, "job": agent.job},
-                           f"died (no heartbeat for {now - agent.last_seen:.1f} s)")
+                self._gone(
+                    {"rank": agent.rank, "job": agent.job},
+                    f"died (no heartbeat for {now - agent.last_seen:.1f} s)",
+                )
