@@ -170,6 +170,7 @@ def startup_agents(
     restart: str = "always",
     max_restarts: int = 3,
     worker_timeout_s: float = 300.0,
+    log_dir: str | Path | None = None,
     block: bool = True,
 ) -> AgentLauncher:
     """Start one Agent process per slice file on this machine: rank r loads ``model_files[r]``.
@@ -177,7 +178,8 @@ def startup_agents(
     The agents join one JAX job (rank 0 hosts its coordinator on the first free port from
     ``agent_start_port``, on ``agent_ip`` or 127.0.0.1), register with the worker at
     ``distributed_address`` and serve. ``restart="always"`` relaunches all of them (a new job)
-    when one dies, at most ``max_restarts`` times; ``"never"`` leaves them down. ``block`` waits
+    when one dies, at most ``max_restarts`` times; ``"never"`` leaves them down. ``log_dir``
+    collects each agent's output in ``agent_{rank}.log`` (default: this process's). ``block`` waits
     until the agents stop (the server stopped them, or SIGTERM / Ctrl-C here); otherwise the
     returned :class:`AgentLauncher` runs them in the background.
     """
@@ -207,6 +209,7 @@ def startup_agents(
         restart,
         max_restarts,
         worker_timeout_s,
+        Path(log_dir) if log_dir is not None else None,
     )
     launcher.start()
     if block:
@@ -227,8 +230,10 @@ class AgentLauncher:
         restart: str,
         max_restarts: int,
         worker_timeout_s: float,
+        log_dir: Path | None = None,
     ):
         self.address, self.files, self.target, self.host = address, files, target, host
+        self.log_dir = log_dir
         self.start_port, self.restart, self.max_restarts = start_port, restart, max_restarts
         self.worker_timeout_s = worker_timeout_s
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -277,11 +282,30 @@ class AgentLauncher:
             str(self.worker_timeout_s),
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
-        self.procs = [
-            subprocess.Popen(cmd + ["--rank", str(r), "--model-file", str(f)], env=env)
-            for r, f in enumerate(self.files)
-        ]
+        self.procs = []
+        for r, f in enumerate(self.files):
+            out = self._log_file(r)
+            try:
+                self.procs.append(
+                    subprocess.Popen(
+                        cmd + ["--rank", str(r), "--model-file", str(f)],
+                        env=env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT if out else None,
+                    )
+                )
+            finally:
+                if out is not None:
+                    out.close()  # the agent has its own copy
         log.info("started %d agents (job %s, pids %s)", n, self.job, self.pids)
+
+    def _log_file(self, rank: int) -> Any:
+        """Where an agent's output goes: ``log_dir/agent_{rank}.log`` (appended), else None (this
+        process's own output)."""
+        if self.log_dir is None:
+            return None
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        return open(self.log_dir / f"agent_{rank}.log", "ab")
 
     def _monitor(self) -> None:
         while not self.done.is_set():
