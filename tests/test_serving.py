@@ -575,3 +575,91 @@ def test_waiting_without_limit_says_which_ranks_are_missing(caplog):
         asyncio.run(wait())
     lines = [r.getMessage() for r in caplog.records if "waits for rank(s) [0, 1] of 2" in r.getMessage()]
     assert len(lines) >= 3
+
+
+def test_a_stuck_rank_fails_the_request_in_flight_at_once(mlp):
+    """Rank 1 stopped (SIGSTOP) mid-service: the request waiting for it gets 503 naming it within
+    the heartbeat timeout, not the request timeout; then the rank is killed and relaunched."""
+    server, _ = mlp
+    wait_until(lambda: ready(server.rest) and len(server.agents()) == 2, 60, "two ready agents")
+    victim = [p for p in server.agents() if "--rank 1" in open(f"/proc/{p}/cmdline").read().replace("\0", " ")][0]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        status, data, _ = http("POST", f"http://{server.rest}/v2/models/mlp/infer", v2_json(np.ones((1, 256), np.float32)))
+        assert status == 503 and "rank 1 died" in json.loads(data)["error"], data
+        assert time.monotonic() - t0 < 5
+    finally:
+        os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: ready(server.rest), 60, "the relaunched agents")
+
+
+class Scaled:
+    """y = (x @ W) * scale: ``x`` has the batch axis, ``scale`` (one per feature) has none."""
+
+    @staticmethod
+    def model():
+        from dinb.layout import Layout
+        from dinb.models.base import ModelDef, TensorSpec
+        from dinb.strategy import Strategy
+
+        class ScaledModel(ModelDef):
+            name = "scaled"
+            strategy_names = ("columns",)
+            default_strategy = "columns"
+
+            def param_shapes(self):
+                return {"w": (8, 8)}
+
+            def init_params(self, seed=0):
+                return {"w": 2 * np.eye(8, dtype=np.float32)}
+
+            def apply(self, p, x, scale):
+                return (x @ p["w"]) * scale
+
+            def input_specs(self):
+                return (TensorSpec("x", (4, 8)), TensorSpec("scale", (8,)))
+
+            def _strategy(self, n, name, shapes):
+                return Strategy({"w": Layout([n], [-1, 0])}, inputs=[Layout([n], [-1, -1]), Layout([n], [-1])],
+                                outputs=[Layout([n], [-1, -1])])
+
+        return ScaledModel()
+
+
+def test_inputs_without_a_batch_axis_merge_only_when_equal(tmp_path):
+    from dinb.serving import distributed, server
+    from dinb.serving.client import Client
+    from dinb.serving.main import Main
+
+    net = Scaled.model()
+    files = export_distributed(net, net.init_params(), net.strategy(2), [((4, 8), "float32"), ((8,), "float32")],
+                               tmp_path / "slices")
+    (tmp_path / "scaled").mkdir()
+    (tmp_path / "scaled" / "servable_config.py").write_text(
+        "from dinb.serving import distributed, register\n"
+        "model = distributed.declare_servable(rank_size=2, with_batch_dim=True, without_batch_dim_inputs=[1])\n"
+        "@register.register_method(output_names=['y'])\n"
+        "def predict(x, scale):\n"
+        "    return register.add_stage(model, x, scale, outputs_count=1)\n")
+    dist, grpc_address = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    launcher = distributed.startup_agents(dist, files, agent_start_port=free_port(), block=False)
+    try:
+        distributed.start_servable(tmp_path, "scaled", distributed_address=dist, wait_agents_time_in_seconds=60,
+                                   handle_sigterm=False, batch_delay_ms=50)
+        server.start_grpc_server(grpc_address)
+        client = Client(grpc_address, "scaled", "predict")
+        meta = client.metadata()
+        assert [(i.name, list(i.shape)) for i in meta.inputs] == [("x", [-1, 8]), ("scale", [8])]
+        rng = np.random.default_rng(0)
+        xs = rng.standard_normal((6, 1, 8)).astype(np.float32)
+        scales = [np.full(8, s, np.float32) for s in (1.0, 3.0, 1.0, 1.0, 3.0, 1.0)]  # 4 and 2: some merge
+        futures = [client.infer_async([{"x": x[0], "scale": s}]) for x, s in zip(xs, scales)]
+        for x, s, f in zip(xs, scales, futures):
+            np.testing.assert_allclose(f.result(timeout=60)[0]["y"], 2 * x[0] * s, rtol=1e-6)
+        rows = Main.current().metrics.rows.labels("scaled")
+        runs = rows._sum.get(), sum(b.get() for b in rows._buckets)  # rows run, model runs
+        assert runs[0] == 6 and 2 <= runs[1] <= 5  # some merged (6 alone would be 6 runs), never across scales
+    finally:
+        server.stop()
+        launcher.stop()

@@ -7,9 +7,10 @@ server serving a model named ``{servable}.{method}``)::
     result = client.infer({"x": np.ones((128, 96), np.float32)})    # [{"y": array(...)}]
 
 ``instances`` is one dict or a list of dicts of arrays by input name, and the result is a list
-with one dict of arrays by output name per instance. When the servable batches (its inputs'
-first axis is the batch, ``-1`` in the model's metadata), each instance is one sample and the
-instances go as one request of that many rows; otherwise each instance is one request. A request
+with one dict of arrays by output name per instance. When the servable batches (an input's first
+axis is the batch, ``-1`` in the model's metadata), each instance is one sample and the instances
+go as one request of that many rows (inputs without a batch axis must then agree across the
+instances); otherwise each instance is one request. A request
 the server refuses raises :class:`ServingError` with the server's message.
 """
 
@@ -81,14 +82,26 @@ class Client:
             raise DinbError("instances must be a dict of input arrays, or a list of them")
         if self._inputs is None:
             self._inputs = list(self.metadata().inputs)
-        batched = bool(self._inputs) and len(self._inputs[0].shape) > 0 and self._inputs[0].shape[0] == -1
-        if batched:
-            names = list(items[0])
-            if any(list(i) != names for i in items):
-                raise DinbError("every instance must give the same inputs")
-            outputs = self._one({n: np.stack([np.asarray(i[n]) for i in items]) for n in names})
-            return [{k: v[j] for k, v in outputs.items()} for j in range(len(items))]
-        return [self._one({k: np.asarray(v) for k, v in i.items()}) for i in items]
+        batched = {i.name for i in self._inputs if len(i.shape) > 0 and i.shape[0] == -1}
+        if not batched:
+            return [self._one({k: np.asarray(v) for k, v in i.items()}) for i in items]
+        names = list(items[0])
+        if any(list(i) != names for i in items):
+            raise DinbError("every instance must give the same inputs")
+        request = {}
+        for n in names:
+            values = [np.asarray(i[n]) for i in items]
+            if n in batched:
+                request[n] = np.stack(values)
+            elif all(np.array_equal(v, values[0]) for v in values):
+                request[n] = values[0]
+            else:
+                raise DinbError(
+                    f"input {n!r} has no batch axis: the instances of one call must give it the "
+                    "same value (or call infer once per value)"
+                )
+        outputs = self._one(request)
+        return [{k: v[j] for k, v in outputs.items()} for j in range(len(items))]
 
     def infer_async(
         self, instances: dict[str, Any] | Sequence[dict[str, Any]]
