@@ -32,7 +32,7 @@ from dinb.errors import (
 )
 from dinb.export import export_distributed
 from dinb.layout import Layout, common_dev_matrix
-from dinb.models import MatMulNeg, MegatronMLP, ModelDef, TensorSpec, get_model
+from dinb.models import DeepMLP, MatMulNeg, MegatronMLP, ModelDef, TensorSpec, get_model
 from dinb.plan import StrategyPlan
 from dinb.ranks import Job, current_job
 from dinb.ranks import init as init_ranks
@@ -44,7 +44,7 @@ from dinb.version import __version__
 
 
 def __getattr__(name: str) -> object:
-    if name in ("StrategyExplorer", "RankOutputs"):
+    if name in ("StrategyExplorer", "RankOutputs", "SchedulePicture"):
         from dinb import widgets
 
         return getattr(widgets, name)
@@ -63,7 +63,7 @@ __all__ = [
     "load_distributed_checkpoint", "merge_sliced_parameter", "rank_list_for_transform",
     "save_checkpoint", "start_cluster", "transform_checkpoint_by_rank", "transform_checkpoints",
     "Context", "DinbError", "InputError", "Job", "Layout", "LayoutError", "MatMulNeg",
-    "MegatronMLP", "Model", "ModelDef", "ModelType", "ParamLayout", "ProviderError",
+    "DeepMLP", "MegatronMLP", "Model", "ModelDef", "ModelType", "ParamLayout", "ProviderError",
     "RankFailedError", "RankMismatchError", "SliceFileError", "Strategy", "StrategyError",
     "Tensor", "TensorSpec", "__version__", "common_dev_matrix", "current_job",
     "export_distributed", "get_model", "infer_predict_layout", "init_ranks", "read_meta",

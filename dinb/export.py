@@ -10,6 +10,7 @@ program is traced over an abstract mesh.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from dinb.errors import DinbError, StrategyError
 from dinb.formats.safetensors import np_dtype
 from dinb.layout import Layout, one_mesh_shardings
 from dinb.models.base import ModelDef
+from dinb.pipeline import MAX_MICRO_BATCHES, carry_layout, micro_batch_choices, stage_layer_ranges
 from dinb.progress import progress
 from dinb.slicefile import TensorMeta, slice_file_name, write_slice_file
 from dinb.strategy import Strategy
@@ -38,8 +40,8 @@ def _shape_dtype(x: Any) -> tuple[tuple[int, ...], str]:
 
 
 def input_layouts(strategy: Strategy, input_specs: Sequence[tuple[tuple[int, ...], str]]) -> list[Layout]:
-    """The strategy's input layouts, or replicated ones when it gives none."""
-    n = strategy.device_num
+    """The strategy's input layouts, or replicated ones (over one stage's ranks) when it gives none."""
+    n = strategy.stage_device_num
     return list(strategy.inputs) or [Layout.replicated(len(s), n) for s, _ in input_specs]
 
 
@@ -51,50 +53,152 @@ def build_program(
     platforms: Sequence[str] = DEFAULT_PLATFORMS,
 ) -> tuple[bytes, list[TensorMeta]]:
     """Trace and serialize the SPMD program; returns its bytes and the output metadata."""
+    def program(params: dict[str, Any], *inputs: Any) -> tuple[Any, ...]:
+        out = model.apply(params, *inputs)
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+    layouts = {k: strategy[k] for k in param_specs}
+    in_layouts = input_layouts(strategy, input_specs)
+    program_bytes, outs = trace_program(program, param_specs, layouts, input_specs, in_layouts,
+                                        list(strategy.outputs) or None, platforms, model.name)
+    names = model.output_names()
+    return program_bytes, [TensorMeta(names[i] if i < len(names) else f"output_{i}", *o)
+                           for i, o in enumerate(outs)]
+
+
+def trace_program(
+    fn: Any,
+    param_specs: Mapping[str, tuple[tuple[int, ...], str]],
+    param_layouts: Mapping[str, Layout],
+    input_specs: Sequence[tuple[tuple[int, ...], str]],
+    in_layouts: Sequence[Layout],
+    out_layouts: Sequence[Layout] | Any | None,
+    platforms: Sequence[str] = DEFAULT_PLATFORMS,
+    what: str = "the model",
+) -> tuple[bytes, list[tuple[tuple[int, ...], str, Layout]]]:
+    """Serialize ``fn(params, *inputs) -> tuple`` as one SPMD program over an abstract mesh.
+
+    ``out_layouts`` is a list, a function of the traced output shapes giving one, or None
+    (replicated outputs). Returns the program and each output's shape, dtype and layout.
+    """
     import jax
     from jax import export as jax_export
 
-    n = strategy.device_num
-    in_layouts = input_layouts(strategy, input_specs)
-    out_struct = jax.eval_shape(
-        model.apply,
+    n = next(iter(param_layouts.values())).device_num if param_layouts else in_layouts[0].device_num
+    outs = list(jax.eval_shape(
+        fn,
         {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in param_specs.items()},
         *[jax.ShapeDtypeStruct(s, d) for s, d in input_specs],
-    )
-    single = not isinstance(out_struct, (tuple, list))
-    outs = [out_struct] if single else list(out_struct)
-    out_layouts = list(strategy.outputs) or [Layout.replicated(len(o.shape), n) for o in outs]
+    ))
+    if callable(out_layouts):
+        out_layouts = out_layouts([tuple(o.shape) for o in outs])
+    out_layouts = list(out_layouts or [Layout.replicated(len(o.shape), n) for o in outs])
     if len(out_layouts) != len(outs):
         raise StrategyError(
-            f"strategy has layouts for {len(out_layouts)} outputs, model {model.name!r} returns "
-            f"{len(outs)}"
+            f"strategy has layouts for {len(out_layouts)} outputs, {what} returns {len(outs)}"
         )
     for i, (lay, o) in enumerate(zip(out_layouts, outs)):
         lay.check_shape(o.shape, f"output {i}")
 
     pnames = list(param_specs)
-    shardings = one_mesh_shardings([strategy[k] for k in pnames] + in_layouts + out_layouts)
+    shardings = one_mesh_shardings([param_layouts[k] for k in pnames] + list(in_layouts) + out_layouts)
     p_shard = dict(zip(pnames, shardings))
     x_shard = shardings[len(pnames):len(pnames) + len(in_layouts)]
     o_shard = shardings[len(pnames) + len(in_layouts):]
 
-    def program(params: dict[str, Any], *inputs: Any) -> Any:
-        out = model.apply(params, *inputs)
-        return (out,) if single else tuple(out)
-
-    jitted = jax.jit(program, in_shardings=(p_shard, *x_shard), out_shardings=tuple(o_shard))
+    jitted = jax.jit(fn, in_shardings=(p_shard, *x_shard), out_shardings=tuple(o_shard))
     args = (
         {k: jax.ShapeDtypeStruct(s, d, sharding=p_shard[k]) for k, (s, d) in param_specs.items()},
         *[jax.ShapeDtypeStruct(s, d, sharding=sh) for (s, d), sh in zip(input_specs, x_shard)],
     )
     exported = jax_export.export(jitted, platforms=tuple(platforms))(*args)
+    return bytes(exported.serialize()), [
+        (tuple(o.shape), str(np.dtype(o.dtype)), lay) for o, lay in zip(outs, out_layouts)]
+
+
+def build_stage_programs(
+    model: ModelDef,
+    param_specs: dict[str, tuple[tuple[int, ...], str]],
+    strategy: Strategy,
+    input_specs: Sequence[tuple[tuple[int, ...], str]],
+    platforms: Sequence[str] = DEFAULT_PLATFORMS,
+    micro_batches: Sequence[int] | None = None,
+) -> tuple[list[dict[int, bytes]], list[dict[str, Any]], list[TensorMeta]]:
+    """Each pipeline stage's programs, one per micro-batch count, over the stage's own ranks.
+
+    Stage ``s`` of ``strategy`` runs ``model.apply_layers(params_s, a_s, b_s, *values)`` (see
+    :mod:`dinb.pipeline`) on micro-batches of ``B / M`` rows. Returns, per stage,
+    ``{M: program}`` and the ``pipeline`` metadata of its slice files, and the model's output
+    metadata.
+    """
+    ranges = stage_layer_ranges(model, strategy)
+    t = strategy.stage_device_num
+    in_layouts = input_layouts(strategy, input_specs)
+    first = in_layouts[0] if in_layouts else None
+    batch = input_specs[0][0][0] if input_specs and input_specs[0][0] else 1
+
+    def carry_layouts(shapes: list[tuple[int, ...]]) -> list[Layout]:
+        return [carry_layout(first, len(sh), t) for sh in shapes]
+
+    def trace_stages(m: int) -> list[tuple[bytes, list[Any], list[Any]]]:
+        """``(program, received specs, sent values)`` of each stage at ``m`` micro-batches."""
+        values = [((s[0] // m, *s[1:]), d) for s, d in input_specs]
+        layouts = in_layouts
+        out = []
+        for s, (a, b) in enumerate(ranges):
+            names = strategy.stage_params(s)
+
+            def fn(params: dict[str, Any], *vals: Any, a: int = a, b: int = b) -> tuple[Any, ...]:
+                return tuple(model.apply_layers(params, a, b, *vals))
+
+            last = s == len(ranges) - 1
+            program, sent = trace_program(
+                fn, {k: param_specs[k] for k in names}, {k: strategy[k] for k in names}, values, layouts,
+                (list(strategy.outputs) or None) if last else carry_layouts, platforms,
+                f"stage {s} (layers {a}..{b - 1})")
+            for i, (shape, _, _) in enumerate(sent):
+                if m > 1 and (not shape or shape[0] != batch // m):
+                    raise StrategyError(
+                        f"stage {s} of model {model.name!r} gives value {i} of shape {list(shape)} for "
+                        f"micro-batches of {batch // m} rows; micro-batching needs the batch on axis 0 "
+                        "of every value (export with micro_batches=[1])"
+                    )
+            out.append((program, list(zip(values, layouts)), sent))
+            values, layouts = [(sh, d) for sh, d, _ in sent], [lay for _, _, lay in sent]
+        return out
+
+    fits: dict[int, str | None] = {}
+    for m in range(1, min(batch, MAX_MICRO_BATCHES) + 1):
+        if batch % m == 0:
+            try:
+                for lay, (shape, _) in zip(in_layouts, input_specs):
+                    lay.check_shape((shape[0] // m, *shape[1:]), "input")
+                fits[m] = None
+            except DinbError as e:
+                fits[m] = str(e)
+    counts = micro_batch_choices(batch, micro_batches, fits)
+    traced = {m: trace_stages(m) for m in counts}
     names = model.output_names()
-    out_meta = [
-        TensorMeta(names[i] if i < len(names) else f"output_{i}", tuple(o.shape),
-                   str(np.dtype(o.dtype)), lay)
-        for i, (o, lay) in enumerate(zip(outs, out_layouts))
-    ]
-    return bytes(exported.serialize()), out_meta
+    programs, metas = [], []
+    for s, (a, b) in enumerate(ranges):
+        _, received, sent = traced[1][s]
+        programs.append({m: traced[m][s][0] for m in counts})
+        metas.append({
+            "stages": len(ranges), "stage": s, "stage_ranks": t, "layers": [a, b],
+            "micro_batches": counts,
+            "receives": [TensorMeta(f"carry_{i}", sh, d, lay).to_json()
+                         for i, ((sh, d), lay) in enumerate(received)],
+            "sends": [TensorMeta(f"carry_{i}", sh, d, lay).to_json() for i, (sh, d, lay) in enumerate(sent)],
+        })
+    outputs = [TensorMeta(names[i] if i < len(names) else f"output_{i}", *o)
+               for i, o in enumerate(traced[1][-1][2])]
+    split = [o.name for o in outputs if len(o.layout.replica_groups()) != 1]
+    if split:
+        raise StrategyError(
+            f"outputs {split} are split over the last stage's ranks; with pipeline stages the last "
+            "stage's ranks all return the whole outputs (give replicated output layouts)"
+        )
+    return programs, metas, outputs
 
 
 def export_distributed(
@@ -106,6 +210,7 @@ def export_distributed(
     platforms: Sequence[str] = DEFAULT_PLATFORMS,
     show_progress: bool = False,
     dtype: str | None = None,
+    micro_batches: Sequence[int] | None = None,
 ) -> list[Path]:
     """Write ``{model}{rank}.dinb`` for every rank of ``strategy`` into ``out_dir``.
 
@@ -117,6 +222,10 @@ def export_distributed(
     inputs, so the program computes in that precision and each slice takes that many bytes
     (integer inputs such as token ids are left as they are). Also writes ``strategy.json``
     (MindSpore's schema) beside the slice files. Returns the slice file paths in rank order.
+
+    A strategy with pipeline stages gives each rank only its stage's parameter slices and its
+    stage's programs, one for each micro-batch count in ``micro_batches`` (default: those of
+    1, 2, 4, 8 that divide the batch; 1 is always there).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -128,13 +237,15 @@ def export_distributed(
         param_specs = {k: specs[k] for k in param_names}
 
         def read_slices(rank: int) -> dict[str, np.ndarray]:
-            return ckpt.load_rank(strategy, rank, param_names, show_progress=False)
+            held = [k for k in param_names if strategy.holds(k, rank)]
+            return ckpt.load_rank(strategy, rank, held, show_progress=False)
     else:
         arrays = {k: np.asarray(v) for k, v in params.items()}
         param_specs = {k: (tuple(v.shape), str(v.dtype)) for k, v in arrays.items()}
 
         def read_slices(rank: int) -> dict[str, np.ndarray]:
-            return {k: v[strategy[k].slice_of(rank, v.shape, k)] for k, v in arrays.items()}
+            return {k: v[strategy.slice_of(k, rank, v.shape)] for k, v in arrays.items()
+                    if strategy.holds(k, rank)}
 
     def slices_of(rank: int) -> dict[str, np.ndarray]:
         return {k: v.astype(np_dtype(param_specs[k][1]), copy=False) for k, v in read_slices(rank).items()}
@@ -149,7 +260,17 @@ def export_distributed(
     strategy = strategy.with_shapes({k: s for k, (s, _) in param_specs.items()})
     n = strategy.device_num
 
-    program, out_meta = build_program(model, param_specs, strategy, input_specs, platforms)
+    if strategy.pipeline_stages > 1:
+        stage_programs, stage_meta, out_meta = build_stage_programs(
+            model, param_specs, strategy, input_specs, platforms, micro_batches)
+    else:
+        if micro_batches not in (None, [1], (1,)):
+            raise StrategyError(
+                f"micro_batches={list(micro_batches)}: micro-batches are for pipeline stages; the "
+                "strategy has one stage (give pipeline_stages= to infer_predict_layout)"
+            )
+        program, out_meta = build_program(model, param_specs, strategy, input_specs, platforms)
+        stage_programs, stage_meta = [{1: program}], [None]
     from jax import __version__ as jax_version
     in_layouts = input_layouts(strategy, input_specs)
     names = [s.name for s in model.input_specs()]
@@ -157,11 +278,13 @@ def export_distributed(
                for i, ((s, d), lay) in enumerate(zip(input_specs, in_layouts))]
 
     for stale in out_dir.glob(f"{model.name}*.dinb"):
-        stale.unlink()  # files of an earlier export with more ranks must not linger
+        if re.fullmatch(rf"{re.escape(model.name)}\d+\.dinb", stale.name):
+            stale.unlink()  # files of an earlier export with more ranks must not linger
     export_id = uuid.uuid4().hex
     paths = []
     for rank in progress(range(n), desc=f"export {model.name}", disable=not show_progress):
         slices = slices_of(rank)
+        stage = strategy.rank_stage(rank)
         meta = {
             "dinb_version": __version__,
             "jax_version": jax_version,
@@ -176,11 +299,13 @@ def export_distributed(
             "params": {
                 k: {"shape": list(shape), "dtype": dtype,
                     "layout": strategy[k].to_json(),
-                    "slice": [[s.start, s.stop] for s in strategy[k].slice_of(rank, shape)]}
-                for k, (shape, dtype) in param_specs.items()
+                    "slice": [[s.start, s.stop] for s in strategy.slice_of(k, rank, shape) or ()]}
+                for k, (shape, dtype) in param_specs.items() if strategy.holds(k, rank)
             },
         }
+        if stage_meta[0] is not None:
+            meta["pipeline"] = stage_meta[stage]
         paths.append(write_slice_file(out_dir / slice_file_name(model.name, rank), meta,
-                                      slices, program))
+                                      slices, stage_programs[stage if stage_meta[0] is not None else 0]))
     strategy.save(out_dir / "strategy.json")
     return paths

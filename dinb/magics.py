@@ -26,10 +26,13 @@ Subcommands (each is one call of dinb.cluster's Python API):
   %dinfer context --target cpu --provider xla
         build every rank's Context                                  current().context(...)
   %dinfer load DIR             each rank loads its own slice file          current().load(DIR)
-  %dinfer predict EXPR [EXPR ...] [--timeout S]
-        the same inputs (evaluated here) to every rank, predict     current().predict(*arrays)
+  %dinfer predict EXPR [EXPR ...] [--micro-batches M] [--timeout S]
+        the same inputs (evaluated here) to every rank (the first stage's ranks, with pipeline
+        stages), predict                                            current().predict(*arrays)
   %dinfer outputs [REF_EXPR]   per-rank outputs of the last predict, one panel per rank
         (with a difference against REF_EXPR when given)    RankOutputs(current().outputs())
+  %dinfer schedule             pipeline stages: the last predict's schedule as it ran, and
+        its bubble against GPipe's formula                 SchedulePicture(current().timeline())
   %dinfer strategy             the loaded model's strategy as a table      current().strategy()
   %dinfer serve ADDRESS | stop  every rank serves the loaded model as an Agent of the servable
         whose Distributed Worker listens at ADDRESS (host:port)      current().serve(ADDRESS)
@@ -137,23 +140,46 @@ class DinferMagics(Magics):
         c = cl.current()
         info = c.load(args.model_dir)
         inputs = ", ".join(f"{n}{tuple(s)} {d}" for n, s, d in info["inputs"])
-        print(f"loaded {info['model']} on {c.n} ranks, each from its own slice file; inputs: {inputs}")
+        pipe = info.get("pipeline")
+        stages = (f" as {pipe['stages']} stages x {pipe['stage_ranks']} ranks (micro-batches "
+                  f"{pipe['micro_batches']}, activations over {pipe['transfer']})" if pipe else "")
+        print(f"loaded {info['model']} on {c.n} ranks{stages}, each from its own slice file; "
+              f"inputs: {inputs}")
 
     def _cmd_predict(self, rest: str, line: str) -> Any:
-        timeout = None
         text = line.split(None, 1)[1] if len(line.split(None, 1)) > 1 else ""
-        if " --timeout " in f" {text} ":
-            text, _, t = text.rpartition("--timeout")
-            timeout = float(t)
+        options: dict[str, float] = {}
+        for flag in ("--timeout", "--micro-batches"):  # trailing options, after the expressions
+            if f" {flag} " in f" {text} ":
+                text, _, value = text.rpartition(flag)
+                try:
+                    options[flag] = float(value.split()[0])
+                except (ValueError, IndexError):
+                    raise DinbError(f"{flag} takes a number, got {value.strip()!r}") from None
         if not text.strip():
             raise DinbError("usage: %dinfer predict EXPR [EXPR ...]  (e.g. np.ones((128, 96), np.float32))")
         ns = self.shell.user_ns if self.shell is not None else {}
         value = eval(f"({text.strip()},)", ns)
         c = cl.current()
-        result = c.predict(*value, timeout_s=timeout)
+        micro = options.get("--micro-batches")
+        result = c.predict(*value, timeout_s=options.get("--timeout"),
+                           micro_batches=int(micro) if micro is not None else None)
+        ranks = list(c.roles.output_ranks)
+        who = f"all {c.n} ranks" if len(ranks) == c.n else f"last-stage ranks {ranks}"
         for i, out in enumerate(result.outputs):
-            print(f"output {i}: shape {list(out.shape)} {out.dtype}; all {c.n} ranks agree: {result.agree}")
+            print(f"output {i}: shape {list(out.shape)} {out.dtype}; {who} agree: {result.agree}")
         return result.outputs[0] if len(result.outputs) == 1 else result.outputs
+
+    def _cmd_schedule(self, rest: str, line: str) -> None:
+        from IPython.display import display
+
+        from dinb.widgets import SchedulePicture
+
+        events = cl.current().timeline()
+        if not events:
+            raise DinbError("no pipelined predict has run: load an export with pipeline stages and "
+                            "run `%dinfer predict ... --micro-batches M` first")
+        display(SchedulePicture(events))
 
     def _cmd_outputs(self, rest: str, line: str) -> None:
         from IPython.display import display
@@ -183,11 +209,13 @@ class DinferMagics(Magics):
 
     def _cmd_strategy(self, rest: str, line: str) -> None:
         strategy = cl.current().strategy()
-        print(f"{'parameter':<16} {'shape':<14} {'dev_matrix':<12} {'tensor_map':<14}")
+        staged = strategy.pipeline_stages > 1
+        print(f"{'parameter':<16} {'shape':<14} {'dev_matrix':<12} {'tensor_map':<14}"
+              + (" stage" if staged else ""))
         for name in strategy:
             rec = strategy.item(name)
             print(f"{name:<16} {str(list(rec.shape or ())):<14} {str(list(rec.layout.dev_matrix)):<12} "
-                  f"{str(rec.layout.to_json()['tensor_map']):<14}")
+                  f"{str(rec.layout.to_json()['tensor_map']):<14}" + (f" {rec.stage}" if staged else ""))
 
 
 def rank_table(rows: list[dict[str, Any]]) -> str:

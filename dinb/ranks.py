@@ -26,7 +26,7 @@ from dinb.errors import DinbError, RankFailedError
 DEFAULT_INIT_TIMEOUT_S = 30
 DEFAULT_AGREE_TIMEOUT_S = 60
 
-_MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
+MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
 _job: Job | None = None
 
 
@@ -106,7 +106,7 @@ class Job:
 
 def mpi_world() -> tuple[int, int, int, int] | None:
     """``(rank, size, local_rank, local_size)`` when mpiexec launched more than one process."""
-    if not any(v in os.environ for v in _MPI_SIZE_VARS):
+    if not any(v in os.environ for v in MPI_SIZE_VARS):
         return None
     from mpi4py import MPI
 

@@ -5,11 +5,17 @@ It is the analogue of MindSpore's ``Matmul0.mindir``. Format (plain safetensors,
 
 * tensor ``param/<name>``: rank r's slice of parameter ``<name>`` under its layout;
 * tensor ``program``: uint8 bytes of the serialized ``jax.export`` SPMD program (identical in
-  every rank's file);
+  every rank's file; in a pipelined export, in every file of one stage, and the program for
+  the whole batch, while ``program/<M>`` runs micro-batches of ``1/M`` of it);
 * header ``__metadata__["dinb"]``: JSON with ``format``, ``format_version``, ``dinb_version``,
   ``model``, ``rank``, ``world_size``, ``export_id`` (shared by the files of one export),
   ``platforms``, ``inputs``/``outputs`` (name, shape, dtype, layout), ``params`` (full shape,
-  dtype, layout, the slice bounds and a sha256 per tensor) and ``program`` (sha256, bytes).
+  dtype, layout, the slice bounds and a sha256 per tensor) and ``program`` (sha256, bytes);
+  in a pipelined export also ``pipeline`` (``stages``, this rank's ``stage``, ``stage_ranks``,
+  its ``layers``, the ``micro_batches`` it has programs for, and the values it ``receives``
+  from the previous stage and ``sends`` to the next) and ``programs`` (sha256 and bytes of each
+  ``program/<M>``). Layouts then span one stage's ranks, and a rank's slice is that of rank
+  ``rank % stage_ranks``.
 
 Reading checks the header field by field before any tensor is read (a damaged file is a
 :class:`SliceFileError` naming the file and the field), then reads the tensors with one open.
@@ -31,6 +37,7 @@ from dinb.errors import DinbError, SliceFileError
 from dinb.formats import safetensors as st
 from dinb.formats.untrusted import Fields
 from dinb.layout import MAX_DEVICES, Layout
+from dinb.pipeline import MAX_MICRO_BATCHES
 
 FORMAT = "dinb-slice"
 FORMAT_VERSION = 1
@@ -74,6 +81,13 @@ class SliceFile:
     meta: dict[str, Any]
     params: dict[str, np.ndarray]
     program: bytes
+    micro_programs: dict[int, bytes] | None = None  # program/<M> of a pipelined export
+
+    def program_for(self, micro_batches: int) -> bytes:
+        """The program for ``micro_batches`` micro-batches (1: the whole batch)."""
+        if micro_batches == 1:
+            return self.program
+        return (self.micro_programs or {})[micro_batches]
 
     @property
     def rank(self) -> int:
@@ -92,6 +106,11 @@ class SliceFile:
         return str(self.meta["export_id"])
 
     @property
+    def pipeline(self) -> dict[str, Any] | None:
+        """The stage this file belongs to (see the module docstring), or None without stages."""
+        return self.meta.get("pipeline")
+
+    @property
     def inputs(self) -> list[TensorMeta]:
         return [TensorMeta.from_json(d) for d in self.meta["inputs"]]
 
@@ -105,15 +124,26 @@ class SliceFile:
 
 
 def write_slice_file(path: Path, meta: dict[str, Any], params: dict[str, np.ndarray],
-                     program: bytes) -> Path:
-    """Write one rank's slice file; checksums are computed here and stored in ``meta``."""
+                     program: bytes | dict[int, bytes]) -> Path:
+    """Write one rank's slice file; checksums are computed here and stored in ``meta``.
+    ``program`` is the program, or ``{micro-batch count: program}`` (1 included)."""
+    programs = program if isinstance(program, dict) else {1: program}
     meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION)
-    prog = np.frombuffer(program, dtype=np.uint8)
-    meta["program"] = {"sha256": sha256(prog), "nbytes": len(program)}
-    meta["params"] = {n: dict(meta["params"][n], sha256=sha256(a)) for n, a in params.items()}
     tensors = {PARAM_PREFIX + n: a for n, a in params.items()}
-    tensors[PROGRAM_KEY] = prog
+    meta["params"] = {n: dict(meta["params"][n], sha256=sha256(a)) for n, a in params.items()}
+    for m, body in sorted(programs.items()):
+        prog = np.frombuffer(body, dtype=np.uint8)
+        record = {"sha256": sha256(prog), "nbytes": len(body)}
+        if m == 1:
+            meta["program"] = record
+        else:
+            meta.setdefault("programs", {})[str(m)] = record
+        tensors[_program_key(m)] = prog
     return st.write_file(path, tensors, {"dinb": json.dumps(meta)})
+
+
+def _program_key(micro_batches: int) -> str:
+    return PROGRAM_KEY if micro_batches == 1 else f"{PROGRAM_KEY}/{micro_batches}"
 
 
 def _header(path: Path) -> tuple[st.Header, dict[str, Any]]:
@@ -143,20 +173,25 @@ def _check_meta(check: Fields, meta: dict[str, Any], header: st.Header) -> None:
     check.obj(meta.get("model_config", {}), "model_config")
     for i, p in enumerate(check.get(meta, "platforms", "metadata", list, [])):
         check.check(p, f"platforms[{i}]", str)
-    for role in ("inputs", "outputs"):
-        for i, d in enumerate(check.get(meta, role, "metadata", list)):
+    span = _check_pipeline(check, meta, rank, world) if "pipeline" in meta else world
+    local = rank % span
+    roles = [("inputs", meta), ("outputs", meta)]
+    if "pipeline" in meta:
+        roles += [("receives", meta["pipeline"]), ("sends", meta["pipeline"])]
+    for role, holder in roles:
+        for i, d in enumerate(check.get(holder, role, "metadata", list)):
             where = f"{role}[{i}]"
             d = check.obj(d, where)
             check.get(d, "name", where, str)
-            _tensor_layout(check, d, where, world).check_shape(d["shape"], where)
+            _tensor_layout(check, d, where, span).check_shape(d["shape"], where)
     params = check.obj(check.get(meta, "params", "metadata", dict), "params")
     for name, d in params.items():
         where = f"parameter {name!r} (rank {rank})"
         d = check.obj(d, where)
-        layout = _tensor_layout(check, d, where, world)
+        layout = _tensor_layout(check, d, where, span)
         check.get(d, "sha256", where, str)
         try:
-            want = [[sl.start, sl.stop] for sl in layout.slice_of(rank, d["shape"], name)]
+            want = [[sl.start, sl.stop] for sl in layout.slice_of(local, d["shape"], name)]
         except DinbError as e:
             check.fail(f"{where}: {e}")
         if check.get(d, "slice", where, list) != want:
@@ -166,12 +201,41 @@ def _check_meta(check: Fields, meta: dict[str, Any], header: st.Header) -> None:
         if entry is None or entry.shape != shape or str(entry.dtype) != d["dtype"]:
             found = "no tensor" if entry is None else f"{entry.dtype}{list(entry.shape)}"
             check.fail(f"{where}: the file holds {found} for it, the metadata says {d['dtype']}{list(shape)}")
-    program = check.obj(check.get(meta, "program", "metadata", dict), "program")
-    check.get(program, "sha256", "program", str)
-    nbytes = check.int(check.get(program, "nbytes", "program", int), "program.nbytes", 0)
-    entry = header.entries.get(PROGRAM_KEY)
-    if entry is None or entry.shape != (nbytes,) or entry.dtype != np.uint8:
-        check.fail(f"the program tensor is missing or is not {nbytes} bytes of uint8")
+    records = {1: check.obj(check.get(meta, "program", "metadata", dict), "program")}
+    for m in meta.get("pipeline", {}).get("micro_batches", [1]):
+        if m != 1:
+            extra = check.obj(check.get(meta, "programs", "metadata", dict), "programs")
+            records[m] = check.obj(check.get(extra, str(m), "programs", dict), f"programs.{m}")
+    for m, program in records.items():
+        key = _program_key(m)
+        check.get(program, "sha256", key, str)
+        nbytes = check.int(check.get(program, "nbytes", key, int), f"{key}.nbytes", 0)
+        entry = header.entries.get(key)
+        if entry is None or entry.shape != (nbytes,) or entry.dtype != np.uint8:
+            check.fail(f"the {key} tensor is missing or is not {nbytes} bytes of uint8")
+
+
+def _check_pipeline(check: Fields, meta: dict[str, Any], rank: int, world: int) -> int:
+    """The ``pipeline`` record, checked against the rank and world; returns the stage's rank count."""
+    pipe = check.obj(meta["pipeline"], "pipeline")
+    stages = check.int(check.get(pipe, "stages", "pipeline", int), "pipeline.stages", 1)
+    span = check.int(check.get(pipe, "stage_ranks", "pipeline", int), "pipeline.stage_ranks", 1)
+    stage = check.int(check.get(pipe, "stage", "pipeline", int), "pipeline.stage", 0)
+    if stages * span != world or stage != rank // span:
+        check.fail(f"pipeline: {stages} stages of {span} ranks with rank {rank} in stage {stage} do not "
+                   f"fit a world of {world} ranks; the file is damaged")
+    layers = check.get(pipe, "layers", "pipeline", list)
+    if len(layers) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in layers) \
+            or not 0 <= layers[0] < layers[1]:
+        check.fail(f"pipeline.layers {layers!r} is not a [start, stop) range of layers")
+    counts = check.get(pipe, "micro_batches", "pipeline", list)
+    for i, m in enumerate(counts):
+        check.int(m, f"pipeline.micro_batches[{i}]", 1)
+        if m > MAX_MICRO_BATCHES:
+            check.fail(f"pipeline.micro_batches[{i}] = {m} is over {MAX_MICRO_BATCHES}")
+    if 1 not in counts or len(set(counts)) != len(counts):
+        check.fail(f"pipeline.micro_batches {counts} must list distinct counts, 1 among them")
+    return span
 
 
 def _tensor_layout(check: Fields, d: dict[str, Any], where: str, world: int) -> Layout:
@@ -197,10 +261,10 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 
 def _read(path: Path, params: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The checked metadata and the program (plus, with ``params``, every parameter slice)."""
+    """The checked metadata and the program(s) (plus, with ``params``, every parameter slice)."""
     header, meta = _header(path)
     names = [PARAM_PREFIX + n for n in meta["params"]] if params else []
-    names.append(PROGRAM_KEY)
+    names += [_program_key(m) for m in meta.get("pipeline", {}).get("micro_batches", [1])]
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as e:
@@ -228,7 +292,8 @@ def read_slice_file(path: str | Path, verify: bool = True) -> SliceFile:
     meta, arrays = _read(path, params=True)
     rank = meta["rank"]
     params = {n[len(PARAM_PREFIX):]: a for n, a in arrays.items() if n.startswith(PARAM_PREFIX)}
-    program = arrays[PROGRAM_KEY]
+    counts = meta.get("pipeline", {}).get("micro_batches", [1])
+    programs = {m: arrays[_program_key(m)] for m in counts}
     if verify:
         for name, arr in params.items():
             if sha256(arr) != meta["params"][name]["sha256"]:
@@ -236,12 +301,15 @@ def read_slice_file(path: str | Path, verify: bool = True) -> SliceFile:
                     f"{path} (rank {rank}): parameter {name!r} fails its checksum; the file is "
                     "corrupted. Export the model again or restore the file."
                 )
-        if sha256(program) != meta["program"]["sha256"]:
-            raise SliceFileError(
-                f"{path} (rank {rank}): the program fails its checksum; the file is corrupted. "
-                "Export the model again or restore the file."
-            )
-    return SliceFile(path, meta, params, program.tobytes())
+        for m, program in programs.items():
+            record = meta["program"] if m == 1 else meta["programs"][str(m)]
+            if sha256(program) != record["sha256"]:
+                raise SliceFileError(
+                    f"{path} (rank {rank}): the {_program_key(m)} tensor fails its checksum; the file "
+                    "is corrupted. Export the model again or restore the file."
+                )
+    micro = {m: p.tobytes() for m, p in programs.items() if m != 1}
+    return SliceFile(path, meta, params, programs[1].tobytes(), micro or None)
 
 
 def find_slice_files(model_dir: str | Path) -> dict[int, Path]:

@@ -9,11 +9,19 @@ On disk it is MindSpore's JSON strategy schema::
 
 dinb adds one key MindSpore does not know, ``"dinb"``, holding the layouts of the model's
 inputs and outputs (MindSpore derives them from operator strategies at compile time).
+
+**Pipeline stages.** A strategy of ``S`` stages of ``T`` ranks each spans ``S * T`` ranks: global
+rank ``r`` belongs to stage ``r // T`` and is rank ``r % T`` of that stage's layouts, which all
+span ``T`` devices (MindSpore's per-stage ``dev_matrix``). Each parameter lives in one stage; only
+that stage's ranks hold it. On disk this is MindSpore's merged pipeline strategy
+(``merge_pipeline_strategys``): every parameter named ``"{stage}-{name}"`` and
+``current_stage`` 1. A file without those prefixes is one stage, whatever its ``current_stage``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +32,7 @@ import numpy as np
 from dinb.errors import DinbError, StrategyError
 from dinb.formats import strategy_pb
 from dinb.formats.untrusted import Fields
-from dinb.layout import Layout
+from dinb.layout import MAX_DEVICES, Layout
 
 if TYPE_CHECKING:
     from dinb.models.base import ModelDef
@@ -48,12 +56,15 @@ class Strategy(Mapping[str, Layout]):
 
     ``strategy["w"]`` is the layout of parameter ``w``; ``strategy.item("w")`` the full record
     (shape, pipeline stage, optimizer-shard fields). ``inputs`` and ``outputs`` are the layouts
-    of the model's positional inputs and outputs (replicated when not given).
+    of the model's positional inputs (taken by the first stage) and outputs (given by the last),
+    replicated when not given. ``pipeline_stages`` is the number of stages (default: one past the
+    highest stage of a parameter); every stage must hold at least one parameter.
     """
 
     items_: tuple[tuple[str, ParamLayout], ...]
     inputs: tuple[Layout, ...] = ()
     outputs: tuple[Layout, ...] = ()
+    pipeline_stages: int = 1
     _index: dict[str, ParamLayout] = field(init=False, repr=False, compare=False, hash=False)
 
     def __init__(
@@ -61,6 +72,7 @@ class Strategy(Mapping[str, Layout]):
         params: Mapping[str, Layout | ParamLayout],
         inputs: Sequence[Layout] = (),
         outputs: Sequence[Layout] = (),
+        pipeline_stages: int | None = None,
     ):
         items = tuple(
             (str(n), p if isinstance(p, ParamLayout) else ParamLayout(p)) for n, p in params.items()
@@ -75,6 +87,27 @@ class Strategy(Mapping[str, Layout]):
             raise StrategyError(
                 f"the layouts of one strategy must span the same number of devices; got {detail}"
             )
+        stages = sorted({p.stage for _, p in items})
+        count = pipeline_stages if pipeline_stages is not None else (stages[-1] + 1 if stages else 1)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise StrategyError(f"pipeline_stages must be a whole number >= 1, got {count!r}")
+        odd = [(n, p.stage) for n, p in items if not 0 <= p.stage < count]
+        if odd:
+            raise StrategyError(
+                f"parameter {odd[0][0]!r} is in stage {odd[0][1]}, outside the {count} pipeline "
+                f"stages 0..{count - 1}"
+            )
+        if items and len(stages) < count:  # every stage holds a parameter: count <= len(items)
+            held = set(stages)
+            empty = [s for s in range(min(count, len(stages) + 8)) if s not in held][:8]
+            more = ", ..." if count - len(stages) > len(empty) else ""
+            raise StrategyError(
+                f"pipeline stage(s) {empty}{more} of {count} hold no parameter; every stage needs "
+                "its own layers (a merged strategy file must contain every stage's file)"
+            )
+        if counts and count * next(iter(counts)) > MAX_DEVICES:
+            raise StrategyError(f"{count} stages of {next(iter(counts))} ranks exceed {MAX_DEVICES} ranks")
+        object.__setattr__(self, "pipeline_stages", count)
 
     # ---- Mapping -----------------------------------------------------------------------------
     def __getitem__(self, name: str) -> Layout:
@@ -90,7 +123,7 @@ class Strategy(Mapping[str, Layout]):
         return len(self._index)
 
     def __hash__(self) -> int:
-        return hash((self.items_, self.inputs, self.outputs))
+        return hash((self.items_, self.inputs, self.outputs, self.pipeline_stages))
 
     def item(self, name: str) -> ParamLayout:
         """The full record of parameter ``name``."""
@@ -108,12 +141,54 @@ class Strategy(Mapping[str, Layout]):
         )
 
     @property
-    def device_num(self) -> int:
-        """Number of ranks every layout of the strategy spans."""
+    def stage_device_num(self) -> int:
+        """Ranks per pipeline stage: the number every layout of the strategy spans."""
         layouts = self._all_layouts()
         if not layouts:
             raise StrategyError("an empty strategy spans no devices")
         return layouts[0].device_num
+
+    @property
+    def device_num(self) -> int:
+        """Ranks of the whole job: ``pipeline_stages * stage_device_num``."""
+        return self.pipeline_stages * self.stage_device_num
+
+    # ---- pipeline stages ---------------------------------------------------------------------
+    def stage_of(self, name: str) -> int:
+        """The pipeline stage holding parameter ``name``."""
+        return self.item(name).stage
+
+    def stage_params(self, stage: int) -> list[str]:
+        """The parameters of one stage, in strategy order."""
+        return [n for n, p in self.items_ if p.stage == stage]
+
+    def stage_ranks(self, stage: int) -> range:
+        """The global ranks of one stage: ``stage * T .. stage * T + T - 1``."""
+        t = self.stage_device_num
+        return range(stage * t, (stage + 1) * t)
+
+    def rank_stage(self, rank: int) -> int:
+        """The stage of global rank ``rank``."""
+        if not 0 <= rank < self.device_num:
+            raise StrategyError(f"rank {rank} is outside the strategy's {self.device_num} ranks")
+        return rank // self.stage_device_num
+
+    def holds(self, name: str, rank: int) -> bool:
+        """Whether global rank ``rank`` holds a slice of parameter ``name`` (its stage's ranks do)."""
+        return self.rank_stage(rank) == self.stage_of(name)
+
+    def slice_of(self, name: str, rank: int, shape: Sequence[int]) -> tuple[slice, ...] | None:
+        """Global rank ``rank``'s slice of parameter ``name``, or None outside its stage."""
+        if not self.holds(name, rank):
+            return None
+        return self[name].slice_of(rank % self.stage_device_num, shape, name)
+
+    def stage(self, stage: int) -> Strategy:
+        """One stage as a strategy of its own (its parameters, over its ``T`` ranks)."""
+        params = {n: ParamLayout(p.layout, p.shape, 0, p.field, p.opt_weight_shard_step,
+                                 p.opt_weight_shard_size) for n, p in self.items_ if p.stage == stage}
+        return Strategy(params, self.inputs if stage == 0 else (),
+                        self.outputs if stage == self.pipeline_stages - 1 else ())
 
     # ---- checks ------------------------------------------------------------------------------
     def validate(
@@ -166,29 +241,29 @@ class Strategy(Mapping[str, Layout]):
             )
             for n, p in self.items_
         }
-        return Strategy(params, self.inputs, self.outputs)
+        return Strategy(params, self.inputs, self.outputs, self.pipeline_stages)
 
     # ---- files -------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        """MindSpore's strategy JSON (plus the ``dinb`` key for input/output layouts)."""
+        """MindSpore's strategy JSON (plus the ``dinb`` key for input/output layouts); with
+        several stages, MindSpore's merged form (``"{stage}-{name}"``, ``current_stage`` 1)."""
         items = {}
+        merged = self.pipeline_stages > 1
         for name, p in self.items_:
-            items[name] = {
+            items[f"{p.stage}-{name}" if merged else name] = {
                 **p.layout.to_json(),
                 "tensor_shape": list(p.shape) if p.shape is not None else [],
                 "field": p.field,
                 "opt_weight_shard_step": p.opt_weight_shard_step,
                 "opt_weight_shard_size": p.opt_weight_shard_size,
             }
-        stages = {p.stage for _, p in self.items_} or {0}
-        return {
-            "current_stage": min(stages),
-            "parallel_layout_item": items,
-            "dinb": {
-                "inputs": [lay.to_json() for lay in self.inputs],
-                "outputs": [lay.to_json() for lay in self.outputs],
-            },
+        extra: dict[str, Any] = {
+            "inputs": [lay.to_json() for lay in self.inputs],
+            "outputs": [lay.to_json() for lay in self.outputs],
         }
+        if merged:
+            extra["pipeline_stages"] = self.pipeline_stages
+        return {"current_stage": 1 if merged else 0, "parallel_layout_item": items, "dinb": extra}
 
     @classmethod
     def from_json(cls, data: Any, source: str = "strategy") -> Strategy:
@@ -197,11 +272,26 @@ class Strategy(Mapping[str, Layout]):
         data = check.obj(data, "the strategy")
         if "parallel_layout_item" not in data:
             check.fail("no 'parallel_layout_item' key; is this a MindSpore/dinb strategy file?")
-        stage = check.int(data.get("current_stage", 0), "current_stage", minimum=0)
+        check.int(data.get("current_stage", 0), "current_stage", minimum=0)
         items = check.obj(data["parallel_layout_item"], "parallel_layout_item")
+        staged = {key: _STAGED.fullmatch(key) for key in items}
+        merged = any(staged.values())
+        if merged and not all(staged.values()):
+            bare = next(k for k, m in staged.items() if m is None)
+            check.fail(
+                f"parameter {bare!r} has no pipeline stage: a merged pipeline strategy names every "
+                "parameter '{stage}-{name}' (as mindspore.merge_pipeline_strategys writes it)"
+            )
         params: dict[str, ParamLayout] = {}
-        for name, item in items.items():
-            where = f"parameter {name!r}"
+        for key, item in items.items():
+            found = staged[key]
+            name, stage = (found.group(2), int(found.group(1))) if found else (key, 0)
+            if name in params:
+                check.fail(
+                    f"parameter {name!r} is in stages {params[name].stage} and {stage}; dinb keeps "
+                    "each parameter in one stage (a parameter shared by stages is not supported)"
+                )
+            where = f"parameter {key!r}"
             item = check.obj(item, where)
             layout = _layout(check, item, where)
             shape = check.shape(check.get(item, "tensor_shape", where, list, []), f"{where}.tensor_shape")
@@ -211,12 +301,15 @@ class Strategy(Mapping[str, Layout]):
                   for key in ("field", "opt_weight_shard_step", "opt_weight_shard_size")),
             )
         extra = check.obj(data.get("dinb", {}), "dinb")
+        count = extra.get("pipeline_stages")
+        if count is not None:
+            count = check.int(count, "dinb.pipeline_stages", 1)
         inputs = [_layout(check, check.obj(d, f"dinb.inputs[{i}]"), f"dinb.inputs[{i}]")
                   for i, d in enumerate(check.get(extra, "inputs", "dinb", list, []))]
         outputs = [_layout(check, check.obj(d, f"dinb.outputs[{i}]"), f"dinb.outputs[{i}]")
                    for i, d in enumerate(check.get(extra, "outputs", "dinb", list, []))]
         try:
-            return cls(params, inputs, outputs)
+            return cls(params, inputs, outputs, count)
         except DinbError as e:
             raise StrategyError(f"{source}: {e}") from None
 
@@ -247,11 +340,13 @@ class Strategy(Mapping[str, Layout]):
 
     def __repr__(self) -> str:
         body = ", ".join(f"{n!r}: {p.layout!r}" for n, p in self.items_)
-        return f"Strategy({{{body}}}, device_num={self.device_num if self.items_ else 0})"
+        stages = f", pipeline_stages={self.pipeline_stages}" if self.pipeline_stages > 1 else ""
+        return f"Strategy({{{body}}}, device_num={self.device_num if self.items_ else 0}{stages})"
 
 
 def infer_predict_layout(
-    model: ModelDef, *predict_data: Any, device_num: int, strategy: str | None = None
+    model: ModelDef, *predict_data: Any, device_num: int, strategy: str | None = None,
+    pipeline_stages: int = 1,
 ) -> Strategy:
     """The predict strategy of ``model`` on ``device_num`` ranks, checked against the data.
 
@@ -259,6 +354,8 @@ def infer_predict_layout(
     shardings (``strategy`` names one of ``model.strategy_names``; the model's default when None)
     give a layout per parameter and input; every layout is validated against the parameter
     shapes and the shapes of ``predict_data`` (arrays or ``(shape, dtype)`` specs).
+    ``pipeline_stages = S`` cuts the model's layers into ``S`` stages of ``device_num / S`` ranks
+    (MindSpore's ``pipeline_stages``); each parameter records its stage.
     """
     shapes = [tuple(np.shape(d)) if not _is_spec(d) else tuple(d[0]) for d in predict_data]
     specs = model.input_specs()
@@ -267,10 +364,13 @@ def infer_predict_layout(
             f"model {model.name!r} takes {len(specs)} inputs ({[s.name for s in specs]}), "
             f"got {len(shapes)} predict_data arrays"
         )
-    strat = model.strategy(device_num, strategy, input_shapes=shapes)
+    strat = model.strategy(device_num, strategy, input_shapes=shapes, pipeline_stages=pipeline_stages)
     param_shapes = model.param_shapes()
     strat.validate(param_shapes, shapes)
     return strat.with_shapes(param_shapes)
+
+
+_STAGED = re.compile(r"(\d{1,6})-(.+)", re.DOTALL)
 
 
 def _is_spec(d: Any) -> bool:

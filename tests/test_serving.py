@@ -538,8 +538,8 @@ def test_declaration_errors_name_what_to_do(tmp_path):
 
     (tmp_path / "piped").mkdir()
     (tmp_path / "piped" / "servable_config.py").write_text(
-        "from dinb.serving import distributed\nmodel = distributed.declare_servable(rank_size=4, stage_size=2)\n")
-    with pytest.raises(ServableError, match="stage_size=2: serving pipeline stages needs pipelined exports"):
+        "from dinb.serving import distributed\nmodel = distributed.declare_servable(rank_size=4, stage_size=3)\n")
+    with pytest.raises(ServableError, match="stage_size 3 must divide rank_size 4"):
         distributed.load_servable(tmp_path, "piped")
     with pytest.raises(ServableError, match="servable_config.py does not exist"):
         distributed.load_servable(tmp_path, "absent")

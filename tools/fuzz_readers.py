@@ -82,7 +82,7 @@ def corpus(work: Path) -> list[Sample]:
 
     import dinb
     from dinb.checkpoint import save_checkpoint
-    from dinb.models import MatMulNeg, MegatronMLP
+    from dinb.models import DeepMLP, MatMulNeg, MegatronMLP
 
     samples = []
     for p in sorted(FIXTURES.rglob("*.ckpt")):
@@ -94,12 +94,20 @@ def corpus(work: Path) -> list[Sample]:
     samples.append(Sample("slice", "matmul1.dinb", (export / "matmul1.dinb").read_bytes(),
                           {"matmul0.dinb": (export / "matmul0.dinb").read_bytes()}))
     samples.append(Sample("strategy_json", "strategy.json", (export / "strategy.json").read_bytes()))
+    deep = DeepMLP(d_model=8, d_ff=16, layers=2, batch=2)
+    piped = work / "pipelined"
+    x = np.ones((2, 8), np.float32)
+    dinb.export_distributed(deep, deep.init_params(), deep.strategy(2, pipeline_stages=2), [x], piped)
+    samples.append(Sample("slice", "mlp-deep1.dinb", (piped / "mlp-deep1.dinb").read_bytes(),
+                          {"mlp-deep0.dinb": (piped / "mlp-deep0.dinb").read_bytes()}))
+    samples.append(Sample("strategy_json", "strategy.json", (piped / "strategy.json").read_bytes()))
     mlp = MegatronMLP(d_model=8, d_ff=16, batch=2)
     ckpt = save_checkpoint(mlp.init_params(), mlp.strategy(2), work / "ckpt")
     samples.append(Sample("dinb_ckpt", "checkpoint_1.safetensors", ckpt[1].read_bytes()))
     samples.append(Sample("strategy_json", "train.json", (work / "ckpt" / "strategy.json").read_bytes()))
     samples.append(Sample("ini", "runtime.ini", b"[runtime]\ninit_timeout_s = 30\nagree_timeout_s = 60\n"
-                                                b"verify_checksums = true\n"))
+                                                b"verify_checksums = true\nmicro_batches = 2\n"
+                                                b"stage_timeout_s = 60\nstage_transfer = auto\n"))
     return samples
 
 

@@ -118,15 +118,16 @@ def rank_boxes(item: ParamLayout, shape: Sequence[int], name: str = "tensor") ->
     return [param_box(item, r, shape, name) for r in range(item.layout.device_num)]
 
 
-def overlap_plan(target: Box, sources: Sequence[Box]) -> list[tuple[int, Box]]:
+def overlap_plan(target: Box, sources: Sequence[Box | None]) -> list[tuple[int, Box]]:
     """``[(source rank, intersection)]`` covering ``target`` once: replicas are read from one rank.
 
-    Ranks holding the same box are replicas; the first of them in rank order is read.
+    Ranks holding the same box are replicas; the first of them in rank order is read. A source
+    of None (a rank of another pipeline stage) holds nothing.
     """
     seen: set[Box] = set()
     plan = []
     for rank, box in enumerate(sources):
-        if box in seen:
+        if box is None or box in seen:
             continue
         seen.add(box)
         common = intersect(target, box)

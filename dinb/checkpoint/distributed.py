@@ -56,8 +56,29 @@ def item_of(strategy: Strategy | None, name: str, ndim: int) -> ParamLayout:
     """The layout record of ``name``; parameters a strategy does not list are not split."""
     if strategy is not None and name in strategy:
         return strategy.item(name)
-    n = strategy.device_num if strategy is not None and len(strategy) else 1
+    n = strategy.stage_device_num if strategy is not None and len(strategy) else 1
     return ParamLayout(Layout.replicated(ndim, n))
+
+
+def box_of(strategy: Strategy | None, name: str, rank: int, shape: tuple[int, ...]) -> Box | None:
+    """The box of parameter ``name`` that global rank ``rank`` holds under ``strategy``; None when
+    the parameter lives in another pipeline stage (a parameter the strategy does not list is
+    whole on every rank)."""
+    item = item_of(strategy, name, len(shape))
+    if strategy is not None and len(strategy) and strategy.pipeline_stages > 1:
+        if name in strategy and not strategy.holds(name, rank):
+            return None
+        rank %= strategy.stage_device_num
+    return param_box(item, rank, shape, name)
+
+
+def stage_note(strategy: Strategy | None, name: str) -> str:
+    """Where a parameter lives, for messages: ``" (stage 1: ranks 2-3)"``, or nothing."""
+    if strategy is None or name not in strategy or strategy.pipeline_stages == 1:
+        return ""
+    ranks = strategy.stage_ranks(strategy.stage_of(name))
+    where = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+    return f" (stage {strategy.stage_of(name)}: {where})"
 
 
 def device_num_of(strategy: Strategy | None) -> int:
@@ -135,13 +156,14 @@ class DistributedCheckpoint:
             for name, stored in f.tensors.items():
                 box = f.box(name)
                 if self.strategy is not None and name in self.strategy:
-                    want = param_box(self.strategy.item(name), rank, f.full_shape(name), name)
+                    want = box_of(self.strategy, name, rank, f.full_shape(name))
                     if want != box:
+                        puts = (f"puts {[list(b) for b in want]} on rank {rank}" if want is not None
+                                else f"places it in another stage{stage_note(self.strategy, name)}")
                         raise CheckpointError(
                             f"{path} (rank {rank}): parameter {name!r} holds the part "
-                            f"{[list(b) for b in box]} but the given strategy puts "
-                            f"{[list(b) for b in want]} on rank {rank}; the file was saved with "
-                            "another strategy"
+                            f"{[list(b) for b in box]} but the given strategy {puts}; the file was "
+                            "saved with another strategy"
                         )
                 self._record(path, rank, name, f.full_shape(name), box, stored)
         elif path.suffix == ".ckpt":
@@ -152,9 +174,16 @@ class DistributedCheckpoint:
                 if self.strategy is not None and name in self.strategy and item.shape:
                     full = tuple(item.shape)
                 try:
-                    box = param_box(item, rank, full, name)
+                    held = box_of(self.strategy, name, rank, full)
                 except DinbError as e:
                     raise CheckpointError(f"{path} (rank {rank}): parameter {name!r}: {e}") from None
+                if held is None:
+                    raise CheckpointError(
+                        f"{path} (rank {rank}): the file holds parameter {name!r}, which the strategy "
+                        f"places in another pipeline stage{stage_note(self.strategy, name)}; the "
+                        "strategy does not belong to this checkpoint"
+                    )
+                box = held
                 if box_shape(box) != stored.shape:
                     raise CheckpointError(
                         f"{path} (rank {rank}): parameter {name!r} has shape {list(stored.shape)} but "
@@ -237,20 +266,28 @@ class DistributedCheckpoint:
 
     def load_rank(self, strategy: StrategyLike, rank: int, names: Sequence[str] | None = None,
                   show_progress: bool | None = None) -> dict[str, np.ndarray]:
-        """Rank ``rank``'s slices under ``strategy`` (None: whole tensors)."""
+        """Rank ``rank``'s slices under ``strategy`` (None: whole tensors). With pipeline stages
+        only the parameters of the rank's stage are read (``names`` defaults to those)."""
         strategy = as_strategy(strategy)
-        names = list(names) if names is not None else self.names()
         n = device_num_of(strategy)
         if not 0 <= rank < n:
             raise CheckpointError(f"rank {rank} is outside the target strategy's {n} ranks")
+        if names is None:
+            names = [k for k in self.names() if box_of(strategy, k, rank, self.shapes[k]) is not None]
         target = {}
         for name in names:
             if name not in self.shapes:
                 raise CheckpointError(
                     f"parameter {name!r} is not in the checkpoint; it holds {self.names()}"
                 )
-            target[name] = param_box(item_of(strategy, name, len(self.shapes[name])), rank,
-                                     self.shapes[name], name)
+            box = box_of(strategy, name, rank, self.shapes[name])
+            if box is None:
+                raise CheckpointError(
+                    f"rank {rank} is in pipeline stage {strategy.rank_stage(rank) if strategy else 0} of "
+                    f"the target strategy and holds no part of parameter {name!r}"
+                    f"{stage_note(strategy, name)}"
+                )
+            target[name] = box
         before = self.bytes_read
         out = self.read_boxes(target, show_progress, desc=f"load rank {rank}")
         self.reads[rank] = self.bytes_read - before
@@ -265,7 +302,9 @@ class DistributedCheckpoint:
         strategy = as_strategy(strategy)
         rows = []
         for name, shape in self.shapes.items():
-            target = param_box(item_of(strategy, name, len(shape)), rank, shape, name)
+            target = box_of(strategy, name, rank, shape)
+            if target is None:
+                continue  # another stage's parameter
             for r, piece in self.plan(name, target):
                 held = self._held[name].get(r)
                 rows.append({"param": name, "source_rank": r,
@@ -274,18 +313,17 @@ class DistributedCheckpoint:
                              "bytes": box_size(piece) * self.dtypes[name].itemsize})
         return rows
 
-    def source_boxes(self, name: str) -> list[Box]:
-        """The box every source rank holds of parameter ``name``, in rank order."""
+    def source_boxes(self, name: str) -> list[Box | None]:
+        """The box every source rank holds of parameter ``name``, in rank order (None: a rank of
+        another pipeline stage, which holds none)."""
+        given = set(self.ranks)  # a given file without the parameter holds none of it
         return [self._held[name][r][0] if r in self._held[name]
-                else box_of(self.strategy, name, r, self.shapes[name]) for r in range(self.device_num)]
+                else None if r in given else box_of(self.strategy, name, r, self.shapes[name])
+                for r in range(self.device_num)]
 
     # ---- what export needs -------------------------------------------------------------------
     def param_specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
         return {n: (self.shapes[n], str(self.dtypes[n])) for n in self.names()}
-
-
-def box_of(strategy: Strategy | None, name: str, rank: int, shape: tuple[int, ...]) -> Box:
-    return param_box(item_of(strategy, name, len(shape)), rank, shape, name)
 
 
 def _local(piece: Box, held: Box) -> Box:

@@ -29,6 +29,7 @@ from dinb.checkpoint.distributed import (
     device_num_of,
     full_shape_of,
     item_of,
+    stage_note,
 )
 from dinb.checkpoint.stored import OpenFiles
 from dinb.errors import CheckpointError, StrategyError
@@ -81,8 +82,9 @@ def load_distributed_checkpoint(
     ``network_or_shapes``: a dinb model (its parameters are loaded), a ``{name: shape}`` map, or
     None (everything in the checkpoint). ``checkpoint_filenames``: rank files in rank order, or a
     directory of ``rank_{r}/`` folders. ``predict_strategy`` None gives whole tensors (one
-    device); otherwise ``rank`` (default: this process's rank in the current job) picks the slice.
-    Only the bytes of that slice are read. All parameters are read and checked before anything
+    device); otherwise ``rank`` (default: this process's rank in the current job) picks the slice,
+    and with pipeline stages only the parameters of the rank's stage are loaded. Only the bytes of
+    those slices are read. All parameters are read and checked before anything
     is returned, so a bad file never leaves a half-loaded model.
     """
     ckpt = DistributedCheckpoint(checkpoint_filenames, train_strategy_filename, verify=verify)
@@ -102,7 +104,10 @@ def load_distributed_checkpoint(
                     "job of several processes it defaults to this process's rank)"
                 )
             rank = job.process_index
-    return ckpt.load_rank(predict, rank or 0, list(wanted), show_progress)
+    rank = rank or 0
+    # with pipeline stages a rank loads only its own stage's parameters
+    names = [n for n in wanted if box_of(predict, n, rank, ckpt.shapes[n]) is not None]
+    return ckpt.load_rank(predict, rank, names, show_progress)
 
 
 def _wanted_shapes(network_or_shapes: Any, ckpt: DistributedCheckpoint) -> dict[str, tuple[int, ...]]:
@@ -179,6 +184,8 @@ def rank_list_for_transform(rank_id: int, src_strategy_file: StrategyLike = None
     for name in names:
         shape = _known_shape(name, src, dst, shapes)
         target = box_of(dst, name, rank_id, shape)
+        if target is None:
+            continue  # a parameter of another pipeline stage
         sources = [box_of(src, name, r, shape) for r in range(device_num_of(src))]
         needed.update(r for r, _ in overlap_plan(target, sources))
     return sorted(needed)
@@ -251,7 +258,9 @@ def _write_rank(ckpt: DistributedCheckpoint, dst: Strategy | None, rank: int, pa
 
 def _record(strategy: Strategy | None, name: str, rank: int, shape: tuple[int, ...]) -> dict[str, Any]:
     item = item_of(strategy, name, len(shape))
-    return {"shape": list(shape), "box": [list(b) for b in param_box(item, rank, shape, name)],
+    box = box_of(strategy, name, rank, shape)
+    assert box is not None
+    return {"shape": list(shape), "box": [list(b) for b in box],
             "layout": item.layout.to_json(), "opt_weight_shard_step": item.opt_weight_shard_step,
             "opt_weight_shard_size": item.opt_weight_shard_size}
 
@@ -289,6 +298,13 @@ def save_checkpoint(
             raise CheckpointError(f"rank {r} is outside the strategy's {n} ranks")
         slices, records = {}, {}
         for name, a in arrays.items():
+            if box_of(strat, name, r, shapes[name]) is None:  # another pipeline stage's parameter
+                if sliced:
+                    raise CheckpointError(
+                        f"parameter {name!r} belongs to another pipeline stage than rank {r}"
+                        f"{stage_note(strat, name)}; save each rank's own stage's slices"
+                    )
+                continue
             records[name] = _record(strat, name, r, shapes[name])
             box = tuple(tuple(b) for b in records[name]["box"])
             if sliced:

@@ -8,9 +8,10 @@ from dinb.errors import DinbError
 from dinb.models.base import ModelDef, TensorSpec
 from dinb.models.bert import BertEncoder, minilm_dir
 from dinb.models.matmul import MatMulNeg, matmul_layouts
-from dinb.models.mlp import MegatronMLP, mlp_reference
+from dinb.models.mlp import DeepMLP, MegatronMLP, deep_mlp_reference, mlp_reference
 
-MODELS: dict[str, type[ModelDef]] = {"matmul": MatMulNeg, "mlp": MegatronMLP, "minilm": BertEncoder}
+MODELS: dict[str, type[ModelDef]] = {"matmul": MatMulNeg, "mlp": MegatronMLP, "mlp-deep": DeepMLP,
+                                     "minilm": BertEncoder}
 
 
 def get_model(name: str, **kwargs: Any) -> ModelDef:
@@ -22,5 +23,6 @@ def get_model(name: str, **kwargs: Any) -> ModelDef:
     return cls(**kwargs)
 
 
-__all__ = ["MODELS", "BertEncoder", "MatMulNeg", "MegatronMLP", "ModelDef", "TensorSpec", "get_model",
-           "matmul_layouts", "minilm_dir", "mlp_reference"]
+__all__ = ["MODELS", "BertEncoder", "DeepMLP", "MatMulNeg",
+           "MegatronMLP", "ModelDef", "TensorSpec", "get_model",
+           "deep_mlp_reference", "matmul_layouts", "minilm_dir", "mlp_reference"]

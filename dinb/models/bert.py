@@ -25,6 +25,10 @@ The ``megatron`` strategy on tp ranks (Megatron-LM's split of a transformer laye
 
 Other strategies: ``batch`` (data parallel), ``replicated``, and ``data_tensor``: a 2-D mesh, the
 batch over 2 data-parallel groups and Megatron's split over the rest (2 x 2 on 4 ranks).
+
+Pipeline stages cut the encoder between layers: the embeddings go with layer 0, the pooling
+with the last layer, and a stage sends the next one the hidden state ``x`` (batch, seq, hidden)
+and the attention mask (batch, seq).
 """
 
 from __future__ import annotations
@@ -136,13 +140,31 @@ class BertEncoder(ModelDef):
         return self.model_dir / "model.safetensors"
 
     def apply(self, params: dict[str, Any], input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
+        return self.apply_layers(params, 0, self.layers, input_ids, attention_mask, token_type_ids)
+
+    def pipeline_layers(self) -> list[list[str]]:
+        """The encoder layers' parameters; the embeddings belong to layer 0."""
+        names = list(self.param_shapes())
+        layers = [[n for n in names if n.startswith(f"encoder.layer.{i}.")] for i in range(self.layers)]
+        layers[0] = [n for n in names if n.startswith("embeddings.")] + layers[0]
+        return layers
+
+    def apply_layers(self, params: dict[str, Any], start: int, stop: int, *values: Any) -> tuple[Any, ...]:
+        """Embeddings (when ``start`` is 0), encoder layers ``start .. stop - 1``, pooling (when
+        ``stop`` is the last); the carry between stages is ``(x, attention_mask)``."""
         import jax.numpy as jnp
 
-        x = self._embed(params, input_ids, token_type_ids)
-        bias = self._mask_bias(attention_mask, x.dtype)
-        for i in range(self.layers):
+        if start == 0:
+            input_ids, mask, token_type_ids = values
+            x = self._embed(params, input_ids, token_type_ids)
+        else:
+            x, mask = values
+        bias = self._mask_bias(mask, x.dtype)
+        for i in range(start, stop):
             x = self._layer(params, f"encoder.layer.{i}.", x, bias)
-        return x, self._pool(x, jnp.asarray(attention_mask).astype(x.dtype))
+        if stop < self.layers:
+            return x, mask
+        return x, self._pool(x, jnp.asarray(mask).astype(x.dtype))
 
     def _embed(self, p: dict[str, Any], ids: Any, types: Any) -> Any:
         import jax.numpy as jnp

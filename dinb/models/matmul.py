@@ -96,10 +96,10 @@ class MatMulNeg(ModelDef):
         return [np.ones((self.batch, self.matmul_size[0]), np.float32)]
 
     def strategy(self, device_num: int, name: str | None = None,
-                 input_shapes: Sequence[tuple[int, ...]] | None = None) -> Strategy:
-        if name is None and self.shard is not None:
+                 input_shapes: Sequence[tuple[int, ...]] | None = None, pipeline_stages: int = 1) -> Strategy:
+        if name is None and self.shard is not None and pipeline_stages == 1:
             return self._from_shard(self.shard, device_num)
-        return super().strategy(device_num, name, input_shapes)
+        return super().strategy(device_num, name, input_shapes, pipeline_stages)
 
     def _strategy(self, device_num: int, name: str, input_shapes: Sequence[tuple[int, ...]]) -> Strategy:
         return self._from_shard(MATMUL_SHARDS[name](device_num), device_num)

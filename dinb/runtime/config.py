@@ -9,6 +9,13 @@
     agree_timeout_s = 60
     # check every tensor's sha256 when loading a slice file
     verify_checksums = true
+    # pipeline stages: micro-batches a predict is cut into (the export must hold a program for it)
+    micro_batches = 1
+    # seconds a stage waits for the previous stage's activations (or for the next to take them)
+    stage_timeout_s = 60
+    # how activations move between stages: auto (MPI between CPU processes mpiexec started,
+    # XLA's collective-permute otherwise), mpi or xla
+    stage_transfer = auto
 """
 
 from __future__ import annotations
@@ -19,6 +26,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from dinb.errors import DinbError
+from dinb.pipeline import MAX_MICRO_BATCHES
+
+TRANSFERS = ("auto", "mpi", "xla")
 
 
 @dataclass(frozen=True)
@@ -26,6 +36,9 @@ class RuntimeConfig:
     init_timeout_s: int = 30
     agree_timeout_s: float = 60.0
     verify_checksums: bool = True
+    micro_batches: int = 1
+    stage_timeout_s: float = 60.0
+    stage_transfer: str = "auto"
 
 
 def load_config(path: str | Path | None) -> RuntimeConfig:
@@ -57,6 +70,8 @@ def load_config(path: str | Path | None) -> RuntimeConfig:
             try:
                 if known[key] == "bool":
                     values[key] = parser.getboolean(section, key)
+                elif known[key] == "str":
+                    values[key] = raw.strip()
                 elif known[key] == "int":
                     values[key] = parser.getint(section, key)
                 else:
@@ -65,4 +80,9 @@ def load_config(path: str | Path | None) -> RuntimeConfig:
                 raise DinbError(f"config file {path}: {key} = {raw!r} is not a {known[key]}") from None
             if key.endswith("_s") and not 0 < values[key] < math.inf:  # type: ignore[operator]
                 raise DinbError(f"config file {path}: {key} = {raw!r}; give a number of seconds above 0")
+            if key == "micro_batches" and not 1 <= values[key] <= MAX_MICRO_BATCHES:  # type: ignore[operator]
+                raise DinbError(f"config file {path}: micro_batches = {raw!r}; give 1 to {MAX_MICRO_BATCHES}")
+            if key == "stage_transfer" and values[key] not in TRANSFERS:
+                raise DinbError(
+                    f"config file {path}: stage_transfer = {raw!r}; choose one of {list(TRANSFERS)}")
     return RuntimeConfig(**values)  # type: ignore[arg-type]

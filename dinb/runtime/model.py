@@ -26,12 +26,21 @@ from typing import Any
 import numpy as np
 
 from dinb import ranks
-from dinb.errors import DinbError, InputError, RankFailedError, RankMismatchError, SliceFileError
+from dinb.errors import (
+    DinbError,
+    InputError,
+    ProviderError,
+    RankFailedError,
+    RankMismatchError,
+    SliceFileError,
+)
 from dinb.formats.safetensors import np_dtype
 from dinb.layout import one_mesh_shardings
+from dinb.pipeline import StageEvent
 from dinb.runtime.config import RuntimeConfig, load_config
 from dinb.runtime.context import Context, ModelType
 from dinb.runtime.onnx_rank import OnnxRanks
+from dinb.runtime.pipeline_run import PipelineRun
 from dinb.runtime.tensor import Tensor
 from dinb.slicefile import SliceFile, TensorMeta, find_slice_files, read_slice_file
 
@@ -49,6 +58,7 @@ class Model:
         self._in_shardings: list[Any] = []
         self._in_slices: dict[int, list[tuple[slice, ...]]] = {}  # each local rank's input slices
         self._onnx: OnnxRanks | None = None
+        self._pipe: PipelineRun | None = None
         self._last_by_rank: dict[int, tuple[np.ndarray, ...]] = {}
         self.provider = ""  # what runs the program: "xla", or the ONNX Runtime provider used
         self.provider_notice: str | None = None
@@ -110,7 +120,15 @@ class Model:
             on_phase("read")
         t0 = time.perf_counter()
         self._prepare(job)
-        if context.device_info.provider == "tensorrt":
+        if self._files[job.local_ranks[0]].pipeline is not None:
+            if context.device_info.provider == "tensorrt":
+                raise ProviderError(
+                    f"{model_path}: an export with pipeline stages runs on the xla provider; the "
+                    "tensorrt provider runs one-stage exports"
+                )
+            self._pipe = PipelineRun(self._files, job, self.config)
+            self.provider = "xla"
+        elif context.device_info.provider == "tensorrt":
             self._onnx = OnnxRanks(self._files, job.world_size, job.process_count, job.target)
             self.provider = f"tensorrt: onnxruntime {self._onnx.provider}"
             self.provider_notice = self._onnx.notice
@@ -159,6 +177,8 @@ class Model:
         first = next(iter(self._files.values()))
         self._inputs, self._outputs = first.inputs, first.outputs
         self._in_types = [(tuple(m.shape), np_dtype(m.dtype)) for m in self._inputs]
+        if first.pipeline is not None:
+            return  # the stages slice their own inputs (dinb.runtime.pipeline_run)
         self._in_slices = {r: [m.layout.slice_of(r, m.shape, m.name) for m in self._inputs]
                            for r in job.local_ranks}
         self._out_whole = [len(m.layout.replica_groups()) == 1 or len(job.local_ranks) == 1
@@ -213,21 +233,39 @@ class Model:
         return list(self._outputs)
 
     def get_outputs(self) -> list[Tensor]:
-        """Output tensors of the last predict (empty ones before it)."""
+        """Output tensors of the last predict (empty ones before it; none on ranks outside the
+        last pipeline stage)."""
         self._check_built()
+        if self._pipe is not None and not self._pipe.gives_outputs:
+            return []
         if self._last:
             return self._output_tensors()
         return [Tensor(name=m.name, shape=m.shape, dtype=m.dtype) for m in self._outputs]
 
-    def predict(self, inputs: Sequence[Tensor | np.ndarray]) -> list[Tensor]:
+    def predict(self, inputs: Sequence[Tensor | np.ndarray],
+                micro_batches: int | None = None) -> list[Tensor]:
         """Run the model on every rank with the same inputs; returns this rank's outputs.
 
         Inputs are checked (count, shape, dtype) before any collective is entered. Outputs whose
         layout is replicated (the default: the last stage's ranks all hold the same result) are
         whole on every rank; a sharded output is this rank's slice under mpiexec and the
         assembled tensor in the simulated mode.
+
+        With pipeline stages, only the first stage's ranks need ``inputs`` (the others may pass
+        ``[]``) and only the last stage's ranks return outputs (the others return ``[]``). The
+        batch runs as ``micro_batches`` micro-batches (default: the config's, 1 unless set),
+        which must be one of the counts the export has programs for; every rank must use the
+        same count.
         """
         self._check_built()
+        if self._pipe is not None:
+            m = self._pipe.check_micro(self.config.micro_batches if micro_batches is None else micro_batches)
+            arrays = self._check_inputs(inputs) if self._pipe.takes_inputs or len(inputs) else None
+            self._last = self._pipe.predict(arrays, m)
+            return self._output_tensors()
+        if micro_batches not in (None, 1):
+            raise InputError(f"micro_batches={micro_batches!r}: this export has one pipeline stage; "
+                             "micro-batches are for pipelined exports")
         arrays = self._check_inputs(inputs)
         if self._onnx is not None:
             self._last_by_rank = self._onnx.run(
@@ -272,7 +310,8 @@ class Model:
         return out
 
     def _output_tensors(self) -> list[Tensor]:
-        if self._onnx is not None or self._job is not None and self._job.process_count == 1:  # all here
+        one_process = self._job is not None and self._job.process_count == 1
+        if self._pipe is not None or self._onnx is not None or one_process:  # whole arrays here
             return [Tensor(np.asarray(arr), name=m.name) for m, arr in zip(self._outputs, self._last)]
         return [Tensor(np.asarray(arr.addressable_data(0) if whole else arr), name=m.name)
                 for m, arr, whole in zip(self._outputs, self._last, self._out_whole)]
@@ -281,6 +320,8 @@ class Model:
         """Each local rank's own slice of every output of the last predict."""
         job = self._job
         assert job is not None
+        if self._pipe is not None:
+            return self._pipe.rank_outputs()
         if self._onnx is not None:
             return {r: list(v) for r, v in self._last_by_rank.items()}
         rank_of = {d: r for r, d in enumerate(job.devices)}
@@ -314,10 +355,30 @@ class Model:
         """The partitioned HLO XLA compiled (shows the collectives the layouts imply); with the
         ``tensorrt`` provider, the rank's ONNX steps and collectives."""
         self._check_built()
+        if self._pipe is not None:
+            return self._pipe.describe()
         if self._onnx is not None:
             return self._onnx.describe()
         return str(self._compiled.as_text())
 
+    # ---- pipeline stages ---------------------------------------------------------------------
+    def pipeline_info(self) -> dict[str, Any] | None:
+        """``stages``, ``stage_ranks``, the ``micro_batches`` counts exported, the stages this
+        process hosts and the ``transfer`` between stages; None for a one-stage export."""
+        self._check_built()
+        if self._pipe is None:
+            return None
+        p = self._pipe
+        return {"stages": p.stages, "stage_ranks": p.t, "micro_batches": list(p.micro_counts),
+                "local_stages": list(p.local_stages), "transfer": p.transfer,
+                "layers": {s: list(p.meta[s]["layers"]) for s in p.local_stages}}
+
+    def timeline(self) -> list[StageEvent]:
+        """When each local rank computed each micro-batch in the last predict (wall-clock
+        seconds); empty for a one-stage export. :func:`dinb.pipeline.measured_bubble` reads it."""
+        self._check_built()
+        return list(self._pipe.events) if self._pipe is not None else []
+
     def _check_built(self) -> None:
-        if self._compiled is None and self._onnx is None:
+        if self._compiled is None and self._onnx is None and self._pipe is None:
             raise DinbError("the model is not built; call build_from_file(path, ...) first")

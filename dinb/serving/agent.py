@@ -70,6 +70,7 @@ def serve(
             "host": socket.gethostname(),
             "inputs": inputs,
             "outputs": outputs,
+            "stages": (model.pipeline_info() or {"stages": 1})["stages"],
             **me,
         }
     )
@@ -81,8 +82,8 @@ def serve(
     )
     beat.start()
 
-    def predict(arrays: list[Any]) -> list[Any]:
-        return [t.get_data_to_numpy() for t in model.predict(arrays)]
+    def predict(arrays: list[Any], micro_batches: int | None = None) -> list[Any]:
+        return [t.get_data_to_numpy() for t in model.predict(arrays, micro_batches=micro_batches)]
 
     sock.send_multipart(registration)
     registered, t0, told = False, time.monotonic(), time.monotonic()

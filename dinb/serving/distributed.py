@@ -50,6 +50,11 @@ def declare_servable(
 ) -> DistributedModel:
     """Declare the servable's model: ``rank_size`` agents (ranks) in ``stage_size`` pipeline stages.
 
+    ``stage_size > 1`` serves an export with that many pipeline stages (``python -m dinb export
+    --pipeline-stages``): the worker sends each request to the first stage's ranks only and takes
+    the result from the last stage's, whose ranks must agree. Agents of an export with another
+    stage count are refused at registration, naming both counts.
+
     ``with_batch_dim``: the model's first input axis is the batch, and concurrent requests are
     merged along it; ``without_batch_dim_inputs``: the indices of inputs without that axis.
     """
@@ -57,12 +62,6 @@ def declare_servable(
         raise ServableError(f"rank_size must be a positive number of ranks, got {rank_size!r}")
     if not isinstance(stage_size, int) or stage_size < 1 or rank_size % stage_size:
         raise ServableError(f"stage_size {stage_size!r} must divide rank_size {rank_size}")
-    if stage_size > 1:
-        raise ServableError(
-            f"stage_size={stage_size}: serving pipeline stages needs pipelined exports, which dinb does not "
-            "make yet (pipeline stages are a planned feature); declare stage_size=1 and serve a "
-            "tensor-parallel export"
-        )
     skip = (
         (without_batch_dim_inputs,)
         if isinstance(without_batch_dim_inputs, int)

@@ -96,7 +96,8 @@ class Main:
         assert spec.model is not None
         split_address(address, "distributed_address")
         worker = DistributedWorker(
-            spec.name, spec.model.rank_size, address, heartbeat_timeout_s, request_timeout_s
+            spec.name, spec.model.rank_size, address, heartbeat_timeout_s, request_timeout_s,
+            stage_size=spec.model.stage_size,
         )
 
         async def start() -> Servable:

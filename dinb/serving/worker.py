@@ -61,8 +61,11 @@ class DistributedWorker:
         address: str,
         heartbeat_timeout_s: float = 1.5,
         request_timeout_s: float = 60.0,
+        stage_size: int = 1,
     ):
         self.name, self.rank_size, self.address = name, rank_size, address
+        self.stage_size = stage_size
+        self.roles = remote_predict.Roles(rank_size, rank_size // stage_size)
         self.heartbeat_timeout_s, self.request_timeout_s = heartbeat_timeout_s, request_timeout_s
         self.agents: dict[int, Agent] = {}
         self.job: str | None = None
@@ -149,8 +152,9 @@ class DistributedWorker:
 
     # ---- requests ------------------------------------------------------------------------------
     async def run(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """The model's outputs for one batch: the same arrays to every rank, rank 0's outputs back
-        (checked against every other rank's checksums)."""
+        """The model's outputs for one batch: the same arrays to every rank of the first stage (all
+        ranks without pipeline stages), the outputs of the last stage's first rank back (checked
+        against the checksums of the other last-stage ranks)."""
         if not self.ready:
             raise Unavailable(self.why_unavailable())
         rid = next(self._ids)
@@ -158,9 +162,8 @@ class DistributedWorker:
         self._pending[rid] = (future, {})
         try:
             for agent in list(self.agents.values()):
-                await self._send(
-                    agent.identity, {"type": "infer", "id": rid, "want_data": agent.rank == 0}, arrays
-                )
+                header, takes = self.roles.header(agent.rank, type="infer", id=rid)
+                await self._send(agent.identity, header, arrays if takes else ())
             replies = await asyncio.wait_for(future, self.request_timeout_s)
         except TimeoutError:
             waiting = [r for r in range(self.rank_size) if r not in self._pending.get(rid, (None, {}))[1]]
@@ -174,10 +177,10 @@ class DistributedWorker:
         if errors:
             detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(errors.items()))
             raise DinbError(f"servable {self.name!r}: the model failed on rank(s) {sorted(errors)}: {detail}")
-        if not remote_predict.agreement(heads):
+        if not remote_predict.agreement(heads, self.roles.output_ranks):
             raise DinbError(f"servable {self.name!r}: the ranks returned different outputs")
         self.compute_ms = {r: float(h.get("compute_ms", 0.0)) for r, h in heads.items()}
-        return data[0]  # views on rank 0's reply frames, which they keep alive
+        return data[self.roles.data_rank]  # views on that rank's reply frames, which they keep alive
 
     def why_unavailable(self) -> str:
         if self.dead:
@@ -226,6 +229,13 @@ class DistributedWorker:
         return agent if agent is not None and agent.job == header.get("job") else None
 
     async def _register(self, identity: bytes, h: dict[str, Any]) -> None:
+        if h.get("stages", 1) != self.stage_size:
+            reason = (f"the servable declares stage_size={self.stage_size}, this agent's export has "
+                      f"{h.get('stages', 1)} pipeline stage(s); declare stage_size={h.get('stages', 1)} or "
+                      f"export with --pipeline-stages {self.stage_size}")
+            log.error("servable %r: rank %s refused: %s", self.name, h.get("rank"), reason)
+            await self._send(identity, {"type": "refused", "reason": reason})
+            return
         if h.get("world") != self.rank_size:
             log.error(
                 "servable %r: rank %s registered for a job of %s ranks but the servable declares "

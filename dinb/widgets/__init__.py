@@ -1,4 +1,5 @@
-"""Notebook widgets: the strategy explorer and the per-rank outputs viewer (ipywidgets).
+"""Notebook widgets: the strategy explorer, the per-rank outputs viewer and the pipeline
+schedule (ipywidgets).
 
 They render metadata and small summaries only (shapes, slices, bytes, block-averaged
 heatmaps), never a large tensor's values.
@@ -6,5 +7,6 @@ heatmaps), never a large tensor's values.
 
 from dinb.widgets.explorer import StrategyExplorer
 from dinb.widgets.outputs import RankOutputs
+from dinb.widgets.schedule import SchedulePicture
 
-__all__ = ["RankOutputs", "StrategyExplorer"]
+__all__ = ["RankOutputs", "SchedulePicture", "StrategyExplorer"]

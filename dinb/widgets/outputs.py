@@ -8,7 +8,8 @@ Above the panels: whether every rank holds the same values (bitwise), and, given
 the largest difference from it.
 
 Accepts a :class:`dinb.cluster.PredictResult` (``%dinfer outputs`` shows one), a
-``{rank: [arrays]}`` mapping (``Model.rank_outputs()``), or a list of per-rank lists.
+``{rank: [arrays]}`` mapping (``Model.rank_outputs()``), or a list of per-rank lists. With
+pipeline stages only the last stage's ranks have outputs; the others get a panel saying so.
 """
 
 from __future__ import annotations
@@ -110,10 +111,15 @@ class RankOutputs(w.VBox):
 
     def __init__(self, result: Any, names: Sequence[str] | None = None,
                  reference: np.ndarray | Sequence[np.ndarray] | None = None, max_side: int = 64,
-                 rtol: float = 1e-5, atol: float = 1e-5, layouts: Sequence[Layout] | None = None):
-        self.per_rank = _per_rank(result)
+                 rtol: float = 1e-5, atol: float = 1e-5, layouts: Sequence[Layout] | None = None,
+                 stage_ranks: int | None = None):
+        every = _per_rank(result)
+        # ranks of earlier pipeline stages return nothing: their activations went to the next stage
+        self.silent = [r for r, outs in every.items() if not outs]
+        self.per_rank = {r: outs for r, outs in every.items() if outs}
         if not self.per_rank:
             raise ValueError("no rank outputs to show; run a predict first")
+        self.stage_ranks = stage_ranks or (len(every) - len(self.silent) if self.silent else None)
         first = next(iter(self.per_rank.values()))
         self.names = list(names) if names else [f"output_{i}" for i in range(len(first))]
         self.layouts = list(layouts) if layouts else None
@@ -126,7 +132,7 @@ class RankOutputs(w.VBox):
                     for r, outs in self.per_rank.items()}
         self.differences = {r: [text for text, _ in c] for r, c in compared.items()}
         self._close = [ok for c in compared.values() for _, ok in c if ok is not None]
-        panels = [self._panel(r, max_side) for r in self.per_rank]
+        panels = [self._silent_panel(r) if r in self.silent else self._panel(r, max_side) for r in every]
         header = w.HTML("<br>".join(html.escape(line) for line in self._header_lines()))
         header.add_class("dinb-agreement")
         grid = w.GridBox(panels, layout=w.Layout(grid_template_columns="repeat(auto-fill, 250px)",
@@ -138,8 +144,13 @@ class RankOutputs(w.VBox):
     def from_model(cls, model: Any, reference: Any = None, **kwargs: Any) -> RankOutputs:
         """The last predict of a :class:`dinb.Model` (simulated ranks), with its output layouts."""
         meta = model.output_meta()
+        pipe = model.pipeline_info()
         return cls(model.rank_outputs(), [m.name for m in meta], reference,
-                   layouts=[m.layout for m in meta], **kwargs)
+                   layouts=[m.layout for m in meta],
+                   stage_ranks=pipe["stage_ranks"] if pipe else None, **kwargs)
+
+    def _stage(self, rank: int) -> int | None:
+        return rank // self.stage_ranks if self.silent and self.stage_ranks else None
 
     @property
     def agree(self) -> bool:
@@ -157,7 +168,10 @@ class RankOutputs(w.VBox):
         """``(kind, odd ranks)``: kind is ``whole``, ``sharded`` or ``shapes differ``."""
         ranks = list(self.per_rank)
         if self.layouts is not None and i < len(self.layouts):
-            groups = [[r for r in g if r in self.per_rank] for g in self.layouts[i].replica_groups()]
+            # the layouts span the last stage's ranks; its rank j is global rank ranks[0] + j
+            base = ranks[0] if self.silent else 0
+            groups = [[base + r for r in g if base + r in self.per_rank]
+                      for g in self.layouts[i].replica_groups()]
             kind = "sharded" if len(groups) > 1 else "whole"
         elif len({self.per_rank[r][i].shape for r in ranks}) > 1:
             return "shapes differ", []
@@ -173,6 +187,9 @@ class RankOutputs(w.VBox):
     def _header_lines(self) -> list[str]:
         n = len(self.per_rank)
         lines = []
+        if self.silent:
+            lines.append(f"ranks {self.silent} (earlier pipeline stages) return no outputs; the last "
+                         f"stage's ranks {list(self.per_rank)} do")
         for name, (kind, odd) in zip(self.names, self.agreement):
             if odd:
                 lines.append(f"{name}: ranks {odd} differ from the ranks that should hold the same values")
@@ -197,6 +214,16 @@ class RankOutputs(w.VBox):
         verdict = "within" if ok else "OUTSIDE"
         return f"max |diff| vs reference {diff:.2e} ({verdict} rtol={rtol:g}, atol={atol:g})", bool(ok)
 
+    def _silent_panel(self, rank: int) -> w.Widget:
+        stage = self._stage(rank)
+        where = f" (stage {stage})" if stage is not None else ""
+        panel = w.VBox([w.HTML(f'<b style="color:{rank_colour(rank)}">rank {rank}</b>{where}'),
+                        w.HTML('<div style="font-size:11px"><i>no outputs: it sent its activations '
+                               'to the next stage</i></div>')],
+                       layout=w.Layout(border="1px dashed #ccc", padding="4px"))
+        panel.add_class("dinb-rank-panel")
+        return panel
+
     def _panel(self, rank: int, max_side: int) -> w.Widget:
         parts: list[w.Widget] = [w.HTML(f'<b style="color:{rank_colour(rank)}">rank {rank}</b>')]
         for i, (a, st) in enumerate(zip(self.per_rank[rank], self.stats[rank])):
@@ -220,7 +247,7 @@ class RankOutputs(w.VBox):
 
     def summary(self) -> str:
         """The panels as text (also the widget's plain-text form, so golden outputs compare)."""
-        lines = []
+        lines = [f"rank {r}: no outputs (stage {self._stage(r)})" for r in self.silent]
         for rank, stats in self.stats.items():
             body = "; ".join(f"{n} {s.text()}" for n, s in zip(self.names, stats))
             diffs = [d for d in self.differences[rank] if d]

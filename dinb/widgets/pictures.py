@@ -155,3 +155,40 @@ def collectives_html(cost: CostEstimate) -> str:
                f"{fmt_bytes(cost.bytes_sent)} sent per rank at {cost.link_gb_per_s:g} GB/s = "
                f"<b>{fmt_seconds(cost.comm_s)}</b> ({share:.3g}% of the estimated step)</p>")
     return body + summary
+
+
+def schedule_svg(blocks: Sequence[tuple[int, int, float, float]], stages: int, width: int = 520,
+                 unit: str = "tick") -> str:
+    """A pipeline schedule: one row per stage, time to the right, one block per (stage,
+    micro-batch) computation coloured by micro-batch; the white gaps are the bubble.
+
+    ``blocks`` are ``(stage, micro, start, end)`` in any time unit starting at 0 (GPipe's ideal
+    schedule in ticks, or a measured one in milliseconds).
+    """
+    end = max((b[3] for b in blocks), default=1.0) or 1.0
+    row_h, left, top = 22, 58, 4
+    height = top + stages * row_h + 24
+    parts = [f'<svg class="dinb-schedule" data-stages="{stages}" data-blocks="{len(blocks)}" '
+             f'width="{left + width + 10}" height="{height}" xmlns="http://www.w3.org/2000/svg">']
+    for s in range(stages):
+        y = top + s * row_h
+        parts.append(f'<text x="0" y="{y + 15}" font-size="11">stage {s}</text>'
+                     f'<rect x="{left}" y="{y}" width="{width}" height="{row_h - 4}" fill="#f4f4f4"/>')
+    for stage, micro, start, stop in blocks:
+        x, w = left + start / end * width, max((stop - start) / end * width, 0.8)
+        y = top + stage * row_h
+        parts.append(f'<g class="dinb-block" data-stage="{stage}" data-micro="{micro}">'
+                     f'<title>stage {stage}, micro-batch {micro}: {start:.3g}-{stop:.3g} {unit}</title>'
+                     f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{row_h - 4}" '
+                     f'fill="{rank_colour(micro)}" stroke="#222" stroke-width="0.5"/>')
+        if w >= 14:
+            parts.append(f'<text x="{x + w / 2:.1f}" y="{y + 13}" font-size="10" text-anchor="middle" '
+                         f'fill="#fff">{micro}</text>')
+        parts.append("</g>")
+    axis_y = top + stages * row_h + 12
+    parts.append(f'<text x="{left}" y="{axis_y}" font-size="10">0</text>'
+                 f'<text x="{left + width}" y="{axis_y}" font-size="10" text-anchor="end">'
+                 f'{end:.3g} {unit}</text>'
+                 f'<text x="{left + width / 2}" y="{axis_y}" font-size="10" text-anchor="middle">'
+                 f'time; colour = micro-batch</text></svg>')
+    return "".join(parts)
