@@ -302,7 +302,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     (servable_dir / name).mkdir()
     (servable_dir / name / "servable_config.py").write_text(
         "from dinb.serving import distributed, register\n\n"
-        f"model = distributed.declare_servable(rank_size={len(files)}, stage_size=1, "
+        f"model = distributed.declare_servable(rank_size={len(files)}, "
+        f"stage_size={meta.get('pipeline', {}).get('stages', 1)}, "
         f"with_batch_dim={bool(args.batching)})\n\n\n"
         f"@register.register_method(output_names={outs!r})\n"
         f"def predict({', '.join(ins)}):\n"

@@ -76,6 +76,23 @@ def measured_bubble(events: Iterable[StageEvent]) -> float:
     return max(0.0, 1.0 - mean / span) if span > 0 else 0.0
 
 
+def simulate_schedule(stage_s: Sequence[float], micro_batches: int,
+                      transfer_s: Sequence[float] = ()) -> list[StageEvent]:
+    """GPipe's schedule with real stage costs: stage ``s`` takes ``stage_s[s] / M`` per
+    micro-batch, starts micro-batch ``m`` when it finished ``m - 1`` and stage ``s - 1``'s
+    result for ``m`` has arrived (``transfer_s[s - 1] / M`` after it was computed). Unequal
+    stages or slow transfers make the bubble larger than :func:`bubble_fraction`."""
+    m_count, events = micro_batches, []
+    done: dict[tuple[int, int], float] = {}
+    for s, total in enumerate(stage_s):
+        for m in range(m_count):
+            ready = done.get((s - 1, m), 0.0) + (transfer_s[s - 1] / m_count if s and transfer_s else 0.0)
+            start = max(ready, done.get((s, m - 1), 0.0))
+            done[(s, m)] = start + total / m_count
+            events.append(StageEvent(s, s, m, start, done[(s, m)]))
+    return events
+
+
 def stage_layer_ranges(model: ModelDef, strategy: Strategy) -> list[tuple[int, int]]:
     """``[(start, stop)]`` of the layers each stage of ``strategy`` runs, read from the stages its
     parameters record; a layer split between stages, or stages out of order, is an error naming

@@ -17,6 +17,12 @@ several (split into their product). From that:
 
 An axis choice that does not divide the axis, or reuses a device dimension another axis of the
 same tensor already splits, is offered but marked invalid with the reason.
+
+**Pipeline stages.** With ``stages = S`` the mesh is one stage's (``T`` devices) and the plan
+spans ``S * T`` ranks: a parameter lives on the ranks of its layer's stage only
+(:meth:`ModelDef.stage_layers`), the inputs on the first stage's, the outputs on the last's.
+Each stage's program is compiled on its own, and the activations one stage hands the next
+(``sends``) are a transfer per rank pair per micro-batch.
 """
 
 from __future__ import annotations
@@ -87,13 +93,38 @@ class RankBytes:
     rank: int
     parameters: int
     replicated: int  # of ``parameters``: slices other ranks hold too
-    inputs: int
-    outputs: int
+    inputs: int  # with pipeline stages: or the activations received from the previous stage
+    outputs: int  # or the activations sent to the next stage
     workspace: int = 0  # XLA's temp buffers, known once compiled
+    stage: int = 0
 
     @property
     def total(self) -> int:
         return self.parameters + self.inputs + self.outputs + self.workspace
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Stage ``stage`` handing its activations to stage ``stage + 1``: ``pairs`` messages (rank
+    ``j`` to rank ``j``) of ``bytes_per_rank`` each, per whole batch."""
+
+    stage: int
+    values: tuple[tuple[tuple[int, ...], str], ...]  # shape and dtype of each value sent
+    bytes_per_rank: int
+    pairs: int
+    seconds: float
+
+
+def _carry_bytes(values: Sequence[tuple[tuple[int, ...], str]], first_input: Layout | None, local: int,
+                 device_num: int) -> int:
+    """Bytes of the activations one rank sends or receives (laid out as :func:`carry_layout`)."""
+    from dinb.pipeline import carry_layout
+
+    total = 0
+    for shape, dtype in values:
+        lay = carry_layout(first_input, len(shape), device_num)
+        total += math.prod(lay.slice_shape(shape)) * np.dtype(dtype).itemsize
+    return total
 
 
 @dataclass(frozen=True)
@@ -160,40 +191,60 @@ class PlanSource:
 
     @classmethod
     def from_export(cls, directory: str | Path) -> PlanSource:
-        """An export directory: its tensors and strategy; layouts stay editable when the model
-        is a built-in one (the export records how to rebuild it)."""
+        """An export directory: its tensors and strategy (its stages' too); layouts stay editable
+        when the model is a built-in one (the export records how to rebuild it)."""
         from dinb.models import MODELS, get_model
         from dinb.slicefile import TensorMeta, find_slice_files, read_meta
 
         directory = Path(directory)
-        first = find_slice_files(directory)[0]
+        files = find_slice_files(directory)
+        first = files[0]
         meta = read_meta(first)
-        tensors = [TensorInfo(n, "parameter", tuple(p["shape"]), p["dtype"])
-                   for n, p in meta["params"].items()]
+        pipe = meta.get("pipeline")
+        stage_metas = ([read_meta(files[s * pipe["stage_ranks"]]) for s in range(pipe["stages"])]
+                       if pipe else [meta])
+        params = {n: (p, s) for s, m in enumerate(stage_metas) for n, p in m["params"].items()}
+        tensors = [TensorInfo(n, "parameter", tuple(p["shape"]), p["dtype"]) for n, (p, _) in params.items()]
         ins = [TensorMeta.from_json(m) for m in meta["inputs"]]
         outs = [TensorMeta.from_json(m) for m in meta["outputs"]]
         tensors += [TensorInfo(m.name, "input", m.shape, m.dtype) for m in ins]
         tensors += [TensorInfo(m.name, "output", m.shape, m.dtype) for m in outs]
-        strategy = Strategy({n: Layout.from_json(p["layout"]) for n, p in meta["params"].items()},
-                            [m.layout for m in ins], [m.layout for m in outs])
+        layouts = {n: ParamLayout(Layout.from_json(p["layout"]), stage=s) for n, (p, s) in params.items()}
+        strategy = Strategy(layouts, [m.layout for m in ins], [m.layout for m in outs], len(stage_metas))
         model = None
         if meta["model"] in MODELS and "model_config" in meta:
             model = get_model(meta["model"], **meta["model_config"])
         return cls(f"{meta['model']} ({directory})", tensors, model, (), (strategy, first))
 
-    def preset_strategy(self, preset: str, device_num: int) -> Strategy:
+    def preset_strategy(self, preset: str, device_num: int, stages: int = 1) -> Strategy:
         if preset == "exported" and self.exported:
             strategy = self.exported[0]
-            if strategy.device_num != device_num:
-                raise StrategyError(f"the export is for {strategy.device_num} ranks, not {device_num}")
+            if (strategy.device_num, strategy.pipeline_stages) != (device_num, stages):
+                raise StrategyError(
+                    f"the export is for {strategy.pipeline_stages} stage(s) of {strategy.stage_device_num} "
+                    f"ranks, not {stages} of {device_num // stages}")
             return strategy
         if self.model is None or preset not in self.presets:
             raise StrategyError(f"{self.name} has no strategy {preset!r}; choose one of {list(self.presets)}")
-        return self.model.strategy(device_num, preset)
+        return self.model.strategy(device_num, preset, pipeline_stages=stages)
 
-    def compile(self, strategy: Strategy) -> CompiledView:
-        """What XLA makes of ``strategy`` (cached per strategy)."""
+    def stage_choices(self, device_num: int) -> list[int]:
+        """Stage counts that divide both the model's layers and ``device_num`` (1 always)."""
+        layers = self.model.pipeline_layers() if self.model is not None else None
+        if not layers:
+            return [1]
+        return [s for s in range(1, len(layers) + 1) if len(layers) % s == 0 and device_num % s == 0]
+
+    def compile(self, strategy: Strategy) -> CompiledView | list[CompiledView]:
+        """What XLA makes of ``strategy`` (cached per strategy): one view, or one per stage."""
         key = json.dumps(strategy.to_json(), sort_keys=True)
+        if key not in self._compiled and strategy.pipeline_stages > 1:
+            if self.model is None:
+                raise DinbError(f"{self.name}: the export does not say how to rebuild its model, so "
+                                "its stages cannot be compiled here")
+            params = {t.name: (t.shape, t.dtype) for t in self.tensors if t.role == "parameter"}
+            ins = [(t.shape, t.dtype) for t in self.tensors if t.role == "input"]
+            self._compiled[key] = viewer().compile_stages(self.model, strategy, ins, params)  # type: ignore[assignment]
         if key not in self._compiled:
             if self.exported and _same_layouts(strategy, self.exported[0]):
                 view = viewer().compile_export(self.exported[1], strategy.device_num)
@@ -226,16 +277,18 @@ class PlanSource:
             out: dict[str, np.ndarray] = {}
             for path in find_slice_files(self.exported[1].parent).values():
                 sf = read_slice_file(path)
+                local = sf.rank % (sf.pipeline["stage_ranks"] if sf.pipeline else sf.world_size)
                 for name, meta in sf.param_meta().items():
                     whole = out.setdefault(name, np.empty(meta.shape, meta.dtype))
-                    whole[meta.layout.slice_of(sf.rank, meta.shape, name)] = sf.params[name]
+                    whole[meta.layout.slice_of(local, meta.shape, name)] = sf.params[name]
             return out
         assert self.model is not None
         return self.model.init_params(seed)
 
 
 def _same_layouts(a: Strategy, b: Strategy) -> bool:
-    return ({n: a[n] for n in a} == {n: b[n] for n in b}
+    return ({n: a.item(n).layout for n in a} == {n: b.item(n).layout for n in b}
+            and a.pipeline_stages == b.pipeline_stages
             and list(a.inputs) == list(b.inputs) and list(a.outputs) == list(b.outputs))
 
 
@@ -295,28 +348,64 @@ class StrategyPlan:
     maps: Mapping[str, tuple[MapEntry, ...]]
     preset: str = CUSTOM
     notes: tuple[str, ...] = field(default=())
+    stages: int = 1
 
     # ---- making plans ------------------------------------------------------------------------
     @classmethod
     def create(cls, source: ModelDef | PlanSource | str | Path, device_num: int | None = None,
-               preset: str | None = None) -> StrategyPlan:
-        """A plan for a model (or an export directory) on ``device_num`` devices under ``preset``
-        (the model's default strategy when None; ``"exported"`` for an export)."""
+               preset: str | None = None, stages: int | None = None) -> StrategyPlan:
+        """A plan for a model (or an export directory) on ``device_num`` devices in ``stages``
+        pipeline stages under ``preset`` (the model's default strategy when None; ``"exported"``
+        for an export)."""
         if isinstance(source, (str, Path)):
             source = PlanSource.from_export(source)
         elif isinstance(source, ModelDef):
             source = PlanSource.from_model(source)
         if device_num is None:
             device_num = source.exported[0].device_num if source.exported else 2
+        if stages is None:
+            stages = source.exported[0].pipeline_stages if source.exported else 1
         if preset is None:
             preset = "exported" if source.exported else (
                 source.model.default_strategy if source.model else CUSTOM)
-        plan = cls(source, (device_num,), {t.name: (-1,) * len(t.shape) for t in source.tensors})
+        if device_num % stages:
+            raise DinbError(f"{device_num} devices do not form {stages} stages of equal size; choose "
+                            f"one of {source.stage_choices(device_num)} stages")
+        plan = cls(source, (device_num // stages,), {t.name: (-1,) * len(t.shape) for t in source.tensors},
+                   stages=stages)
         return plan.with_preset(preset) if preset != CUSTOM else plan
 
     @property
     def device_num(self) -> int:
+        """Ranks of the whole plan: ``stages`` times one stage's mesh."""
+        return self.stages * math.prod(self.mesh)
+
+    @property
+    def stage_device_num(self) -> int:
+        """Ranks of one pipeline stage (the mesh's size)."""
         return math.prod(self.mesh)
+
+    def stage_of(self, name: str) -> int:
+        """The pipeline stage holding tensor ``name`` (inputs: the first; outputs: the last)."""
+        t = self.tensor(name)
+        if self.stages == 1 or t.role == "input":
+            return 0
+        if t.role == "output":
+            return self.stages - 1
+        return self._stage_map()[name]
+
+    def _stage_map(self) -> dict[str, int]:
+        model = self.source.model
+        if model is None:  # an export of a model dinb cannot rebuild: its own stages
+            assert self.source.exported is not None
+            return {n: self.source.exported[0].stage_of(n) for n in self.source.exported[0]}
+        layers = model.pipeline_layers() or []
+        return {n: s for s, (a, b) in enumerate(model.stage_layers(self.stages))
+                for layer in layers[a:b] for n in layer}
+
+    def stage_ranks(self, stage: int) -> range:
+        t = self.stage_device_num
+        return range(stage * t, (stage + 1) * t)
 
     @property
     def tensors(self) -> tuple[TensorInfo, ...]:
@@ -328,30 +417,45 @@ class StrategyPlan:
                 return t
         raise DinbError(f"{self.source.name} has no tensor {name!r}; it has {[t.name for t in self.tensors]}")
 
-    def with_preset(self, preset: str, device_num: int | None = None) -> StrategyPlan:
-        """The named strategy on ``device_num`` devices (default: this plan's), on its own mesh.
+    def with_preset(self, preset: str, device_num: int | None = None,
+                    stages: int | None = None) -> StrategyPlan:
+        """The named strategy on ``device_num`` devices (default: this plan's) in ``stages``
+        stages (default: this plan's), on its own mesh.
 
         The strategy's layouts may use several device grids; they are put on their common grid
         (:func:`common_dev_matrix`) with size-1 dimensions dropped.
         """
         n = device_num or self.device_num
+        s = self.stages if stages is None else stages
         if preset == CUSTOM:
             return replace(self, preset=CUSTOM, notes=())
         try:
-            strategy = self.source.preset_strategy(preset, n)
+            strategy = self.source.preset_strategy(preset, n, s)
             layouts = self._strategy_layouts(strategy)
             grid = tuple(d for d in common_dev_matrix(list(layouts.values())) if d > 1) or (1,)
             maps = {name: lay.refine(grid).tensor_map for name, lay in layouts.items()}
             for t in self.tensors:
                 Layout(grid, maps[t.name]).check_shape(t.shape, t.name)
         except DinbError as e:
-            plan = self._remap((n,)) if n != self.device_num else self
+            fits = n % s == 0
+            plan = self._remap((n // s if fits else n,), s if fits else 1)
+            where = f" in {s} stages" if s > 1 else ""
             return replace(plan, preset=CUSTOM,
-                           notes=(f"strategy {preset!r} does not fit {n} devices: {e}",))
-        return StrategyPlan(self.source, grid, maps, preset)
+                           notes=(f"strategy {preset!r} does not fit {n} devices{where}: {e}",))
+        return StrategyPlan(self.source, grid, maps, preset, stages=s)
+
+    def with_stages(self, stages: int) -> StrategyPlan:
+        """The same devices in ``stages`` pipeline stages (one of :meth:`PlanSource.stage_choices`)."""
+        choices = self.source.stage_choices(self.device_num)
+        if stages not in choices:
+            raise DinbError(f"{stages} stages do not divide {self.source.name}'s layers and the "
+                            f"{self.device_num} devices; choose one of {choices}")
+        if self.preset != CUSTOM:
+            return self.with_preset(self.preset, self.device_num, stages)
+        return self._remap((self.device_num // stages,), stages)
 
     def _strategy_layouts(self, strategy: Strategy) -> dict[str, Layout]:
-        n = strategy.device_num
+        n = strategy.stage_device_num
         out: dict[str, Layout] = {}
         for role, layouts in (("input", strategy.inputs), ("output", strategy.outputs)):
             named = [t for t in self.tensors if t.role == role]
@@ -367,19 +471,21 @@ class StrategyPlan:
         axis choice that still fits the one-axis mesh ``[N]`` and makes the others whole."""
         if device_num < 1:
             raise DinbError(f"device count must be >= 1, got {device_num}")
+        stages = self.stages if device_num % self.stages == 0 else 1
         if self.preset != CUSTOM:
-            return self.with_preset(self.preset, device_num)
-        return self._remap((device_num,))
+            return self.with_preset(self.preset, device_num, stages)
+        return self._remap((device_num // stages,), stages)
 
     def with_mesh(self, mesh: Sequence[int]) -> StrategyPlan:
-        """Another mesh for the same device count; axis choices that no longer fit become whole."""
+        """Another mesh for one stage's devices; axis choices that no longer fit become whole."""
         mesh = tuple(int(s) for s in mesh)
-        if math.prod(mesh) != self.device_num:
-            raise DinbError(f"mesh {list(mesh)} holds {math.prod(mesh)} devices, not {self.device_num}; "
-                            f"choose one of {[list(m) for m in mesh_choices(self.device_num)]}")
+        t = self.stage_device_num
+        if math.prod(mesh) != t:
+            raise DinbError(f"mesh {list(mesh)} holds {math.prod(mesh)} devices, not {t}; "
+                            f"choose one of {[list(m) for m in mesh_choices(t)]}")
         return self._remap(mesh)
 
-    def _remap(self, mesh: tuple[int, ...]) -> StrategyPlan:
+    def _remap(self, mesh: tuple[int, ...], stages: int | None = None) -> StrategyPlan:
         maps, dropped = {}, []
         k = len(mesh)
         for t in self.tensors:
@@ -394,7 +500,7 @@ class StrategyPlan:
                     entries.append(e)
             maps[t.name] = tuple(entries)
         notes = (f"made whole on the new mesh: {', '.join(dropped)}",) if dropped else ()
-        return StrategyPlan(self.source, mesh, maps, CUSTOM, notes)
+        return StrategyPlan(self.source, mesh, maps, CUSTOM, notes, self.stages if stages is None else stages)
 
     def with_axis(self, name: str, axis: int, entry: MapEntry | Sequence[int]) -> StrategyPlan:
         """Split axis ``axis`` of tensor ``name`` by ``entry``; an invalid choice is an error."""
@@ -407,7 +513,7 @@ class StrategyPlan:
                 entries = list(maps[name])
                 entries[axis] = entry
                 maps[name] = tuple(entries)
-                return StrategyPlan(self.source, self.mesh, maps, CUSTOM)
+                return StrategyPlan(self.source, self.mesh, maps, CUSTOM, stages=self.stages)
         raise DinbError(f"{name} axis {axis}: {entry!r} is not a device dimension of mesh {list(self.mesh)}")
 
     # ---- what follows from the plan ----------------------------------------------------------
@@ -456,37 +562,57 @@ class StrategyPlan:
         return out
 
     def tiles(self, name: str) -> list[Tile]:
-        """The distinct slices of a tensor with the ranks holding each (``Layout`` decides)."""
+        """The distinct slices of a tensor with the (global) ranks holding each (``Layout``
+        decides, within the tensor's stage)."""
         t = self.tensor(name)
         lay = self.layout(name)
-        return [Tile(group, tuple((s.start, s.stop) for s in lay.slice_of(group[0], t.shape, name)))
+        first = self.stage_of(name) * self.stage_device_num
+        return [Tile(tuple(first + r for r in group),
+                     tuple((s.start, s.stop) for s in lay.slice_of(group[0], t.shape, name)))
                 for group in lay.replica_groups()]
 
-    def bytes_per_rank(self, compiled: CompiledView | None = None) -> list[RankBytes]:
-        """Bytes each rank holds (see the module docstring); workspace from ``compiled``."""
+    def bytes_per_rank(self, compiled: CompiledView | Sequence[CompiledView] | None = None
+                       ) -> list[RankBytes]:
+        """Bytes each rank holds (see the module docstring); workspace from ``compiled``. With
+        stages, a rank holds its stage's tensors, and the activations it receives and sends
+        (known once the stages are compiled) count as its inputs and outputs."""
+        views = list(compiled) if isinstance(compiled, Sequence) else [compiled] * self.stages
+        t = self.stage_device_num
+        first_input = next((self.layout(x.name) for x in self.tensors if x.role == "input"), None)
         rows = []
         for r in range(self.device_num):
+            stage, local = divmod(r, t)
             sums = dict.fromkeys(ROLES, 0)
             replicated = 0
-            for t in self.tensors:
-                lay = self.layout(t.name)
-                nbytes = math.prod(s.stop - s.start for s in lay.slice_of(r, t.shape, t.name)) * t.itemsize
-                sums[t.role] += nbytes
-                if t.role == "parameter" and lay.device_num > len(lay.replica_groups()):
+            for x in self.tensors:
+                if self.stage_of(x.name) != stage or (x.role == "output" and stage != self.stages - 1):
+                    continue
+                lay = self.layout(x.name)
+                box = lay.slice_of(local, x.shape, x.name)
+                nbytes = math.prod(s.stop - s.start for s in box) * x.itemsize
+                sums[x.role] += nbytes
+                if x.role == "parameter" and lay.device_num > len(lay.replica_groups()):
                     replicated += nbytes
+            if self.stages > 1 and views[0] is not None:
+                if stage > 0:
+                    sums["input"] += _carry_bytes(views[stage - 1].sends, first_input, local, t)
+                if stage < self.stages - 1:
+                    sums["output"] += _carry_bytes(views[stage].sends, first_input, local, t)
+            view = views[stage]
             rows.append(RankBytes(r, sums["parameter"], replicated, sums["input"], sums["output"],
-                                  compiled.temp_bytes if compiled else 0))
+                                  view.temp_bytes if view else 0, stage))
         return rows
 
     def strategy(self) -> Strategy:
         """The plan as a :class:`Strategy` (what :meth:`save` writes and export takes)."""
-        params = {t.name: ParamLayout(self.layout(t.name), t.shape)
+        params = {t.name: ParamLayout(self.layout(t.name), t.shape, self.stage_of(t.name))
                   for t in self.tensors if t.role == "parameter"}
         return Strategy(params, [self.layout(t.name) for t in self.tensors if t.role == "input"],
-                        [self.layout(t.name) for t in self.tensors if t.role == "output"])
+                        [self.layout(t.name) for t in self.tensors if t.role == "output"], self.stages)
 
-    def compile(self) -> CompiledView:
-        """Compile the plan's strategy on simulated devices (see :mod:`dinb.xla_view`)."""
+    def compile(self) -> CompiledView | list[CompiledView]:
+        """Compile the plan's strategy on simulated devices (see :mod:`dinb.xla_view`); with
+        stages, one view per stage."""
         problems = self.problems()
         if problems:
             raise DinbError("the plan cannot be compiled: " + "; ".join(problems))
@@ -500,6 +626,17 @@ class StrategyPlan:
         rows = tuple((c, c.seconds(link_gb_per_s * 1e9)) for c in compiled.collectives)
         return CostEstimate(compiled.flops, compiled.flops / (tflop_per_s * 1e12), rows, link_gb_per_s,
                             tflop_per_s)
+
+    def transfers(self, views: Sequence[CompiledView], link_gb_per_s: float = 100.0) -> list[Transfer]:
+        """The activations each stage hands the next: one message per rank pair per micro-batch
+        (for the whole batch here; ``M`` micro-batches send ``1/M`` of it ``M`` times)."""
+        t = self.stage_device_num
+        first_input = next((self.layout(x.name) for x in self.tensors if x.role == "input"), None)
+        out = []
+        for s in range(self.stages - 1):
+            per_rank = _carry_bytes(views[s].sends, first_input, 0, t)
+            out.append(Transfer(s, tuple(views[s].sends), per_rank, t, per_rank / (link_gb_per_s * 1e9)))
+        return out
 
     # ---- leaving the explorer ----------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -519,17 +656,22 @@ class StrategyPlan:
                                   show_progress=show_progress)
 
     def summary(self) -> str:
-        """The plan as text: mesh, each tensor's layout and tiles, bytes per rank."""
-        lines = [f"{self.source.name} on {self.device_num} devices, mesh {mesh_label(self.mesh)}, "
+        """The plan as text: mesh, each tensor's layout and tiles (and stage), bytes per rank."""
+        staged = f" in {self.stages} stages of {self.stage_device_num}" if self.stages > 1 else ""
+        lines = [f"{self.source.name} on {self.device_num} devices{staged}, mesh {mesh_label(self.mesh)}, "
                  f"strategy {self.preset}"]
         for t in self.tensors:
             tiles = self.tiles(t.name)
             held = len(tiles[0].ranks)
-            lines.append(f"  {t.role:<9} {t.name:<14} {str(list(t.shape)):<12} tensor_map "
+            stage = f"stage {self.stage_of(t.name)} " if self.stages > 1 else ""
+            lines.append(f"  {stage}{t.role:<9} {t.name:<14} {str(list(t.shape)):<12} tensor_map "
                          f"{str(self.layout(t.name).to_json()['tensor_map']):<10} {len(tiles)} slice"
                          + ("s" if len(tiles) > 1 else "")
                          + (f", each on {held} ranks" if held > 1 else ""))
-        b = self.bytes_per_rank()[0]
-        lines.append(f"  per rank: parameters {fmt_bytes(b.parameters)} ({fmt_bytes(b.replicated)} of it "
-                     f"copies), inputs {fmt_bytes(b.inputs)}, outputs {fmt_bytes(b.outputs)}")
+        rows = self.bytes_per_rank()
+        for s in range(self.stages):
+            b = rows[s * self.stage_device_num]
+            where = f"  stage {s} per rank" if self.stages > 1 else "  per rank"
+            lines.append(f"{where}: parameters {fmt_bytes(b.parameters)} ({fmt_bytes(b.replicated)} of it "
+                         f"copies), inputs {fmt_bytes(b.inputs)}, outputs {fmt_bytes(b.outputs)}")
         return "\n".join(lines)

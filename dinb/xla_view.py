@@ -49,6 +49,7 @@ class CompiledView:
     temp_bytes: int
     compile_s: float
     collectives: list[Collective] = field(default_factory=list)
+    sends: list[tuple[tuple[int, ...], str]] = field(default_factory=list)  # a stage's carry out
 
 
 class XlaViewer:
@@ -75,6 +76,19 @@ class XlaViewer:
             ) from None
         request = ("model", blob, strategy.to_json(), list(input_specs), dict(param_specs))
         return self._request(request, strategy.device_num)
+
+    def compile_stages(self, model: Any, strategy: Any, input_specs: Sequence[tuple[tuple[int, ...], str]],
+                       param_specs: dict[str, tuple[tuple[int, ...], str]]) -> list[CompiledView]:
+        """Each pipeline stage's program under ``strategy`` (as export traces it, for the whole
+        batch), compiled for one stage's ranks; each view's ``sends`` are the values that stage
+        hands the next."""
+        try:
+            blob = pickle.dumps(model)
+        except Exception as e:
+            raise DinbError(f"model {getattr(model, 'name', model)!r} cannot be sent to the compiler "
+                            f"process ({e}); define its class in an importable module") from None
+        request = ("stages", blob, strategy.to_json(), list(input_specs), dict(param_specs))
+        return self._request(request, strategy.stage_device_num)
 
     def compile_export(self, slice_file: str | Path, device_count: int) -> CompiledView:
         """Compile the program stored in an export's slice file, for its rank count."""
@@ -115,7 +129,11 @@ class XlaViewer:
         status, payload = reply
         if status != "ok":
             raise DinbError(f"compiling for {device_count} simulated devices failed: {payload}")
-        payload["compile_s"] = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        if isinstance(payload, list):  # one view per pipeline stage
+            return [CompiledView(device_count=device_count, compile_s=seconds, **p,  # type: ignore[return-value]
+                                 collectives=parse_collectives(p["hlo_text"], device_count)) for p in payload]
+        payload["compile_s"] = seconds
         return CompiledView(device_count=device_count, **payload,
                             collectives=parse_collectives(payload["hlo_text"], device_count))
 
@@ -210,10 +228,26 @@ def _compile(program: bytes, param_metas: dict[str, Any], input_metas: list[Any]
             "temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0))}
 
 
-def _handle(request: tuple, devices: list[Any]) -> dict[str, Any]:
-    from dinb.export import build_program, input_layouts
+def _handle(request: tuple, devices: list[Any]) -> dict[str, Any] | list[dict[str, Any]]:
+    from dinb.export import build_program, build_stage_programs, input_layouts
     from dinb.slicefile import TensorMeta, read_program
     from dinb.strategy import Strategy
+
+    if request[0] == "stages":
+        _, blob, strategy_json, input_specs, param_specs = request
+        model = pickle.loads(blob)
+        strategy = Strategy.from_json(strategy_json)
+        input_specs = [(tuple(s), d) for s, d in input_specs]
+        programs, metas, _ = build_stage_programs(model, param_specs, strategy, input_specs, ("cpu",), [1])
+        views = []
+        for s, (program, meta) in enumerate(zip(programs, metas)):
+            params = {n: TensorMeta(n, tuple(param_specs[n][0]), param_specs[n][1], strategy[n])
+                      for n in strategy.stage_params(s)}
+            view = _compile(program[1], params, [TensorMeta.from_json(m) for m in meta["receives"]],
+                            [TensorMeta.from_json(m) for m in meta["sends"]], devices)
+            view["sends"] = [(tuple(m["shape"]), m["dtype"]) for m in meta["sends"]]
+            views.append(view)
+        return views
 
     if request[0] == "model":
         _, blob, strategy_json, input_specs, param_specs = request

