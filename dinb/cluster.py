@@ -16,10 +16,8 @@ their own part) apart from the ranks waiting for them.
 from __future__ import annotations
 
 import os
-import select
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from dinb import engine, remote_predict, wire
+from dinb.death_watch import DeathWatch
 from dinb.errors import DinbError, RankFailedError
 from dinb.ranks import free_port
 
@@ -62,49 +61,6 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return True
-
-
-class DeathWatch:
-    """Notes the moment each rank's process exits, from a thread blocked on the processes' pidfds.
-
-    When rank 1 is killed in a collective, rank 0 dies some 100 ms later (gloo's broken
-    connection); when rank 0 is killed, the others die within a millisecond (it hosted the
-    coordinator). Polling from the client's own loop can see both dead at once when the machine
-    is busy; the watcher wakes the moment each exits, so the order is known.
-    """
-
-    def __init__(self, pids: list[int]):
-        self.died_at: dict[int, float] = {}
-        self._wake_r, self._wake_w = os.pipe()
-        self._fds: dict[int, int] = {}
-        for rank, pid in enumerate(pids):
-            try:
-                self._fds[os.pidfd_open(pid)] = rank
-            except ProcessLookupError:
-                self.died_at[rank] = time.monotonic()
-            except OSError:  # no pidfds here: the client's own polling still finds the dead
-                pass
-        self._thread = threading.Thread(target=self._run, daemon=True, name="dinb-death-watch")
-        self._thread.start()
-
-    def _run(self) -> None:
-        while self._fds:
-            ready, _, _ = select.select([*self._fds, self._wake_r], [], [])
-            now = time.monotonic()
-            if self._wake_r in ready:
-                break
-            for fd in ready:
-                self.died_at.setdefault(self._fds.pop(fd), now)
-                os.close(fd)
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = {}
-
-    def close(self) -> None:
-        os.write(self._wake_w, b"x")
-        self._thread.join(timeout=5)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
 
 
 class RankCluster:
@@ -231,20 +187,22 @@ class RankCluster:
     def _check_alive(self, what: str) -> None:
         """Name the rank whose engine process exited (the job cannot go on without it).
 
-        Rank 0 hosts the JAX coordinator: when it dies the job ends every other rank too, so
-        several ranks can be dead at once. The rank that died first (:class:`DeathWatch`) is the
-        cause; when rank 0 died with others in the same instant, it is named as the cause and the
-        others as ended by the job.
+        When one rank dies, the others follow: the launcher ends them, its peers in a collective
+        or a stage transfer fail, and rank 0 hosted the JAX coordinator. So several ranks can be
+        dead at once. The rank that died first (:class:`DeathWatch`) is the cause. A follower
+        exits at least its own teardown later (10 ms and more for a JAX process), so exits
+        within 2 ms of the first count as one event; when rank 0 is among them, it is named as
+        the cause and the others as ended by the job.
         """
         now = time.monotonic()
-        watched = self._watch.died_at if self._watch else {}
-        dead = {r: watched.get(r, now) for r, pid in enumerate(self.pids)
-                if r in watched or not _alive(pid)}
+        gone = {r for r, pid in enumerate(self.pids) if not _alive(pid)}
+        watched = self._watch.died_at(gone) if self._watch else {}
+        dead = {r: watched.get(r, now) for r in gone | watched.keys()}
         if not dead:
             return
         self._broken = True
         first = min(dead.values())
-        cause = sorted(r for r, t in dead.items() if t - first < 0.01)  # died together: one event
+        cause = sorted(r for r, t in dead.items() if t - first < 0.002)  # died together: one event
         if 0 in cause:
             cause = [0]
         followers = [r for r in range(self.n) if r not in cause]
