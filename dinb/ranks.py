@@ -145,10 +145,21 @@ def _bind_gpu(local_rank: int, device_id: int | None) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(choice)
 
 
-def _share_cores(ranks_here: int) -> None:
-    """CPU ranks sharing a machine: with one core or less each, Eigen's own thread pool only
+def _share_cores(local_rank: int, ranks_here: int) -> None:
+    """CPU ranks sharing a machine each get their own share of its cores, as a GPU rank gets its
+    own device: rank ``i`` of ``n`` here is pinned to cores ``i*k .. i*k + k - 1`` (``k`` =
+    cores // n), so XLA sizes its thread pool to ``k`` and ranks computing at the same time
+    (pipeline stages, or the parts of a tensor-parallel layer) do not fight over every core.
+    Left alone when the launcher already bound the process to fewer cores, or with
+    ``DINB_CPU_BIND=none``. With one core or less each, Eigen's own thread pool only
     oversubscribes the cores (measured: about 5% slower predict for 2 ranks on 2 cores)."""
-    if (os.cpu_count() or 1) // max(1, ranks_here) <= 1:
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    total = os.cpu_count() or 1
+    share = total // max(1, ranks_here)
+    if os.environ.get("DINB_CPU_BIND", "cores") != "none" and len(cores) == total and ranks_here > 1:
+        mine = cores[local_rank * share:(local_rank + 1) * share] if share else [cores[local_rank % total]]
+        os.sched_setaffinity(0, mine)
+    if share <= 1:
         flags = os.environ.get("XLA_FLAGS", "")
         if "xla_cpu_multi_thread_eigen" not in flags:
             os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
@@ -222,7 +233,7 @@ def init(
         if target == "gpu":
             _bind_gpu(local_rank, device_id)
         elif process_count > 1:
-            _share_cores(local_size)
+            _share_cores(local_rank, local_size)
 
     import jax
 

@@ -351,6 +351,11 @@ class Model:
     def local_ranks(self) -> list[int]:
         return self.job.local_ranks
 
+    def param_bytes(self) -> dict[int, int]:
+        """Bytes of parameter slices each local rank holds (with stages: its stage's only)."""
+        self._check_built()
+        return {r: sum(a.nbytes for a in sf.params.values()) for r, sf in self._files.items()}
+
     def compiled_text(self) -> str:
         """The partitioned HLO XLA compiled (shows the collectives the layouts imply); with the
         ``tensorrt`` provider, the rank's ONNX steps and collectives."""

@@ -177,7 +177,15 @@ class PipelineRun:
             if errors:
                 raise errors[0]
         else:
-            self._run_stage(self.local_stages[0], m, micro_inputs, None)
+            stage = self.local_stages[0]
+            if self.transfer == "mpi" and stage > 0:
+                self._mpi.expect(m, self._wanted(stage, m))
+            try:
+                self._run_stage(stage, m, micro_inputs, None)
+            except BaseException:
+                if self.transfer == "mpi":
+                    self._mpi.cancel()
+                raise
         if not self.gives_outputs:
             return []
         return [np.concatenate([self._whole(o[i]) for o in self._last], axis=0) if m > 1
@@ -248,15 +256,19 @@ class PipelineRun:
         if link is not None:
             return [jax.device_put(v, sh) for v, sh in zip(link.recv(stage, micro), shardings)]
         shapes = [_micro(meta.shape, m) for meta in metas]
-        wanted = [Shard(meta.layout.slice_shape(sh, meta.name), meta.dtype)
-                  for meta, sh in zip(metas, shapes)]
         if self.transfer == "mpi":
-            got = self._mpi.recv(micro, m, wanted)
+            got = self._mpi.recv(micro, m)
             shards = [[jax.device_put(g, self.job.device_of(local[0]))] for g in got]
         else:
-            shards = [[g] for g in self._xla.recv(wanted)]
+            shards = [[g] for g in self._xla.recv(self._wanted(stage, m))]
         return [jax.make_array_from_single_device_arrays(sh, s, part)
                 for sh, s, part in zip(shapes, shardings, shards)]
+
+    def _wanted(self, stage: int, m: int) -> list[Shard]:
+        """This rank's part of each value stage ``stage`` receives, at ``m`` micro-batches."""
+        _, receives, _ = self._layouts(stage)
+        return [Shard(meta.layout.slice_shape(_micro(meta.shape, m), meta.name), meta.dtype)
+                for meta in receives]
 
     def rank_outputs(self) -> dict[int, list[np.ndarray]]:
         """Each local rank's outputs of the last predict: its part for last-stage ranks, nothing

@@ -78,36 +78,89 @@ class LocalLink:
 
 
 class MpiLink:
-    """Point-to-point messages between this rank and its peers in the stages before and after."""
+    """Point-to-point messages between this rank and its peers in the stages before and after.
+
+    Receives for every micro-batch of a predict are posted when it starts (:meth:`expect`), so
+    activations land while this rank still computes the previous micro-batch. Sends go through
+    a thread of their own doing blocking ``Send`` (mpi4py releases the GIL): a message larger
+    than MPI's eager limit (a few KiB in shared memory) only moves while its sender is inside
+    MPI, and this rank's main thread is busy computing the next micro-batch meanwhile.
+    """
 
     name = "mpi"
 
     def __init__(self, rank: int, stage_ranks: int, stages: int, timeout_s: float):
+        import threading
+
         from mpi4py import MPI
 
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD
         self.rank, self.t, self.stages, self.timeout_s = rank, stage_ranks, stages, timeout_s
-        self.pending: list[tuple[Any, np.ndarray, int, int]] = []  # (request, buffer, peer, micro)
         self.tag_ub = int(self.comm.Get_attr(MPI.TAG_UB) or 32767)
+        self._threaded = MPI.Query_thread() == MPI.THREAD_MULTIPLE
+        self._outbox: queue.Queue[Any] = queue.Queue()
+        self._sent = threading.Condition()
+        self._queued = self._done = 0
+        self._error: BaseException | None = None
+        self._posted: dict[int, tuple[list[Any], list[np.ndarray]]] = {}
+        if self._threaded:
+            threading.Thread(target=self._sender, daemon=True, name=f"dinb-stage-send-{rank}").start()
 
     def _tag(self, micro: int, count: int, value: int) -> int:
         tag = (count * 256 + micro) * 16 + value % 16
         return tag if tag <= self.tag_ub else micro * 16 + value % 16
 
+    # ---- sending ------------------------------------------------------------------------------
     def send(self, micro: int, count: int, shards: Sequence[np.ndarray]) -> None:
         peer = self.rank + self.t
         for i, a in enumerate(shards):
-            buf = np.ascontiguousarray(a)
-            req = self.comm.Isend([buf.view(np.uint8).reshape(-1), self.MPI.BYTE], dest=peer,
-                                  tag=self._tag(micro, count, i))
-            self.pending.append((req, buf, peer, micro))
+            buf = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
+            if not self._threaded:  # MPI without thread support: send from this thread
+                self.comm.Send([buf, self.MPI.BYTE], dest=peer, tag=self._tag(micro, count, i))
+                continue
+            with self._sent:
+                self._queued += 1
+            self._outbox.put((buf, peer, self._tag(micro, count, i)))
 
-    def recv(self, micro: int, count: int, shards: Sequence[Shard]) -> list[np.ndarray]:
+    def _sender(self) -> None:
+        while True:
+            buf, peer, tag = self._outbox.get()
+            try:
+                self.comm.Send([buf, self.MPI.BYTE], dest=peer, tag=tag)
+            except BaseException as e:  # noqa: BLE001 - reported by finish()
+                self._error = e
+            with self._sent:
+                self._done += 1
+                self._sent.notify_all()
+
+    def finish(self) -> None:
+        """Wait until every message sent has left (a dead receiver is named after the timeout)."""
+        peer = self.rank + self.t
+        with self._sent:
+            if not self._sent.wait_for(lambda: self._done == self._queued, self.timeout_s):
+                raise RankFailedError(
+                    f"rank {self.rank} could not hand its activations to rank {peer} (stage "
+                    f"{peer // self.t}) within {self.timeout_s:.0f} s; rank {peer} is dead or stuck",
+                    (peer,))
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RankFailedError(f"rank {self.rank}: sending to rank {peer} failed: {error}", (peer,))
+
+    # ---- receiving ----------------------------------------------------------------------------
+    def expect(self, count: int, shards: Sequence[Shard]) -> None:
+        """Post the receives of every micro-batch of a predict in ``count`` micro-batches."""
         peer = self.rank - self.t
-        bufs = [np.empty(s.shape, np_dtype(s.dtype)) for s in shards]
-        reqs = [self.comm.Irecv([b.view(np.uint8).reshape(-1), self.MPI.BYTE], source=peer,
-                                tag=self._tag(micro, count, i)) for i, b in enumerate(bufs)]
+        self._posted = {}
+        for micro in range(count):
+            bufs = [np.empty(s.shape, np_dtype(s.dtype)) for s in shards]
+            reqs = [self.comm.Irecv([b.view(np.uint8).reshape(-1), self.MPI.BYTE], source=peer,
+                                    tag=self._tag(micro, count, i)) for i, b in enumerate(bufs)]
+            self._posted[micro] = (reqs, bufs)
+
+    def recv(self, micro: int, count: int) -> list[np.ndarray]:
+        peer = self.rank - self.t
+        reqs, bufs = self._posted.pop(micro)
         self._wait(reqs, lambda: (
             f"rank {self.rank} (stage {self.rank // self.t}) received nothing from rank {peer} "
             f"(stage {peer // self.t}) for micro-batch {micro} of {count} within "
@@ -115,29 +168,30 @@ class MpiLink:
             "different micro_batches"), peer)
         return bufs
 
-    def finish(self) -> None:
-        """Wait until every message sent has left (a dead receiver is named after the timeout)."""
-        if not self.pending:
-            return
-        pending, self.pending = self.pending, []
-        peer = pending[0][2]
-        self._wait([p[0] for p in pending], lambda: (
-            f"rank {self.rank} could not hand its activations to rank {peer} (stage "
-            f"{peer // self.t}) within {self.timeout_s:.0f} s; rank {peer} is dead or stuck"), peer)
+    def cancel(self) -> None:
+        """Drop the receives still posted (a predict that failed part-way)."""
+        for reqs, _ in self._posted.values():
+            for r in reqs:
+                try:
+                    r.Cancel()
+                except Exception:  # noqa: BLE001 - a request may have completed meanwhile
+                    pass
+        self._posted = {}
 
     def _wait(self, reqs: list[Any], message: Any, peer: int) -> None:
         deadline = time.monotonic() + self.timeout_s
         pause = 0.0
         while not self.MPI.Request.Testall(reqs):
             if time.monotonic() > deadline:
+                self.cancel()
                 for r in reqs:
                     try:
                         r.Cancel()
-                    except Exception:  # noqa: BLE001 - a request may have completed meanwhile
+                    except Exception:  # noqa: BLE001
                         pass
                 raise RankFailedError(message(), (peer,))
-            time.sleep(pause)  # spin first (a micro-batch's activations usually arrive in us)
-            pause = min(0.001, pause + 0.00002)
+            time.sleep(pause)  # spin first, then short naps: activations usually arrive in us
+            pause = min(0.0002, pause + 0.00001)
 
 
 class XlaLink:
