@@ -329,3 +329,34 @@ def test_cli_reshards_and_exports_from_a_checkpoint(tmp_path):
     bad = subprocess.run(cli + ["reshard", str(MS / "train4"), str(tmp_path / "x")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--src-strategy" in bad.stderr
+
+
+def test_version_1_files_with_crc32_tiles_are_still_verified(tmp_path):
+    """Files written before XXH3-64 record CRC-32 tiles; they load, and corruption is still caught."""
+    from dinb.checkpoint.dinbfile import DinbRankFile
+    from dinb.checkpoint.stored import tile_checksums
+    from dinb.formats import safetensors as st
+
+    w = np.arange(64, dtype=np.float32).reshape(8, 8)
+    strategy = Strategy({"w": Layout([2], [0, -1])})
+    for path in save_checkpoint({"w": w}, strategy, tmp_path):
+        meta = json.loads(st.read_header(path, CheckpointError, "test").metadata["dinb"])
+        assert meta["format_version"] == 2 and "tile_xxh3_64" in meta["params"]["w"]
+        part = load_checkpoint(path)["w"]
+        rec = meta["params"]["w"]
+        rec["tile_crc32"] = tile_checksums(part, "crc32")
+        del rec["tile_xxh3_64"]
+        meta["format_version"] = 1
+        st.write_file(path, {"w": part}, {"dinb": json.dumps(meta)})
+        assert DinbRankFile(path).tensors["w"].algorithm == "crc32"
+    np.testing.assert_array_equal(load_distributed_checkpoint(None, tmp_path)["w"], w)
+    path = tmp_path / "rank_1" / "checkpoint_1.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"rank_1.*tensor 'w' is corrupted"):
+        load_distributed_checkpoint(None, tmp_path)
+    meta["format_version"] = 3
+    st.write_file(path, {"w": part}, {"dinb": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match="format_version 3 is newer than this dinb reads"):
+        DistributedCheckpoint(tmp_path)

@@ -1,5 +1,7 @@
 """Export + runtime in this process as a simulated 8-rank job (and smaller simulated jobs)."""
 
+import json
+
 import numpy as np
 import pytest
 from conftest import simulated
@@ -128,7 +130,6 @@ def test_rank_count_does_not_match_slices(matmul2):
 def test_program_for_n_devices_run_on_m(matmul2, tmp_path_factory):
     """A file lying about its world size is caught by its header; a program swapped in from a
     2-rank export still cannot run on 1 rank."""
-    import json
 
     from safetensors import safe_open
     from safetensors.numpy import save_file
@@ -140,7 +141,7 @@ def test_program_for_n_devices_run_on_m(matmul2, tmp_path_factory):
         for key, value in change.items():
             (tensors if key == "program" else meta)[key] = value
         if "program" in change:
-            meta["program"] = {"sha256": dinb.slicefile.sha256(change["program"]),
+            meta["program"] = {"xxh3_64": dinb.slicefile.digest(change["program"]),
                                "nbytes": len(change["program"])}
         save_file(tensors, str(dst), metadata={"dinb": json.dumps(meta)})
 
@@ -174,6 +175,37 @@ def test_corrupted_truncated_missing_files(matmul2):
         build(matmul2, 2)
     with pytest.raises(SliceFileError, match="does not exist"):
         build(matmul2 / "nope", 2)
+
+
+def test_version_1_slice_files_with_sha256_are_still_verified(matmul2, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    for r in range(2):
+        src = matmul2 / f"matmul{r}.dinb"
+        meta = json.loads(_raw_meta(src))
+        tensors = load_file(str(src))
+        assert meta["format_version"] == 2 and "xxh3_64" in meta["program"]
+        meta["format_version"] = 1
+        for name, rec in [*meta["params"].items(), ("program", meta["program"])]:
+            key = name if name == "program" else "param/" + name
+            del rec["xxh3_64"]
+            rec["sha256"] = dinb.slicefile.digest(tensors[key], "sha256")
+        save_file(tensors, str(tmp_path / src.name), metadata={"dinb": json.dumps(meta)})
+    model = build(tmp_path, 2)
+    x = np.ones((128, 96), np.float32)
+    assert model.predict([x])[0].get_data_to_numpy().shape == (128, 16)
+    data = bytearray((tmp_path / "matmul1.dinb").read_bytes())
+    data[-100] ^= 0xFF
+    (tmp_path / "matmul1.dinb").write_bytes(bytes(data))
+    with pytest.raises(SliceFileError, match=r"matmul1.dinb \(rank 1\).*checksum"):
+        build(tmp_path, 2)
+
+
+def _raw_meta(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return f.metadata()["dinb"]
 
 
 def test_missing_middle_rank_is_named(tmp_path):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -245,23 +244,14 @@ class DistributedCheckpoint:
         out = {name: np.empty(box_shape(box), self.dtypes[name]) for name, box in target.items()}
         steps = [(name, r, piece) for name, plan in plans.items() for r, piece in plan]
         bar = progress(steps, desc=desc, disable=not show, total=len(steps))
-        checks: list[Future[None]] = []
-        # one thread checks the tiles of a piece while the next piece is read
-        with OpenFiles() as files, ThreadPoolExecutor(max_workers=1) as verifier:
-            try:
-                for name, r, piece in bar:
-                    src_box, stored = self._held[name][r]
-                    dest = out[name][relative(piece, target[name])]
-                    self.bytes_read += stored.read_into(
-                        _local(piece, src_box), dest, files.fd(stored.path), self.verify,
-                        defer=lambda check: checks.append(verifier.submit(check)),
-                    )
-            except BaseException:
-                for c in checks:
-                    c.cancel()  # a read failed: drop the checks not started yet
-                raise
-            for c in checks:
-                c.result()  # re-raises the first checksum error; nothing is returned unchecked
+        # each piece is verified as soon as it is read, while its bytes are still in the cache
+        # (a verifier thread was 1.44x the unverified load on 2 cores, inline 1.26x: the GIL)
+        with OpenFiles() as files:
+            for name, r, piece in bar:
+                src_box, stored = self._held[name][r]
+                dest = out[name][relative(piece, target[name])]
+                self.bytes_read += stored.read_into(_local(piece, src_box), dest,
+                                                    files.fd(stored.path), self.verify)
         return out
 
     def load_rank(self, strategy: StrategyLike, rank: int, names: Sequence[str] | None = None,

@@ -9,9 +9,12 @@ leading axes is one run at byte offset ``itemsize * sum(i_a * stride_a)``. So a 
 read, a column block one read per row, and nothing outside the box is read.
 
 Checksums (dinb files): the tensor is cut into a grid of *tiles*, ``gcd(size, 8)`` parts along
-each axis (``gcd(size, 4)`` from four axes on), with one CRC-32 per tile. A read is widened to whole
-tiles, so every byte handed back has been verified; when the box follows the tile grid (even
-splits of power-of-two counts) nothing extra is read.
+each axis (``gcd(size, 4)`` from four axes on), with one checksum per tile. A read is widened to
+whole tiles, so every byte handed back has been verified; when the box follows the tile grid
+(even splits of power-of-two counts) nothing extra is read. The file names its algorithm
+(:data:`CHECKSUMS`): files are written with XXH3-64 (the ``xxhash`` package, ~29 GB/s on one
+core here, against 4 GB/s for zlib's CRC-32 and 1.8 GB/s for SHA-256), and files written with
+CRC-32 by earlier versions are still verified with it.
 """
 
 from __future__ import annotations
@@ -47,14 +50,27 @@ def tile_boxes(shape: tuple[int, ...], grid: tuple[int, ...]) -> list[Box]:
     return out
 
 
-def tile_crcs(array: np.ndarray) -> list[int]:
-    """CRC-32 of every tile of ``array`` (C order over :func:`tile_grid`)."""
+def _xxh3_64(data: memoryview) -> int:
+    import xxhash
+
+    return xxhash.xxh3_64_intdigest(data)
+
+
+#: checksum algorithms by the name a file records: bytes -> unsigned integer
+CHECKSUMS: dict[str, Callable[[memoryview], int]] = {"xxh3_64": _xxh3_64, "crc32": zlib.crc32}
+WRITTEN_CHECKSUM = "xxh3_64"
+
+
+def checksum(a: np.ndarray, algorithm: str = WRITTEN_CHECKSUM) -> int:
+    """``algorithm``'s checksum of ``a``'s bytes in C order."""
+    return CHECKSUMS[algorithm](memoryview(np.ascontiguousarray(a).view(np.uint8).reshape(-1)))
+
+
+def tile_checksums(array: np.ndarray, algorithm: str = WRITTEN_CHECKSUM) -> list[int]:
+    """The checksum of every tile of ``array`` (C order over :func:`tile_grid`)."""
     grid = tile_grid(array.shape)
-    return [_crc(array[relative(b, full_box(array.shape))]) for b in tile_boxes(array.shape, grid)]
-
-
-def _crc(a: np.ndarray) -> int:
-    return zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1))
+    return [checksum(array[relative(b, full_box(array.shape))], algorithm)
+            for b in tile_boxes(array.shape, grid)]
 
 
 @dataclass(frozen=True)
@@ -66,7 +82,8 @@ class StoredTensor:
     dtype: np.dtype
     shape: tuple[int, ...]
     segments: tuple[tuple[int, int], ...]  # (file offset, byte count), in content order
-    tile_crc32: tuple[int, ...] = ()
+    tile_sums: tuple[int, ...] = ()
+    algorithm: str = WRITTEN_CHECKSUM  # of tile_sums, a key of CHECKSUMS
 
     @cached_property
     def _starts(self) -> list[int]:
@@ -87,16 +104,13 @@ class StoredTensor:
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 
-    def read_into(self, box: Box, out: np.ndarray, fd: int, verify: bool = True,
-                  defer: Callable[[Callable[[], None]], None] | None = None) -> int:
+    def read_into(self, box: Box, out: np.ndarray, fd: int, verify: bool = True) -> int:
         """Copy the part ``box`` (in this tensor's coordinates) into ``out``; returns bytes read.
 
         With ``verify`` and tile checksums present, the read is widened to whole tiles and every
         tile is checked; a mismatch raises :class:`CheckpointError` naming file and tensor.
-        ``defer`` receives the check instead of running it (so a thread can verify one piece
-        while the next is read); the caller must run every deferred check before using ``out``.
         """
-        check = verify and bool(self.tile_crc32)
+        check = verify and bool(self.tile_sums)
         wide = self._widen(box) if check else box
         direct = wide == box and out.flags.c_contiguous and out.dtype == self.dtype
         buf = out if direct else np.empty(box_shape(wide), self.dtype)
@@ -104,10 +118,7 @@ class StoredTensor:
         if not direct:
             out[...] = buf[relative(box, wide)]
         if check:
-            if defer is None:
-                self._verify(wide, buf)
-            else:
-                defer(lambda: self._verify(wide, buf))
+            self._verify(wide, buf)
         return nread
 
     def read(self, fd: int, verify: bool = True) -> np.ndarray:
@@ -125,11 +136,14 @@ class StoredTensor:
             out.append(((s // step) * step, -(-e // step) * step))
         return tuple(out)
 
+    @cached_property
+    def _tiles(self) -> list[Box]:
+        return tile_boxes(self.shape, tile_grid(self.shape))
+
     def _verify(self, wide: Box, buf: np.ndarray) -> None:
-        grid = tile_grid(self.shape)
-        for index, tile in enumerate(tile_boxes(self.shape, grid)):
+        for index, tile in enumerate(self._tiles):
             inside = all(ws <= ts and te <= we for (ts, te), (ws, we) in zip(tile, wide))
-            if inside and _crc(buf[relative(tile, wide)]) != self.tile_crc32[index]:
+            if inside and checksum(buf[relative(tile, wide)], self.algorithm) != self.tile_sums[index]:
                 raise CheckpointError(
                     f"{self.path}: tensor {self.name!r} is corrupted: the checksum of its part "
                     f"{[list(t) for t in tile]} does not match. Re-copy or re-save this file."
@@ -153,6 +167,12 @@ class StoredTensor:
             idx = np.arange(box[a][0], box[a][1], dtype=np.int64) * strides[a]
             offsets = (offsets[:, None] + idx[None, :]).reshape(-1)
         flat = memoryview(out.reshape(-1).view(np.uint8))
+        if len(self.segments) == 1:  # safetensors: one preadv per run, nothing else per run
+            start, preadv = self.segments[0][0], os.preadv
+            for k, off in enumerate((offsets * item + start).tolist()):
+                if preadv(fd, [flat[k * run : (k + 1) * run]], off) != run:
+                    self._pread_flat(off - start, run, flat[k * run : (k + 1) * run], fd)  # short
+            return len(offsets) * run
         total = 0
         for k, off in enumerate(offsets.tolist()):
             total += self._pread_flat(off * item, run, flat[k * run : (k + 1) * run], fd)

@@ -7,7 +7,7 @@
     init_timeout_s = 30
     # seconds a rank waits for the others at a checkpoint (loading, before predict)
     agree_timeout_s = 60
-    # check every tensor's sha256 when loading a slice file
+    # check every tensor's checksum when loading a slice file
     verify_checksums = true
     # pipeline stages: micro-batches a predict is cut into (the export must hold a program for it)
     micro_batches = 1
