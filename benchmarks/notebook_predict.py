@@ -9,7 +9,8 @@ Megatron MLP (default d=1024, ff=4096, batch 8, float32) exported for 2 ranks. I
        no dispatch at all): (1) - (3c) is what the notebook path adds
   (4) no-op dispatch: an empty message to both ranks (fast path), and ipyparallel's apply_sync(lambda: 0)
 
-plus cluster start to ready (engines up, then joined in the JAX job). Ratios are to (3). Results
+plus cluster start to ready (engines up, then joined in the JAX job) and ``restart()`` after a
+killed rank with the model reloaded. Ratios are to (3). Results
 go to benchmarks/results/notebook_predict.json with the machine.
 
     python benchmarks/notebook_predict.py [--repeat 300 --rounds 3]
@@ -18,7 +19,10 @@ go to benchmarks/results/notebook_predict.json with the machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
 import tempfile
 import time
@@ -73,6 +77,14 @@ def main() -> None:
             res["mpiexec"] = run_config("c", tmp / "r2", opts, tmp / f"c{rnd}.json")["loop_ms"]
             print(f"round {rnd}: " + "  ".join(f"{k} {v:.2f} ms" for k, v in res.items()), flush=True)
             best = {k: min(best.get(k, v), v) for k, v in res.items()}
+        # a rank killed, then restart() with the model reloaded (what `%dinfer cluster restart` does)
+        os.kill(cluster.pids[1], signal.SIGKILL)
+        with contextlib.suppress(dinb.errors.RankFailedError):
+            cluster.predict(x)  # names the dead rank
+        t0 = time.perf_counter()
+        cluster.restart()
+        restart_s = time.perf_counter() - t0
+        assert np.array_equal(cluster.predict(x).outputs[0], ref)
     finally:
         cluster.stop()
 
@@ -90,13 +102,15 @@ def main() -> None:
     print(f"{'path':50s} {'ms':>8s} {'/(3)':>6s}")
     for label, ms in rows:
         print(f"{label:50s} {ms:8.2f} {ms / base:6.2f}")
-    print(f"cluster start to ready (2 MPI engines, joined): {start_s:.1f} s")
+    print(f"cluster start to ready (2 MPI engines, joined): {start_s:.2f} s")
+    print(f"restart after a killed rank, model reloaded: {restart_s:.2f} s")
     m = machine()
     print(f"machine: {m['cpu']}, {m['cores']} cores, {m['memory']}, jax {m['jax']}")
     out = ROOT / "benchmarks" / "results" / "notebook_predict.json"
     out.write_text(json.dumps({"benchmark": "notebook_predict", "machine": m,
                                "model": {"d_model": args.d_model, "d_ff": args.d_ff, "batch": args.batch},
                                "rounds": args.rounds, "repeat": args.repeat, "start_to_ready_s": start_s,
+                               "restart_with_reload_s": restart_s,
                                "results": [{"path": p, "ms": v, "ratio_to_in_process": v / base}
                                            for p, v in rows]}, indent=2) + "\n")
     print(f"saved {out.relative_to(ROOT)}")

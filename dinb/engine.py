@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 _state: dict[str, Any] = {"rank": None, "world": None, "target": None, "context": None, "model": None,
-                          "model_dir": None, "outputs": None}
+                          "model_dir": None, "outputs": None, "preload": None}
 
 
 def _publish(**data: Any) -> None:
@@ -26,6 +26,18 @@ def _publish(**data: Any) -> None:
         pass
 
 
+def preload() -> None:
+    """Import JAX on a thread while the engine finishes registering (the engines that
+    :mod:`dinb.cluster` starts run this as their startup command; the join needs JAX)."""
+    import importlib
+    import threading
+
+    thread = threading.Thread(target=importlib.import_module, args=("jax",), daemon=True,
+                              name="dinb-preload")
+    thread.start()
+    _state["preload"] = thread
+
+
 def identify() -> dict[str, Any]:
     """This engine's process id, host and MPI rank (None when not launched by mpiexec)."""
     import socket
@@ -33,6 +45,10 @@ def identify() -> dict[str, Any]:
     from dinb.ranks import mpi_world
 
     world = mpi_world()
+    if _state["preload"] is not None:  # let it finish before this thread imports anything of JAX
+        _state["preload"].join()
+    import jax  # noqa: F401  (on every engine at once, before the join needs it)
+
     return {"pid": os.getpid(), "host": socket.gethostname(),
             "mpi_rank": world[0] if world else None, "mpi_size": world[1] if world else None}
 
