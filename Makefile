@@ -53,11 +53,16 @@ $(REF)/.installed:
 reference: $(REF)/.installed
 	HF_HUB_OFFLINE=1 $(REF)/bin/python tools/make_minilm_reference.py
 
+# every CPU benchmark, one after the other on this machine (gpu_predict.py needs a GPU)
 bench: $(STAMP) $(REF)/.installed
 	$(BIN)/python benchmarks/predict_overhead.py
-	$(BIN)/python benchmarks/reshard.py
+	$(BIN)/python benchmarks/collectives.py
 	$(BIN)/python benchmarks/notebook_predict.py
+	$(BIN)/python benchmarks/reshard.py
 	$(BIN)/python benchmarks/explorer.py
+	$(BIN)/python benchmarks/minilm.py
+	$(BIN)/python benchmarks/serving.py
+	$(BIN)/python benchmarks/pipeline.py
 
 clean:
 	rm -rf $(VENV) $(REF) build *.egg-info

@@ -5,8 +5,10 @@ Configurations, all through dinb's runtime (``Model.predict``) on the same slice
   (a) one process, one device                  python -m dinb run --simulate 1
   (b) one process, 2 virtual devices, sharded   python -m dinb run --simulate 2
   (c) 2 real ranks under mpiexec                mpiexec -n 2 python -m dinb run
+      (each rank's own program, the all-reduce by mpi4py: ``collectives = mpi``, the default)
+  (g) the same, collectives inside the SPMD program over gloo (``collectives = gloo``)
 
-For each: the median time of ``predict`` inside the rank(s) (slowest rank for (c)), and the
+For each: the median time of ``predict`` inside the rank(s) (slowest rank for (c) and (g)), and the
 median time of one iteration of the run loop (fresh input tensors, predict, outputs to numpy).
 Ratios are to (b). Each configuration runs ``--rounds`` times in alternation; the table keeps
 each configuration's best median. Results go to ``benchmarks/results/predict_overhead.json``
@@ -81,6 +83,10 @@ def run_config(kind: str, model_dir: Path, args: argparse.Namespace, out_json: P
         from dinb.cli import _mpiexec
 
         cmd = [_mpiexec(), "-n", "2"] + py + common
+        if kind == "g":  # the collectives inside the SPMD program, over gloo
+            ini = out_json.with_suffix(".ini")
+            ini.write_text("[runtime]\ncollectives = gloo\n")
+            cmd += ["--config-file", str(ini)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     if proc.returncode != 0:
@@ -111,14 +117,14 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="dinb-bench-"))
     export_distributed(model, params, model.strategy(1), x, tmp / "r1")
     export_distributed(model, params, model.strategy(2), x, tmp / "r2")
-    dirs = {"a": tmp / "r1", "b": tmp / "r2", "c": tmp / "r2"}
+    dirs = {"a": tmp / "r1", "b": tmp / "r2", "c": tmp / "r2", "g": tmp / "r2"}
     labels = {"a": "(a) 1 process, 1 device", "b": "(b) 1 process, 2 virtual devices",
-              "c": "(c) 2 ranks, mpiexec + gloo"}
+              "c": "(c) 2 ranks, mpiexec, collectives mpi", "g": "(g) 2 ranks, mpiexec, gloo"}
     best: dict[str, dict[str, float]] = {}
     for rnd in range(args.rounds):
-        for kind in "abc":
+        for kind in "abcg":
             r = run_config(kind, dirs[kind], args, tmp / f"{kind}{rnd}.json")
-            print(f"round {rnd} {labels[kind]:34s} predict {r['predict_ms']:7.3f} ms  "
+            print(f"round {rnd} {labels[kind]:38s} predict {r['predict_ms']:7.3f} ms  "
                   f"loop {r['loop_ms']:7.3f} ms", flush=True)
             prev = best.get(kind)
             best[kind] = r if prev is None else {k: min(prev[k], r[k]) for k in r}
@@ -126,12 +132,12 @@ def main() -> None:
     b = best["b"]
     print(f"\nMegatron MLP d={args.d_model} ff={args.d_ff} batch={args.batch} float32, "
           f"median of {args.repeat} after {args.warmup} warm-up, best of {args.rounds} rounds")
-    print(f"{'configuration':36s} {'predict ms':>11s} {'/(b)':>6s} {'loop ms':>9s} {'/(b)':>6s}")
+    print(f"{'configuration':38s} {'predict ms':>11s} {'/(b)':>6s} {'loop ms':>9s} {'/(b)':>6s}")
     rows = []
-    for kind in "abc":
+    for kind in "abcg":
         r = best[kind]
         rp, rl = r["predict_ms"] / b["predict_ms"], r["loop_ms"] / b["loop_ms"]
-        print(f"{labels[kind]:36s} {r['predict_ms']:11.3f} {rp:6.2f} {r['loop_ms']:9.3f} {rl:6.2f}")
+        print(f"{labels[kind]:38s} {r['predict_ms']:11.3f} {rp:6.2f} {r['loop_ms']:9.3f} {rl:6.2f}")
         rows.append({"config": labels[kind], **r, "predict_ratio_to_b": rp, "loop_ratio_to_b": rl})
     m = machine()
     print(f"machine: {m['cpu']}, {m['cores']} cores, {m['memory']}, jax {m['jax']}")

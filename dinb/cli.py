@@ -188,7 +188,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     gathered = job.allgather("report", json.dumps({"lines": report, "stats": stats}))
     if job.process_index == 0:
         notice = f" ({model.provider_notice})" if model.provider_notice else ""
-        print(f"provider: {model.provider}{notice}")
+        print(f"provider: {model.provider}{notice}; collectives: {model.collectives}")
         if pipe:
             m = args.micro_batches or model.config.micro_batches
             print(f"pipeline: {pipe['stages']} stages x {pipe['stage_ranks']} ranks, {m} micro-batch(es), "
@@ -239,7 +239,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if job.process_index == 0:
         notice = f" ({model.provider_notice})" if model.provider_notice else ""
         print(f"{meta['model']} on {job.world_size} ranks ({job.process_count} process(es)), provider "
-              f"{model.provider}{notice}; every rank returned the same embeddings: {len(set(crcs)) == 1}")
+              f"{model.provider}{notice}, collectives {model.collectives}; every rank returned the same "
+              f"embeddings: {len(set(crcs)) == 1}")
         for i, (sentence, n) in enumerate(zip(args.sentences, lengths)):
             cut = f", cut at {encoder.seq}" if n > encoder.seq else ""
             print(f"[{i}] {n} tokens{cut}: {' '.join(f'{v:+.4f}' for v in emb[i, :6])} ...  |e| = "

@@ -424,7 +424,7 @@ class RankCluster:
         if rows and all(row["alive"] for row in rows):
             for row, st in zip(rows, self._all(engine.status, timeout_s=10, what="status")):
                 row.update(kind=st["kind"], device_mem=st["device_mem"], rss_mib=st["rss_mib"],
-                           provider=st["provider"], loaded=st["loaded"])
+                           provider=st["provider"], collectives=st["collectives"], loaded=st["loaded"])
         return rows
 
     def serve(self, distributed_address: str, worker_timeout_s: float = 300.0) -> str:

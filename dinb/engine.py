@@ -129,7 +129,8 @@ def status() -> dict[str, Any]:
     model = _state["model"]
     row = {"rank": _state["rank"], "pid": os.getpid(), "device": None, "kind": None, "device_mem": None,
            "rss_mib": round(rss / 2**20), "loaded": _state["model_dir"],
-           "provider": model.provider if model is not None else None}
+           "provider": model.provider if model is not None else None,
+           "collectives": model.collectives if model is not None else None}
     if _state["rank"] is not None:
         from dinb.ranks import current_job
 

@@ -220,7 +220,8 @@ class DinferMagics(Magics):
 
 def rank_table(rows: list[dict[str, Any]]) -> str:
     """The status rows as a table (device memory only when an accelerator reports it)."""
-    keys = ["rank", "pid", "alive", "device", "kind", "device_mem", "rss_mib", "provider", "loaded"]
+    keys = ["rank", "pid", "alive", "device", "kind", "device_mem", "rss_mib", "provider", "collectives",
+            "loaded"]
     keys = [k for k in keys if k in ("rank", "pid", "alive") or any(row.get(k) is not None for row in rows)]
     cells = [[str(row.get(k, "")) for k in keys] for row in rows]
     widths = [max([len(k)] + [len(c[i]) for c in cells]) for i, k in enumerate(keys)]

@@ -110,8 +110,8 @@ def test_embed_command_on_real_ranks(encoder, tmp_path):
     sentences = ["The cat sat on the mat.", "A kitten was sitting on a rug.", "GPUs run the all-reduce."]
     proc = launch(2, ["--model-dir", str(tmp_path), *sentences], timeout_s=240, command="embed")
     assert proc.returncode == 0, proc.stderr
-    assert "minilm on 2 ranks (2 process(es)), provider xla; every rank returned the same embeddings: True" \
-        in proc.stdout
+    assert ("minilm on 2 ranks (2 process(es)), provider xla, collectives mpi; every rank returned the "
+            "same embeddings: True") in proc.stdout
     sims = [[float(v) for v in line.split()[1:]] for line in proc.stdout.splitlines()
             if re.match(r"^  \[\d\] ", line)]
     assert len(sims) == 3 and sims[0][1] > 0.5 > sims[0][2]  # cat and kitten agree, the GPU does not

@@ -34,18 +34,40 @@ def test_seed_matmul_on_real_ranks(tmp_path, n, strategy):
     assert proc.stdout.count(SEED_LINE) == n
 
 
-def test_mlp_on_two_real_ranks_matches_numpy(tmp_path):
+@pytest.mark.parametrize("collectives", ["auto", "gloo"])
+def test_mlp_on_two_real_ranks_matches_numpy(tmp_path, collectives):
+    """By default the ranks run their own programs with MPI's all-reduce; gloo stays available."""
     m = MegatronMLP(d_model=128, d_ff=512, batch=8)
     params = m.init_params(3)
     x = np.random.default_rng(0).standard_normal((8, 128)).astype(np.float32)
     export_distributed(m, params, m.strategy(2), [x], tmp_path / "model")
     np.save(tmp_path / "x.npy", x)
+    (tmp_path / "run.ini").write_text(f"[runtime]\ncollectives = {collectives}\n")
     proc = launch(2, ["--model-dir", str(tmp_path / "model"), "--input", str(tmp_path / "x.npy"),
-                      "--save-outputs", str(tmp_path / "out")], timeout_s=120)
+                      "--save-outputs", str(tmp_path / "out"), "--config-file", str(tmp_path / "run.ini")],
+                  timeout_s=120)
     assert proc.returncode == 0, proc.stderr
+    assert f"provider: xla; collectives: {'mpi' if collectives == 'auto' else 'gloo'}" in proc.stdout
     for r in range(2):
         got = np.load(tmp_path / "out" / f"rank{r}_output_0.npy")
         np.testing.assert_allclose(got, mlp_reference(params, x), rtol=2e-4, atol=2e-4)
+
+
+def test_collectives_mpi_without_a_rank_program_is_a_clear_error_and_auto_falls_back(tmp_path):
+    from dinb import Layout, Strategy
+
+    m = MegatronMLP(d_model=64, d_ff=128, batch=8)
+    odd = Strategy({"w1": Layout([2], [-1, 0]), "b1": Layout([2], [0]), "w2": Layout([2], [-1, -1]),
+                    "b2": Layout([2], [-1])})  # no named strategy: no per-rank program
+    export_distributed(m, m.init_params(0), odd, [np.ones((8, 64), np.float32)], tmp_path / "model")
+    (tmp_path / "mpi.ini").write_text("[runtime]\ncollectives = mpi\n")
+    proc = launch(2, ["--model-dir", str(tmp_path / "model"), "--config-file", str(tmp_path / "mpi.ini")],
+                  timeout_s=120)
+    assert proc.returncode != 0
+    assert "collectives = mpi: " in proc.stderr and "use collectives = gloo or auto" in proc.stderr
+    proc = launch(2, ["--model-dir", str(tmp_path / "model")], timeout_s=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "provider: xla; collectives: gloo" in proc.stdout
 
 
 def test_slices_for_four_ranks_on_two_is_a_clear_error(tmp_path):

@@ -16,6 +16,9 @@
     # how activations move between stages: auto (MPI between CPU processes mpiexec started,
     # XLA's collective-permute otherwise), mpi or xla
     stage_transfer = auto
+    # collectives between CPU rank processes: auto (mpi where the ranks are MPI's processes and
+    # the model has a per-rank program for its strategy, gloo otherwise), mpi or gloo
+    collectives = auto
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from dinb.errors import DinbError
 from dinb.pipeline import MAX_MICRO_BATCHES
 
 TRANSFERS = ("auto", "mpi", "xla")
+COLLECTIVES = ("auto", "mpi", "gloo")
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class RuntimeConfig:
     micro_batches: int = 1
     stage_timeout_s: float = 60.0
     stage_transfer: str = "auto"
+    collectives: str = "auto"
 
 
 def load_config(path: str | Path | None) -> RuntimeConfig:
@@ -85,4 +90,7 @@ def load_config(path: str | Path | None) -> RuntimeConfig:
             if key == "stage_transfer" and values[key] not in TRANSFERS:
                 raise DinbError(
                     f"config file {path}: stage_transfer = {raw!r}; choose one of {list(TRANSFERS)}")
+            if key == "collectives" and values[key] not in COLLECTIVES:
+                raise DinbError(
+                    f"config file {path}: collectives = {raw!r}; choose one of {list(COLLECTIVES)}")
     return RuntimeConfig(**values)  # type: ignore[arg-type]

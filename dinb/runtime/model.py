@@ -41,6 +41,7 @@ from dinb.runtime.config import RuntimeConfig, load_config
 from dinb.runtime.context import Context, ModelType
 from dinb.runtime.onnx_rank import OnnxRanks
 from dinb.runtime.pipeline_run import PipelineRun
+from dinb.runtime.rank_steps import JitRanks, StepRanks, rank_program_of
 from dinb.runtime.tensor import Tensor
 from dinb.slicefile import SliceFile, TensorMeta, find_slice_files, read_slice_file
 
@@ -57,10 +58,11 @@ class Model:
         self._params: dict[str, Any] = {}
         self._in_shardings: list[Any] = []
         self._in_slices: dict[int, list[tuple[slice, ...]]] = {}  # each local rank's input slices
-        self._onnx: OnnxRanks | None = None
+        self._steps: StepRanks | None = None  # per-rank programs (tensorrt, or collectives = mpi)
         self._pipe: PipelineRun | None = None
         self._last_by_rank: dict[int, tuple[np.ndarray, ...]] = {}
         self.provider = ""  # what runs the program: "xla", or the ONNX Runtime provider used
+        self.collectives = ""  # between the ranks: "gloo", "mpi", "nccl" or "in-process"
         self.provider_notice: str | None = None
         self._in_types: list[tuple[tuple[int, ...], np.dtype]] = []  # checked on every predict
         self._out_whole: list[bool] = []
@@ -129,12 +131,20 @@ class Model:
             self._pipe = PipelineRun(self._files, job, self.config)
             self.provider = "xla"
         elif context.device_info.provider == "tensorrt":
-            self._onnx = OnnxRanks(self._files, job.world_size, job.process_count, job.target)
-            self.provider = f"tensorrt: onnxruntime {self._onnx.provider}"
-            self.provider_notice = self._onnx.notice
+            onnx = OnnxRanks(self._files, job.world_size, job.process_count, job.target)
+            self._steps = onnx
+            self.provider = f"tensorrt: onnxruntime {onnx.provider}"
+            self.provider_notice = onnx.notice
+            self.collectives = "mpi" if job.process_count > 1 else "in-process"
+        elif self._choose_collectives(job) == "mpi":
+            self._steps = JitRanks(self._files, job.world_size, job.process_count,
+                                   {r: job.device_of(r) for r in self._files})
+            self.provider, self.collectives = "xla", "mpi"
         else:
             self._compile(job)
             self.provider = "xla"
+            self.collectives = ("in-process" if job.process_count == 1
+                                else "nccl" if job.target == "gpu" else "gloo")
         self.timings["compile_s"] = time.perf_counter() - t0
         if on_phase is not None:
             on_phase("compiled")
@@ -183,6 +193,31 @@ class Model:
                            for r in job.local_ranks}
         self._out_whole = [len(m.layout.replica_groups()) == 1 or len(job.local_ranks) == 1
                            for m in self._outputs]
+
+    def _choose_collectives(self, job: ranks.Job) -> str:
+        """``mpi`` or ``gloo`` for CPU ranks of several processes (config ``collectives``).
+
+        ``mpi`` runs each rank's own program (:mod:`dinb.runtime.rank_steps`) with ``mpi4py``'s
+        collectives; it needs the ranks to be MPI's processes, one rank each, and a per-rank
+        program of the model for the export's strategy. ``auto`` takes it where it can and gloo
+        (collectives inside the one SPMD program) elsewhere; every rank must choose alike."""
+        wanted = self.config.collectives
+        if job.process_count == 1 or job.target != "cpu" or wanted == "gloo":
+            return "gloo"
+        first = next(iter(self._files.values()))
+        world = ranks.mpi_world()
+        reason = None
+        if world is None or world[1] != job.process_count or len(job.local_ranks) != 1:
+            reason = "the ranks are not MPI's processes (mpiexec or notebook engines='mpi')"
+        else:
+            try:
+                rank_program_of(first, job.world_size, "collectives = mpi")
+            except ProviderError as e:
+                reason = str(e)
+        if reason and wanted == "mpi":
+            raise ProviderError(f"collectives = mpi: {reason}; use collectives = gloo or auto")
+        choices = job.allgather("collectives", "gloo" if reason else "mpi")
+        return "mpi" if all(c == "mpi" for c in choices) else "gloo"
 
     def _compile(self, job: ranks.Job) -> None:
         import jax
@@ -267,8 +302,8 @@ class Model:
             raise InputError(f"micro_batches={micro_batches!r}: this export has one pipeline stage; "
                              "micro-batches are for pipelined exports")
         arrays = self._check_inputs(inputs)
-        if self._onnx is not None:
-            self._last_by_rank = self._onnx.run(
+        if self._steps is not None:
+            self._last_by_rank = self._steps.run(
                 {r: tuple(a[sl] for a, sl in zip(arrays, slices)) for r, slices in self._in_slices.items()})
             self._last = list(next(iter(self._last_by_rank.values())))
             return self._output_tensors()
@@ -311,7 +346,7 @@ class Model:
 
     def _output_tensors(self) -> list[Tensor]:
         one_process = self._job is not None and self._job.process_count == 1
-        if self._pipe is not None or self._onnx is not None or one_process:  # whole arrays here
+        if self._pipe is not None or self._steps is not None or one_process:  # whole arrays here
             return [Tensor(np.asarray(arr), name=m.name) for m, arr in zip(self._outputs, self._last)]
         return [Tensor(np.asarray(arr.addressable_data(0) if whole else arr), name=m.name)
                 for m, arr, whole in zip(self._outputs, self._last, self._out_whole)]
@@ -322,7 +357,7 @@ class Model:
         assert job is not None
         if self._pipe is not None:
             return self._pipe.rank_outputs()
-        if self._onnx is not None:
+        if self._steps is not None:
             return {r: list(v) for r, v in self._last_by_rank.items()}
         rank_of = {d: r for r, d in enumerate(job.devices)}
         result: dict[int, list[np.ndarray]] = {r: [] for r in job.local_ranks}
@@ -362,8 +397,8 @@ class Model:
         self._check_built()
         if self._pipe is not None:
             return self._pipe.describe()
-        if self._onnx is not None:
-            return self._onnx.describe()
+        if self._steps is not None:
+            return self._steps.describe()
         return str(self._compiled.as_text())
 
     # ---- pipeline stages ---------------------------------------------------------------------
@@ -385,5 +420,5 @@ class Model:
         return list(self._pipe.events) if self._pipe is not None else []
 
     def _check_built(self) -> None:
-        if self._compiled is None and self._onnx is None and self._pipe is None:
+        if self._compiled is None and self._steps is None and self._pipe is None:
             raise DinbError("the model is not built; call build_from_file(path, ...) first")

@@ -1,0 +1,210 @@
+"""Each rank runs its own program: runs of local steps, with the collectives between them done
+by the job's MPI (``mpi4py``), not inside one SPMD program.
+
+A built-in model writes out, for each named strategy, what one rank computes
+(:class:`~dinb.models.rank_program.RankProgram`): local steps on the rank's slices and named
+collectives between them. For the Megatron MLP on ``n`` ranks::
+
+    h_r = gelu(x @ w1[:, cols_r] + b1[cols_r])       local (rank r's columns of w1)
+    p_r = h_r @ w2[rows_r, :]                         local (rank r's rows of w2)
+    y   = sum_r p_r + b2                              all-reduce, then local
+
+Two backends compile the runs of local steps:
+
+* :class:`JitRanks` (provider ``xla`` with ``collectives = mpi``): each run is one ``jax.jit``
+  program over the rank's own device; the all-reduce is ``mpi4py``'s ``Allreduce`` on host
+  buffers. On CPU ranks that ``mpiexec`` started this replaces gloo's all-reduce inside the
+  SPMD program, which costs 37x MPI's at 32 KiB (``benchmarks/collectives.py``).
+* :class:`~dinb.runtime.onnx_rank.OnnxRanks` (provider ``tensorrt``): each run as an ONNX model.
+
+When all ranks are simulated in one process, the collectives are numpy over the local ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from dinb.errors import ProviderError
+from dinb.models.rank_program import AllGather, AllReduce, Collective, Local, collect, run_locals
+from dinb.slicefile import SliceFile
+
+#: one compiled run of local steps: the rank's values in, its values out
+Stage = Callable[[tuple[np.ndarray, ...]], tuple[np.ndarray, ...]]
+
+
+def rank_program_of(first: SliceFile, world_size: int, what: str) -> tuple[Any, str, Any]:
+    """The built-in model of an export, its strategy's name and the rank program for it.
+    ``what`` names the path asking (for the errors: it needs a named strategy of a built-in
+    model)."""
+    from dinb.models import MODELS, get_model
+
+    if first.model not in MODELS:
+        raise ProviderError(
+            f"{first.path}: {what} runs the built-in models {sorted(MODELS)}, whose per-rank "
+            f"programs are written out; {first.model!r} is not one. Use provider 'xla'."
+        )
+    model = get_model(first.model, **first.meta.get("model_config", {}))
+    name = model.strategy_name_of(strategy_of(first))
+    program = model.rank_program(name, world_size) if name else None
+    if program is None:
+        raise ProviderError(
+            f"{first.path}: {what} runs the named strategies of {model.name!r} "
+            f"({list(model.strategy_names)}); this export's layouts are none of them. Export with a "
+            "named strategy, or use provider 'xla'."
+        )
+    return model, name, program
+
+
+def strategy_of(sf: SliceFile) -> Any:
+    from dinb.strategy import Strategy
+
+    return Strategy({n: m.layout for n, m in sf.param_meta().items()},
+                    inputs=[m.layout for m in sf.inputs], outputs=[m.layout for m in sf.outputs])
+
+
+class MpiCollectives:
+    """Collectives between rank processes with mpi4py (the job's processes are MPI's world)."""
+
+    def __init__(self, world_size: int, what: str):
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            raise ProviderError(f"{what} needs mpi4py for its collectives (pip install mpi4py)") from None
+        self.comm = MPI.COMM_WORLD
+        if self.comm.size != world_size:
+            raise ProviderError(
+                f"{what} runs its collectives over MPI, but MPI's world has {self.comm.size} "
+                f"process(es) and the job {world_size} ranks; start the ranks with mpiexec -n "
+                f"{world_size} (or notebook engines='mpi')"
+            )
+
+    def collect(self, step: Collective, value: np.ndarray) -> np.ndarray:
+        from mpi4py import MPI
+
+        if isinstance(step, AllReduce):
+            out = np.empty_like(value)
+            self.comm.Allreduce(value, out, op=MPI.SUM)
+            return out
+        parts = np.empty((self.comm.size, *value.shape), value.dtype)
+        self.comm.Allgather(value, parts)
+        return np.concatenate(list(parts), axis=step.axis)
+
+
+def shapes_after(step: Collective, specs: tuple[Any, ...], world: int) -> tuple[Any, ...]:
+    """Shapes after a collective: an all-gather multiplies its axis by the rank count."""
+    import jax
+
+    if isinstance(step, AllReduce):
+        return specs
+    out = list(specs)
+    s = specs[step.index]
+    shape = list(s.shape)
+    shape[step.axis] *= world
+    out[step.index] = jax.ShapeDtypeStruct(tuple(shape), s.dtype)
+    return tuple(out)
+
+
+class StepRanks:
+    """The ranks this process hosts, each running its rank program (see the module doc).
+    Subclasses compile a run of local steps (:meth:`_compile`)."""
+
+    what = "the per-rank program"  # for errors and describe()
+    runs_on = "jit"
+
+    def __init__(self, files: dict[int, SliceFile], world_size: int, process_count: int):
+        import jax
+
+        first = next(iter(files.values()))
+        self.model, self.strategy_name, self.program = rank_program_of(first, world_size, self.what)
+        self.world_size = world_size
+        self.comm = MpiCollectives(world_size, self.what) if process_count > 1 else None
+        self.inputs, self.outputs = first.inputs, first.outputs
+        self.stages: dict[int, list[Stage | Collective]] = {}
+        for rank, sf in files.items():
+            specs = tuple(jax.ShapeDtypeStruct(m.layout.slice_shape(m.shape, m.name), m.dtype)
+                          for m in self.inputs)
+            compiled: list[Stage | Collective] = []
+            for i, stage in enumerate(self.program.stages()):
+                if isinstance(stage, list):
+                    name = f"{self.model.name}_rank{rank}_stage{i}"
+                    compiled.append(self._compile(stage, sf.params, specs, name))
+                    specs = tuple(jax.eval_shape(_runner(stage, sf.params), *specs))
+                else:
+                    compiled.append(stage)
+                    specs = shapes_after(stage, specs, world_size)
+            self.stages[rank] = compiled
+
+    def _compile(self, steps: Sequence[Local], params: dict[str, np.ndarray], specs: tuple[Any, ...],
+                 name: str) -> Stage:
+        raise NotImplementedError
+
+    def run(self, inputs_by_rank: dict[int, tuple[np.ndarray, ...]]) -> dict[int, tuple[np.ndarray, ...]]:
+        """Every local rank's program on its input slices; the outputs of each local rank."""
+        values = dict(inputs_by_rank)
+        for i, step in enumerate(self.stages[next(iter(self.stages))]):
+            if isinstance(step, (AllReduce, AllGather)):
+                values = self._collect(step, values)
+            else:
+                values = {r: self.stages[r][i](vals) for r, vals in values.items()}  # type: ignore[operator]
+        return values
+
+    def _collect(self, step: Collective, values: dict[int, tuple[np.ndarray, ...]]
+                 ) -> dict[int, tuple[np.ndarray, ...]]:
+        if self.comm is None:  # all ranks in this process
+            ranks = sorted(values)
+            return dict(zip(ranks, collect(step, [values[r] for r in ranks])))
+        ((rank, vals),) = values.items()
+        out = list(vals)
+        out[step.index] = self.comm.collect(step, np.ascontiguousarray(vals[step.index]))
+        return {rank: tuple(out)}
+
+    def describe(self) -> str:
+        lines = [f"{self.model.name} ({self.strategy_name}) per rank, on {self.runs_on}:"]
+        for stage in self.program.stages():
+            if isinstance(stage, list):
+                lines += [f"  {self.runs_on:<6} {s.name}" for s in stage]
+            else:
+                what = "all-reduce" if isinstance(stage, AllReduce) else f"all-gather on axis {stage.axis}"
+                lines.append(f"  {'mpi' if self.comm else 'numpy':<6} {what} of value {stage.index}")
+        return "\n".join(lines)
+
+
+def _runner(steps: Sequence[Local], params: dict[str, Any]) -> Callable[..., tuple[Any, ...]]:
+    def run(*values: Any) -> tuple[Any, ...]:
+        return run_locals(steps, params, values)
+
+    return run
+
+
+class JitRanks(StepRanks):
+    """Runs of local steps as ``jax.jit`` programs on each rank's own device (the parameters
+    placed there once), collectives over MPI."""
+
+    what = "collectives = mpi"
+    runs_on = "xla"
+
+    def __init__(self, files: dict[int, SliceFile], world_size: int, process_count: int,
+                 devices: dict[int, Any]):
+        self._devices = devices
+        self._rank_of_params: dict[int, int] = {id(sf.params): r for r, sf in files.items()}
+        super().__init__(files, world_size, process_count)
+
+    def _compile(self, steps: Sequence[Local], params: dict[str, np.ndarray], specs: tuple[Any, ...],
+                 name: str) -> Stage:
+        import jax
+
+        device = self._devices[self._rank_of_params[id(params)]]
+        placed = {k: jax.device_put(v, device) for k, v in params.items()}
+
+        def run(p: dict[str, Any], *values: Any) -> tuple[Any, ...]:
+            return run_locals(steps, p, values)
+
+        jitted = jax.jit(run)
+
+        def stage(values: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+            return tuple(np.asarray(v) for v in jitted(placed, *values))
+
+        return stage
