@@ -9,7 +9,9 @@ processes and buffers, for float32 payloads of 32 KiB, 1 MiB and 4 MiB per rank:
   jax     a jitted ``psum`` over the processes' devices (``shard_map``), host array in, result
           waited for: what an all-reduce inside a predict costs, dispatch included
   noop    the same jitted call without the collective (the identity): the dispatch floor
-  mpi4py  ``COMM_WORLD.Allreduce`` of a numpy buffer
+  dinb    the all-reduce of a predict with ``collectives = mpi`` (the default under mpiexec):
+          ``MpiCollectives.collect``, the output buffer allocated per call
+  mpi4py  ``COMM_WORLD.Allreduce`` of a numpy buffer into a preallocated one
 
 Every figure is the median over ``--repeat`` calls after a warm-up, the slowest rank's; ratios
 are to ``mpi4py``. Results go to ``benchmarks/results/collectives.json`` with the machine.
@@ -52,8 +54,11 @@ def rank_main(repeat: int) -> None:
     from mpi4py import MPI
 
     from dinb.layout import Layout
+    from dinb.models.rank_program import AllReduce
+    from dinb.runtime.rank_steps import MpiCollectives
 
     comm = MPI.COMM_WORLD
+    mpi = MpiCollectives(job.process_count, "the benchmark")
     n = job.process_count
     mesh = Layout([n], [0]).mesh(job.devices)
     spec = PartitionSpec(mesh.axis_names[0])
@@ -78,6 +83,8 @@ def rank_main(repeat: int) -> None:
         recv = np.empty_like(local)
         comm.Barrier()
         res["mpi4py"] = _median_s(lambda: comm.Allreduce(local, recv), repeat)
+        comm.Barrier()
+        res["dinb_mpi"] = _median_s(lambda: mpi.collect(AllReduce(0), local), repeat)
         slowest = {k: comm.allreduce(v, op=MPI.MAX) for k, v in res.items()}
         return {"bytes": nbytes, **{f"{k}_ms": v * 1e3 for k, v in slowest.items()}}
 
@@ -109,10 +116,12 @@ def main() -> None:
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"all-reduce of float32 between {args.ranks} CPU rank processes (mpiexec), median of "
           f"{args.repeat}, slowest rank")
-    print(f"{'payload':>9} {'jax (gloo) ms':>14} {'jit no-op ms':>13} {'mpi4py ms':>10} {'jax/mpi4py':>11}")
+    print(f"{'payload':>9} {'jax (gloo) ms':>14} {'jit no-op ms':>13} {'dinb mpi ms':>12} {'mpi4py ms':>10} "
+          f"{'jax/mpi4py':>11} {'dinb/mpi4py':>12}")
     for r in rows:
         print(f"{r['bytes'] // 1024:>6} KiB {r['jax_ms']:>14.3f} {r['noop_ms']:>13.3f} "
-              f"{r['mpi4py_ms']:>10.3f} {r['jax_ms'] / r['mpi4py_ms']:>11.2f}")
+              f"{r['dinb_mpi_ms']:>12.3f} {r['mpi4py_ms']:>10.3f} {r['jax_ms'] / r['mpi4py_ms']:>11.2f} "
+              f"{r['dinb_mpi_ms'] / r['mpi4py_ms']:>12.2f}")
     m = machine()
     print(f"machine: {m['cpu']}, {m['cores']} cores, {m['memory']}, jax {m['jax']}")
     out = ROOT / "benchmarks" / "results" / "collectives.json"

@@ -89,10 +89,10 @@ class OnnxRanks(StepRanks):
             raise ProviderError(f"{first.path}: the ONNX path runs float32 exports; {odd} are not "
                                 "float32. Export without --dtype, or use provider 'xla'.")
         self.providers, self.notice = execution_providers(target, cache_root() / "tensorrt" / first.export_id)
-        if self.notice:
-            warnings.warn(self.notice, ProviderFallbackWarning, stacklevel=3)
         self.provider = ""
-        super().__init__(files, world_size, process_count)
+        super().__init__(files, world_size, process_count)  # refuses what it cannot run
+        if self.notice:  # announced once the program runs here
+            warnings.warn(self.notice, ProviderFallbackWarning, stacklevel=3)
 
     def _compile(self, steps: Sequence[Local], params: dict[str, np.ndarray], specs: tuple[Any, ...],
                  name: str) -> Stage:
