@@ -57,6 +57,15 @@ def servicer(main: Main) -> Any:
     async def abort(context: Any, e: BaseException) -> None:
         await context.abort(grpc_code(e), str(e) if isinstance(e, DinbError) else f"{type(e).__name__}: {e}")
 
+    async def described(request: Any, context: Any) -> tuple[Any, dict[str, Any]]:
+        """The servable a metadata request names and its v2 metadata (aborts when unknown)."""
+        try:
+            servable, method = main.resolve(request.name, request.version)
+            return servable, protocol.metadata(servable, method, request.name)
+        except DinbError as e:
+            await abort(context, e)
+            raise  # abort raises; this line only tells the type checker
+
     def inputs_of(request: Any) -> dict[str, np.ndarray]:
         raw = list(request.raw_input_contents)
         if raw and len(raw) != len(request.inputs):
@@ -96,11 +105,7 @@ def servicer(main: Main) -> Any:
             )
 
         async def ModelMetadata(self, request: Any, context: Any) -> Any:
-            try:
-                servable, method = protocol.resolve(main.servables, request.name, request.version)
-                meta = protocol.metadata(servable, method, request.name)
-            except DinbError as e:
-                await abort(context, e)
+            _, meta = await described(request, context)
             tensors = [
                 [
                     pb.ModelMetadataResponse.TensorMetadata(
@@ -119,11 +124,7 @@ def servicer(main: Main) -> Any:
             )
 
         async def ModelConfig(self, request: Any, context: Any) -> Any:
-            try:
-                servable, method = protocol.resolve(main.servables, request.name, request.version)
-                meta = protocol.metadata(servable, method, request.name)
-            except DinbError as e:
-                await abort(context, e)
+            servable, meta = await described(request, context)
             batch = servable.batcher.max_batch if servable.spec.model.with_batch_dim else 0
 
             def tensors(cls: Any, key: str) -> list[Any]:
@@ -144,7 +145,7 @@ def servicer(main: Main) -> Any:
 
         async def ModelInfer(self, request: Any, context: Any) -> Any:
             try:
-                servable, method = protocol.resolve(main.servables, request.model_name, request.model_version)
+                servable, method = main.resolve(request.model_name, request.model_version)
                 inputs = inputs_of(request)
             except DinbError as e:
                 main.count(request.model_name, "grpc", e)

@@ -18,6 +18,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from dinb.errors import DinbError
+from dinb.serving import protocol
 from dinb.serving.inference import Servable
 from dinb.serving.metrics import Metrics
 from dinb.serving.register import ServableSpec
@@ -121,6 +122,13 @@ class Main:
         await servable.worker.stop()
 
     # ---- requests (the REST and gRPC handlers go through here) ---------------------------------
+    def resolve(self, model: str, version: str = "") -> tuple[Servable, str]:
+        """The servable and method a request names. While stopping, every request is refused
+        as unavailable (503 / UNAVAILABLE), also once the servables are gone: not 404."""
+        if self.stopping:
+            raise Unavailable("the server is stopping")
+        return protocol.resolve(self.servables, model, version)
+
     async def infer(
         self, servable: Servable, method: str, inputs: dict[str, Any], protocol: str, model: str
     ) -> tuple[dict[str, Any], float]:

@@ -87,7 +87,7 @@ def app(main: Main, max_body: int) -> Any:
 
     def model_of(request: Any) -> tuple[Any, str, str]:
         model = request.match_info["model"]
-        servable, method = protocol.resolve(main.servables, model, request.match_info.get("version", ""))
+        servable, method = main.resolve(model, request.match_info.get("version", ""))
         return servable, method, model
 
     async def live(request: Any) -> Any:
@@ -159,7 +159,7 @@ def app(main: Main, max_body: int) -> Any:
         target = request.match_info["target"]
         name, _, method = target.partition(":")
         try:
-            servable, method = protocol.resolve(main.servables, f"{name}.{method}" if method else name)
+            servable, method = main.resolve(f"{name}.{method}" if method else name)
             instances = protocol.parse_instances(await body_of(request))
             ins, _ = servable.io(servable.method(method))
             dtypes = {t["name"]: t["dtype"] for t in ins}
