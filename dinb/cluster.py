@@ -114,8 +114,8 @@ class RankCluster:
                 "--IPEngine.startup_command=import dinb.engine; dinb.engine.preload()"]
             if self.engines == "mpi":
                 self._cluster.config.MPILauncher.mpi_cmd = [_mpiexec()]
-                # mpiexec would otherwise kill every rank when one dies, and the rank at fault
-                # could no longer be told from the others; stop()/restart() end the rest
+                # asks mpiexec not to end the other ranks when one dies; the mpich wheel's hydra
+                # ends them anyway (measured), so the death watch orders the exits instead
                 self._cluster.config.MPILauncher.mpi_args = ["-disable-auto-cleanup"]
             self._cluster.start_cluster_sync()
             self._client = self._cluster.connect_client_sync()

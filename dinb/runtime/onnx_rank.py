@@ -95,7 +95,7 @@ class OnnxRanks(StepRanks):
             warnings.warn(self.notice, ProviderFallbackWarning, stacklevel=3)
 
     def _compile(self, steps: Sequence[Local], params: dict[str, np.ndarray], specs: tuple[Any, ...],
-                 name: str) -> Stage:
+                 name: str, rank: int) -> Stage:
         """A run of local steps as an ONNX Runtime session (weights inside as constants)."""
         import jax
         import onnxruntime as ort

@@ -130,7 +130,7 @@ class StepRanks:
             for i, stage in enumerate(self.program.stages()):
                 if isinstance(stage, list):
                     name = f"{self.model.name}_rank{rank}_stage{i}"
-                    compiled.append(self._compile(stage, sf.params, specs, name))
+                    compiled.append(self._compile(stage, sf.params, specs, name, rank))
                     specs = tuple(jax.eval_shape(_runner(stage, sf.params), *specs))
                 else:
                     compiled.append(stage)
@@ -138,7 +138,7 @@ class StepRanks:
             self.stages[rank] = compiled
 
     def _compile(self, steps: Sequence[Local], params: dict[str, np.ndarray], specs: tuple[Any, ...],
-                 name: str) -> Stage:
+                 name: str, rank: int) -> Stage:
         raise NotImplementedError
 
     def run(self, inputs_by_rank: dict[int, tuple[np.ndarray, ...]]) -> dict[int, tuple[np.ndarray, ...]]:
@@ -189,15 +189,13 @@ class JitRanks(StepRanks):
     def __init__(self, files: dict[int, SliceFile], world_size: int, process_count: int,
                  devices: dict[int, Any]):
         self._devices = devices
-        self._rank_of_params: dict[int, int] = {id(sf.params): r for r, sf in files.items()}
         super().__init__(files, world_size, process_count)
 
     def _compile(self, steps: Sequence[Local], params: dict[str, np.ndarray], specs: tuple[Any, ...],
-                 name: str) -> Stage:
+                 name: str, rank: int) -> Stage:
         import jax
 
-        device = self._devices[self._rank_of_params[id(params)]]
-        placed = {k: jax.device_put(v, device) for k, v in params.items()}
+        placed = {k: jax.device_put(v, self._devices[rank]) for k, v in params.items()}
 
         def run(p: dict[str, Any], *values: Any) -> tuple[Any, ...]:
             return run_locals(steps, p, values)
