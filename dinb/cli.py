@@ -131,8 +131,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dinb import ranks
     from dinb.errors import ProviderFallbackWarning
     from dinb.runtime import Context, Model, ModelType
+    from dinb.runtime.config import load_config
 
-    job = ranks.init(args.target, simulate=args.simulate, init_timeout_s=args.init_timeout)
+    job = ranks.init(args.target, simulate=args.simulate, init_timeout_s=args.init_timeout,
+                     coordinator_address=args.coordinator_address,
+                     config_coordinator_address=load_config(args.config_file).coordinator_address or None)
     context = Context(target=[args.target], provider=args.provider)
     warnings.simplefilter("ignore", ProviderFallbackWarning)  # the notice is printed with the provider
     model = Model()
@@ -189,6 +192,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if job.process_index == 0:
         notice = f" ({model.provider_notice})" if model.provider_notice else ""
         print(f"provider: {model.provider}{notice}; collectives: {model.collectives}")
+        if job.process_count > 1:
+            print(job.describe_addresses())
         if pipe:
             m = args.micro_batches or model.config.micro_batches
             print(f"pipeline: {pipe['stages']} stages x {pipe['stage_ranks']} ranks, {m} micro-batch(es), "
@@ -229,7 +234,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         tokenizer_dir = minilm_dir()
     encoder = BertEncoder(**dict(config, model_dir=tokenizer_dir))
     (ids, mask, types), lengths = encoder.tokenize(args.sentences)
-    job = ranks.init(args.target, simulate=args.simulate, init_timeout_s=args.init_timeout)
+    job = ranks.init(args.target, simulate=args.simulate, init_timeout_s=args.init_timeout,
+                     coordinator_address=args.coordinator_address)
     warnings.simplefilter("ignore", ProviderFallbackWarning)  # the notice is printed below
     model = Model()
     model.build_from_file(export, ModelType.DINB, Context(target=[args.target], provider=args.provider))
@@ -412,6 +418,13 @@ def _shard_str(name: str, n: int) -> str:
     return str(MATMUL_SHARDS[name](n))
 
 
+def _coordinator_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator-address", default=None, metavar="HOST[:PORT]",
+                   help="where rank 0 hosts the JAX coordinator when ranks are on several hosts "
+                        "(default: $DINB_COORDINATOR_ADDRESS, the config's coordinator_address, "
+                        "127.0.0.1 on one host, else rank 0's address on the route to the others)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dinb", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -470,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-outputs", default=None, help="save each rank's outputs as .npy here")
     p.add_argument("--micro-batches", type=int, default=None,
                    help="pipelined exports: cut each predict into this many micro-batches")
+    _coordinator_option(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("embed", help="sentence embeddings from an exported encoder (minilm), on real "
@@ -481,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--provider", default="xla", choices=["xla", "tensorrt"])
     p.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: the export's)")
     p.add_argument("--init-timeout", type=int, default=30)
+    _coordinator_option(p)
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("serve-agent", help="one serving Agent (a rank): under mpiexec, or with --rank")

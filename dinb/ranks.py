@@ -3,12 +3,14 @@
 All of it must happen before any other JAX call in the process. Three ways to run N ranks:
 
 * ``mpiexec -n N python -m dinb run ...``: N processes, one device each; MPI gives each its rank,
-  rank 0 picks a free port and broadcasts it, then every process joins one JAX job
-  (``jax.distributed.initialize``) whose collectives run over gloo (CPU) or NCCL (GPU).
+  rank 0 picks the coordinator's address and a free port and broadcasts them, then every process
+  joins one JAX job (``jax.distributed.initialize``) whose collectives run over gloo (CPU) or NCCL
+  (GPU). The ranks may be on several hosts (a hostfile): see :mod:`dinb.addresses`.
 * notebook engines (ipyparallel) do the same with the rank handed in by the cluster.
 * simulated: one process with N virtual CPU devices (``simulate=N``); same program, same slices.
 
-Known traps handled here: the coordinator binds to 127.0.0.1 (not every interface), the
+Known traps handled here: the coordinator binds one address (127.0.0.1 on one host, never every
+interface), gloo listens on the rank's own address (not whatever the host name resolves to), the
 preemption service is off (it swallows SIGTERM), the port is picked free by rank 0 (a busy port
 crashes the coordinator), and the join has a short timeout (a missing rank aborts the process).
 """
@@ -21,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from dinb import addresses
+from dinb.addresses import free_port
 from dinb.errors import DinbError, RankFailedError
 
 DEFAULT_INIT_TIMEOUT_S = 30
@@ -40,6 +44,8 @@ class Job:
     simulate: int | None
     devices: list[Any] = field(default_factory=list)
     agree_timeout_s: float = DEFAULT_AGREE_TIMEOUT_S
+    coordinator: str | None = None  # host:port of the JAX coordinator (rank 0 hosts it)
+    addresses: list[str] = field(default_factory=list)  # each process's own address, by process
     _step: int = 0
 
     @property
@@ -51,6 +57,14 @@ class Job:
     def local_ranks(self) -> list[int]:
         """The ranks this process hosts (one under mpiexec, all of them when simulated)."""
         return [r for r, d in enumerate(self.devices) if d.process_index == self.process_index]
+
+    def describe_addresses(self) -> str:
+        """Where the job listens: the coordinator and each process's own address."""
+        if self.process_count == 1:
+            return "addresses: one process, no sockets"
+        where = (f"every rank on {self.addresses[0]}" if len(set(self.addresses)) == 1 else
+                 ", ".join(f"rank {r} on {a}" for r, a in enumerate(self.addresses)))
+        return f"addresses: coordinator {self.coordinator} (rank 0); {where}"
 
     def device_of(self, rank: int) -> Any:
         return self.devices[rank]
@@ -117,14 +131,54 @@ def mpi_world() -> tuple[int, int, int, int] | None:
     return comm.rank, comm.size, node.rank, node.size
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+__all__ = ["Job", "current_job", "free_port", "init", "mpi_world", "shutdown"]
 
 
-def _wait_for_coordinator(address: str, rank: int, timeout_s: float) -> None:
+def _mpi_coordinator(choice: tuple[str, str] | None, multi_host: bool) -> str:
+    """Rank 0 decides the coordinator's ``host:port`` and broadcasts it (or its error, so that
+    every rank raises the same one instead of waiting for rank 0)."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    mine = addresses.local_addresses() if multi_host and choice is None else []
+    if multi_host and choice is None:  # each host's addresses, with the first world rank on it
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        gathered = comm.gather((node.bcast(comm.rank, root=0), mine), root=0)
+    decided: tuple[str | None, str | None] = (None, None)
+    if comm.rank == 0:
+        try:
+            if choice is not None:
+                host, port = addresses.split_address(*choice)
+            elif multi_host:
+                hosts = {leader: addrs for leader, addrs in gathered if leader != 0}
+                host, port = addresses.pick_reachable(mine, list(hosts.values())), None
+            else:
+                host, port = addresses.LOOPBACK, None
+            decided = (f"{host}:{port or free_port(host)}", None)
+        except DinbError as e:
+            decided = (None, str(e))
+    address, error = comm.bcast(decided, root=0)
+    if error is not None:
+        raise addresses.AddressError(f"rank 0 could not pick the coordinator's address: {error}")
+    return str(address)
+
+
+def _gloo_listens_on(address: str) -> None:
+    """Make JAX's gloo collectives listen on ``address``: by default gloo resolves the host name,
+    which on one machine may give a LAN address and on a namespace or a container no address."""
+    from jax._src import xla_bridge
+
+    make = xla_bridge._jax.make_gloo_tcp_collectives
+    make = getattr(make, "__wrapped__", make)
+
+    def on_address(*args: Any, **kw: Any) -> Any:
+        return make(*args, hostname=address, **kw)
+
+    on_address.__wrapped__ = make  # type: ignore[attr-defined]
+    xla_bridge._jax.make_gloo_tcp_collectives = on_address
+
+
+def _wait_for_coordinator(address: str, rank: int, timeout_s: float, own: str) -> None:
     """Wait until rank 0's coordinator accepts connections, then join at the first try.
 
     JAX's client retries a refused connection only after about a second, so a rank that asks
@@ -139,9 +193,12 @@ def _wait_for_coordinator(address: str, rank: int, timeout_s: float) -> None:
             return
         except OSError:
             if time.monotonic() > deadline:
+                where = "" if addresses.is_loopback(own) else (
+                    f" from {own} (host {socket.gethostname()}); check that this host reaches rank 0's "
+                    "address, or name one it reaches with --coordinator-address")
                 raise RankFailedError(
                     f"rank {rank} could not reach the JAX coordinator at {address} within "
-                    f"{timeout_s:g} s; rank 0 hosts it: check that rank 0 started and is alive",
+                    f"{timeout_s:g} s; rank 0 hosts it: check that rank 0 started and is alive{where}",
                     ranks=(0,)) from None
             time.sleep(0.005)
 
@@ -198,13 +255,22 @@ def init(
     device_id: int | None = None,
     init_timeout_s: int = DEFAULT_INIT_TIMEOUT_S,
     agree_timeout_s: float = DEFAULT_AGREE_TIMEOUT_S,
+    coordinator_address: str | None = None,
+    config_coordinator_address: str | None = None,
+    local_rank: int | None = None,
+    local_size: int | None = None,
 ) -> Job:
     """Make this process a rank (or, with ``simulate=N``, all N ranks) and return the job.
 
     Under mpiexec the rank and world come from MPI; ``process_index``/``process_count`` plus
-    ``coordinator`` ("host:port") let another launcher (notebook engines) hand them in. Calling
-    again returns the same job; asking for a different world is an error (JAX cannot leave and
-    rejoin a job: start new processes).
+    ``coordinator`` ("host:port") let another launcher (notebook engines) hand them in, with
+    ``local_rank``/``local_size`` (this process among those on its host). Calling again returns
+    the same job; asking for a different world is an error (JAX cannot leave and rejoin a job:
+    start new processes).
+
+    Under mpiexec rank 0 hosts the coordinator at ``coordinator_address`` ("host" or
+    "host:port"; else ``$DINB_COORDINATOR_ADDRESS``, else ``config_coordinator_address``), else
+    on 127.0.0.1 when all ranks share one host, else on its address that routes to the others.
     """
     global _job
     if target not in ("cpu", "gpu"):
@@ -237,8 +303,9 @@ def init(
             process_index, process_count, local_rank, local_size = world
         else:
             process_index, process_count, local_rank, local_size = 0, 1, 0, 1
-    else:  # another launcher (notebook engines) on one machine
-        local_rank, local_size = process_index or 0, process_count
+    else:  # another launcher (notebook engines): it knows which ranks share a host
+        local_rank = (process_index or 0) if local_rank is None else local_rank
+        local_size = process_count if local_size is None else local_size
     assert process_index is not None
     if simulate is not None and process_count > 1:
         raise DinbError(
@@ -262,18 +329,20 @@ def init(
 
     if simulate is not None and not _backends_initialized():
         jax.config.update("jax_num_cpu_devices", int(simulate))
+    own = addresses.LOOPBACK
     if process_count > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.config.update("jax_enable_preemption_service", False)
         if coordinator is None:
             if world is None:
                 raise DinbError("process_count > 1 without MPI needs coordinator='host:port'")
-            from mpi4py import MPI
-
-            port = free_port() if process_index == 0 else None
-            coordinator = f"127.0.0.1:{MPI.COMM_WORLD.bcast(port, root=0)}"
+            choice = addresses.coordinator_choice(coordinator_address, config_coordinator_address)
+            coordinator = _mpi_coordinator(choice, multi_host=local_size < process_count)
+        own = addresses.own_address(coordinator.rpartition(":")[0])
+        if not _backends_initialized():
+            _gloo_listens_on(own)
         if process_index != 0:
-            _wait_for_coordinator(coordinator, process_index, init_timeout_s)
+            _wait_for_coordinator(coordinator, process_index, init_timeout_s, own)
         jax.distributed.initialize(
             coordinator_address=coordinator,
             num_processes=process_count,
@@ -291,7 +360,8 @@ def init(
             f"asked to simulate {simulate} ranks but JAX has {len(devices)} devices; JAX was "
             "initialised earlier in this process - restart it and call dinb.init_ranks first"
         )
-    _job = Job(process_index, process_count, target, simulate, devices, agree_timeout_s)
+    _job = Job(process_index, process_count, target, simulate, devices, agree_timeout_s, coordinator)
+    _job.addresses = _job.allgather("address", own) if process_count > 1 else [own]
     return _job
 
 

@@ -19,6 +19,9 @@
     # collectives between CPU rank processes: auto (mpi where the ranks are MPI's processes and
     # the model has a per-rank program for its strategy, gloo otherwise), mpi or gloo
     collectives = auto
+    # ranks on several hosts: where rank 0 hosts the JAX coordinator (host or host:port); the
+    # --coordinator-address option and $DINB_COORDINATOR_ADDRESS come first
+    coordinator_address = 10.0.0.1
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class RuntimeConfig:
     stage_timeout_s: float = 60.0
     stage_transfer: str = "auto"
     collectives: str = "auto"
+    coordinator_address: str = ""
 
 
 def load_config(path: str | Path | None) -> RuntimeConfig:
@@ -51,7 +55,7 @@ def load_config(path: str | Path | None) -> RuntimeConfig:
     if path is None:
         return RuntimeConfig()
     path = Path(path)
-    parser = configparser.ConfigParser(interpolation=None)
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
     try:
         parser.read_string(path.read_text(encoding="utf-8"), source=str(path))
     except FileNotFoundError:
@@ -90,6 +94,10 @@ def load_config(path: str | Path | None) -> RuntimeConfig:
             if key == "stage_transfer" and values[key] not in TRANSFERS:
                 raise DinbError(
                     f"config file {path}: stage_transfer = {raw!r}; choose one of {list(TRANSFERS)}")
+            if key == "coordinator_address":
+                from dinb.addresses import split_address
+
+                split_address(raw, f"config file {path}: coordinator_address")
             if key == "collectives" and values[key] not in COLLECTIVES:
                 raise DinbError(
                     f"config file {path}: collectives = {raw!r}; choose one of {list(COLLECTIVES)}")
