@@ -1,16 +1,20 @@
 """Notebook ranks: N ipyparallel engines, each bound to a device and acting as one rank of one job.
 
-``start_cluster(n)`` starts the engines (MPI engines through the ``mpiexec`` of the ``mpich``
-wheel by default, or ``engines="local"``) or attaches to running ones (``profile=`` or
-``connection_file=``), asks each engine who it is (pid, MPI rank), picks a free port on
-127.0.0.1 for the JAX coordinator and has every engine join the job at once
+``start_cluster(n)`` starts the engines through ipyparallel's launchers (MPI engines through
+the ``mpiexec`` of the ``mpich`` wheel by default; ``engines="local"``, ``"ssh"`` or ``"slurm"``;
+``hosts=`` spreads MPI or SSH engines over hosts) or attaches to running ones (``profile=`` or
+``connection_file=``), asks each engine who it is (pid, host, MPI rank, its own address), picks
+the JAX coordinator's address (127.0.0.1 when every rank shares one host, else rank 0's own
+address) and a free port on rank 0's host, and has every engine join the job at once
 (:func:`dinb.engine.join`: gloo, preemption service off, short init timeout).
 
 Every SPMD call goes to all ranks together (a call sent to only some ranks hangs in the first
-collective) and is watched with a finite timeout. While it waits, the client checks each
-engine's process: a rank that died is named at once (the job cannot go on; ``restart()``), and
-a call that outlives its timeout names the ranks that never reached the collective (stuck in
-their own part) apart from the ranks waiting for them.
+collective) and is watched with a finite timeout. While it waits, the client checks each rank:
+a rank that died is named at once (the job cannot go on; ``restart()``), and a call that
+outlives its timeout names the ranks that never reached the collective (stuck in their own
+part) apart from the ranks waiting for them. Ranks on this host are watched through their
+process ids; ranks on other hosts through a heartbeating connection to their predict socket
+(:mod:`dinb.death_watch`), which is authenticated off loopback (:mod:`dinb.secure_socket`).
 """
 
 from __future__ import annotations
@@ -18,21 +22,24 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
-from dinb import engine, remote_predict, wire
+from dinb import addresses, engine, remote_predict, wire
 from dinb.death_watch import DeathWatch
 from dinb.errors import DinbError, RankFailedError
-from dinb.ranks import free_port
+from dinb.secure_socket import ClientKeys, request_socket
 
 DEFAULT_TIMEOUT_S = 60.0
 HEARTBEAT_MS = 500  # the ipyparallel hub's heartbeat period for the clusters dinb starts
+ENGINES = ("mpi", "local", "ssh", "slurm")
 _current: RankCluster | None = None
 
 
@@ -69,18 +76,40 @@ class RankCluster:
 
     def __init__(self, n: int = 2, engines: str = "mpi", devices: str = "cpu", profile: str | None = None,
                  connection_file: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 init_timeout_s: int = 30):
-        if engines not in ("mpi", "local"):
-            raise ClusterError(f"engines must be 'mpi' or 'local', not {engines!r}")
+                 init_timeout_s: int = 30, hosts: list[str] | str | Path | None = None,
+                 controller_ip: str | None = None, mpi_args: list[str] | None = None,
+                 ssh_cmd: list[str] | None = None):
+        """``engines``: the ipyparallel launcher (``mpi``: one ``mpiexec`` for all engines, with
+        ``hosts`` written to its hostfile or given as one; ``ssh``: engines spread over
+        ``hosts`` by ``ssh_cmd``; ``slurm``: engines in a Slurm job; ``local``). ``controller_ip``:
+        where the ipyparallel controller listens (default: loopback when the engines are on this
+        host, else this host's address on the route to them). ``mpi_args``: more ``mpiexec``
+        options (a launcher, ``-iface``)."""
+        if engines not in ENGINES:
+            raise ClusterError(f"engines must be one of {list(ENGINES)}, not {engines!r}")
         if devices not in ("cpu", "gpu"):
             raise ClusterError(f"devices must be 'cpu' or 'gpu', not {devices!r}")
+        if hosts is not None and engines not in ("mpi", "ssh"):
+            raise ClusterError(f"hosts= spreads MPI or SSH engines; {engines!r} engines " + (
+                "are placed by Slurm (give the nodes to salloc or sbatch)" if engines == "slurm" else
+                "run on this host"))
+        if engines == "ssh" and not hosts:
+            raise ClusterError("ssh engines need hosts=[...] (the hosts to start them on)")
         self.n, self.engines, self.devices = n, engines, devices
         self.profile, self.connection_file = profile, connection_file
         self.timeout_s, self.init_timeout_s = timeout_s, init_timeout_s
+        self.hosts, self.controller_ip = hosts, controller_ip
+        self.mpi_args, self.ssh_cmd = list(mpi_args or []), ssh_cmd
         self._cluster: Any = None
         self._client: Any = None
         self.engine_of: list[int] = []  # engine id of each rank
         self.pids: list[int] = []
+        self.hostnames: list[str] = []  # each rank's host
+        self.local: list[bool] = []  # whether each rank is on this host (its pid means something here)
+        self.rank_addresses: list[str] = []  # each rank's own address (its predict socket's)
+        self.coordinator: str | None = None
+        self.endpoints: list[str] = []  # each rank's predict socket
+        self.server_keys: list[str | None] = []  # its CURVE public key (None on loopback)
         self.device_names: list[str] = []
         self.model_dir: str | None = None
         self.pipeline: dict[str, Any] | None = None  # the loaded export's stages (None: one stage)
@@ -90,6 +119,8 @@ class RankCluster:
         self._broken = False  # a rank died or got stuck: the job cannot be left politely
         self._watch: DeathWatch | None = None
         self._socks: list[Any] | None = None  # the fast predict path's sockets, one per rank
+        self._keys: ClientKeys | None = None  # this client's CURVE keys (ranks off loopback)
+        self._hostfile: str | None = None
 
     # ---- life cycle --------------------------------------------------------------------------
     def start(self) -> RankCluster:
@@ -97,55 +128,150 @@ class RankCluster:
 
         t0 = time.perf_counter()
         if self.profile or self.connection_file:
-            kw = {"url_file": self.connection_file} if self.connection_file else {"profile": self.profile}
-            self._client = ipp.Client(**kw, timeout=self.init_timeout_s)
+            if self.connection_file and not Path(self.connection_file).is_file():
+                raise ClusterError(f"connection file {self.connection_file} does not exist; it is the "
+                                   "controller's security/ipcontroller-client.json")
+            by: dict[str, Any] = {"profile": self.profile}
+            if self.profile and Path(self.profile).is_dir():  # a profile directory, not a name
+                by = {"profile_dir": self.profile}
+            if self.connection_file:
+                self._client = ipp.Client(self.connection_file, timeout=self.init_timeout_s)
+            else:
+                self._client = ipp.Client(**by, timeout=self.init_timeout_s)
             self._client.wait_for_engines(self.n, timeout=self.init_timeout_s, interactive=False)
         else:
+            controller = self._pick_controller_ip()
+            where = {} if addresses.is_loopback(controller) else {
+                "controller_ip": controller, "controller_location": controller}
             # The hub completes an engine's registration at its next heartbeat: every 3 s by
             # default, which was most of the start (6.0 of 7.4 s for 2 engines). Beats every
             # 0.5 s with 60 misses allowed keep the default's 30 s before an engine is dropped.
             # The engines import JAX on a thread while they register, and start right after the
             # controller (ipyparallel waits 1 s by default; the engines wait for its files anyway).
             self._cluster = ipp.Cluster(
-                n=self.n, engines=self.engines, log_level=40, delay=0,
+                n=self.n, engines=self.engines, log_level=40, delay=0, **where,
                 controller_args=[f"--HeartMonitor.period={HEARTBEAT_MS}",
                                  "--HeartMonitor.max_heartmonitor_misses=60"])
-            self._cluster.config.EngineLauncher.engine_args = [
-                "--IPEngine.startup_command=import dinb.engine; dinb.engine.preload()"]
-            if self.engines == "mpi":
-                self._cluster.config.MPILauncher.mpi_cmd = [_mpiexec()]
-                # asks mpiexec not to end the other ranks when one dies; the mpich wheel's hydra
-                # ends them anyway (measured), so the death watch orders the exits instead
-                self._cluster.config.MPILauncher.mpi_args = ["-disable-auto-cleanup"]
+            self._configure_launcher(self._cluster.config)
             self._cluster.start_cluster_sync()
             self._client = self._cluster.connect_client_sync()
             self._client.wait_for_engines(self.n, timeout=self.init_timeout_s, interactive=False)
         ids = sorted(self._client.ids)[: self.n]
-        who = self._client[ids].apply_sync(engine.identify)
+        controller_host = urlsplit(self._client._config["registration"]).hostname or addresses.LOOPBACK
+        client_host = addresses.own_address(controller_host)
+        who = self._client[ids].apply_sync(engine.identify, client_host)
         ranks = [w["mpi_rank"] if w["mpi_rank"] is not None and w["mpi_size"] == self.n else i
                  for i, w in enumerate(who)]
         if sorted(ranks) != list(range(self.n)):
             ranks = list(range(self.n))
         order = sorted(range(self.n), key=lambda i: ranks[i])
+        who = [who[i] for i in order]
         self.engine_of = [ids[i] for i in order]
-        self.pids = [who[i]["pid"] for i in order]
-        self._watch = DeathWatch(self.pids)
-        coordinator = f"127.0.0.1:{free_port()}"
-        joined = self._all(engine.join, lambda r: (r, self.n, coordinator, self.devices, self.init_timeout_s),
+        here = addresses.host_key()
+        self.pids = [w["pid"] for w in who]
+        self.hostnames = [w["host"] for w in who]
+        self.local = [w["host_key"] == here for w in who]
+        self.rank_addresses = [addresses.LOOPBACK if local else w["address"]
+                               for local, w in zip(self.local, who)]
+        self._watch = DeathWatch([pid if local else None for pid, local in zip(self.pids, self.local)])
+        keys = [w["host_key"] for w in who]
+        one_host = len(set(keys)) == 1
+        host0 = addresses.LOOPBACK if one_host else who[0]["address"]
+        port = self._all(engine.free_port, lambda r: (host0,), what="picking the coordinator's port",
+                         timeout_s=15, ranks=[0])[0]
+        self.coordinator = coordinator = f"{host0}:{port}"
+        local_rank = [keys[:r].count(keys[r]) for r in range(self.n)]
+        joined = self._all(engine.join, lambda r: (r, self.n, coordinator, self.devices, self.init_timeout_s,
+                                                   local_rank[r], keys.count(keys[r])),
                            timeout_s=self.init_timeout_s + 15, what="joining the job")
         self.device_names = [j["device"] for j in joined]
+        self._connect_fast()
         self.start_seconds = time.perf_counter() - t0
         return self
+
+    def _pick_controller_ip(self) -> str:
+        """Where the controller listens: the given address; loopback when every engine runs on
+        this host; else this host's address on the route to the first other host."""
+        if self.controller_ip:
+            return addresses.split_address(self.controller_ip, "controller_ip")[0]
+        if self.engines == "slurm":
+            source = addresses.route_source("192.0.2.1")  # the interface of the default route
+            if source is None:
+                raise ClusterError("Slurm engines need the controller on an address the nodes reach; "
+                                   "pass controller_ip='ADDRESS of this host'")
+            return source
+        mine = addresses.local_addresses()
+        for host in self._host_list():
+            ip = addresses.split_address(host, "hosts")[0]
+            if not addresses.is_loopback(ip) and ip not in mine:
+                return addresses.own_address(ip)
+        return addresses.LOOPBACK
+
+    def _host_list(self) -> list[str]:
+        if self.hosts is None:
+            return []
+        if isinstance(self.hosts, (str, Path)):
+            path = Path(self.hosts)
+            try:
+                lines = path.read_text().splitlines()
+            except OSError as e:
+                raise ClusterError(f"hostfile {path} cannot be read ({e.strerror or e})") from None
+            names = [ln.split("#")[0].split()[0].split(":")[0] for ln in lines if ln.split("#")[0].strip()]
+            if not names:
+                raise ClusterError(f"hostfile {path} names no host")
+            return names
+        return [str(h) for h in self.hosts]
+
+    def _configure_launcher(self, config: Any) -> None:
+        """ipyparallel's launcher configuration for ``engines`` and ``hosts``."""
+        config.EngineLauncher.engine_args = [
+            "--IPEngine.startup_command=import dinb.engine; dinb.engine.preload()"]
+        if self.engines == "mpi":
+            config.MPILauncher.mpi_cmd = [_mpiexec()]
+            # asks mpiexec not to end the other ranks when one dies; the mpich wheel's hydra
+            # ends them anyway (measured), so the death watch orders the exits instead
+            args = ["-disable-auto-cleanup"]
+            if isinstance(self.hosts, (str, Path)):
+                args += ["-f", str(self.hosts)]
+            elif self.hosts:
+                fd, self._hostfile = tempfile.mkstemp(prefix="dinb-hosts-", suffix=".txt")
+                with os.fdopen(fd, "w") as f:
+                    f.write("".join(f"{h}\n" for h in self._host_list()))
+                args += ["-f", self._hostfile]
+            config.MPILauncher.mpi_args = args + self.mpi_args
+        elif self.engines == "ssh":
+            hosts = self._host_list()
+            counts = {h: 0 for h in hosts}
+            for r in range(self.n):  # round robin, as a hostfile without counts
+                counts[hosts[r % len(hosts)]] += 1
+            config.SSHEngineSetLauncher.engines = {h: c for h, c in counts.items() if c}
+            if self.ssh_cmd:
+                config.SSHLauncher.ssh_cmd = list(self.ssh_cmd)
+
+    def _connect_fast(self) -> None:
+        """Start every rank's predict socket (on its own address, CURVE off loopback), connect to
+        them, and have the death watch follow the ranks of other hosts through them."""
+        if any(not addresses.is_loopback(a) for a in self.rank_addresses):
+            self._keys = ClientKeys()
+        public = self._keys.public if self._keys else None
+        served = self._all(engine.serve_fast, lambda r: (self.rank_addresses[r], public),
+                           what="starting the predict servers")
+        self.endpoints = [s["endpoint"] for s in served]
+        self.server_keys = [s["server_key"] for s in served]
+        self._socks = [request_socket(s["endpoint"], s["server_key"], self._keys) for s in served]
+        for r, s in enumerate(served):
+            if not self.local[r] and self._watch is not None:
+                keys = self._keys
+                self._watch.watch_remote(r, s["endpoint"], s["server_key"], keys and keys.public,
+                                         keys and keys.secret)
 
     def stop(self) -> None:
         """Leave the JAX job on every rank, stop the engines, leave no process behind."""
         global _current
-        if self._broken:  # stuck or dead ranks cannot leave the job: end them first
-            for pid in self.pids:
-                if _alive(pid):
-                    os.kill(pid, signal.SIGKILL)
+        if self._broken:  # stuck or dead ranks cannot leave the job: end them first (this
+            self._kill_local()  # host's; the launcher ends the others with their engines)
         if self._client is not None:
-            if all(_alive(p) for p in self.pids):
+            if all(self._rank_alive(r) for r in range(len(self.pids))):
                 try:
                     self._all(engine.leave, timeout_s=15, what="leaving the job")
                 except DinbError:
@@ -157,23 +283,23 @@ class RankCluster:
                     # against 0.6 s for 2 engines)
                     self._cluster.stop_engines_sync()
                     self._cluster.stop_controller_sync()
-                else:
-                    self._client.shutdown(targets=self.engine_of, block=True)
+                else:  # engines we attached to: the live ones stop; a dead one would never answer
+                    alive = [e for r, e in enumerate(self.engine_of) if self._rank_alive(r)]
+                    if alive:
+                        self._client.shutdown(targets=alive, block=False)
             except Exception:  # a dead cluster may fail to stop cleanly; the pids are checked below
                 pass
             try:
                 self._client.close()
             except Exception:
                 pass
-        for pid in self.pids:
-            if _alive(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        self._kill_local()
         for sock in self._socks or []:
             sock.close(linger=0)
-        self._socks = None
+        self._socks, self._keys = None, None
+        if self._hostfile is not None:
+            os.unlink(self._hostfile)
+            self._hostfile = None
         self._client = self._cluster = None
         self.pids, self.model_dir, self.last, self._broken = [], None, None, False
         self.pipeline, self.roles = None, remote_predict.Roles(self.n, self.n)
@@ -198,6 +324,20 @@ class RankCluster:
     def running(self) -> bool:
         return self._client is not None
 
+    def _kill_local(self) -> None:
+        for pid, local in zip(self.pids, self.local):
+            if local and _alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def _rank_alive(self, rank: int) -> bool:
+        """A rank of this host: its process exists; of another host: its connection holds."""
+        if self.local[rank]:
+            return _alive(self.pids[rank])
+        return self._watch is None or rank not in self._watch.died_at(wait_s=0)
+
     # ---- dispatch ----------------------------------------------------------------------------
     def _check_alive(self, what: str) -> None:
         """Name the rank whose engine process exited (the job cannot go on without it).
@@ -210,7 +350,7 @@ class RankCluster:
         the cause and the others as ended by the job.
         """
         now = time.monotonic()
-        gone = {r for r, pid in enumerate(self.pids) if not _alive(pid)}
+        gone = {r for r, pid in enumerate(self.pids) if self.local[r] and not _alive(pid)}
         watched = self._watch.died_at(gone) if self._watch else {}
         dead = {r: watched.get(r, now) for r in gone | watched.keys()}
         if not dead:
@@ -221,8 +361,10 @@ class RankCluster:
         if 0 in cause:
             cause = [0]
         followers = [r for r in range(self.n) if r not in cause]
-        pids = ", ".join(str(self.pids[r]) for r in cause)
-        message = f"rank(s) {cause} died during {what} (engine process {pids} exited)"
+        pids = ", ".join(str(self.pids[r]) if self.local[r] else f"{self.pids[r]} on {self.hostnames[r]}"
+                         for r in cause)
+        how = "exited" if all(self.local[r] for r in cause) else "exited or its host stopped answering"
+        message = f"rank(s) {cause} died during {what} (engine process {pids} {how})"
         if cause == [0] and followers:
             message += (f"; rank(s) {followers} were then ended by the job because rank 0 hosted its "
                         "coordinator")
@@ -231,8 +373,10 @@ class RankCluster:
 
     def _all(self, fn: Callable[..., Any], args: Callable[[int], tuple] | tuple = (),
              timeout_s: float | None = None, what: str = "the call",
-             on_poll: Callable[[list[Any]], None] | None = None) -> list[Any]:
-        """Call ``fn`` on every rank at once; per-rank results in rank order (finite timeout).
+             on_poll: Callable[[list[Any]], None] | None = None,
+             ranks: list[int] | None = None) -> list[Any]:
+        """Call ``fn`` on every rank at once (or on ``ranks``, for calls that run no collective);
+        per-rank results in rank order (finite timeout).
 
         ``on_poll(async_results)`` sees the calls while they run (for progress bars: each
         result's ``.data`` holds what its rank published, ``.ready()`` whether it finished).
@@ -240,10 +384,11 @@ class RankCluster:
         if self._client is None:
             raise ClusterError("no cluster is running; start one with `%dinfer cluster start -n 2`")
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        targets = list(range(self.n)) if ranks is None else ranks
         ars = []
-        for r, eid in enumerate(self.engine_of):
+        for r in targets:
             a = args(r) if callable(args) else args
-            ars.append(self._client[eid].apply_async(fn, *a))
+            ars.append(self._client[self.engine_of[r]].apply_async(fn, *a))
         deadline = time.monotonic() + timeout_s
         while True:
             ready = sum(ar.ready() for ar in ars)
@@ -253,9 +398,9 @@ class RankCluster:
                 break
             self._check_alive(what)
             if time.monotonic() > deadline:
-                reached = [r for r, ar in enumerate(ars)
+                reached = [r for r, ar in zip(targets, ars)
                            if (ar.data or {}).get("phase") in ("collective", "done")]
-                pending = [r for r, ar in enumerate(ars) if not ar.ready()]
+                pending = [r for r, ar in zip(targets, ars) if not ar.ready()]
                 stuck = [r for r in pending if r not in reached] or pending
                 waiting = [r for r in pending if r not in stuck]
                 self._broken = True
@@ -266,7 +411,7 @@ class RankCluster:
                     ranks=tuple(stuck))
             ars[0].wait(0.002)
         results, errors = [], {}
-        for r, ar in enumerate(ars):
+        for r, ar in zip(targets, ars):
             try:
                 results.append(ar.get(0))
             except Exception as e:  # a remote error: report it with its rank
@@ -359,14 +504,8 @@ class RankCluster:
         if self._client is None:
             raise ClusterError("no cluster is running; start one with `%dinfer cluster start -n 2`")
         if self._socks is None:
-            ports = self._all(engine.serve_fast, what="starting the predict servers")
-            ctx = zmq.Context.instance()
-            self._socks = []
-            for port in ports:
-                sock = ctx.socket(zmq.REQ)
-                sock.setsockopt(zmq.LINGER, 0)
-                sock.connect(f"tcp://127.0.0.1:{port}")
-                self._socks.append(sock)
+            self._connect_fast()
+        assert self._socks is not None
         roles = self.roles
         extra = {"micro_batches": micro_batches} if micro_batches is not None else {}
         for r, sock in enumerate(self._socks):
@@ -419,7 +558,8 @@ class RankCluster:
         """One row per rank: rank, pid, device, resident memory, what is loaded (alive or not)."""
         rows = []
         for r, pid in enumerate(self.pids):
-            rows.append({"rank": r, "pid": pid, "alive": _alive(pid),
+            rows.append({"rank": r, "pid": pid, "alive": self._rank_alive(r), "host": self.hostnames[r],
+                         "address": self.rank_addresses[r],
                          "device": self.device_names[r] if r < len(self.device_names) else None})
         if rows and all(row["alive"] for row in rows):
             for row, st in zip(rows, self._all(engine.status, timeout_s=10, what="status")):

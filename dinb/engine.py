@@ -38,10 +38,13 @@ def preload() -> None:
     _state["preload"] = thread
 
 
-def identify() -> dict[str, Any]:
-    """This engine's process id, host and MPI rank (None when not launched by mpiexec)."""
+def identify(client_host: str = "127.0.0.1") -> dict[str, Any]:
+    """This engine's process id, host, MPI rank (None when not launched by mpiexec) and its own
+    address: loopback when the client is on loopback, else its address on the route to the
+    client (``client_host``, the notebook kernel's address)."""
     import socket
 
+    from dinb.addresses import host_key, own_address
     from dinb.ranks import mpi_world
 
     world = mpi_world()
@@ -49,16 +52,26 @@ def identify() -> dict[str, Any]:
         _state["preload"].join()
     import jax  # noqa: F401  (on every engine at once, before the join needs it)
 
-    return {"pid": os.getpid(), "host": socket.gethostname(),
+    return {"pid": os.getpid(), "host": socket.gethostname(), "host_key": host_key(),
+            "address": own_address(client_host),
             "mpi_rank": world[0] if world else None, "mpi_size": world[1] if world else None}
 
 
-def join(rank: int, world: int, coordinator: str, target: str, init_timeout_s: int) -> dict[str, Any]:
-    """Bind the device and join the job as ``rank`` of ``world`` (before any other JAX call)."""
+def free_port(host: str) -> int:
+    """A free port on this engine's host (rank 0 picks the JAX coordinator's port)."""
+    from dinb.addresses import free_port as pick
+
+    return pick(host)
+
+
+def join(rank: int, world: int, coordinator: str, target: str, init_timeout_s: int,
+         local_rank: int | None = None, local_size: int | None = None) -> dict[str, Any]:
+    """Bind the device and join the job as ``rank`` of ``world`` (before any other JAX call);
+    ``local_rank``/``local_size``: this rank among the ranks on its host."""
     import dinb
 
     job = dinb.init_ranks(target, process_index=rank, process_count=world, coordinator=coordinator,
-                          init_timeout_s=init_timeout_s)
+                          init_timeout_s=init_timeout_s, local_rank=local_rank, local_size=local_size)
     _state.update(rank=rank, world=world, target=target)
     return {"rank": rank, "device": str(job.devices[rank])}
 
@@ -175,27 +188,29 @@ def leave() -> bool:
 
 
 # ---- the fast predict path: a direct socket per rank, served from a thread ----------------------
-_fast: dict[str, Any] = {"port": None, "phase": "idle"}
+_fast: dict[str, Any] = {"endpoint": None, "server_key": None, "phase": "idle"}
 
 
-def serve_fast() -> int:
-    """Start (once) this rank's predict server on 127.0.0.1; returns its port.
+def serve_fast(host: str = "127.0.0.1", client_key: str | None = None) -> dict[str, Any]:
+    """Start (once) this rank's predict server on ``host``; returns its endpoint and, with
+    ``client_key``, its CURVE public key.
 
     A message is ``[header JSON, array bytes ...]`` with the inputs; the reply carries this rank's
     outputs (rank 0) or only their shapes and a checksum (other ranks, enough to check they
     agree). The engine's main thread stays free for control calls (status, phase, restart).
+    Off loopback the socket is a CURVE server that admits only the client holding the secret of
+    ``client_key`` (:mod:`dinb.secure_socket`): nobody else on the network can drive it.
     """
-    if _fast["port"] is not None:
-        return int(_fast["port"])
-    import threading
+    if _fast["endpoint"] is None:
+        import threading
 
-    import zmq
+        from dinb.secure_socket import endpoint_of, reply_socket
 
-    sock = zmq.Context.instance().socket(zmq.REP)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    threading.Thread(target=_fast_loop, args=(sock,), daemon=True, name="dinb-fast-predict").start()
-    _fast["port"] = port
-    return port
+        sock, _fast["server_key"] = reply_socket(host, client_key)
+        _fast["endpoint"] = endpoint_of(sock)
+        threading.Thread(target=_fast_loop, args=(sock,), daemon=True, name="dinb-fast-predict").start()
+    return {"endpoint": _fast["endpoint"], "server_key": _fast["server_key"]}
+
 
 
 def _fast_loop(sock: Any) -> None:

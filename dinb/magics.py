@@ -6,6 +6,7 @@ Each subcommand is one call of the Python API, so everything here can be done wi
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 from typing import Any
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
@@ -83,18 +84,27 @@ class DinferMagics(Magics):
     @magic_arguments()
     @argument("action", choices=["start", "status", "stop", "restart"])
     @argument("-n", type=int, default=2, help="number of ranks")
-    @argument("--engines", default="mpi", choices=["mpi", "local"])
+    @argument("--engines", default="mpi", choices=list(cl.ENGINES))
     @argument("--devices", default="cpu", choices=["cpu", "gpu"])
+    @argument("--hosts", default=None, help="hosts for mpi or ssh engines: a,b,c or a hostfile")
+    @argument("--controller-ip", default=None, help="where the controller listens (engines elsewhere)")
     def _cluster(self, line: str) -> None:
-        """%dinfer cluster start|status|stop|restart [-n N] [--engines mpi|local] [--devices cpu|gpu]"""
+        """%dinfer cluster start|status|stop|restart [-n N] [--engines mpi|local|ssh|slurm]
+        [--devices cpu|gpu] [--hosts a,b | --hosts HOSTFILE] [--controller-ip ADDRESS]"""
 
     def _cmd_cluster(self, rest: str, line: str) -> Any:
         args = parse_argstring(self._cluster, rest)
         if args.action == "start":
-            c = cl.start_cluster(args.n, engines=args.engines, devices=args.devices)
+            hosts = args.hosts
+            if hosts is not None and not Path(hosts).is_file():
+                hosts = [h for h in hosts.split(",") if h]
+            c = cl.start_cluster(args.n, engines=args.engines, devices=args.devices, hosts=hosts,
+                                 controller_ip=args.controller_ip)
             print(f"{c.n} ranks ready ({args.engines} engines, devices {', '.join(c.device_names)})")
         elif args.action == "status":
-            print(rank_table(cl.current().status()))
+            c = cl.current()
+            print(f"coordinator {c.coordinator} (rank 0)")
+            print(rank_table(c.status()))
         elif args.action == "stop":
             n = cl.current().n
             cl.stop_cluster()
@@ -220,8 +230,8 @@ class DinferMagics(Magics):
 
 def rank_table(rows: list[dict[str, Any]]) -> str:
     """The status rows as a table (device memory only when an accelerator reports it)."""
-    keys = ["rank", "pid", "alive", "device", "kind", "device_mem", "rss_mib", "provider", "collectives",
-            "loaded"]
+    keys = ["rank", "pid", "alive", "host", "address", "device", "kind", "device_mem", "rss_mib", "provider",
+            "collectives", "loaded"]
     keys = [k for k in keys if k in ("rank", "pid", "alive") or any(row.get(k) is not None for row in rows)]
     cells = [[str(row.get(k, "")) for k in keys] for row in rows]
     widths = [max([len(k)] + [len(c[i]) for c in cells]) for i, k in enumerate(keys)]
