@@ -63,6 +63,7 @@ bench: $(STAMP) $(REF)/.installed
 	$(BIN)/python benchmarks/minilm.py
 	$(BIN)/python benchmarks/serving.py
 	$(BIN)/python benchmarks/pipeline.py
+	$(BIN)/python benchmarks/secure_socket.py
 
 clean:
 	rm -rf $(VENV) $(REF) build *.egg-info
