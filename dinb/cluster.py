@@ -177,7 +177,7 @@ class RankCluster:
         keys = [w["host_key"] for w in who]
         one_host = len(set(keys)) == 1
         host0 = addresses.LOOPBACK if one_host else who[0]["address"]
-        port = self._all(engine.free_port, lambda r: (host0,), what="picking the coordinator's port",
+        port = self._all(engine.free_port, (host0,), what="picking the coordinator's port",
                          timeout_s=15, ranks=[0])[0]
         self.coordinator = coordinator = f"{host0}:{port}"
         local_rank = [keys[:r].count(keys[r]) for r in range(self.n)]
@@ -503,9 +503,7 @@ class RankCluster:
 
         if self._client is None:
             raise ClusterError("no cluster is running; start one with `%dinfer cluster start -n 2`")
-        if self._socks is None:
-            self._connect_fast()
-        assert self._socks is not None
+        assert self._socks is not None  # made at start
         roles = self.roles
         extra = {"micro_batches": micro_batches} if micro_batches is not None else {}
         for r, sock in enumerate(self._socks):

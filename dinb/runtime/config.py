@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from dinb.addresses import split_address
 from dinb.errors import DinbError
 from dinb.pipeline import MAX_MICRO_BATCHES
 
@@ -95,8 +96,6 @@ def load_config(path: str | Path | None) -> RuntimeConfig:
                 raise DinbError(
                     f"config file {path}: stage_transfer = {raw!r}; choose one of {list(TRANSFERS)}")
             if key == "coordinator_address":
-                from dinb.addresses import split_address
-
                 split_address(raw, f"config file {path}: coordinator_address")
             if key == "collectives" and values[key] not in COLLECTIVES:
                 raise DinbError(
