@@ -104,12 +104,12 @@ def floor_read(ckpt_dir: Path, names: list[str], size: int, rank: int) -> int:
 
 # ---- driver ----------------------------------------------------------------------------------
 def prepare(workdir: Path, size: int, count: int) -> None:
-    from dinb.checkpoint import save_checkpoint
+    from dinb.checkpoint import save_distributed_checkpoint
 
     names, src, _ = strategies(count)
     rng = np.random.default_rng(0)
     params = {n: rng.random((size, size), dtype=np.float32) for n in names}
-    save_checkpoint(params, src, workdir / "src")
+    save_distributed_checkpoint(params, src, workdir / "src")
     as_version_1(workdir / "src", workdir / "src_v1")
 
 

@@ -11,10 +11,12 @@ configure JAX first; the widgets (and ipywidgets) load on first use.
 from dinb.checkpoint import (
     DistributedCheckpoint,
     build_searched_strategy,
+    load_checkpoint,
     load_distributed_checkpoint,
     merge_sliced_parameter,
     rank_list_for_transform,
     save_checkpoint,
+    save_distributed_checkpoint,
     transform_checkpoint_by_rank,
     transform_checkpoints,
 )
@@ -61,7 +63,8 @@ def load_ipython_extension(ipython: object) -> None:
 __all__ = [
     "CheckpointError", "DistributedCheckpoint", "RankCluster", "build_searched_strategy",
     "load_distributed_checkpoint", "merge_sliced_parameter", "rank_list_for_transform",
-    "save_checkpoint", "start_cluster", "transform_checkpoint_by_rank", "transform_checkpoints",
+    "load_checkpoint", "save_checkpoint", "save_distributed_checkpoint", "start_cluster",
+    "transform_checkpoint_by_rank", "transform_checkpoints",
     "Context", "DinbError", "InputError", "Job", "Layout", "LayoutError", "MatMulNeg",
     "DeepMLP", "MegatronMLP", "Model", "ModelDef", "ModelType", "ParamLayout", "ProviderError",
     "RankFailedError", "RankMismatchError", "SliceFileError", "Strategy", "StrategyError",

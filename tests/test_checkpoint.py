@@ -20,6 +20,7 @@ from dinb.checkpoint import (
     merge_sliced_parameter,
     rank_list_for_transform,
     save_checkpoint,
+    save_distributed_checkpoint,
     transform_checkpoint_by_rank,
     transform_checkpoints,
     write_ckpt,
@@ -42,7 +43,7 @@ def ms_tensors(path):
 
 
 def same(a, b):
-    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.view(np.uint8), b.view(np.uint8))
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
 # ---- MindSpore-made fixtures ---------------------------------------------------------------------
@@ -60,9 +61,11 @@ def test_merges_to_one_device_as_mindspore_and_to_the_original():
     got = load_distributed_checkpoint(None, MS / "train4", None, TRAIN)
     want = ms_tensors(MS / "merged" / "rank_0" / "ckpt_0.ckpt")
     full = np.load(MS / "full_params.npz")
+    assert list(got) == list(want)  # the appended scalars too, in MindSpore's order
     for name in want:
         assert same(got[name], want[name]), name
-        np.testing.assert_allclose(got[name].astype(np.float32), full[name], atol=2e-2)
+        if name in full:
+            np.testing.assert_allclose(got[name].astype(np.float32), full[name], atol=2e-2)
 
 
 def test_writes_mindspore_files_byte_for_byte(tmp_path):
@@ -79,7 +82,7 @@ def test_writes_mindspore_files_byte_for_byte(tmp_path):
 
 
 def test_string_records_load_as_mindspore_loads_them(tmp_path):
-    """save_checkpoint(..., append_dict={"note": "hi"}) writes "str" records: they load as str."""
+    """save_distributed_checkpoint(..., append_dict={"note": "hi"}) writes "str" records: they load as str."""
     want = json.loads((MS / "expected.json").read_text())["load_checkpoint"]["with_strings.ckpt"]
     got = load_checkpoint(MS / "with_strings.ckpt")
     assert list(got) == list(want)
@@ -94,6 +97,122 @@ def test_string_records_load_as_mindspore_loads_them(tmp_path):
     assert filecmp.cmp(tmp_path / "again.ckpt", MS / "with_strings.ckpt", shallow=False)
     ck = DistributedCheckpoint([MS / "with_strings.ckpt"])  # strings are not parameters
     assert ck.names() == ["dense.weight", "step", "epoch_num", "lr"]
+    assert ck.records() == list(want) and ck.strings == {"note": "hi", "label": "distribución 分布式"}
+
+
+# ---- every record survives: 0-d values and strings (MindSpore's append_dict) --------------------------
+APPENDED = json.loads((MS / "expected.json").read_text())["appended"]
+SCALARS = [n for n, v in APPENDED.items() if not isinstance(v, str)]
+
+
+def assert_appended(got, names=tuple(APPENDED), where=""):
+    """``got`` holds ``names`` with the values MindSpore wrote (dtype, 0-d shape and value)."""
+    for name in names:
+        want = APPENDED[name]
+        assert name in got, (where, name, sorted(got))
+        if isinstance(want, str):
+            assert got[name] == want, (where, name)
+            continue
+        value = got[name]
+        assert str(value.dtype) == want["dtype"].lower() and list(value.shape) == want["shape"], (where, name)
+        assert value.reshape(-1).tolist() == np.array(want["values"], value.dtype).tolist(), (where, name)
+
+
+def test_every_loader_keeps_the_values_mindspore_appended(tmp_path):
+    """step/epoch/lr/overflow (0-d) and note/label (str), written by MindSpore, through every loader."""
+    one = MS / "full" / "rank_0" / "full.ckpt"
+    assert_appended(load_checkpoint(one), SCALARS, "load_checkpoint")
+    assert_appended(load_distributed_checkpoint(None, [one], None), SCALARS, "one-rank source")
+    strings = MS / "train4_strings"
+    for r in range(4):
+        assert_appended(load_checkpoint(strings / f"rank_{r}" / f"ckpt_{r}.ckpt"), where=f"rank file {r}")
+    for r in range(2):
+        got = load_distributed_checkpoint(None, strings, MS / "strategy_predict2.ckpt", TRAIN, rank=r)
+        assert_appended(got, where=f"predict2 rank {r}")
+        assert_appended(DistributedCheckpoint(strings, TRAIN).load_rank(MS / "strategy_predict2.ckpt", r))
+    assert_appended(load_distributed_checkpoint(None, strings, None, TRAIN), where="merged")
+    # the network's parameters only, when a network (or its shapes) is given
+    assert sorted(load_distributed_checkpoint({"dense.bias": (16,)}, strings, None, TRAIN)) == ["dense.bias"]
+    for fmt in ("safetensors", "ckpt"):
+        paths = transform_checkpoints(strings, tmp_path / fmt, "c_", TRAIN, MS / "strategy_predict8.ckpt",
+                                      output_format=fmt)
+        for p in paths:
+            assert_appended(load_checkpoint(p), where=str(p))
+        assert_appended(load_distributed_checkpoint(None, tmp_path / fmt, None,
+                                                    MS / "strategy_predict8.ckpt" if fmt == "ckpt" else None))
+    needed = rank_list_for_transform(1, TRAIN, MS / "strategy_predict2.ckpt",
+                                     shapes=DistributedCheckpoint(strings, TRAIN).shapes)
+    for suffix in (".ckpt", ".safetensors"):
+        out = transform_checkpoint_by_rank(
+            1, {r: strings / f"rank_{r}" / f"ckpt_{r}.ckpt" for r in needed}, tmp_path / f"r1{suffix}",
+            TRAIN, MS / "strategy_predict2.ckpt")
+        assert_appended(load_checkpoint(out), where=str(out))
+    # a map of some ranks' files without rank 0: the whole values come from a given rank
+    rows = Strategy({"w": Layout([4], [0])})
+    save_distributed_checkpoint({"w": np.arange(8.0)} | load_checkpoint(strings / "rank_0" / "ckpt_0.ckpt"),
+                                rows, tmp_path / "rows")
+    assert rank_list_for_transform(3, rows, rows, shapes={"w": (8,)}) == [3]
+    out = transform_checkpoint_by_rank(3, {3: tmp_path / "rows" / "rank_3" / "checkpoint_3.safetensors"},
+                                       tmp_path / "r3.ckpt", rows, rows)
+    assert_appended(load_checkpoint(out))
+    copies = [load_checkpoint(strings / f"rank_{r}" / f"ckpt_{r}.ckpt") for r in range(4)]
+    for name in APPENDED:
+        assert_appended({name: merge_sliced_parameter([c[name] for c in copies])}, [name])
+    # dinb's own rank files carry them too
+    saved = save_distributed_checkpoint(copies[0] | {"dense.weight": np.ones((16, 8), np.float32)},
+                                        Strategy({"dense.weight": Layout([2], [0, -1])}), tmp_path / "own")
+    for p in saved:
+        assert_appended(load_checkpoint(p), where=str(p))
+    assert_appended(load_distributed_checkpoint(None, tmp_path / "own"))
+
+
+def test_save_checkpoint_writes_what_mindspore_writes(tmp_path):
+    """MindSpore's signature and bytes: the list form, append_dict's conversions, the CRC."""
+    dense = load_checkpoint(MS / "with_strings.ckpt")["dense.weight"]
+    appended = {"note": "hi", "label": "distribución 分布式", "epoch_num": 3, "lr": 0.01}
+    save_obj = [{"name": "dense.weight", "data": dense}, {"name": "step", "data": np.array(7, np.int32)}]
+    assert save_checkpoint(save_obj, str(tmp_path / "strings"), append_dict=appended) is None
+    assert filecmp.cmp(tmp_path / "strings.ckpt", MS / "with_strings.ckpt", shallow=False)
+    whole = load_checkpoint(MS / "full" / "rank_0" / "full.ckpt")
+    params = {n: v for n, v in whole.items() if n not in APPENDED}
+    scalars = {"step_num": 7, "epoch_num": 3, "lr": 0.01, "has_overflow": False}
+    save_checkpoint(params, tmp_path / "crc.ckpt", append_dict=scalars, crc_check=True)
+    assert filecmp.cmp(tmp_path / "crc.ckpt", MS / "full_crc.ckpt", shallow=False)
+    save_checkpoint(params, tmp_path / "dense", choice_func=lambda n: n.startswith("dense."))
+    assert list(load_checkpoint(tmp_path / "dense.ckpt")) == ["dense.weight", "dense.bias"]
+    save_checkpoint(params, tmp_path / "one", append_dict=scalars | {"note": "hi"}, format="safetensors")
+    got = load_checkpoint(tmp_path / "one.safetensors")
+    assert_appended(got, [*SCALARS, "note"])
+    assert all(same(got[n], params[n]) for n in params)
+    with pytest.raises(CheckpointError, match=r"append_dict\['x'\] is a list"):
+        save_checkpoint(params, tmp_path / "bad", append_dict={"x": [1]})
+    with pytest.raises(CheckpointError, match=r"save_obj\[0\] must be a dict with 'name' and 'data'"):
+        save_checkpoint([dense], tmp_path / "bad")
+    with pytest.raises(CheckpointError, match="encrypted"):
+        save_checkpoint(params, tmp_path / "bad", enc_key=b"0" * 16)
+
+
+def test_rank_files_whose_whole_values_differ_are_named(tmp_path):
+    """A step or a note that differs between rank files: files of different checkpoints or steps."""
+    w = np.arange(8, dtype=np.float32)
+    strategy = Strategy({"w": Layout([2], [0])})
+    save_distributed_checkpoint({"w": w, "step": np.array(7), "note": "hi"}, strategy, tmp_path / "a")
+    save_distributed_checkpoint({"w": w, "step": np.array(8), "note": "hi"}, strategy, tmp_path / "b")
+    save_distributed_checkpoint({"w": w, "step": np.array(7), "note": "ho"}, strategy, tmp_path / "c")
+    mixed = [tmp_path / "a" / "rank_0" / "checkpoint_0.safetensors",
+             tmp_path / "b" / "rank_1" / "checkpoint_1.safetensors"]
+    with pytest.raises(CheckpointError, match=r"record 'step' is 7 in rank 0's file .* but 8 in rank 1's"):
+        load_distributed_checkpoint(None, mixed, strategy, rank=0)
+    with pytest.raises(CheckpointError, match=r"string record 'note' is 'hi' in rank 0's file .* but 'ho'"):
+        DistributedCheckpoint([mixed[0], tmp_path / "c" / "rank_1" / "checkpoint_1.safetensors"])
+    with pytest.raises(CheckpointError, match="ranks 0 and 1 should hold the same whole value"):
+        merge_sliced_parameter([np.array(7), np.array(8)])
+    # MindSpore files: the same rule
+    for r, step in enumerate((7, 9)):
+        write_ckpt(tmp_path / "ms" / f"rank_{r}" / f"ckpt_{r}.ckpt",
+                   {"w": w[4 * r : 4 * r + 4], "step": np.array(step)})
+    with pytest.raises(CheckpointError, match=r"record 'step' is 7 in rank 0's file .* but 9 in rank 1's"):
+        load_distributed_checkpoint(None, tmp_path / "ms", None, strategy)
 
 
 def test_reads_mindspore_strategy_fields():
@@ -154,7 +273,7 @@ def test_n_to_m_reads_only_the_target_bytes(tmp_path, case):
     _, shape, src, dst = case
     rng = np.random.default_rng(0)
     w = rng.standard_normal(shape).astype(np.float32)
-    save_checkpoint({"w": w}, Strategy({"w": src}), tmp_path)
+    save_distributed_checkpoint({"w": w}, Strategy({"w": src}), tmp_path)
     dst_strategy = Strategy({"w": dst}) if dst else None
     n = dst.layout.device_num if dst else 1
     for rank in range(n):
@@ -171,7 +290,8 @@ def test_saved_slices_are_plain_safetensors(tmp_path):
     from safetensors import safe_open
 
     w = np.arange(32, dtype=np.float32).reshape(8, 4)
-    paths = save_checkpoint({"w": w}, Strategy({"w": Layout([2], [0, -1])}), tmp_path, prefix="m_")
+    paths = save_distributed_checkpoint({"w": w}, Strategy({"w": Layout([2], [0, -1])}), tmp_path,
+                                        prefix="m_")
     assert [p.relative_to(tmp_path).as_posix() for p in paths] == ["rank_0/m_0.safetensors",
                                                                    "rank_1/m_1.safetensors"]
     with safe_open(paths[1], "np") as f:
@@ -183,16 +303,17 @@ def test_a_rank_saves_its_own_slice(tmp_path):
     w = np.arange(32, dtype=np.float32).reshape(8, 4)
     strategy = Strategy({"w": Layout([2], [-1, 0])})
     for r in range(2):
-        save_checkpoint({"w": w[:, 2 * r : 2 * r + 2]}, strategy, tmp_path, rank=r, sliced=True)
+        save_distributed_checkpoint({"w": w[:, 2 * r : 2 * r + 2]}, strategy, tmp_path, rank=r, sliced=True)
     np.testing.assert_array_equal(load_distributed_checkpoint(None, tmp_path)["w"], w)
     with pytest.raises(CheckpointError, match=r"records tensor_shape \[8, 4\]"):
-        save_checkpoint({"w": w}, strategy.with_shapes({"w": (8, 4)}), tmp_path, rank=0, sliced=True)
+        save_distributed_checkpoint({"w": w}, strategy.with_shapes({"w": (8, 4)}), tmp_path, rank=0,
+                                    sliced=True)
 
 
 def test_resharded_checkpoint_becomes_slice_files_and_predicts(tmp_path):
     m = MegatronMLP(d_model=64, d_ff=256, batch=4)
     params, x = m.init_params(3), m.example_inputs(4)[0]
-    save_checkpoint(params, m.strategy(4, "megatron"), tmp_path / "ckpt")
+    save_distributed_checkpoint(params, m.strategy(4, "megatron"), tmp_path / "ckpt")
     ckpt = DistributedCheckpoint(tmp_path / "ckpt")
     export_distributed(m, ckpt, m.strategy(2, "megatron"), [x], tmp_path / "slices")
     simulated(2)
@@ -207,7 +328,7 @@ def test_resharded_checkpoint_becomes_slice_files_and_predicts(tmp_path):
 def saved(tmp_path):
     w = np.arange(64, dtype=np.float32).reshape(8, 8)
     strategy = Strategy({"w": Layout([4], [0, -1]), "b": Layout([4], [-1])})
-    save_checkpoint({"w": w, "b": np.ones(8, np.float32)}, strategy, tmp_path / "c")
+    save_distributed_checkpoint({"w": w, "b": np.ones(8, np.float32)}, strategy, tmp_path / "c")
     return tmp_path / "c", strategy
 
 
@@ -272,7 +393,7 @@ def test_corrupted_truncated_and_wrong_dtype_files(saved, tmp_path):
     with pytest.raises(CheckpointError, match=r"rank_2.*truncated"):
         DistributedCheckpoint(root)
     # a rank whose slice has another dtype than the others
-    save_checkpoint({"w": np.zeros((8, 8), np.float16), "b": np.ones(8, np.float32)}, strategy,
+    save_distributed_checkpoint({"w": np.zeros((8, 8), np.float16), "b": np.ones(8, np.float32)}, strategy,
                     tmp_path / "h", rank=2)
     shutil.copy(tmp_path / "h" / "rank_2" / "checkpoint_2.safetensors", f[2])
     with pytest.raises(CheckpointError, match=r"rank 2\): parameter 'w' is float16, other ranks"):
@@ -310,7 +431,7 @@ def test_cli_reshards_and_exports_from_a_checkpoint(tmp_path):
 
     m = MegatronMLP(d_model=64, d_ff=256, batch=4)
     params, x = m.init_params(5), m.example_inputs(6)[0]
-    save_checkpoint(params, m.strategy(4, "megatron"), tmp_path / "train")
+    save_distributed_checkpoint(params, m.strategy(4, "megatron"), tmp_path / "train")
     m.strategy(2, "megatron").save(tmp_path / "predict.json")
     cli = [sys.executable, "-m", "dinb"]
     out = subprocess.run(cli + ["reshard", str(tmp_path / "train"), str(tmp_path / "tp2"),
@@ -339,7 +460,7 @@ def test_version_1_files_with_crc32_tiles_are_still_verified(tmp_path):
 
     w = np.arange(64, dtype=np.float32).reshape(8, 8)
     strategy = Strategy({"w": Layout([2], [0, -1])})
-    for path in save_checkpoint({"w": w}, strategy, tmp_path):
+    for path in save_distributed_checkpoint({"w": w}, strategy, tmp_path):
         meta = json.loads(st.read_header(path, CheckpointError, "test").metadata["dinb"])
         assert meta["format_version"] == 2 and "tile_xxh3_64" in meta["params"]["w"]
         part = load_checkpoint(path)["w"]
@@ -356,7 +477,7 @@ def test_version_1_files_with_crc32_tiles_are_still_verified(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"rank_1.*tensor 'w' is corrupted"):
         load_distributed_checkpoint(None, tmp_path)
-    meta["format_version"] = 3
+    meta["format_version"] = 4
     st.write_file(path, {"w": part}, {"dinb": json.dumps(meta)})
-    with pytest.raises(CheckpointError, match="format_version 3 is newer than this dinb reads"):
+    with pytest.raises(CheckpointError, match="format_version 4 is newer than this dinb reads"):
         DistributedCheckpoint(tmp_path)

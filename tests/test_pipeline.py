@@ -218,7 +218,7 @@ def test_schedule_picture_formula_and_measured():
 # ---- checkpoints -----------------------------------------------------------------------------------
 def test_checkpoints_reshard_between_stage_layouts_reading_only_each_stage(tmp_path):
     train = dinb.infer_predict_layout(DEEP, X, device_num=4, pipeline_stages=2)
-    dinb.save_checkpoint(PARAMS, train, tmp_path / "ckpt")
+    dinb.save_distributed_checkpoint(PARAMS, train, tmp_path / "ckpt")
     stage0 = dinb.DistributedCheckpoint({0: tmp_path / "ckpt" / "rank_0" / "checkpoint_0.safetensors"})
     assert all(n.startswith(("layer0.", "layer1.")) for n in stage0.names())  # a rank saves its stage
     cases = [(2, 2, "batch"), (2, 4, "replicated"), (4, 4, "megatron"), (1, 2, "megatron")]
@@ -243,7 +243,7 @@ def test_checkpoints_reshard_between_stage_layouts_reading_only_each_stage(tmp_p
 def test_export_from_a_pipelined_checkpoint_runs(tmp_path):
     simulated(2)
     train = dinb.infer_predict_layout(DEEP, X, device_num=4, pipeline_stages=2)
-    dinb.save_checkpoint(PARAMS, train, tmp_path / "ckpt")
+    dinb.save_distributed_checkpoint(PARAMS, train, tmp_path / "ckpt")
     predict = dinb.infer_predict_layout(DEEP, X, device_num=2, pipeline_stages=2)
     ckpt = dinb.DistributedCheckpoint(tmp_path / "ckpt")
     dinb.export_distributed(DEEP, ckpt, predict, [X], tmp_path / "out")

@@ -81,7 +81,7 @@ def corpus(work: Path) -> list[Sample]:
     import numpy as np
 
     import dinb
-    from dinb.checkpoint import save_checkpoint
+    from dinb.checkpoint import save_distributed_checkpoint
     from dinb.models import DeepMLP, MatMulNeg, MegatronMLP
 
     samples = []
@@ -102,7 +102,7 @@ def corpus(work: Path) -> list[Sample]:
                           {"mlp-deep0.dinb": (piped / "mlp-deep0.dinb").read_bytes()}))
     samples.append(Sample("strategy_json", "strategy.json", (piped / "strategy.json").read_bytes()))
     mlp = MegatronMLP(d_model=8, d_ff=16, batch=2)
-    ckpt = save_checkpoint(mlp.init_params(), mlp.strategy(2), work / "ckpt")
+    ckpt = save_distributed_checkpoint(mlp.init_params(), mlp.strategy(2), work / "ckpt")
     samples.append(Sample("dinb_ckpt", "checkpoint_1.safetensors", ckpt[1].read_bytes()))
     samples.append(Sample("strategy_json", "train.json", (work / "ckpt" / "strategy.json").read_bytes()))
     samples.append(Sample("ini", "runtime.ini", b"[runtime]\ninit_timeout_s = 30\nagree_timeout_s = 60\n"

@@ -6,7 +6,8 @@ Needs MindSpore (CPU), which dinb itself never imports::
     /tmp/msvenv/bin/python tools/make_mindspore_fixtures.py
 
 Everything in the fixture directory is written by MindSpore's own code: the full checkpoint by
-``save_checkpoint`` (and ``with_strings.ckpt``, with string records from ``append_dict``), the
+``save_checkpoint`` with 0-d values from ``append_dict`` (and ``with_strings.ckpt`` and
+``train4_strings/``, with string records from ``append_dict``), the
 strategy files by MindSpore's ``node_strategy_pb2`` protobuf classes, the
 per-rank slices and every resharded result by ``transform_checkpoints`` /
 ``transform_checkpoint_by_rank``, the merged weights by ``merge_sliced_parameter``, the rank lists by
@@ -110,6 +111,10 @@ def _np(p) -> np.ndarray:
 
 # values saved beside the weights by save_checkpoint(..., append_dict=...): strings and scalars
 APPENDED = {"note": "hi", "label": "distribución 分布式", "epoch_num": 3, "lr": 0.01}
+# the scalars the full checkpoint carries (MindSpore's transforms carry them to every rank, but
+# fail on string records, so the strings of a distributed checkpoint are added rank by rank)
+APPENDED_SCALARS = {"step_num": 7, "epoch_num": 3, "lr": 0.01, "has_overflow": False}
+APPENDED_STRINGS = {"note": "hi", "label": "distribución 分布式"}
 
 
 def write_strings_fixture(full: dict[str, np.ndarray]) -> dict:
@@ -121,9 +126,25 @@ def write_strings_fixture(full: dict[str, np.ndarray]) -> dict:
         str(path), append_dict=APPENDED,
     )
     loaded = ms.load_checkpoint(str(path))
+    return described(loaded)
+
+
+def described(values: dict) -> dict:
+    """What MindSpore's load_checkpoint gave, as JSON: strings as they are, tensors described."""
     return {n: v if isinstance(v, str) else {"dtype": str(v.dtype), "shape": list(v.shape),
                                              "values": _np(v).reshape(-1).tolist()}
-            for n, v in loaded.items()}
+            for n, v in values.items()}
+
+
+def write_train4_with_strings() -> None:
+    """train4's rank files saved again by MindSpore with string records appended."""
+    for r in range(4):
+        src = OUT / "train4" / f"rank_{r}" / f"ckpt_{r}.ckpt"
+        dst = OUT / "train4_strings" / f"rank_{r}" / f"ckpt_{r}.ckpt"
+        dst.parent.mkdir(parents=True)
+        loaded = ms.load_checkpoint(str(src))
+        ms.save_checkpoint([{"name": n, "data": p} for n, p in loaded.items()], str(dst),
+                           append_dict=APPENDED_STRINGS)
 
 
 def main() -> None:
@@ -134,11 +155,11 @@ def main() -> None:
     (OUT / "full" / "rank_0").mkdir(parents=True)
     ms.save_checkpoint(
         [{"name": n, "data": ms.Tensor(a, PARAMS[n][1])} for n, a in full.items()],
-        str(OUT / "full" / "rank_0" / "full.ckpt"),
+        str(OUT / "full" / "rank_0" / "full.ckpt"), append_dict=APPENDED_SCALARS,
     )
     ms.save_checkpoint(
         [{"name": n, "data": ms.Tensor(a, PARAMS[n][1])} for n, a in full.items()],
-        str(OUT / "full_crc.ckpt"),
+        str(OUT / "full_crc.ckpt"), append_dict=APPENDED_SCALARS,
         crc_check=True,
     )
     strategies = {name: str(write_strategy(name)) for name in STRATEGIES}
@@ -173,6 +194,9 @@ def main() -> None:
     )
     expected["dtypes"] = {n: str(PARAMS[n][1]) for n in PARAMS}
     expected["load_checkpoint"] = {"with_strings.ckpt": write_strings_fixture(full)}
+    write_train4_with_strings()
+    appended = ms.load_checkpoint(str(OUT / "train4_strings" / "rank_2" / "ckpt_2.ckpt"))
+    expected["appended"] = described({n: appended[n] for n in [*APPENDED_SCALARS, *APPENDED_STRINGS]})
     (OUT / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
     np.savez(OUT / "full_params.npz", **full)
     print(json.dumps(expected, indent=1))

@@ -41,16 +41,16 @@ train = Strategy({
 for name in train:
     rec = train.item(name)
     print(f"{name:3} {params[name].shape!s:11} {rec.layout}  opt shard {rec.opt_weight_shard_size}")"""),
-    md("""`save_checkpoint` writes what each rank holds (MindSpore's `integrated_save=False`), one
+    md("""`save_distributed_checkpoint` writes what each rank holds (MindSpore's `integrated_save=False`), one
 `rank_{r}/` folder per rank like MindSpore, as plain safetensors with the layout, the part of the
 full tensor and a checksum per tile in the header, plus `strategy.json`."""),
     code(CHECK + """import tempfile
 from pathlib import Path
-from dinb.checkpoint import save_checkpoint
+from dinb.checkpoint import save_distributed_checkpoint
 from dinb.checkpoint.dinbfile import DinbRankFile
 
 work = Path(tempfile.mkdtemp())
-paths = save_checkpoint(params, train, work / "train")
+paths = save_distributed_checkpoint(params, train, work / "train")
 for p in paths:
     f = DinbRankFile(p)
     parts = ", ".join(f"{n}{list(f.tensors[n].shape)}" for n in f.tensors)

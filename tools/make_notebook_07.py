@@ -148,7 +148,7 @@ A checkpoint saved by a `2 x 2` job (each rank saved its stage's slices) loads i
 predict job: each rank reads only the bytes of its own stage's parameters. MindSpore refuses a
 changed stage count; dinb's reads are planned per tensor box, so any stage count and split works."""),
     code(CHECK + """train = dinb.infer_predict_layout(net, x, device_num=4, pipeline_stages=2)
-dinb.save_checkpoint(params, train, work / "ckpt")
+dinb.save_distributed_checkpoint(params, train, work / "ckpt")
 predict = dinb.infer_predict_layout(net, x, device_num=4, pipeline_stages=4)
 ckpt = dinb.DistributedCheckpoint(work / "ckpt")
 for rank in range(4):

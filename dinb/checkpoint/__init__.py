@@ -1,6 +1,7 @@
 """Distributed checkpoints: per-rank slices, overlap-only resharding, MindSpore's files.
 
-``save_checkpoint`` writes ``rank_{r}/`` slice files; ``load_distributed_checkpoint`` reads one
+``save_checkpoint`` writes one file of whole tensors (MindSpore's signature);
+``save_distributed_checkpoint`` writes ``rank_{r}/`` slice files; ``load_distributed_checkpoint`` reads one
 rank's slices for another layout or rank count, touching only the bytes that rank needs;
 ``transform_checkpoints`` does the same offline for every rank. MindSpore ``.ckpt`` and
 protobuf strategy files are read and written directly.
@@ -20,6 +21,7 @@ from dinb.checkpoint.mindspore_api import (
     merge_sliced_parameter,
     rank_list_for_transform,
     save_checkpoint,
+    save_distributed_checkpoint,
     transform_checkpoint_by_rank,
     transform_checkpoints,
 )
@@ -27,5 +29,6 @@ from dinb.checkpoint.mindspore_api import (
 __all__ = [
     "DistributedCheckpoint", "MindSporeCheckpoint", "build_searched_strategy", "load_checkpoint",
     "load_distributed_checkpoint", "merge_sliced_parameter", "rank_list_for_transform",
-    "save_checkpoint", "transform_checkpoint_by_rank", "transform_checkpoints", "write_ckpt",
+    "save_checkpoint", "save_distributed_checkpoint", "transform_checkpoint_by_rank",
+    "transform_checkpoints", "write_ckpt",
 ]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from dinb.errors import LayoutError
 from dinb.layout import Layout
@@ -47,9 +48,13 @@ def intersect(a: Box, b: Box) -> Box | None:
     return out if all(s < e for s, e in out) else None
 
 
-def relative(inner: Box, outer: Box) -> tuple[slice, ...]:
-    """``inner`` (a part of ``outer``) as slices into an array holding ``outer``."""
-    return tuple(slice(s - o, e - o) for (s, e), (o, _) in zip(inner, outer))
+def relative(inner: Box, outer: Box) -> tuple[Any, ...]:
+    """``inner`` (a part of ``outer``) as an index into an array holding ``outer``.
+
+    A 0-d tensor's box is ``()``, and ``a[()]`` of a 0-d array is a copy of its value, so a read
+    into it would be lost: the index is then ``(...,)``, which gives a 0-d view.
+    """
+    return tuple(slice(s - o, e - o) for (s, e), (o, _) in zip(inner, outer)) or (Ellipsis,)
 
 
 def opt_shard_size(item: ParamLayout) -> int:

@@ -3,15 +3,18 @@
 The tensors are the rank's slices under their parameter names (MindSpore's ``integrated_save=False``).
 The header's ``__metadata__["dinb"]`` is JSON::
 
-    {"format": "dinb-checkpoint", "format_version": 1, "rank": r, "world_size": n,
+    {"format": "dinb-checkpoint", "format_version": 2, "rank": r, "world_size": n,
      "params": {name: {"shape": full shape, "dtype": ..., "box": [[start, stop], ...],
                        "layout": {...}, "opt_weight_shard_step": .., "opt_weight_shard_size": ..,
-                       "tile_xxh3_64": [...]}}}
+                       "tile_xxh3_64": [...]}},
+     "strings": {name: text}}
 
 so each file says which part of which full tensor it holds, and a reader needs neither the
-strategy nor any other rank's file to know it. Any safetensors reader opens these files. A
-safetensors file without that metadata (a Hugging Face ``model.safetensors``) is read as the
-checkpoint of one device: every tensor whole. Every
+strategy nor any other rank's file to know it. ``strings`` holds the checkpoint's string records
+(MindSpore's ``append_dict`` texts), whole on every rank; a file that holds some is written as
+format version 3, so a dinb too old to carry them refuses the file instead of dropping them.
+Any safetensors reader opens these files. A safetensors file without that metadata (a Hugging
+Face ``model.safetensors``) is read as the checkpoint of one device: every tensor whole. Every
 field is checked when the file is opened (:class:`DinbRankFile`): a box inside the full shape and
 of the stored tensor's shape, one checksum per tile. Format version 1 files hold
 ``"tile_crc32"`` instead (zlib's CRC-32, 7x slower to verify); they are still read and verified.
@@ -35,7 +38,7 @@ from dinb.formats.untrusted import Fields
 from dinb.layout import MAX_DEVICES
 
 FORMAT = "dinb-checkpoint"
-FORMAT_VERSION = 2  # 1: tile checksums were CRC-32
+FORMAT_VERSION = 3  # 1: tile checksums were CRC-32; 3: the file holds string records
 SUFFIX = ".safetensors"
 
 
@@ -45,17 +48,24 @@ def rank_file(out_dir: Path, prefix: str, rank: int) -> Path:
 
 def write_rank_file(
     path: Path, slices: Mapping[str, np.ndarray], records: Mapping[str, dict[str, Any]], rank: int,
-    world_size: int,
+    world_size: int, strings: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write one rank's slices with their records (shape, box, layout); adds the tile checksums."""
+    """Write one rank's slices with their records (shape, box, layout) and the checkpoint's string
+    records; adds the tile checksums."""
+    strings = dict(strings or {})
+    both = sorted(set(strings) & set(slices))
+    if both:
+        raise CheckpointError(f"record(s) {both} are given both as a tensor and as a string")
     params = {}
     for name, arr in slices.items():
         if str(arr.dtype) not in st.DTYPES:
             raise CheckpointError(f"parameter {name!r}: dtype {arr.dtype} cannot be stored in a checkpoint")
         params[name] = {**records[name], "dtype": str(arr.dtype),
                         f"tile_{WRITTEN_CHECKSUM}": tile_checksums(arr)}
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "rank": rank,
-            "world_size": world_size, "params": params}
+    meta: dict[str, Any] = {"format": FORMAT, "format_version": 3 if strings else 2, "rank": rank,
+                            "world_size": world_size, "params": params}
+    if strings:
+        meta["strings"] = strings
     return st.write_file(path, slices, {"dinb": json.dumps(meta, separators=(",", ":"))})
 
 
@@ -84,6 +94,11 @@ class DinbRankFile:
         self.records: dict[str, dict[str, Any]] = {}
         self.tensors: dict[str, StoredTensor] = {}
         self._boxes: dict[str, Box] = {}
+        self.strings = {name: check.check(text, f"strings.{name}", str) for name, text in
+                        check.obj(check.get(meta, "strings", "metadata", dict, {}), "strings").items()}
+        for name in self.strings:
+            if name in params:
+                check.fail(f"{name!r} is both a tensor and a string record; the file is damaged")
         for name, rec in params.items():
             where = f"parameter {name!r} (rank {self.rank})"
             rec = check.obj(rec, where)
@@ -115,7 +130,7 @@ class DinbRankFile:
         """A safetensors file from another tool (a Hugging Face ``model.safetensors``): one device's
         checkpoint, every tensor whole."""
         self.world_size, self.rank = 1, 0
-        self.records, self.tensors, self._boxes = {}, {}, {}
+        self.records, self.tensors, self._boxes, self.strings = {}, {}, {}, {}
         for name, entry in header.entries.items():
             self.records[name] = {"shape": list(entry.shape)}
             self._boxes[name] = tuple((0, s) for s in entry.shape)

@@ -11,6 +11,14 @@ memory: for target rank ``t`` and each parameter,
 and each intersection is read straight from its byte ranges (:mod:`dinb.checkpoint.stored`).
 So loading "saved on 8 ranks by rows, served on 2 by columns" reads exactly each target slice's
 bytes, and peak memory is the target slices plus one source piece.
+
+Every record of the files comes through, whether the strategy names it or not. A record the
+strategy does not name is whole on every rank (MindSpore's rule), and so is every 0-d tensor and
+every string record (``append_dict``'s step, epoch or note). Tensors with axes are read once,
+from the lowest rank holding them, as replicas are (MindSpore also takes the first file's copy).
+Scalars and strings are a run's bookkeeping, so every given rank's copy is compared: files whose
+copies differ come from different checkpoints or steps, and the error names the record and two
+ranks instead of picking one.
 """
 
 from __future__ import annotations
@@ -107,7 +115,10 @@ class DistributedCheckpoint:
         self.device_num = self._check_rank_count(by_rank, isinstance(files, Mapping))
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, np.dtype] = {}
+        self.strings: dict[str, str] = {}  # string records, whole on every rank
+        self._order: dict[str, None] = {}  # every record's name, tensors and strings, in file order
         self._held: dict[str, dict[int, tuple[Box, StoredTensor]]] = {}
+        self._string_rank: dict[str, tuple[int, Path]] = {}  # whose copy self.strings holds
         for rank in self.ranks:
             self._add_file(rank, by_rank[rank])
         self.bytes_read = 0
@@ -165,9 +176,15 @@ class DistributedCheckpoint:
                             "saved with another strategy"
                         )
                 self._record(path, rank, name, f.full_shape(name), box, stored)
+            for name, text in f.strings.items():
+                self._add_string(path, rank, name, text)
         elif path.suffix == ".ckpt":
             ck = MindSporeCheckpoint(path, verify=self.verify)
-            for name, stored in ck.tensors.items():
+            for name in ck.names:
+                if name in ck.strings:
+                    self._add_string(path, rank, name, ck.strings[name])
+                    continue
+                stored = ck.tensors[name]
                 item = item_of(self.strategy, name, len(stored.shape))
                 full = full_shape_of(item, stored.shape)
                 if self.strategy is not None and name in self.strategy and item.shape:
@@ -196,8 +213,32 @@ class DistributedCheckpoint:
                 "MindSpore .ckpt files"
             )
 
+    def _add_string(self, path: Path, rank: int, name: str, text: str) -> None:
+        if name in self.shapes:
+            raise CheckpointError(
+                f"{path} (rank {rank}): {name!r} is a string record, other ranks' files hold a tensor "
+                "of that name; they belong to different checkpoints"
+            )
+        if name in self.strings and self.strings[name] != text:
+            first, first_path = self._string_rank[name]
+            raise CheckpointError(
+                f"string record {name!r} is {self.strings[name]!r} in rank {first}'s file ({first_path}) "
+                f"but {text!r} in rank {rank}'s ({path}); a record the strategy does not split is the "
+                "same on every rank, so these files come from different checkpoints or steps. Give "
+                "the files of one checkpoint."
+            )
+        if name not in self.strings:
+            self.strings[name] = text
+            self._string_rank[name] = (rank, path)
+        self._order.setdefault(name)
+
     def _record(self, path: Path, rank: int, name: str, full: tuple[int, ...], box: Box,
                 stored: StoredTensor) -> None:
+        if name in self.strings:
+            raise CheckpointError(
+                f"{path} (rank {rank}): {name!r} is a tensor, other ranks' files hold a string record "
+                "of that name; they belong to different checkpoints"
+            )
         if name in self.shapes:
             if self.shapes[name] != full:
                 raise CheckpointError(
@@ -211,15 +252,28 @@ class DistributedCheckpoint:
                 )
         self.shapes[name] = full
         self.dtypes[name] = stored.dtype
+        self._order.setdefault(name)
         self._held.setdefault(name, {})[rank] = (box, stored)
 
     # ---- planning and reading ----------------------------------------------------------------
     def names(self) -> list[str]:
-        return list(self.shapes)
+        """The tensors' names (the parameters; string records are in :meth:`records`)."""
+        return [n for n in self._order if n in self.shapes]
+
+    def records(self) -> list[str]:
+        """Every record's name, tensors and strings, in the order of the files."""
+        return list(self._order)
 
     def plan(self, name: str, target: Box) -> list[tuple[int, Box]]:
-        """``[(source rank, part of the full tensor to read from it)]`` covering ``target``."""
-        pieces = overlap_plan(target, self.source_boxes(name))
+        """``[(source rank, part of the full tensor to read from it)]`` covering ``target``.
+
+        Of the ranks holding the same box, the lowest whose file was given is read (a map of some
+        ranks' files may lack rank 0, which holds whole copies of what the strategy does not split).
+        """
+        sources = self.source_boxes(name)
+        given = self._held[name]
+        pieces = [(r if r in given else next((g for g in sorted(given) if sources[g] == sources[r]), r), p)
+                  for r, p in overlap_plan(target, sources)]
         covered = sum(box_size(p) for _, p in pieces)
         if covered != box_size(target):
             raise CheckpointError(
@@ -252,23 +306,50 @@ class DistributedCheckpoint:
                 dest = out[name][relative(piece, target[name])]
                 self.bytes_read += stored.read_into(_local(piece, src_box), dest,
                                                     files.fd(stored.path), self.verify)
+            self._compare_scalar_copies(out, files)
         return out
 
+    def _compare_scalar_copies(self, values: Mapping[str, np.ndarray], files: OpenFiles) -> None:
+        """Every given rank's copy of each 0-d tensor in ``values`` equals the one read (bit for
+        bit, so a NaN equals itself); one that differs is named with the rank read."""
+        for name, value in values.items():
+            if value.ndim or len(self._held[name]) < 2:
+                continue
+            ranks = sorted(self._held[name])
+            first = self.plan(name, ())[0][0]
+            for r in ranks:
+                if r == first:
+                    continue
+                stored = self._held[name][r][1]
+                copy = np.empty((), stored.dtype)
+                self.bytes_read += stored.read_into((), copy, files.fd(stored.path), self.verify)
+                if copy.tobytes() != value.tobytes():
+                    raise CheckpointError(
+                        f"record {name!r} is {value} in rank {first}'s file "
+                        f"({self._held[name][first][1].path}) but {copy} in rank {r}'s ({stored.path}); "
+                        "a 0-d record is the same on every rank, so these files come from different "
+                        "checkpoints or steps. Give the files of one checkpoint."
+                    )
+
     def load_rank(self, strategy: StrategyLike, rank: int, names: Sequence[str] | None = None,
-                  show_progress: bool | None = None) -> dict[str, np.ndarray]:
-        """Rank ``rank``'s slices under ``strategy`` (None: whole tensors). With pipeline stages
-        only the parameters of the rank's stage are read (``names`` defaults to those)."""
+                  show_progress: bool | None = None) -> dict[str, np.ndarray | str]:
+        """Rank ``rank``'s records under ``strategy`` (None: whole tensors), in file order: its
+        slices, and the string records as ``str``. With pipeline stages only the parameters of
+        the rank's stage are read (``names`` defaults to those and every string record)."""
         strategy = as_strategy(strategy)
         n = device_num_of(strategy)
         if not 0 <= rank < n:
             raise CheckpointError(f"rank {rank} is outside the target strategy's {n} ranks")
         if names is None:
-            names = [k for k in self.names() if box_of(strategy, k, rank, self.shapes[k]) is not None]
+            names = [k for k in self._order if k in self.strings
+                     or box_of(strategy, k, rank, self.shapes[k]) is not None]
         target = {}
         for name in names:
+            if name in self.strings:
+                continue
             if name not in self.shapes:
                 raise CheckpointError(
-                    f"parameter {name!r} is not in the checkpoint; it holds {self.names()}"
+                    f"parameter {name!r} is not in the checkpoint; it holds {self.records()}"
                 )
             box = box_of(strategy, name, rank, self.shapes[name])
             if box is None:
@@ -279,9 +360,9 @@ class DistributedCheckpoint:
                 )
             target[name] = box
         before = self.bytes_read
-        out = self.read_boxes(target, show_progress, desc=f"load rank {rank}")
+        read = self.read_boxes(target, show_progress, desc=f"load rank {rank}")
         self.reads[rank] = self.bytes_read - before
-        return out
+        return {name: self.strings[name] if name in self.strings else read[name] for name in names}
 
     def read_plan(self, strategy: StrategyLike, rank: int) -> list[dict[str, Any]]:
         """What loading ``rank`` under ``strategy`` reads: one row per (parameter, source rank).
@@ -329,6 +410,8 @@ def full_shape_of(item: ParamLayout, stored: tuple[int, ...]) -> tuple[int, ...]
 
 def _resolve_files(files: Any) -> dict[int, Path]:
     if isinstance(files, Mapping):
+        if not files:
+            raise CheckpointError("no checkpoint files given (the {rank: file} map is empty)")
         return {int(r): Path(p) for r, p in files.items()}
     if isinstance(files, (str, Path)):
         root = Path(files)

@@ -1,7 +1,9 @@
 """MindSpore's checkpoint functions, by their MindSpore names, over dinb's checkpoint index.
 
-``save_checkpoint`` writes per-rank slices (``integrated_save=False``), ``load_checkpoint`` reads
-one file, ``load_distributed_checkpoint`` gives one rank its slices under a predict strategy,
+``save_checkpoint`` writes one file of whole tensors (and ``append_dict``'s values),
+``save_distributed_checkpoint`` per-rank slices (MindSpore's ``integrated_save=False``),
+``load_checkpoint`` reads one file, ``load_distributed_checkpoint`` gives one rank its slices under
+a predict strategy,
 ``merge_sliced_parameter`` rebuilds a full tensor, ``rank_list_for_transform`` /
 ``transform_checkpoint_by_rank`` / ``transform_checkpoints`` reshard offline, and
 ``build_searched_strategy`` reads a strategy file. Arguments follow MindSpore's; every read goes
@@ -11,7 +13,7 @@ rank needs are read.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +51,9 @@ def load_checkpoint(ckpt_file_name: PathLike, verify: bool = True) -> dict[str, 
         ck = MindSporeCheckpoint(path, verify=verify)
         tensors, strings, names = ck.tensors, ck.strings, ck.names
     elif path.suffix == SUFFIX:
-        tensors, strings = DinbRankFile(path).tensors, {}
-        names = list(tensors)
+        f = DinbRankFile(path)
+        tensors, strings = f.tensors, f.strings
+        names = [*tensors, *strings]
     else:
         raise CheckpointError(
             f"{path}: unknown checkpoint file type; dinb reads MindSpore .ckpt files and its own "
@@ -76,11 +79,12 @@ def load_distributed_checkpoint(
     rank: int | None = None,
     verify: bool = True,
     show_progress: bool | None = None,
-) -> dict[str, np.ndarray]:
+) -> dict[str, np.ndarray | str]:
     """One rank's parameters from a distributed checkpoint, resharded for ``predict_strategy``.
 
     ``network_or_shapes``: a dinb model (its parameters are loaded), a ``{name: shape}`` map, or
-    None (everything in the checkpoint). ``checkpoint_filenames``: rank files in rank order, or a
+    None (every record of the checkpoint, in file order: tensors, 0-d values such as a step
+    counter, and string records as ``str``). ``checkpoint_filenames``: rank files in rank order, or a
     directory of ``rank_{r}/`` folders. ``predict_strategy`` None gives whole tensors (one
     device); otherwise ``rank`` (default: this process's rank in the current job) picks the slice,
     and with pipeline stages only the parameters of the rank's stage are loaded. Only the bytes of
@@ -105,8 +109,10 @@ def load_distributed_checkpoint(
                 )
             rank = job.process_index
     rank = rank or 0
+    if network_or_shapes is None:
+        wanted = {n: () for n in ckpt.records()}  # strings too, in file order
     # with pipeline stages a rank loads only its own stage's parameters
-    names = [n for n in wanted if box_of(predict, n, rank, ckpt.shapes[n]) is not None]
+    names = [n for n in wanted if n in ckpt.strings or box_of(predict, n, rank, ckpt.shapes[n]) is not None]
     return ckpt.load_rank(predict, rank, names, show_progress)
 
 
@@ -135,13 +141,18 @@ def merge_sliced_parameter(
     """The full tensor from every rank's slice (rank order) under ``strategy``.
 
     ``strategy`` is the parameter's layout (a :class:`Layout`, :class:`ParamLayout`, or a one-entry
-    ``{name: layout}`` map as MindSpore passes). None concatenates the slices along axis 0.
-    Replicas must agree; a rank whose copy differs is named.
+    ``{name: layout}`` map as MindSpore passes). None concatenates the slices along axis 0, except
+    for 0-d values and strings, which cannot be split: every rank holds the whole value. Replicas
+    must agree; a rank whose copy differs is named.
     """
-    slices = [np.asarray(s) for s in sliced_parameters]
-    if not slices:
+    if not sliced_parameters:
         raise CheckpointError("no slices given")
+    if all(isinstance(s, str) for s in sliced_parameters):
+        return _one_copy(list(sliced_parameters))
+    slices = [np.asarray(s) for s in sliced_parameters]
     if strategy is None:
+        if slices[0].ndim == 0:
+            return _one_copy(slices)
         return np.concatenate(slices, axis=0)
     if isinstance(strategy, Mapping):
         if len(strategy) != 1:
@@ -161,7 +172,7 @@ def merge_sliced_parameter(
                 f"rank {r}'s slice has shape {list(s.shape)}, the layout gives it {list(box_shape(box))}"
             )
         if box in first:
-            if not np.array_equal(out[relative(box, full_box(full))], s):
+            if out[relative(box, full_box(full))].tobytes() != s.tobytes():  # bit for bit: NaN too
                 raise CheckpointError(
                     f"ranks {first[box]} and {r} should hold the same copy but their values differ"
                 )
@@ -171,10 +182,24 @@ def merge_sliced_parameter(
     return out
 
 
+def _one_copy(copies: list[Any]) -> Any:
+    """The value every rank holds whole (a 0-d tensor or a string); copies that differ are named."""
+    first = copies[0]
+    for r, c in enumerate(copies[1:], 1):
+        same = (c == first) if isinstance(c, str) else (
+            isinstance(first, np.ndarray) and c.shape == first.shape and c.tobytes() == first.tobytes())
+        if not same:
+            raise CheckpointError(
+                f"ranks 0 and {r} should hold the same whole value but differ ({first!r} and {c!r})"
+            )
+    return first
+
+
 def rank_list_for_transform(rank_id: int, src_strategy_file: StrategyLike = None,
                             dst_strategy_file: StrategyLike = None,
                             shapes: Mapping[str, Sequence[int]] | None = None) -> list[int]:
-    """The source ranks whose files destination rank ``rank_id`` needs.
+    """The source ranks whose files destination rank ``rank_id`` needs (at least one: every file
+    holds the records that no strategy splits).
 
     Strategy files carry ``tensor_shape``; for ones that do not, give ``shapes``.
     """
@@ -188,7 +213,8 @@ def rank_list_for_transform(rank_id: int, src_strategy_file: StrategyLike = None
             continue  # a parameter of another pipeline stage
         sources = [box_of(src, name, r, shape) for r in range(device_num_of(src))]
         needed.update(r for r, _ in overlap_plan(target, sources))
-    return sorted(needed)
+    # what no strategy splits (0-d values, strings) is whole in every file: one file at least
+    return sorted(needed) or [0]
 
 
 def _known_shape(name: str, src: Strategy | None, dst: Strategy | None,
@@ -249,11 +275,13 @@ def transform_checkpoints(
 
 def _write_rank(ckpt: DistributedCheckpoint, dst: Strategy | None, rank: int, path: Path,
                 show_progress: bool | None) -> Path:
-    slices = ckpt.load_rank(dst, rank, show_progress=show_progress)
+    values = ckpt.load_rank(dst, rank, show_progress=show_progress)
     if path.suffix == ".ckpt":
-        return write_ckpt(path, slices)
+        return write_ckpt(path, values)
+    slices = {k: v for k, v in values.items() if not isinstance(v, str)}
+    strings = {k: v for k, v in values.items() if isinstance(v, str)}
     records = {name: _record(dst, name, rank, ckpt.shapes[name]) for name in slices}
-    return write_rank_file(path, slices, records, rank, device_num_of(dst))
+    return write_rank_file(path, slices, records, rank, device_num_of(dst), strings)
 
 
 def _record(strategy: Strategy | None, name: str, rank: int, shape: tuple[int, ...]) -> dict[str, Any]:
@@ -265,15 +293,16 @@ def _record(strategy: Strategy | None, name: str, rank: int, shape: tuple[int, .
             "opt_weight_shard_size": item.opt_weight_shard_size}
 
 
-def save_checkpoint(
-    params: Mapping[str, np.ndarray], strategy: StrategyLike, out_dir: PathLike, rank: int | None = None,
+def save_distributed_checkpoint(
+    params: Mapping[str, Any], strategy: StrategyLike, out_dir: PathLike, rank: int | None = None,
     prefix: str = "checkpoint_", sliced: bool = False,
 ) -> list[Path]:
     """Save per-rank checkpoint slices (MindSpore's ``integrated_save=False``) and the strategy.
 
     ``params`` are whole tensors, sliced here for ``rank`` (every rank when None), or, with
-    ``sliced=True``, already ``rank``'s own slices (what a rank holds in a job). Writes
-    ``out_dir/rank_{r}/{prefix}{r}.safetensors`` and ``out_dir/strategy.json``.
+    ``sliced=True``, already ``rank``'s own slices (what a rank holds in a job). Parameters the
+    strategy does not name, 0-d values (a step, a learning rate) and ``str`` values are whole on
+    every rank. Writes ``out_dir/rank_{r}/{prefix}{r}.safetensors`` and ``out_dir/strategy.json``.
     """
     strat = as_strategy(strategy)
     out_dir = Path(out_dir)
@@ -282,7 +311,8 @@ def save_checkpoint(
         raise CheckpointError("sliced=True saves one rank's own slices; pass rank=")
     ranks = range(n) if rank is None else [rank]
     shapes: dict[str, tuple[int, ...]] = {}
-    arrays = {k: np.asarray(v) for k, v in params.items()}
+    strings = {k: v for k, v in params.items() if isinstance(v, str)}
+    arrays = {k: np.asarray(v) for k, v in params.items() if not isinstance(v, str)}
     for name, a in arrays.items():
         item = item_of(strat, name, a.ndim)
         shapes[name] = full_shape_of(item, a.shape) if sliced else tuple(a.shape)
@@ -316,7 +346,90 @@ def save_checkpoint(
                 slices[name] = a
             else:
                 slices[name] = a[relative(box, full_box(shapes[name]))]
-        paths.append(write_rank_file(rank_file(out_dir, prefix, r), slices, records, r, n))
+        paths.append(write_rank_file(rank_file(out_dir, prefix, r), slices, records, r, n, strings))
     if strat is not None:
         strat.with_shapes(shapes).save(out_dir / "strategy.json")
     return paths
+
+
+def save_checkpoint(
+    save_obj: Mapping[str, Any] | Sequence[Mapping[str, Any]], ckpt_file_name: PathLike,
+    integrated_save: bool = True, async_save: bool = False, append_dict: Mapping[str, Any] | None = None,
+    enc_key: bytes | None = None, enc_mode: str = "AES-GCM",
+    choice_func: Callable[[str], bool] | None = None, crc_check: bool = False, format: str = "ckpt",
+) -> None:
+    """Save whole tensors to one checkpoint file, as MindSpore's ``save_checkpoint`` does.
+
+    ``save_obj``: ``{name: array}`` or MindSpore's list of ``{"name": ..., "data": ...}``.
+    ``append_dict`` values are saved after them the way MindSpore saves them: ``int`` as a 0-d
+    int64 tensor, ``float`` as 0-d float32, ``bool`` as 0-d bool, ``str`` as a string record,
+    arrays as they are. ``choice_func(name)`` keeps only the parameters it accepts (not the
+    appended values). ``format="ckpt"`` writes MindSpore's ``.ckpt`` (with its trailing CRC when
+    ``crc_check``), record for record the bytes MindSpore writes; ``"safetensors"`` writes a
+    dinb checkpoint file of one rank (strings in its metadata). The suffix is added to
+    ``ckpt_file_name`` when missing, as MindSpore does. The file is complete when the call
+    returns (``async_save`` is accepted and changes nothing); ``integrated_save`` concerns
+    MindSpore's parallel cells, whose parameters are slices: ``save_obj`` here holds whole
+    tensors already (per-rank slices: :func:`save_distributed_checkpoint`). Encryption
+    (``enc_key``) is not supported.
+    """
+    if format not in ("ckpt", "safetensors"):
+        raise CheckpointError(f"format must be 'ckpt' or 'safetensors', not {format!r}")
+    if enc_key is not None:
+        raise CheckpointError("dinb does not write encrypted checkpoints (enc_key); save without it")
+    path = Path(ckpt_file_name)
+    if not path.name.endswith(format):
+        path = path.with_name(f"{path.name}.{format}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; ckpt_file_name must name a file")
+    values: dict[str, np.ndarray | str] = {}
+    for name, data in _save_items(save_obj):
+        if choice_func is None or choice_func(name):
+            values[name] = data if isinstance(data, str) else np.asarray(data)
+    for name, value in (append_dict or {}).items():
+        if not isinstance(name, str):
+            raise CheckpointError(f"append_dict keys must be str, found {name!r}")
+        values[name] = _appended(name, value)
+    if format == "ckpt":
+        write_ckpt(path, values, crc_check=crc_check)
+        return
+    slices = {k: v for k, v in values.items() if not isinstance(v, str)}
+    records = {k: _record(None, k, 0, v.shape) for k, v in slices.items()}
+    write_rank_file(path, slices, records, 0, 1, {k: v for k, v in values.items() if isinstance(v, str)})
+
+
+def _save_items(save_obj: Any) -> list[tuple[str, Any]]:
+    if isinstance(save_obj, Mapping):
+        return [(str(k), v) for k, v in save_obj.items()]
+    if isinstance(save_obj, Sequence) and not isinstance(save_obj, str):
+        items = []
+        for i, entry in enumerate(save_obj):
+            if not isinstance(entry, Mapping) or "name" not in entry or "data" not in entry:
+                raise CheckpointError(
+                    f"save_obj[{i}] must be a dict with 'name' and 'data' (MindSpore's list form), "
+                    f"found {type(entry).__name__}"
+                )
+            items.append((str(entry["name"]), entry["data"]))
+        return items
+    raise CheckpointError(
+        f"save_obj must be a {{name: array}} dict or a list of {{'name', 'data'}} dicts, not "
+        f"{type(save_obj).__name__}"
+    )
+
+
+def _appended(name: str, value: Any) -> np.ndarray | str:
+    """An ``append_dict`` value as MindSpore stores it (``Tensor(value)``'s dtype for Python scalars)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return np.array(value, np.bool_)
+    if isinstance(value, int):
+        return np.array(value, np.int64)
+    if isinstance(value, float):
+        return np.array(value, np.float32)
+    if isinstance(value, np.ndarray | np.generic):
+        return np.asarray(value)
+    raise CheckpointError(
+        f"append_dict[{name!r}] is a {type(value).__name__}; MindSpore takes int, float, bool, str or "
+        "a tensor"
+    )

@@ -110,6 +110,8 @@ class StoredTensor:
         With ``verify`` and tile checksums present, the read is widened to whole tiles and every
         tile is checked; a mismatch raises :class:`CheckpointError` naming file and tensor.
         """
+        if any(s == e for s, e in box):
+            return 0  # an empty part (a zero-length axis): no bytes, no tile to check
         check = verify and bool(self.tile_sums)
         wide = self._widen(box) if check else box
         direct = wide == box and out.flags.c_contiguous and out.dtype == self.dtype

@@ -137,7 +137,7 @@ def write_file(path: str | Path, tensors: Mapping[str, np.ndarray], metadata: Ma
     arrays = []
     offset = 0
     for name, arr in tensors.items():
-        arr = np.ascontiguousarray(arr)
+        arr = np.asarray(arr, order="C")  # (ascontiguousarray would make a 0-d tensor 1-d)
         code = DTYPES.get(str(arr.dtype))
         if code is None:
             raise DinbError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored in a safetensors file")
