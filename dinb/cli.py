@@ -210,6 +210,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             Path(args.timings_json).write_text(json.dumps(
                 {"world_size": job.world_size, "processes": job.process_count, "ranks": rank_stats},
                 indent=2))
+    del model, inputs, outputs  # their device arrays hold the GPU client (see ranks.shutdown)
     ranks.shutdown()
     return 0
 
@@ -255,6 +256,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
             print("cosine similarity:")
             for i, row in enumerate(emb @ emb.T):
                 print(f"  [{i}] " + " ".join(f"{v:6.3f}" for v in row))
+    del model
     ranks.shutdown()
     return 0
 
@@ -283,6 +285,7 @@ def cmd_serve_agent(args: argparse.Namespace) -> int:
     how = agent.serve(args.distributed_address, model, job.process_index, job.process_count, job_id, stop,
                       args.worker_timeout)
     if how == "stopped":
+        del model
         ranks.shutdown()  # every rank was told to stop: they leave the job together
     return 0
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -227,18 +228,15 @@ class RankCluster:
         config.EngineLauncher.engine_args = [
             "--IPEngine.startup_command=import dinb.engine; dinb.engine.preload()"]
         if self.engines == "mpi":
-            config.MPILauncher.mpi_cmd = [_mpiexec()]
-            # asks mpiexec not to end the other ranks when one dies; the mpich wheel's hydra
-            # ends them anyway (measured), so the death watch orders the exits instead
-            args = ["-disable-auto-cleanup"]
-            if isinstance(self.hosts, (str, Path)):
-                args += ["-f", str(self.hosts)]
-            elif self.hosts:
+            mpiexec = _mpiexec()
+            config.MPILauncher.mpi_cmd = [mpiexec]
+            hostfile = str(self.hosts) if isinstance(self.hosts, (str, Path)) else None
+            if self.hosts and hostfile is None:
                 fd, self._hostfile = tempfile.mkstemp(prefix="dinb-hosts-", suffix=".txt")
                 with os.fdopen(fd, "w") as f:
                     f.write("".join(f"{h}\n" for h in self._host_list()))
-                args += ["-f", self._hostfile]
-            config.MPILauncher.mpi_args = args + self.mpi_args
+                hostfile = self._hostfile
+            config.MPILauncher.mpi_args = _mpi_launch_args(mpiexec, hostfile) + self.mpi_args
         elif self.engines == "ssh":
             hosts = self._host_list()
             counts = {h: 0 for h in hosts}
@@ -606,6 +604,24 @@ def _remote_message(e: Exception) -> str:
 def _mpiexec() -> str:
     here = Path(sys.executable).parent / "mpiexec"
     return str(here) if here.exists() else "mpiexec"
+
+
+def _mpi_launch_args(mpiexec: str, hostfile: str | None) -> list[str]:
+    """The engines' ``mpiexec`` flags, in the dialect of the MPI it belongs to.
+
+    mpich's hydra: ``-disable-auto-cleanup`` asks it not to end the other ranks when one dies (it
+    ends them anyway, measured, so the death watch orders the exits), ``-f`` names the hostfile.
+    Open MPI (what GPU clusters ship): ``--hostfile``, and ``--allow-run-as-root`` when root;
+    hydra's flags would make it refuse to start.
+    """
+    try:
+        version = subprocess.run([mpiexec, "--version"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    if "Open MPI" in version or "OpenRTE" in version:
+        args = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+        return args + (["--hostfile", hostfile] if hostfile else [])
+    return ["-disable-auto-cleanup"] + (["-f", hostfile] if hostfile else [])
 
 
 # ---- the current cluster (what the magics use) ---------------------------------------------------

@@ -183,6 +183,7 @@ def leave() -> bool:
     """Leave the JAX job (``jax.distributed.shutdown``) before the engine stops."""
     from dinb.ranks import shutdown
 
+    _state.update(model=None, outputs=None)  # the arrays they hold keep the GPU client alive
     shutdown()
     return True
 

@@ -26,6 +26,7 @@ from typing import Any
 from dinb import addresses
 from dinb.addresses import free_port
 from dinb.errors import DinbError, RankFailedError
+from dinb.launchers import GpuChoice, choose_gpu, host_gpu_count, slurm_coordinator, slurm_world
 
 DEFAULT_INIT_TIMEOUT_S = 30
 DEFAULT_AGREE_TIMEOUT_S = 60
@@ -45,6 +46,7 @@ class Job:
     devices: list[Any] = field(default_factory=list)
     agree_timeout_s: float = DEFAULT_AGREE_TIMEOUT_S
     coordinator: str | None = None  # host:port of the JAX coordinator (rank 0 hosts it)
+    gpu: GpuChoice | None = None  # the GPU this process's rank computes on (target "gpu")
     addresses: list[str] = field(default_factory=list)  # each process's own address, by process
     _step: int = 0
 
@@ -213,15 +215,20 @@ def _backends_initialized() -> bool:
     return bool(xla_bridge.backends_are_initialized())
 
 
-def _bind_gpu(local_rank: int, device_id: int | None) -> None:
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    choice = device_id if device_id is not None else local_rank
-    if visible:
-        ids = [v for v in visible.split(",") if v]
-        if len(ids) > 1:
-            os.environ["CUDA_VISIBLE_DEVICES"] = ids[choice % len(ids)]
-    else:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(choice)
+def _check_distinct_gpus(job: Job) -> None:
+    """Two ranks of one host on one GPU (a CUDA_VISIBLE_DEVICES of one entry exported to every
+    rank): NCCL would fail at the first collective; name the ranks now."""
+    assert job.gpu is not None
+    where = job.allgather("gpu", f"{socket.gethostname()}/{job.gpu.physical}")
+    first: dict[str, int] = {}
+    for rank, key in enumerate(where):
+        if key in first:
+            raise DinbError(
+                f"ranks {first[key]} and {rank} both compute on GPU {key.split('/', 1)[1]} of host "
+                f"{key.split('/', 1)[0]}; give each rank its own GPU (leave CUDA_VISIBLE_DEVICES unset, "
+                "or list one GPU per local rank in it)"
+            )
+        first[key] = rank
 
 
 def _share_cores(local_rank: int, ranks_here: int) -> None:
@@ -299,8 +306,18 @@ def init(
     world = None
     if process_count is None:
         world = mpi_world()
+        slurm = slurm_world() if world is None else None
         if world is not None:
             process_index, process_count, local_rank, local_size = world
+        elif slurm is not None:  # srun without an MPI plugin: Slurm says who is who
+            process_index, process_count = slurm.rank, slurm.size
+            local_rank, local_size = slurm.local_rank, slurm.local_size
+            host, port = addresses.split_address(slurm_coordinator(), "Slurm's first host of the step")
+            choice = addresses.coordinator_choice(coordinator_address, config_coordinator_address)
+            if choice is not None:
+                chosen_host, chosen_port = addresses.split_address(*choice)
+                host, port = chosen_host, chosen_port or port
+            coordinator = f"{host}:{port}"
         else:
             process_index, process_count, local_rank, local_size = 0, 1, 0, 1
     else:  # another launcher (notebook engines): it knows which ranks share a host
@@ -320,13 +337,15 @@ def init(
             )
     else:
         os.environ.setdefault("JAX_PLATFORMS", "cuda" if target == "gpu" else "cpu")
-        if target == "gpu":
-            _bind_gpu(local_rank, device_id)
-        elif process_count > 1:
+        if target == "cpu" and process_count > 1:
             _share_cores(local_rank, local_size)
+    gpu = choose_gpu(process_index, local_rank, device_id, gpu_count=host_gpu_count()) \
+        if target == "gpu" else None
 
     import jax
 
+    if gpu is not None and not _backends_initialized():
+        jax.config.update("jax_cuda_visible_devices", str(gpu.index))
     if simulate is not None and not _backends_initialized():
         jax.config.update("jax_num_cpu_devices", int(simulate))
     own = addresses.LOOPBACK
@@ -347,6 +366,8 @@ def init(
             coordinator_address=coordinator,
             num_processes=process_count,
             process_id=process_index,
+            # given, so that JAX's own cluster detection (Open MPI, Slurm) picks nothing for us
+            local_device_ids=[gpu.index if gpu is not None else 0],
             coordinator_bind_address=coordinator if process_index == 0 else None,
             initialization_timeout=init_timeout_s,
             heartbeat_timeout_seconds=max(10, init_timeout_s),
@@ -360,8 +381,10 @@ def init(
             f"asked to simulate {simulate} ranks but JAX has {len(devices)} devices; JAX was "
             "initialised earlier in this process - restart it and call dinb.init_ranks first"
         )
-    _job = Job(process_index, process_count, target, simulate, devices, agree_timeout_s, coordinator)
+    _job = Job(process_index, process_count, target, simulate, devices, agree_timeout_s, coordinator, gpu=gpu)
     _job.addresses = _job.allgather("address", own) if process_count > 1 else [own]
+    if gpu is not None and process_count > 1:
+        _check_distinct_gpus(_job)
     return _job
 
 
@@ -371,10 +394,54 @@ def current_job() -> Job | None:
 
 
 def shutdown() -> None:
-    """Leave the job (``jax.distributed.shutdown`` on every rank before the processes stop)."""
+    """Leave the job (``jax.distributed.shutdown`` on every rank before the processes stop).
+
+    A GPU rank first lets go of its GPU client: the client watches the other ranks through the
+    coordination service (so that a dead rank aborts the collectives), and a watch still running
+    when rank 0's service stops printed ``WatchTasksAsync failed ... Connection refused`` on every
+    successful exit. The arrays this process still holds keep the client alive, so callers drop
+    their models first (the CLI, the engines and the serving agents do). Where a library keeps
+    arrays of its own, the native libraries' stderr is closed for the rest of the process instead.
+    """
     global _job
     if _job is not None and _job.process_count > 1:
         import jax
 
+        if _job.target == "gpu" and not _release_gpu_client(_job):
+            _native_logs_off()
         jax.distributed.shutdown()
     _job = None
+
+
+def _release_gpu_client(job: Job) -> bool:
+    """Drop JAX's backends and collect; True when the GPU client is gone."""
+    import gc
+    import weakref
+
+    import jax
+    from jax.extend.backend import clear_backends
+
+    client = weakref.ref(job.devices[0].client) if job.devices else None
+    job.devices = []
+    jax.clear_caches()
+    clear_backends()
+    gc.collect()
+    return client is None or client() is None
+
+
+def _native_logs_off() -> None:
+    """The GPU client outlives the job (a library holds arrays in its modules: jax2onnx, for the
+    tensorrt provider), so its watch would report the others' exit: from here to the process's
+    end, what the native libraries write to stderr goes nowhere; Python's own stderr (errors and
+    tracebacks) still reaches the terminal through a copy of the descriptor."""
+    import sys
+
+    try:
+        sys.stderr.flush()
+        kept = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+        sys.stderr = os.fdopen(kept, "w", buffering=1, closefd=False)
+    except OSError:
+        pass

@@ -55,14 +55,18 @@ def execution_providers(target: str, cache_dir: Path) -> tuple[list[Any], str | 
     notice to show when TensorRT is not among them."""
     import onnxruntime as ort
 
+    from dinb.ranks import current_job
+
     available = ort.get_available_providers()
+    job = current_job()
+    gpu = job.gpu.index if job is not None and job.gpu is not None else 0  # the rank's own GPU
     chosen: list[Any] = []
     if target == "gpu" and "TensorrtExecutionProvider" in available:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        chosen.append(("TensorrtExecutionProvider", {"device_id": 0, "trt_engine_cache_enable": True,
+        chosen.append(("TensorrtExecutionProvider", {"device_id": gpu, "trt_engine_cache_enable": True,
                                                      "trt_engine_cache_path": str(cache_dir)}))
     if target == "gpu" and "CUDAExecutionProvider" in available:
-        chosen.append(("CUDAExecutionProvider", {"device_id": 0}))
+        chosen.append(("CUDAExecutionProvider", {"device_id": gpu}))
     chosen.append("CPUExecutionProvider")
     notice = None
     if target == "cpu":

@@ -85,12 +85,15 @@ class MpiCollectives:
         from mpi4py import MPI
 
         if isinstance(step, AllReduce):
-            out = np.empty_like(value)
-            self.comm.Allreduce(value, out, op=MPI.SUM)
-            return out
-        parts = np.empty((self.comm.size, *value.shape), value.dtype)
-        self.comm.Allgather(value, parts)
-        return np.concatenate(list(parts), axis=step.axis)
+            # MPI has no bfloat16: such a sum runs in float32 (as XLA's own reductions do)
+            wide = value.astype(np.float32) if value.dtype.name == "bfloat16" else value
+            out = np.empty_like(wide)
+            self.comm.Allreduce(wide, out, op=MPI.SUM)
+            return out.astype(value.dtype, copy=False)
+        raw = value.view(np.uint16) if value.dtype.name == "bfloat16" else value  # gathered as bytes
+        parts = np.empty((self.comm.size, *value.shape), raw.dtype)
+        self.comm.Allgather(raw, parts)
+        return np.concatenate(list(parts.view(value.dtype)), axis=step.axis)
 
 
 def shapes_after(step: Collective, specs: tuple[Any, ...], world: int) -> tuple[Any, ...]:
