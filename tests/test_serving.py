@@ -451,19 +451,29 @@ def test_sigterm_drains_and_leaves_no_process(tmp_path):
     async def burst():
         import aiohttp
 
+        served = asyncio.Event()
         async with aiohttp.ClientSession() as session:
-            async def one():
-                try:
-                    async with session.post(f"http://{server.rest}/v2/models/mlp/infer",
-                                            data=v2_json(np.ones((1, 128), np.float32))) as r:
-                        return r.status
-                except aiohttp.ClientError:
-                    return "refused"
+            async def client():
+                """Requests one after another until the server stops taking them, so that some
+                are in flight whenever SIGTERM comes (waiting on the clock raced a busy machine)."""
+                got = []
+                while len(got) < 5000:
+                    try:
+                        async with session.post(f"http://{server.rest}/v2/models/mlp/infer",
+                                                data=v2_json(np.ones((1, 128), np.float32))) as r:
+                            got.append(r.status)
+                    except aiohttp.ClientError:
+                        got.append("refused")
+                    if got[-1] == 200:
+                        served.set()
+                    else:
+                        return got
+                return got
 
-            tasks = [asyncio.create_task(one()) for _ in range(64)]
-            await asyncio.sleep(0.05)
+            tasks = [asyncio.create_task(client()) for _ in range(16)]
+            await asyncio.wait_for(served.wait(), 60)
             server.proc.send_signal(signal.SIGTERM)
-            return await asyncio.gather(*tasks)
+            return [s for got in await asyncio.gather(*tasks) for s in got]
 
     statuses = asyncio.run(burst())
     assert set(statuses) <= {200, 503, "refused"} and statuses.count(200) > 0, statuses
