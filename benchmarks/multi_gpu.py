@@ -25,11 +25,10 @@ import argparse
 import json
 import os
 import shutil
-import statistics
+import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,20 +37,16 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+import predict_overhead  # noqa: E402
+
 MINILM_CONFIG = {"hidden_size": 384, "num_attention_heads": 12, "num_hidden_layers": 6,
                  "intermediate_size": 1536, "vocab_size": 30522, "max_position_embeddings": 512,
                  "type_vocab_size": 2, "layer_norm_eps": 1e-12, "hidden_act": "gelu"}
 
 
-def median_ms(fn: Callable[[], Any], repeat: int, warmup: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+def median_ms(fn: Callable[[], Any], repeat: int) -> float:
+    return predict_overhead.median_ms(fn, repeat, warmup=10)
 
 
 def make_net(spec: dict[str, Any]) -> Any:
@@ -227,10 +222,10 @@ def env() -> dict[str, str]:
 def launcher(n: int) -> list[str]:
     if n == 1:
         return []
+    from dinb.launchers import mpiexec_command
+
     found = shutil.which("mpirun") or shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
-    version = subprocess.run([found, "--version"], capture_output=True, text=True).stdout
-    return [found, *(["--allow-run-as-root"] if "Open MPI" in version and os.geteuid() == 0 else []),
-            "-n", str(n)]
+    return mpiexec_command(found, n)
 
 
 def measure(spec: dict[str, Any], params: dict[str, np.ndarray], work: Path, args: argparse.Namespace
@@ -314,8 +309,7 @@ def main() -> int:
     args = parser.parse_args()
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # this process only exports
-    sys.path.insert(0, str(HERE))
-    from predict_overhead import machine
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a `timeout` still removes the work folder
 
     gpus = [] if args.target == "cpu" else subprocess.run(
         ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
@@ -345,8 +339,9 @@ def main() -> int:
         print(f"{r['model']:<8} {r['batch']:>5} {r['n']:>4} {r['dinb_ms']:>8.3f} {r['plain_host_ms']:>9.3f} "
               f"{r['dinb_over_plain']:>6.2f} {r['plain_device_ms']:>9.3f} {r['hbm_tb_s_per_gpu']:>8.2f} {ar}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"machine": {**machine(), "gpus": gpus}, "repeat": args.repeat,
-                                          "rows": rows}, indent=1) + "\n")
+    machine = {**predict_overhead.machine(), "gpus": gpus}
+    Path(args.out).write_text(json.dumps({"machine": machine, "repeat": args.repeat, "rows": rows},
+                                         indent=1) + "\n")
     print(f"results in {args.out}")
     return 0
 

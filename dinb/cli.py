@@ -308,6 +308,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if bad:
         raise DinbError(f"names {bad} are not Python identifiers; pass --name, or export with other "
                         "input names")
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())  # from here on, SIGTERM stops and cleans up
     servable_dir = Path(tempfile.mkdtemp(prefix="dinb-servable-"))
     (servable_dir / name).mkdir()
     (servable_dir / name / "servable_config.py").write_text(
@@ -318,24 +320,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"@register.register_method(output_names={outs!r})\n"
         f"def predict({', '.join(ins)}):\n"
         f"    return register.add_stage(model, {', '.join(ins)}, outputs_count={len(outs)})\n")
-    launcher = distributed.startup_agents(args.distributed_address, [files[r] for r in sorted(files)],
-                                          target=args.target, block=False)
+    launcher = None
     try:
+        launcher = distributed.startup_agents(args.distributed_address, [files[r] for r in sorted(files)],
+                                              target=args.target, block=False)
         distributed.start_servable(servable_dir, name, distributed_address=args.distributed_address,
                                    wait_agents_time_in_seconds=args.wait, batch_delay_ms=args.batch_delay_ms)
         server.start_grpc_server(args.grpc)
         server.start_restful_server(args.rest)
         print(f"serving {name} ({len(files)} ranks, method predict: {ins} -> {outs}) on gRPC {args.grpc} and "
               f"REST http://{args.rest} (v2 model {name!r}); Ctrl-C stops", flush=True)
-        done = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: done.set())
         try:
             done.wait()
         except KeyboardInterrupt:
             pass
     finally:
         server.stop()
-        launcher.stop()
+        if launcher is not None:
+            launcher.stop()
+        shutil.rmtree(servable_dir, ignore_errors=True)
     return 0
 
 

@@ -19,8 +19,10 @@ back to copies through host memory).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,3 +141,20 @@ def host_gpu_count() -> int | None:
         return sum(1 for _ in gpus.iterdir())
     devs = [p for p in Path("/dev").glob("nvidia*") if re.fullmatch(r"nvidia\d+", p.name)]
     return len(devs) if devs else None
+
+
+@functools.cache
+def is_open_mpi(mpiexec: str) -> bool:
+    """Whether ``mpiexec`` is Open MPI's (what GPU clusters ship) rather than mpich's hydra: their
+    flags differ, and Open MPI refuses to start as root without ``--allow-run-as-root``."""
+    try:
+        out = subprocess.run([mpiexec, "--version"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "Open MPI" in out or "OpenRTE" in out
+
+
+def mpiexec_command(mpiexec: str, n: int) -> list[str]:
+    """``mpiexec -n N`` as this MPI takes it (``--allow-run-as-root`` for Open MPI as root)."""
+    root = ["--allow-run-as-root"] if is_open_mpi(mpiexec) and os.geteuid() == 0 else []
+    return [mpiexec, *root, "-n", str(n)]

@@ -74,10 +74,10 @@ def env() -> dict[str, str]:
 
 def mpirun(n: int) -> list[str]:
     """Open MPI's ``mpirun`` (what GPU clusters ship), else the ``mpiexec`` beside Python."""
+    from dinb.launchers import mpiexec_command
+
     found = shutil.which("mpirun") or shutil.which("mpiexec") or str(Path(PY).parent / "mpiexec")
-    version = subprocess.run([found, "--version"], capture_output=True, text=True).stdout
-    root = ["--allow-run-as-root"] if "Open MPI" in version and os.geteuid() == 0 else []
-    return [found, *root, "-n", str(n)]
+    return mpiexec_command(found, n)
 
 
 def run(cmd: list[str], timeout: float = 300, extra_env: dict[str, str] | None = None
@@ -401,6 +401,7 @@ def main() -> int:
     args = parser.parse_args()
     global TARGET
     TARGET = args.target
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a `timeout` still removes the work folder
 
     found = gpus()
     counts = [int(c) for c in args.ranks.split(",")] if args.ranks else [c for c in (2, 4) if c <= len(found)]

@@ -109,10 +109,9 @@ def load_distributed_checkpoint(
                 )
             rank = job.process_index
     rank = rank or 0
-    if network_or_shapes is None:
-        wanted = {n: () for n in ckpt.records()}  # strings too, in file order
+    pool = ckpt.records() if network_or_shapes is None else list(wanted)  # strings too, in file order
     # with pipeline stages a rank loads only its own stage's parameters
-    names = [n for n in wanted if n in ckpt.strings or box_of(predict, n, rank, ckpt.shapes[n]) is not None]
+    names = [n for n in pool if n in ckpt.strings or box_of(predict, n, rank, ckpt.shapes[n]) is not None]
     return ckpt.load_rank(predict, rank, names, show_progress)
 
 
