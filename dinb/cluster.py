@@ -122,7 +122,6 @@ class RankCluster:
         self._socks: list[Any] | None = None  # the fast predict path's sockets, one per rank
         self._keys: ClientKeys | None = None  # this client's CURVE keys (ranks off loopback)
         self._hostfile: str | None = None
-        self._shm: list[str] = []  # this host's MPI shared-memory files of the engines
 
     # ---- life cycle --------------------------------------------------------------------------
     def start(self) -> RankCluster:
@@ -176,8 +175,6 @@ class RankCluster:
         self.rank_addresses = [addresses.LOOPBACK if local else w["address"]
                                for local, w in zip(self.local, who)]
         self._watch = DeathWatch([pid if local else None for pid, local in zip(self.pids, self.local)])
-        ns = engine.shm_namespace()
-        self._shm = sorted({p for w in who if ns and w.get("shm_ns") == ns for p in w.get("shm", [])})
         keys = [w["host_key"] for w in who]
         one_host = len(set(keys)) == 1
         host0 = addresses.LOOPBACK if one_host else who[0]["address"]
@@ -295,7 +292,6 @@ class RankCluster:
             except Exception:
                 pass
         self._kill_local()
-        self._remove_shm()
         for sock in self._socks or []:
             sock.close(linger=0)
         self._socks, self._keys = None, None
@@ -325,16 +321,6 @@ class RankCluster:
     @property
     def running(self) -> bool:
         return self._client is not None
-
-    def _remove_shm(self) -> None:
-        """The MPI engines' shared-memory files (``engine.mpi_shm_segments``): mpich removes them
-        when its processes finish MPI, so they stay behind only where an engine was killed."""
-        for path in self._shm:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-        self._shm = []
 
     def _kill_local(self) -> None:
         for pid, local in zip(self.pids, self.local):

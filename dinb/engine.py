@@ -54,29 +54,7 @@ def identify(client_host: str = "127.0.0.1") -> dict[str, Any]:
 
     return {"pid": os.getpid(), "host": socket.gethostname(), "host_key": host_key(),
             "address": own_address(client_host),
-            "mpi_rank": world[0] if world else None, "mpi_size": world[1] if world else None,
-            "shm": mpi_shm_segments(), "shm_ns": shm_namespace()}
-
-
-def mpi_shm_segments() -> list[str]:
-    """The shared-memory files mpich mapped for this process (``/dev/shm/mpich_shm_*``). mpich
-    removes them in ``MPI_Finalize``; an engine that is killed (a dead rank, a restart) never gets
-    there, so the cluster removes them once its engines are gone."""
-    try:
-        maps = open("/proc/self/maps").read().splitlines()
-    except OSError:
-        return []
-    found = {line.split(maxsplit=5)[-1] for line in maps if "/dev/shm/mpich_shm_" in line}
-    return sorted(p for p in found if p.startswith("/dev/shm/") and not p.endswith("(deleted)"))
-
-
-def shm_namespace() -> str:
-    """Which machine this process runs on (its kernel's boot id): engines of this machine share
-    the notebook's ``/dev/shm`` (network namespaces and ``ip netns exec`` included)."""
-    try:
-        return open("/proc/sys/kernel/random/boot_id").read().strip()
-    except OSError:
-        return ""
+            "mpi_rank": world[0] if world else None, "mpi_size": world[1] if world else None}
 
 
 def free_port(host: str) -> int:

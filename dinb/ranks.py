@@ -130,7 +130,28 @@ def mpi_world() -> tuple[int, int, int, int] | None:
     if comm.size == 1:
         return None
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    _unlink_mpi_shm(node)
     return comm.rank, comm.size, node.rank, node.size
+
+
+def _unlink_mpi_shm(node: Any) -> None:
+    """Remove the names of mpich's shared-memory files (``/dev/shm/mpich_shm_*``) once every
+    process of this host has mapped them. mpich removes them in ``MPI_Finalize``, which a killed
+    rank never reaches (a dead rank, the peers its launcher ends, a restarted notebook cluster):
+    every such test left one behind. The mapped memory stays valid; only the name goes."""
+    node.Barrier()  # every local rank has mapped them
+    if node.rank != 0:
+        return
+    try:
+        maps = open("/proc/self/maps").read().splitlines()
+    except OSError:
+        return
+    for path in {line.split(maxsplit=5)[-1] for line in maps if "/dev/shm/mpich_shm_" in line}:
+        if path.startswith("/dev/shm/") and not path.endswith("(deleted)"):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 __all__ = ["Job", "current_job", "free_port", "init", "mpi_world", "shutdown"]

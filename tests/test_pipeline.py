@@ -1,6 +1,7 @@
 """Pipeline stages: strategies with stages, per-stage slice files, GPipe micro-batches on
 simulated ranks, on real mpiexec ranks (MPI and XLA links), checkpoints, and bad input."""
 
+import glob
 import json
 import os
 import subprocess
@@ -285,6 +286,7 @@ def test_real_ranks_equal_one_device(tmp_path, stages, n, transfer):
 @pytest.mark.mpi
 def test_a_stuck_rank_of_the_first_stage_is_named_by_the_next_stage(tmp_path):
     export_deep(tmp_path / "model", 2, 2)
+    before = set(glob.glob("/dev/shm/mpich_shm_*"))
     cfg = tmp_path / "c.ini"
     cfg.write_text("[runtime]\nstage_timeout_s = 3\n")
     t0 = time.monotonic()
@@ -294,6 +296,7 @@ def test_a_stuck_rank_of_the_first_stage_is_named_by_the_next_stage(tmp_path):
     assert "rank 1 (stage 1) received nothing from rank 0 (stage 0) for micro-batch 0 of 2 within 3 s" \
         in proc.stderr
     assert time.monotonic() - t0 < 60
+    assert set(glob.glob("/dev/shm/mpich_shm_*")) <= before  # mpiexec killed the stuck rank unfinalized
 
 
 @pytest.mark.mpi
