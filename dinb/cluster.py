@@ -72,6 +72,14 @@ def _alive(pid: int) -> bool:
         return True
 
 
+class _Published:
+    """The final tokens in the shape of a running call's published data (see ``generate``)."""
+
+    def __init__(self, tokens: Any, prompts: Any):
+        single = len(prompts) > 0 and np.ndim(prompts[0]) == 0
+        self.data = {"tokens": [tokens] if single else tokens}
+
+
 class RankCluster:
     """N engines = N ranks. Use :func:`start_cluster`; every method is one call on all ranks."""
 
@@ -479,6 +487,30 @@ class RankCluster:
                         for r in roles.output_ranks)
         self.last = PredictResult(list(first), per_rank, agree, time.perf_counter() - t0)
         return self.last
+
+    def generate(self, prompt_ids: Any, max_new_tokens: int = 32, *, timeout_s: float | None = None,
+                 on_token: Callable[[int, int], None] | None = None, **sampling: Any) -> dict[str, Any]:
+        """Every rank runs :meth:`dinb.Model.generate` with the same prompts (token ids) and
+        options; ``on_token(row, token)`` sees rank 0's tokens while the ranks still work (they
+        publish them as they come). Returns ``tokens`` (rank 0's, as ``Model.generate`` gives
+        them), ``agree`` (every rank picked the same) and rank 0's ``timings``."""
+        shown: list[int] = []
+
+        def stream(ars: list[Any]) -> None:
+            rows = (ars[0].data or {}).get("tokens") or []
+            for row, toks in enumerate(rows):
+                while len(shown) <= row:
+                    shown.append(0)
+                for token in toks[shown[row]:]:
+                    if on_token is not None:
+                        on_token(row, int(token))
+                shown[row] = len(toks)
+
+        outs = self._all(engine.generate, (prompt_ids, max_new_tokens, sampling), timeout_s=timeout_s,
+                         what="generate", on_poll=stream)
+        stream([_Published(outs[0]["tokens"], prompt_ids)])
+        return {"tokens": outs[0]["tokens"], "agree": all(o["tokens"] == outs[0]["tokens"] for o in outs),
+                "timings": outs[0]["timings"]}
 
     def outputs(self) -> PredictResult:
         """The last predict's result, with every rank's own outputs."""

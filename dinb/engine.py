@@ -97,7 +97,36 @@ def load(model_dir: str) -> dict[str, Any]:
     _state.update(model=model, model_dir=model_dir, outputs=None)
     return {"rank": _state["rank"], "model": model.model_name,
             "inputs": [(t.name, list(t.shape), str(t.dtype)) for t in model.get_inputs()],
-            "pipeline": model.pipeline_info()}
+            "pipeline": model.pipeline_info(), "generation": _generation_info(model)}
+
+
+def _generation_info(model: Any) -> dict[str, Any] | None:
+    info = model.generation_info()
+    if info is None:
+        return None
+    cache = info["cache"]
+    return {"slots": info["slots"], "max_len": info["max_len"], "buckets": info["buckets"],
+            "cache_shape": list(cache.shape), "cache_dtype": cache.dtype,
+            "cache_bytes": info["cache_bytes"][_state["rank"]]}
+
+
+def generate(prompts: Any, max_new_tokens: int, sampling: dict[str, Any]) -> dict[str, Any]:
+    """Generate on this rank (every rank at once); the tokens picked so far are published as they
+    come, so the notebook prints them while the ranks work."""
+    _not_serving()
+    model = _model()
+    so_far: list[list[int]] = []
+
+    def on_token(row: int, token: int) -> None:
+        while len(so_far) <= row:
+            so_far.append([])
+        so_far[row].append(token)
+        _publish(tokens=[list(r) for r in so_far])
+
+    _publish(phase="collective", t=time.time())
+    tokens = model.generate(prompts, max_new_tokens, on_token=on_token, **sampling)
+    _publish(phase="done", t=time.time(), tokens=[list(r) for r in so_far])
+    return {"tokens": tokens, "timings": model.generation_info()["timings"]}
 
 
 def model() -> Any:

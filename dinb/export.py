@@ -260,7 +260,16 @@ def export_distributed(
     strategy = strategy.with_shapes({k: s for k, (s, _) in param_specs.items()})
     n = strategy.device_num
 
-    if strategy.pipeline_stages > 1:
+    generation = None
+    if getattr(model, "generates", False):
+        if strategy.pipeline_stages > 1:
+            raise StrategyError(f"model {model.name!r} generates; its export has one pipeline stage")
+        from dinb.decode_programs import build_generation_programs
+
+        programs, generation, in_meta, out_meta = build_generation_programs(
+            model, param_specs, strategy, dtype or "float32", platforms)
+        stage_programs, stage_meta = [programs], [None]
+    elif strategy.pipeline_stages > 1:
         stage_programs, stage_meta, out_meta = build_stage_programs(
             model, param_specs, strategy, input_specs, platforms, micro_batches)
     else:
@@ -272,10 +281,11 @@ def export_distributed(
         program, out_meta = build_program(model, param_specs, strategy, input_specs, platforms)
         stage_programs, stage_meta = [{1: program}], [None]
     from jax import __version__ as jax_version
-    in_layouts = input_layouts(strategy, input_specs)
-    names = [s.name for s in model.input_specs()]
-    in_meta = [TensorMeta(names[i] if i < len(names) else f"input_{i}", s, d, lay)
-               for i, ((s, d), lay) in enumerate(zip(input_specs, in_layouts))]
+    if generation is None:
+        in_layouts = input_layouts(strategy, input_specs)
+        names = [s.name for s in model.input_specs()]
+        in_meta = [TensorMeta(names[i] if i < len(names) else f"input_{i}", s, d, lay)
+                   for i, ((s, d), lay) in enumerate(zip(input_specs, in_layouts))]
 
     for stale in out_dir.glob(f"{model.name}*.dinb"):
         if re.fullmatch(rf"{re.escape(model.name)}\d+\.dinb", stale.name):
@@ -305,6 +315,8 @@ def export_distributed(
         }
         if stage_meta[0] is not None:
             meta["pipeline"] = stage_meta[stage]
+        if generation is not None:
+            meta["generation"] = generation
         paths.append(write_slice_file(out_dir / slice_file_name(model.name, rank), meta,
                                       slices, stage_programs[stage if stage_meta[0] is not None else 0]))
     strategy.save(out_dir / "strategy.json")

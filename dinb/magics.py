@@ -30,6 +30,9 @@ Subcommands (each is one call of dinb.cluster's Python API):
   %dinfer predict EXPR [EXPR ...] [--micro-batches M] [--timeout S]
         the same inputs (evaluated here) to every rank (the first stage's ranks, with pipeline
         stages), predict                                            current().predict(*arrays)
+  %dinfer generate "PROMPT" [--ids 1,5,9] [--max-new-tokens N] [--temperature T] [--top-k K]
+        [--top-p P] [--seed S]    a decoder's export: tokens printed as the ranks pick them
+                                                   current().generate(ids, N, on_token=...)
   %dinfer outputs [REF_EXPR]   per-rank outputs of the last predict, one panel per rank
         (with a difference against REF_EXPR when given)    RankOutputs(current().outputs())
   %dinfer schedule             pipeline stages: the last predict's schedule as it ran, and
@@ -179,6 +182,54 @@ class DinferMagics(Magics):
         for i, out in enumerate(result.outputs):
             print(f"output {i}: shape {list(out.shape)} {out.dtype}; {who} agree: {result.agree}")
         return result.outputs[0] if len(result.outputs) == 1 else result.outputs
+
+    @magic_arguments()
+    @argument("prompt", nargs="?", default=None, help="the prompt as text (the export's tokenizer)")
+    @argument("--ids", default=None, help="the prompt as token ids: 1,5,9")
+    @argument("--max-new-tokens", type=int, default=None,
+              help="default: as many as the cache holds after the prompt, at most 64")
+    @argument("--temperature", type=float, default=0.0)
+    @argument("--top-k", type=int, default=0)
+    @argument("--top-p", type=float, default=1.0)
+    @argument("--seed", type=int, default=0)
+    @argument("--timeout", type=float, default=None)
+    def _generate(self, line: str) -> None:
+        """%dinfer generate "PROMPT" | --ids 1,5,9 [--max-new-tokens N] [--temperature T] ..."""
+
+    def _cmd_generate(self, rest: str, line: str) -> None:
+        from dinb.models.llama import token_codec
+        from dinb.slicefile import find_slice_files, read_meta
+
+        args = parse_argstring(self._generate, rest)
+        c = cl.current()
+        if c.model_dir is None:
+            raise DinbError("no model is loaded; run `%dinfer load DIR` (a decoder's export) first")
+        meta = read_meta(find_slice_files(c.model_dir)[0])
+        if "generation" not in meta:
+            raise DinbError(f"{c.model_dir} holds {meta['model']!r}, which does not generate; load a "
+                            "decoder's export (--model llama)")
+        codec = token_codec(meta["model_config"].get("model_dir"), meta["model_config"]["config"])
+        if (args.prompt is None) == (args.ids is None):
+            raise DinbError("give the prompt as text or as --ids, one of the two: "
+                            '%dinfer generate "123+456="')
+        ids = [int(v) for v in args.ids.split(",")] if args.ids else codec.encode(args.prompt)
+        picked: list[int] = []
+
+        def show(row: int, token: int) -> None:
+            before = codec.decode(picked)
+            picked.append(token)
+            print(codec.decode(picked)[len(before):], end="", flush=True)
+
+        print(args.prompt if args.prompt is not None else args.ids, end="", flush=True)
+        most = max(1, min(64, meta["generation"]["max_len"] - len(ids) + 1))
+        result = c.generate(ids, args.max_new_tokens or most, timeout_s=args.timeout, on_token=show,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            seed=args.seed, stop_ids=list(codec.stop_ids))
+        t = result["timings"]
+        steps = max(int(t.get("decode_steps", 0)), 1)
+        ms = 1000 * t["decode_s"] / steps
+        print(f"\n[{len(result['tokens'])} tokens on {c.n} ranks; decode {ms:.1f} ms "
+              f"per token; every rank picked the same: {result['agree']}]")
 
     def _cmd_schedule(self, rest: str, line: str) -> None:
         from IPython.display import display

@@ -10,8 +10,9 @@ several (split into their product). From that:
   :meth:`Layout.slice_of` gives its first rank: ``prod(parts)`` distinct slices, each held by
   ``N / prod(parts)`` ranks;
 * **bytes per rank**: ``sum over tensors of prod(shape[a] / parts(a)) * itemsize``, split into
-  parameters (and how much of that is a copy held elsewhere too), inputs and outputs; the
-  compiled program adds XLA's own workspace (temp buffers);
+  parameters (and how much of that is a copy held elsewhere too), inputs and outputs, and a
+  tensor that is both an input and an output (a decoder's KV cache, donated: one buffer) once,
+  as the cache; the compiled program adds XLA's own workspace (temp buffers);
 * **cost**: ``flops / compute rate`` beside ``sum of bytes sent per rank / link bandwidth`` for
   the collectives XLA inserted (see :mod:`dinb.hlo` for the traffic model).
 
@@ -97,10 +98,11 @@ class RankBytes:
     outputs: int  # or the activations sent to the next stage
     workspace: int = 0  # XLA's temp buffers, known once compiled
     stage: int = 0
+    cache: int = 0  # state kept on the device between calls (a decoder's KV cache)
 
     @property
     def total(self) -> int:
-        return self.parameters + self.inputs + self.outputs + self.workspace
+        return self.parameters + self.inputs + self.outputs + self.workspace + self.cache
 
 
 @dataclass(frozen=True)
@@ -579,18 +581,22 @@ class StrategyPlan:
         views = list(compiled) if isinstance(compiled, Sequence) else [compiled] * self.stages
         t = self.stage_device_num
         first_input = next((self.layout(x.name) for x in self.tensors if x.role == "input"), None)
+        names = {role: {x.name for x in self.tensors if x.role == role} for role in ("input", "output")}
+        kept = names["input"] & names["output"]  # given back by every call: the KV cache, held once
         rows = []
         for r in range(self.device_num):
             stage, local = divmod(r, t)
-            sums = dict.fromkeys(ROLES, 0)
+            sums = dict.fromkeys((*ROLES, "cache"), 0)
             replicated = 0
             for x in self.tensors:
                 if self.stage_of(x.name) != stage or (x.role == "output" and stage != self.stages - 1):
                     continue
+                if x.name in kept and x.role == "output":
+                    continue
                 lay = self.layout(x.name)
                 box = lay.slice_of(local, x.shape, x.name)
                 nbytes = math.prod(s.stop - s.start for s in box) * x.itemsize
-                sums[x.role] += nbytes
+                sums["cache" if x.name in kept else x.role] += nbytes
                 if x.role == "parameter" and lay.device_num > len(lay.replica_groups()):
                     replicated += nbytes
             if self.stages > 1 and views[0] is not None:
@@ -600,7 +606,7 @@ class StrategyPlan:
                     sums["output"] += _carry_bytes(views[stage].sends, first_input, local, t)
             view = views[stage]
             rows.append(RankBytes(r, sums["parameter"], replicated, sums["input"], sums["output"],
-                                  view.temp_bytes if view else 0, stage))
+                                  view.temp_bytes if view else 0, stage, sums["cache"]))
         return rows
 
     def strategy(self) -> Strategy:
@@ -673,5 +679,6 @@ class StrategyPlan:
             b = rows[s * self.stage_device_num]
             where = f"  stage {s} per rank" if self.stages > 1 else "  per rank"
             lines.append(f"{where}: parameters {fmt_bytes(b.parameters)} ({fmt_bytes(b.replicated)} of it "
-                         f"copies), inputs {fmt_bytes(b.inputs)}, outputs {fmt_bytes(b.outputs)}")
+                         f"copies), inputs {fmt_bytes(b.inputs)}, outputs {fmt_bytes(b.outputs)}"
+                         + (f", KV cache {fmt_bytes(b.cache)}" if b.cache else ""))
         return "\n".join(lines)

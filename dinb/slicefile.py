@@ -16,7 +16,12 @@ It is the analogue of MindSpore's ``Matmul0.mindir``. Format (plain safetensors,
   from the previous stage and ``sends`` to the next) and ``programs`` (checksum and bytes of each
   ``program/<M>``). Layouts then span one stage's ranks, and a rank's slice is that of rank
   ``rank % stage_ranks``. A checksum field names its algorithm: ``xxh3_64`` (format version 2,
-  16 hex digits of XXH3-64, 29 GB/s) or ``sha256`` (version 1 files, 1.8 GB/s), both read.
+  16 hex digits of XXH3-64, 29 GB/s) or ``sha256`` (version 1 files, 1.8 GB/s), both read;
+* in a decoder's export (format version 3) also ``generation``: the sequence ``slots``,
+  ``max_len``, the prompt ``buckets``, the KV ``cache`` (name, shape, dtype, layout) and the
+  prefill programs' ``prefill_inputs``/``prefill_outputs``. ``program`` is then the decode step
+  and ``program/prefill_<P>`` the prefill of a prompt of up to ``P`` tokens (see
+  :mod:`dinb.decode_programs`).
 
 Reading checks the header field by field before any tensor is read (a damaged file is a
 :class:`SliceFileError` naming the file and the field), then reads the tensors with one open.
@@ -42,8 +47,9 @@ from dinb.pipeline import MAX_MICRO_BATCHES
 
 FORMAT = "dinb-slice"
 FORMAT_VERSION = 2
+GENERATION_FORMAT_VERSION = 3  # files with a decoder's programs: an older reader refuses them
 #: the checksum field of each format version (the field's name is its algorithm)
-DIGEST_FIELD = {1: "sha256", 2: "xxh3_64"}
+DIGEST_FIELD = {1: "sha256", 2: "xxh3_64", 3: "xxh3_64"}
 SUFFIX = ".dinb"
 PROGRAM_KEY = "program"
 PARAM_PREFIX = "param/"
@@ -94,13 +100,19 @@ class SliceFile:
     meta: dict[str, Any]
     params: dict[str, np.ndarray]
     program: bytes
-    micro_programs: dict[int, bytes] | None = None  # program/<M> of a pipelined export
+    extra_programs: dict[str, bytes] | None = None  # program/<M> (pipelines), program/prefill_<P>
 
-    def program_for(self, micro_batches: int) -> bytes:
-        """The program for ``micro_batches`` micro-batches (1: the whole batch)."""
+    def program_for(self, micro_batches: int | str) -> bytes:
+        """The program for ``micro_batches`` micro-batches (1: the whole batch), or the named one
+        (``"prefill_16"``)."""
         if micro_batches == 1:
             return self.program
-        return (self.micro_programs or {})[micro_batches]
+        return (self.extra_programs or {})[str(micro_batches)]
+
+    @property
+    def generation(self) -> dict[str, Any] | None:
+        """A decoder's cache and programs (see the module docstring), or None."""
+        return self.meta.get("generation")
 
     @property
     def rank(self) -> int:
@@ -137,15 +149,16 @@ class SliceFile:
 
 
 def write_slice_file(path: Path, meta: dict[str, Any], params: dict[str, np.ndarray],
-                     program: bytes | dict[int, bytes]) -> Path:
+                     program: bytes | dict[Any, bytes]) -> Path:
     """Write one rank's slice file; checksums are computed here and stored in ``meta``.
-    ``program`` is the program, or ``{micro-batch count: program}`` (1 included)."""
+    ``program`` is the program, or ``{micro-batch count or name: program}`` (1 included)."""
     programs = program if isinstance(program, dict) else {1: program}
-    meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION)
+    version = GENERATION_FORMAT_VERSION if "generation" in meta else FORMAT_VERSION
+    meta = dict(meta, format=FORMAT, format_version=version)
     tensors = {PARAM_PREFIX + n: a for n, a in params.items()}
     field = DIGEST_FIELD[FORMAT_VERSION]
     meta["params"] = {n: dict(meta["params"][n], **{field: digest(a)}) for n, a in params.items()}
-    for m, body in sorted(programs.items()):
+    for m, body in sorted(programs.items(), key=lambda kv: str(kv[0])):
         prog = np.frombuffer(body, dtype=np.uint8)
         record = {field: digest(prog), "nbytes": len(body)}
         if m == 1:
@@ -156,8 +169,15 @@ def write_slice_file(path: Path, meta: dict[str, Any], params: dict[str, np.ndar
     return st.write_file(path, tensors, {"dinb": json.dumps(meta)})
 
 
-def _program_key(micro_batches: int) -> str:
+def _program_key(micro_batches: int | str) -> str:
     return PROGRAM_KEY if micro_batches == 1 else f"{PROGRAM_KEY}/{micro_batches}"
+
+
+def _extra_programs(meta: dict[str, Any]) -> list[int | str]:
+    """The programs a file holds besides ``program``: micro-batch counts or prefill names."""
+    if "generation" in meta:
+        return [f"prefill_{b}" for b in meta["generation"]["buckets"]]
+    return [m for m in meta.get("pipeline", {}).get("micro_batches", [1]) if m != 1]
 
 
 def _header(path: Path) -> tuple[st.Header, dict[str, Any]]:
@@ -216,11 +236,12 @@ def _check_meta(check: Fields, meta: dict[str, Any], header: st.Header) -> None:
         if entry is None or entry.shape != shape or str(entry.dtype) != d["dtype"]:
             found = "no tensor" if entry is None else f"{entry.dtype}{list(entry.shape)}"
             check.fail(f"{where}: the file holds {found} for it, the metadata says {d['dtype']}{list(shape)}")
-    records = {1: check.obj(check.get(meta, "program", "metadata", dict), "program")}
-    for m in meta.get("pipeline", {}).get("micro_batches", [1]):
-        if m != 1:
-            extra = check.obj(check.get(meta, "programs", "metadata", dict), "programs")
-            records[m] = check.obj(check.get(extra, str(m), "programs", dict), f"programs.{m}")
+    if "generation" in meta:
+        _check_generation(check, meta, span)
+    records: dict[int | str, Any] = {1: check.obj(check.get(meta, "program", "metadata", dict), "program")}
+    for m in _extra_programs(meta):
+        extra = check.obj(check.get(meta, "programs", "metadata", dict), "programs")
+        records[m] = check.obj(check.get(extra, str(m), "programs", dict), f"programs.{m}")
     for m, program in records.items():
         key = _program_key(m)
         check.get(program, _digest_of(meta), key, str)
@@ -228,6 +249,30 @@ def _check_meta(check: Fields, meta: dict[str, Any], header: st.Header) -> None:
         entry = header.entries.get(key)
         if entry is None or entry.shape != (nbytes,) or entry.dtype != np.uint8:
             check.fail(f"the {key} tensor is missing or is not {nbytes} bytes of uint8")
+
+
+def _check_generation(check: Fields, meta: dict[str, Any], world: int) -> None:
+    """The ``generation`` record: sizes, buckets and the cache's and prefill's tensors."""
+    if "pipeline" in meta:
+        check.fail("generation and pipeline stages in one file; a decoder export has one stage")
+    gen = check.obj(meta["generation"], "generation")
+    for key in ("slots", "max_len"):
+        check.int(check.get(gen, key, "generation", int), f"generation.{key}", 1)
+    buckets = check.get(gen, "buckets", "generation", list)
+    for i, b in enumerate(buckets):
+        check.int(b, f"generation.buckets[{i}]", 1)
+        if b > gen["max_len"]:
+            check.fail(f"generation.buckets[{i}] = {b} is longer than max_len {gen['max_len']}")
+    if not buckets or len(set(buckets)) != len(buckets):
+        check.fail(f"generation.buckets {buckets} must list distinct prompt lengths")
+    cache = check.obj(check.get(gen, "cache", "generation", dict), "generation.cache")
+    tensors = [(cache, "generation.cache")]
+    for role in ("prefill_inputs", "prefill_outputs"):
+        tensors += [(check.obj(d, f"generation.{role}[{i}]"), f"generation.{role}[{i}]")
+                    for i, d in enumerate(check.get(gen, role, "generation", list))]
+    for d, where in tensors:
+        check.get(d, "name", where, str)
+        _tensor_layout(check, d, where, world).check_shape(d["shape"], where)
 
 
 def _check_pipeline(check: Fields, meta: dict[str, Any], rank: int, world: int) -> int:
@@ -279,7 +324,7 @@ def _read(path: Path, params: bool) -> tuple[dict[str, Any], dict[str, np.ndarra
     """The checked metadata and the program(s) (plus, with ``params``, every parameter slice)."""
     header, meta = _header(path)
     names = [PARAM_PREFIX + n for n in meta["params"]] if params else []
-    names += [_program_key(m) for m in meta.get("pipeline", {}).get("micro_batches", [1])]
+    names += [_program_key(m) for m in [1, *_extra_programs(meta)]]
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as e:
@@ -308,8 +353,7 @@ def read_slice_file(path: str | Path, verify: bool = True) -> SliceFile:
     meta, arrays = _read(path, params=True)
     rank = meta["rank"]
     params = {n[len(PARAM_PREFIX):]: a for n, a in arrays.items() if n.startswith(PARAM_PREFIX)}
-    counts = meta.get("pipeline", {}).get("micro_batches", [1])
-    programs = {m: arrays[_program_key(m)] for m in counts}
+    programs = {m: arrays[_program_key(m)] for m in [1, *_extra_programs(meta)]}
     if verify:
         field = _digest_of(meta)
         for name, arr in params.items():
@@ -325,8 +369,8 @@ def read_slice_file(path: str | Path, verify: bool = True) -> SliceFile:
                     f"{path} (rank {rank}): the {_program_key(m)} tensor fails its checksum; the file "
                     "is corrupted. Export the model again or restore the file."
                 )
-    micro = {m: p.tobytes() for m, p in programs.items() if m != 1}
-    return SliceFile(path, meta, params, programs[1].tobytes(), micro or None)
+    extra = {str(m): p.tobytes() for m, p in programs.items() if m != 1}
+    return SliceFile(path, meta, params, programs[1].tobytes(), extra or None)
 
 
 def find_slice_files(model_dir: str | Path) -> dict[int, Path]:

@@ -39,9 +39,11 @@ from dinb.layout import one_mesh_shardings
 from dinb.pipeline import StageEvent
 from dinb.runtime.config import RuntimeConfig, load_config
 from dinb.runtime.context import Context, ModelType
+from dinb.runtime.generation import DecodeRun
 from dinb.runtime.onnx_rank import OnnxRanks
 from dinb.runtime.pipeline_run import PipelineRun
 from dinb.runtime.rank_steps import JitRanks, StepRanks, rank_program_of
+from dinb.runtime.sampling import SamplingParams
 from dinb.runtime.tensor import Tensor
 from dinb.slicefile import SliceFile, TensorMeta, find_slice_files, read_slice_file
 
@@ -60,6 +62,7 @@ class Model:
         self._in_slices: dict[int, list[tuple[slice, ...]]] = {}  # each local rank's input slices
         self._steps: StepRanks | None = None  # per-rank programs (tensorrt, or collectives = mpi)
         self._pipe: PipelineRun | None = None
+        self._gen: DecodeRun | None = None  # a decoder's cache and programs (generate)
         self._last_by_rank: dict[int, tuple[np.ndarray, ...]] = {}
         self.provider = ""  # what runs the program: "xla", or the ONNX Runtime provider used
         self.collectives = ""  # between the ranks: "gloo", "mpi", "nccl" or "in-process"
@@ -132,6 +135,13 @@ class Model:
             self.provider = "xla"
             self.collectives = ("in-process" if job.process_count == 1
                                 else "none within a stage" if self._pipe.t == 1
+                                else "nccl" if job.target == "gpu" else "gloo")
+        elif self._files[job.local_ranks[0]].generation is not None:
+            if context.device_info.provider == "tensorrt":
+                raise ProviderError(f"{model_path}: a decoder's export runs on the xla provider")
+            self._gen = DecodeRun(self._files, job, self._place_params(job)[0])
+            self.provider = "xla"
+            self.collectives = ("in-process" if job.process_count == 1
                                 else "nccl" if job.target == "gpu" else "gloo")
         elif context.device_info.provider == "tensorrt":
             onnx = OnnxRanks(self._files, job.world_size, job.process_count, job.target)
@@ -222,12 +232,29 @@ class Model:
         choices = job.allgather("collectives", "gloo" if reason else "mpi")
         return "mpi" if all(c == "mpi" for c in choices) else "gloo"
 
+    def _place_params(self, job: ranks.Job) -> tuple[dict[str, Any], list[Any]]:
+        """Every parameter as one global array from the local ranks' slices (each slice on its
+        rank's device); also the input and output shardings."""
+        import jax
+
+        pmeta = next(iter(self._files.values())).param_meta()
+        names = list(pmeta)
+        shardings = one_mesh_shardings([pmeta[n].layout for n in names]
+                                       + [m.layout for m in self._inputs + self._outputs], job.devices)
+        p_shard = dict(zip(names, shardings))
+        self._params = {
+            n: jax.make_array_from_single_device_arrays(
+                m.shape, p_shard[n],
+                [jax.device_put(sf.params[n], job.device_of(r)) for r, sf in self._files.items()])
+            for n, m in pmeta.items()
+        }
+        return self._params, shardings[len(names):]
+
     def _compile(self, job: ranks.Job) -> None:
         import jax
         from jax import export as jax_export
 
         first = next(iter(self._files.values()))
-        pmeta = first.param_meta()
         try:
             exported = jax_export.deserialize(bytearray(first.program))
         except Exception as e:  # flatbuffers or a JAX version that cannot read this serialization
@@ -241,18 +268,10 @@ class Model:
                 f"{first.path}: the program was exported for {exported.nr_devices} devices but "
                 f"this job has {job.world_size}; export again for {job.world_size} ranks"
             )
-        names = list(pmeta)
-        shardings = one_mesh_shardings([pmeta[n].layout for n in names]
-                                       + [m.layout for m in self._inputs + self._outputs], job.devices)
-        p_shard = dict(zip(names, shardings))
-        self._in_shardings = shardings[len(names):len(names) + len(self._inputs)]
-        o_shard = tuple(shardings[len(names) + len(self._inputs):])
-        self._params = {
-            n: jax.make_array_from_single_device_arrays(
-                m.shape, p_shard[n],
-                [jax.device_put(sf.params[n], job.device_of(r)) for r, sf in self._files.items()])
-            for n, m in pmeta.items()
-        }
+        params, io_shardings = self._place_params(job)
+        p_shard = {n: a.sharding for n, a in params.items()}
+        self._in_shardings = io_shardings[:len(self._inputs)]
+        o_shard = tuple(io_shardings[len(self._inputs):])
         structs = [jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s)
                    for m, s in zip(self._inputs, self._in_shardings)]
         jitted = jax.jit(exported.call, in_shardings=(p_shard, *self._in_shardings),
@@ -296,6 +315,10 @@ class Model:
         same count.
         """
         self._check_built()
+        if self._gen is not None:
+            raise InputError("this is a decoder's export: it runs prefill and decode steps over a KV "
+                             "cache kept on the devices; call generate(prompt_ids, max_new_tokens) "
+                             "instead of predict")
         if self._pipe is not None:
             m = self._pipe.check_micro(self.config.micro_batches if micro_batches is None else micro_batches)
             arrays = self._check_inputs(inputs) if self._pipe.takes_inputs or len(inputs) else None
@@ -384,6 +407,11 @@ class Model:
         self._check_built()
         return next(iter(self._files.values())).model
 
+    def export_meta(self) -> dict[str, Any]:
+        """The export's metadata as this rank's slice file holds it (model, config, layouts)."""
+        self._check_built()
+        return dict(next(iter(self._files.values())).meta)
+
     @property
     def world_size(self) -> int:
         return self.job.world_size
@@ -403,6 +431,8 @@ class Model:
         self._check_built()
         if self._pipe is not None:
             return self._pipe.describe()
+        if self._gen is not None:
+            return self._gen.compiled_text()
         if self._steps is not None:
             return self._steps.describe()
         return str(self._compiled.as_text())
@@ -425,6 +455,77 @@ class Model:
         self._check_built()
         return list(self._pipe.events) if self._pipe is not None else []
 
+    # ---- generation ----------------------------------------------------------------------------
+    def generate(self, prompt_ids: Any, max_new_tokens: int = 32, *, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_ids: Sequence[int] = (),
+                 on_token: Callable[[int, int], None] | None = None) -> list[int] | list[list[int]]:
+        """New tokens after a prompt (a list of token ids), or after each of a list of prompts
+        (at most the export's sequence slots), from a decoder's export.
+
+        Greedy when ``temperature`` is 0; else sampled (``top_k``, ``top_p``, see
+        :mod:`dinb.runtime.sampling`) with a generator per prompt seeded by ``seed``: the same
+        seed gives the same tokens on every rank count. A prompt stops after ``max_new_tokens``
+        or after a token of ``stop_ids`` (which is kept). ``on_token(row, token)`` is called as
+        each token is picked (streaming). Every rank must make the same call.
+        """
+        gen = self._decoder("generate")
+        return gen.generate(prompt_ids, max_new_tokens, SamplingParams(temperature, top_k, top_p, seed),
+                            stop_ids, on_token)
+
+    def generate_stream(self, prompt_ids: Sequence[int], max_new_tokens: int = 32, **sampling: Any) -> Any:
+        """The new tokens of one prompt as they are picked (an iterator); ``generate``'s options."""
+        gen = self._decoder("generate_stream")
+        stop_ids = sampling.pop("stop_ids", ())
+        prompts, single = gen.prompts_of(prompt_ids)
+        if not single:
+            raise InputError("generate_stream takes one prompt (a list of token ids); use generate's "
+                             "on_token for several")
+        steps = gen.steps(prompts, max_new_tokens, SamplingParams(**sampling), stop_ids)
+        return (token for _, token in steps)
+
+    def prefill(self, slot: int, prompt_ids: Sequence[int]) -> np.ndarray:
+        """Run the prefill program: ``prompt_ids`` into sequence slot ``slot`` of the KV cache;
+        returns the logits (vocabulary,) after the prompt's last token. (``generate`` calls it.)"""
+        gen = self._decoder("prefill")
+        if not 0 <= slot < gen.slots:
+            raise InputError(f"slot {slot}: the export has slots 0 .. {gen.slots - 1}")
+        prompts, _ = gen.prompts_of([list(prompt_ids)])
+        return gen.prefill(slot, prompts[0])
+
+    def decode_step(self, tokens: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+        """Run one decode step: ``tokens[s]`` of every slot ``s`` at ``positions[s]``; returns the
+        logits (slots, vocabulary). The cache is updated in place."""
+        gen = self._decoder("decode_step")
+        t, p = np.asarray(tokens), np.asarray(positions)
+        if t.shape != (gen.slots,) or p.shape != (gen.slots,):
+            raise InputError(f"decode_step takes one token and one position per slot, ({gen.slots},) each; "
+                             f"got {list(t.shape)} and {list(p.shape)}")
+        if p.min() < 0 or p.max() >= gen.max_len:
+            raise InputError(f"positions must lie in 0 .. {gen.max_len - 1} (the cache's length)")
+        return gen.decode(t, p)
+
+    def kv_cache(self, slot: int, length: int) -> np.ndarray:
+        """The keys and values of slot ``slot`` at positions ``0 .. length-1``, gathered from every
+        rank: ``(layers, 2, kv_heads, length, head_dim)``."""
+        return self._decoder("kv_cache").cache_slot(slot, length)
+
+    def generation_info(self) -> dict[str, Any] | None:
+        """A decoder's ``slots``, ``max_len``, prompt ``buckets``, the KV ``cache`` (shape, dtype,
+        layout) and the ``cache_bytes`` each local rank holds; None for other exports."""
+        self._check_built()
+        if self._gen is None:
+            return None
+        g = self._gen
+        return {"slots": g.slots, "max_len": g.max_len, "buckets": list(g.buckets), "cache": g.cache_meta,
+                "cache_bytes": dict(g.cache_bytes), "timings": dict(g.timings)}
+
+    def _decoder(self, what: str) -> DecodeRun:
+        self._check_built()
+        if self._gen is None:
+            raise DinbError(f"{what}: {self.model_name!r} is not a decoder's export; generate runs models "
+                            "that generate text (--model llama)")
+        return self._gen
+
     def _check_built(self) -> None:
-        if self._compiled is None and self._steps is None and self._pipe is None:
+        if self._compiled is None and self._steps is None and self._pipe is None and self._gen is None:
             raise DinbError("the model is not built; call build_from_file(path, ...) first")

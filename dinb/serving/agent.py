@@ -23,6 +23,7 @@ from typing import Any
 
 from dinb import remote_predict, wire
 from dinb.errors import DinbError
+from dinb.serving.generation import agent_step
 from dinb.serving.worker import HEARTBEAT_S
 
 log = logging.getLogger("dinb.serving")
@@ -35,6 +36,18 @@ def model_io(model: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         return [{"name": m.name, "shape": list(m.shape), "dtype": str(m.dtype)} for m in metas]
 
     return rows(model.get_inputs()), rows(model.output_meta())
+
+
+def generation_info(model: Any) -> dict[str, Any] | None:
+    """What the server needs of a decoder's export to schedule it (None for other models)."""
+    info = model.generation_info()
+    if info is None:
+        return None
+    first = model.output_meta()[0]
+    config = model.export_meta().get("model_config", {})
+    return {"slots": info["slots"], "max_len": info["max_len"], "buckets": info["buckets"],
+            "vocab": int(first.shape[-1]), "model_dir": config.get("model_dir"),
+            "eos_token_id": (config.get("config") or {}).get("eos_token_id")}
 
 
 def serve(
@@ -71,6 +84,7 @@ def serve(
             "inputs": inputs,
             "outputs": outputs,
             "stages": (model.pipeline_info() or {"stages": 1})["stages"],
+            "generation": generation_info(model),
             **me,
         }
     )
@@ -85,6 +99,7 @@ def serve(
     def predict(arrays: list[Any], micro_batches: int | None = None) -> list[Any]:
         return [t.get_data_to_numpy() for t in model.predict(arrays, micro_batches=micro_batches)]
 
+    samplers: dict[int, Any] = {}  # a decoder's: each slot's token picker
     sock.send_multipart(registration)
     registered, t0, told = False, time.monotonic(), time.monotonic()
     try:
@@ -112,6 +127,12 @@ def serve(
                     f"rank {rank}: the distributed worker at {distributed_address} refused this "
                     f"agent: {header.get('reason')}"
                 )
+            elif kind == "gen_step":
+                try:
+                    result = agent_step(model, samplers, header)
+                except DinbError as e:
+                    result = {"error": f"{type(e).__name__}: {e}"}
+                sock.send_multipart(wire.pack({"type": "result", "id": header["id"], **me, **result}))
             elif kind == "infer":
                 reply, _ = remote_predict.answer(predict, frames, type="result", id=header["id"], **me)
                 sock.send_multipart(reply, copy=False)

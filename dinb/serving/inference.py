@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from dinb.errors import DinbError, InputError
+from dinb.serving.generation import GenerationScheduler
 from dinb.serving.register import DistributedModel, Method, ServableSpec
 from dinb.serving.worker import DistributedWorker, Unavailable
 
@@ -224,6 +225,23 @@ class Servable:
         assert spec.model is not None
         self.spec, self.worker, self.version = spec, worker, version
         self.batcher = Batcher(worker, spec.model, batch_delay_ms, max_queue, metrics, spec.name)
+        self.scheduler: GenerationScheduler | None = None  # a decoder's, made once its agents register
+        self._codec: Any = None
+
+    def generation(self) -> tuple[GenerationScheduler, Any]:
+        """A decoder's scheduler and its tokenizer (:class:`dinb.models.llama.TokenCodec`)."""
+        agent = self.worker.agents.get(0)
+        if agent is None:
+            raise Unavailable(self.worker.why_unavailable())
+        if agent.generation is None:
+            raise RequestError(f"model {self.name!r} does not generate; send it /infer requests")
+        if self.scheduler is None:
+            from dinb.models.llama import token_codec
+
+            info = agent.generation
+            self.scheduler = GenerationScheduler(self.worker, info, max_waiting=self.batcher.max_queue)
+            self._codec = token_codec(info.get("model_dir"), {"eos_token_id": info.get("eos_token_id")})
+        return self.scheduler, self._codec
 
     @property
     def name(self) -> str:

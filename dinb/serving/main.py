@@ -119,6 +119,8 @@ class Main:
     async def _drop(self, name: str) -> None:
         servable = self.servables.pop(name)
         servable.batcher.stop()
+        if servable.scheduler is not None:
+            servable.scheduler.stop()
         await servable.worker.stop()
 
     # ---- requests (the REST and gRPC handlers go through here) ---------------------------------

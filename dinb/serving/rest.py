@@ -5,6 +5,8 @@
     GET  /v2/models/{model}[/versions/{v}]/ready      200 when ready, 503 when not
     GET  /v2/models/{model}[/versions/{v}]/config
     POST /v2/models/{model}[/versions/{v}]/infer      JSON, or the binary tensor data extension
+    POST /v2/models/{model}[/versions/{v}]/generate   a decoder: {"text_input" | "input_ids", "parameters"}
+    POST /v2/models/{model}[/versions/{v}]/generate_stream   the same, one server-sent event per token
     POST /model/{servable}:{method}                   MindSpore Serving: {"instances": [...]}
     GET  /metrics                                     Prometheus
 
@@ -16,6 +18,7 @@ are accepted (``Content-Encoding``), and responses of 16 KiB or more are compres
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import zlib
@@ -23,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from dinb.errors import DinbError
+from dinb.errors import DinbError, InputError
 from dinb.serving import protocol
+from dinb.serving.generation import tokens_of
 from dinb.serving.inference import NotFound, RequestError
 from dinb.serving.main import Main, split_address
 from dinb.serving.worker import Unavailable
@@ -38,7 +42,7 @@ class TooLarge(RequestError):
 
 
 def http_status(e: BaseException) -> int:
-    for cls, code in ((TooLarge, 413), (RequestError, 400), (NotFound, 404), (Unavailable, 503)):
+    for cls, code in ((TooLarge, 413), (InputError, 400), (NotFound, 404), (Unavailable, 503)):
         if isinstance(e, cls):
             return code
     return 500
@@ -97,7 +101,8 @@ def app(main: Main, max_body: int) -> Any:
         return reply({"ready": main.ready}, 200 if main.ready else 503)
 
     async def server_metadata(request: Any) -> Any:
-        return reply({"name": "dinb", "version": __version__, "extensions": ["binary_tensor_data"]})
+        return reply({"name": "dinb", "version": __version__,
+                      "extensions": ["binary_tensor_data", "generate"]})
 
     async def model_metadata(request: Any) -> Any:
         try:
@@ -155,6 +160,84 @@ def app(main: Main, max_body: int) -> Any:
             return failure(e)
         return reply(body, request=request, header_length=header_length)
 
+    async def generate_request(request: Any) -> tuple[Any, Any, Any, str]:
+        """The scheduler, the tokenizer and the queued request of a generate call."""
+        servable, _, model = model_of(request)
+        scheduler, codec = servable.generation()
+        try:
+            body = json.loads(await body_of(request))
+        except ValueError as e:
+            raise RequestError(f"the body is not JSON ({e})") from None
+        if not isinstance(body, dict):
+            raise RequestError("the body must be a JSON object with text_input or input_ids")
+        unknown = sorted(set(body) - {"id", "text_input", "input_ids", "parameters"})
+        if unknown:
+            raise RequestError(f"unknown fields {unknown}; give text_input (or input_ids) and parameters")
+        params = body.get("parameters", {})
+        if not isinstance(params, dict):
+            raise RequestError("parameters must be a JSON object")
+        if ("text_input" in body) == ("input_ids" in body):
+            raise RequestError("give the prompt as text_input or as input_ids, one of the two")
+        if "text_input" in body:
+            if not isinstance(body["text_input"], str):
+                raise RequestError("text_input must be a string")
+            ids = codec.encode(body["text_input"])
+        else:
+            ids = body["input_ids"]
+            if not isinstance(ids, list):
+                raise RequestError("input_ids must be a list of token ids")
+        return scheduler, codec, scheduler.submit(ids, params), model
+
+    def generated(model: str, servable_version: int, codec: Any, ids: list[int],
+                  **extra: Any) -> dict[str, Any]:
+        return {"model_name": model, "model_version": str(servable_version), "text_output": codec.decode(ids),
+                "output_ids": ids, **extra}
+
+    async def generate(request: Any) -> Any:
+        try:
+            scheduler, codec, req, model = await generate_request(request)
+        except DinbError as e:
+            return failure(e)
+        ids: list[int] = []
+        try:
+            async for token in tokens_of(req):
+                ids.append(token)
+        except DinbError as e:
+            return failure(e)
+        except asyncio.CancelledError:
+            scheduler.cancel(req)
+            raise
+        version = model_of(request)[0].version
+        return reply(generated(model, version, codec, ids, finish_reason=req.finish_reason), request=request)
+
+    async def generate_stream(request: Any) -> Any:
+        try:
+            scheduler, codec, req, model = await generate_request(request)
+            version = model_of(request)[0].version
+        except DinbError as e:
+            return failure(e)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
+                                               "Cache-Control": "no-cache"})
+        ids: list[int] = []
+        try:
+            await response.prepare(request)
+            async for token in tokens_of(req):
+                before = codec.decode(ids)
+                ids.append(token)
+                event = generated(model, version, codec, [token], index=len(ids) - 1)
+                event["text_output"] = codec.decode(ids)[len(before):]
+                await response.write(f"data: {json.dumps(event)}\n\n".encode())
+            done = generated(model, version, codec, [], finish_reason=req.finish_reason)
+            done["text_output"] = ""
+            await response.write(f"data: {json.dumps(done)}\n\n".encode())
+        except DinbError as e:  # the status is sent already: the error is the last event
+            await response.write(f"data: {json.dumps({'error': str(e)})}\n\n".encode())
+        except (ConnectionResetError, asyncio.CancelledError):
+            scheduler.cancel(req)  # the client left: its slot is freed at the next step
+            raise
+        await response.write_eof()
+        return response
+
     async def mindspore(request: Any) -> Any:
         target = request.match_info["target"]
         name, _, method = target.partition(":")
@@ -194,6 +277,8 @@ def app(main: Main, max_body: int) -> Any:
         application.router.add_get(prefix + "/ready", model_ready)
         application.router.add_get(prefix + "/config", model_config)
         application.router.add_post(prefix + "/infer", infer)
+        application.router.add_post(prefix + "/generate", generate)
+        application.router.add_post(prefix + "/generate_stream", generate_stream)
     application.router.add_get("/v2/health/live", live)
     application.router.add_get("/v2/health/ready", ready)
     application.router.add_get("/v2", server_metadata)

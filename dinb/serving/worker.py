@@ -7,6 +7,8 @@ told otherwise). Each agent is one rank of one JAX job, already joined and loade
     worker -> agent    welcome
     worker -> agents   infer      {id} + the arrays (the same to every rank, as the seeds do)
     agents -> worker   result     {id, outputs: [{shape, dtype, crc}], compute_ms} (+ rank 0's arrays)
+    worker -> agents   gen_step   {id, prefill, decode}: a decoder's step (dinb.serving.generation)
+    agents -> worker   result     {id, tokens: {slot: token}, compute_ms}
 
 The servable is ready when ``rank_size`` ranks of one job have registered. An agent that goes
 quiet for ``heartbeat_timeout_s`` (1.5 s) is dead: the servable is not ready any more, and every
@@ -48,6 +50,7 @@ class Agent:
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
     identity: bytes
+    generation: dict[str, Any] | None = None
     last_seen: float = field(default_factory=time.monotonic)
 
 
@@ -155,6 +158,37 @@ class DistributedWorker:
         """The model's outputs for one batch: the same arrays to every rank of the first stage (all
         ranks without pipeline stages), the outputs of the last stage's first rank back (checked
         against the checksums of the other last-stage ranks)."""
+        def message(rank: int, rid: int) -> tuple[dict[str, Any], Sequence[np.ndarray]]:
+            header, takes = self.roles.header(rank, type="infer", id=rid)
+            return header, arrays if takes else ()
+
+        heads, data, errors = remote_predict.read_replies(await self._call_all(message))
+        if errors:
+            detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(errors.items()))
+            raise DinbError(f"servable {self.name!r}: the model failed on rank(s) {sorted(errors)}: {detail}")
+        if not remote_predict.agreement(heads, self.roles.output_ranks):
+            raise DinbError(f"servable {self.name!r}: the ranks returned different outputs")
+        self.compute_ms = {r: float(h.get("compute_ms", 0.0)) for r, h in heads.items()}
+        return data[self.roles.data_rank]  # views on that rank's reply frames, which they keep alive
+
+    async def step(self, header: dict[str, Any]) -> dict[int, int]:
+        """One generation step on every rank (see :mod:`dinb.serving.generation`): the token each
+        slot got, checked to be the same on every rank."""
+        replies = await self._call_all(lambda rank, rid: ({"type": "gen_step", "id": rid, **header}, ()))
+        heads = {r: wire.header(f) for r, f in replies.items()}
+        errors = {r: h["error"] for r, h in heads.items() if "error" in h}
+        if errors:
+            detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(errors.items()))
+            raise DinbError(
+                f"servable {self.name!r}: generation failed on rank(s) {sorted(errors)}: {detail}")
+        picked = [heads[r]["tokens"] for r in sorted(heads)]
+        if any(p != picked[0] for p in picked):
+            raise DinbError(f"servable {self.name!r}: the ranks picked different tokens")
+        self.compute_ms = {r: float(h.get("compute_ms", 0.0)) for r, h in heads.items()}
+        return {int(s): int(t) for s, t in picked[0].items()}
+
+    async def _call_all(self, message: Any) -> dict[int, Any]:
+        """Send ``message(rank, id) -> (header, arrays)`` to every rank; their reply frames."""
         if not self.ready:
             raise Unavailable(self.why_unavailable())
         rid = next(self._ids)
@@ -162,9 +196,9 @@ class DistributedWorker:
         self._pending[rid] = (future, {})
         try:
             for agent in list(self.agents.values()):
-                header, takes = self.roles.header(agent.rank, type="infer", id=rid)
-                await self._send(agent.identity, header, arrays if takes else ())
-            replies = await asyncio.wait_for(future, self.request_timeout_s)
+                header, arrays = message(agent.rank, rid)
+                await self._send(agent.identity, header, arrays)
+            return dict(await asyncio.wait_for(future, self.request_timeout_s))
         except TimeoutError:
             waiting = [r for r in range(self.rank_size) if r not in self._pending.get(rid, (None, {}))[1]]
             raise Unavailable(
@@ -173,14 +207,6 @@ class DistributedWorker:
             ) from None
         finally:
             self._pending.pop(rid, None)
-        heads, data, errors = remote_predict.read_replies(replies)
-        if errors:
-            detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(errors.items()))
-            raise DinbError(f"servable {self.name!r}: the model failed on rank(s) {sorted(errors)}: {detail}")
-        if not remote_predict.agreement(heads, self.roles.output_ranks):
-            raise DinbError(f"servable {self.name!r}: the ranks returned different outputs")
-        self.compute_ms = {r: float(h.get("compute_ms", 0.0)) for r, h in heads.items()}
-        return data[self.roles.data_rank]  # views on that rank's reply frames, which they keep alive
 
     def why_unavailable(self) -> str:
         if self.dead:
@@ -266,7 +292,8 @@ class DistributedWorker:
                 )
             )
         self.agents[h["rank"]] = Agent(
-            h["rank"], h["world"], h["job"], h["pid"], h.get("host", ""), h["inputs"], h["outputs"], identity
+            h["rank"], h["world"], h["job"], h["pid"], h.get("host", ""), h["inputs"], h["outputs"], identity,
+            h.get("generation"),
         )
         await self._send(identity, {"type": "welcome"})
         if self.ready:

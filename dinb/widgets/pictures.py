@@ -16,7 +16,7 @@ from dinb.units import fmt_bytes, fmt_seconds
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#edc948", "#ff9da7",
            "#9c755f", "#bab0ac", "#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#17becf")
 SEGMENTS = (("parameters", "#4e79a7"), ("copies", "#a0cbe8"), ("inputs", "#59a14f"),
-            ("outputs", "#f28e2b"), ("workspace", "#bab0ac"))
+            ("outputs", "#f28e2b"), ("KV cache", "#b07aa1"), ("workspace", "#bab0ac"))
 
 
 def rank_colour(rank: int) -> str:
@@ -92,7 +92,8 @@ def rank_legend(device_num: int) -> str:
 
 
 def bytes_bars_svg(rows: Sequence[RankBytes], capacity: float, width: int = 420) -> str:
-    """One stacked bar per rank (parameters, copies among them, inputs, outputs, workspace),
+    """One stacked bar per rank (parameters, copies among them, inputs, outputs, a decoder's KV
+    cache, workspace),
     with the device capacity as a dashed line; a capacity far above every bar is left off the
     scale (and said so) so the bars stay readable."""
     largest = max([r.total for r in rows] + [1])
@@ -110,7 +111,8 @@ def bytes_bars_svg(rows: Sequence[RankBytes], capacity: float, width: int = 420)
         label = f"s{row.stage} r{row.rank}" if staged else f"r{row.rank}"
         parts.append(f'<g class="dinb-rank-bar" data-rank="{row.rank}" data-stage="{row.stage}" '
                      f'data-bytes="{row.total}"><text x="0" y="{y + 11}" font-size="11">{label}</text>')
-        values = (row.parameters - row.replicated, row.replicated, row.inputs, row.outputs, row.workspace)
+        values = (row.parameters - row.replicated, row.replicated, row.inputs, row.outputs, row.cache,
+                  row.workspace)
         for (label, colour), v in zip(SEGMENTS, values):
             w = v / top * width
             if w > 0:

@@ -1,0 +1,439 @@
+"""A Llama-style decoder that generates, as pure JAX functions over a KV cache.
+
+Parameters keep the Hugging Face names (``model.layers.0.self_attn.q_proj.weight``, ...) and
+PyTorch's ``Linear`` layout, ``y = x W^T``. One layer, pre-norm, no biases::
+
+    h = RMSNorm(x)                               x * rsqrt(mean(x^2) + eps) * w, in float32
+    q, k, v = h Wq^T, h Wk^T, h Wv^T             H query heads, K key/value heads of dh each
+    q, k = rope(q, pos), rope(k, pos)            rotary embedding, rotate_half form
+    a = softmax(q k^T / sqrt(dh) + causal) v     query head i reads key/value head i // (H / K)
+    x = x + a Wo^T
+    x = x + (silu(h2 Wg^T) * (h2 Wu^T)) Wd^T     h2 = RMSNorm(x): the SwiGLU MLP
+
+after ``x = embed[ids]``; the logits are ``RMSNorm(x) Wlm^T`` (``Wlm`` is the embedding when the
+config ties them).
+
+**Two programs and a cache.** Generation is a prefill, once per prompt, then one decode step
+per token. Both read and write the KV cache, one array of shape ``(L, 2, S, K, T, dh)``: per
+layer, keys and values of ``S`` sequence *slots* for ``K`` heads at ``T`` positions. Every
+program takes the cache and gives it back (the runtime donates it, so it is updated in place):
+
+* ``prefill(params, ids (1, P), length (), slot (), cache) -> (logits (1, V), cache)``: the
+  prompt, padded to a bucket of ``P`` tokens, fills positions ``0 .. P-1`` of one slot; the
+  logits are those after its last real token, ``length - 1``;
+* ``decode(params, tokens (S,), positions (S,), cache) -> (logits (S, V), cache)``: one token
+  per slot at its own position (slots are independent sequences: continuous batching), the
+  keys at positions ``<= position`` attended.
+
+**The split** (``megatron`` on ``tp`` ranks, Megatron-LM's, with vLLM's rule for the KV heads):
+query heads and the MLP's columns are split over ``tp`` ranks (``Wq, Wg, Wu`` by rows, ``Wo,
+Wd`` by columns: **two all-reduces** of ``(batch, seq, hidden)`` per layer). Key/value heads:
+
+* ``tp`` divides ``K``: rank r holds heads ``r K/tp .. (r+1) K/tp`` and their cache;
+* ``tp`` is a multiple of ``K``: the ranks form a ``K x tp/K`` grid; the ``tp/K`` ranks of row
+  ``g`` all hold key/value head ``g`` (the one their query heads read) and its cache: each head
+  is *replicated* ``tp/K`` times, never split.
+
+The logits head is split by vocabulary rows (its outputs gathered) when ``tp`` divides the
+vocabulary, else replicated; the embedding and the norms are replicated. ``batch`` splits the
+slots over the ranks, every rank holding every weight.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dinb.errors import DinbError, StrategyError
+from dinb.layout import Layout
+from dinb.models.base import ModelDef, TensorSpec
+from dinb.strategy import Strategy
+
+CONFIG_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                 "num_hidden_layers", "vocab_size", "max_position_embeddings", "rms_norm_eps",
+                 "rope_theta", "tie_word_embeddings")
+
+
+def read_llama_config(path: Path) -> dict[str, Any]:
+    """The fields of a Hugging Face ``LlamaConfig`` (``config.json``) that this decoder uses."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DinbError(f"{path} does not exist; a Llama checkpoint directory holds config.json") from None
+    except (OSError, ValueError) as e:
+        raise DinbError(f"{path} is not a readable JSON config ({e})") from None
+    if not isinstance(data, dict):
+        raise DinbError(f"{path}: a config is a JSON object")
+    return llama_config(data, str(path))
+
+
+def llama_config(data: dict[str, Any], where: str = "config") -> dict[str, Any]:
+    """``data`` checked and completed with LlamaConfig's defaults."""
+    if data.get("model_type", "llama") != "llama":
+        raise DinbError(f"{where}: model_type {data.get('model_type')!r}; this decoder reads Llama configs")
+    for key, unsupported in (("hidden_act", lambda v: v != "silu"), ("attention_bias", bool),
+                             ("mlp_bias", bool), ("rope_scaling", lambda v: v is not None)):
+        if key in data and unsupported(data[key]):
+            raise DinbError(f"{where}: {key} = {data[key]!r} is not supported by this decoder (it "
+                            "implements silu, no biases and plain rotary positions)")
+    cfg = {"num_key_value_heads": data.get("num_attention_heads"), "rms_norm_eps": 1e-6,
+           "rope_theta": 10000.0, "tie_word_embeddings": False, "max_position_embeddings": 2048}
+    cfg.update({k: data[k] for k in CONFIG_FIELDS if k in data})
+    rope = data.get("rope_parameters")  # transformers 5 writes the rotary settings here
+    if isinstance(rope, dict):
+        if rope.get("rope_type", "default") != "default":
+            raise DinbError(f"{where}: rope_parameters.rope_type {rope.get('rope_type')!r} is not supported "
+                            "by this decoder (it implements plain rotary positions)")
+        cfg["rope_theta"] = rope.get("rope_theta", cfg["rope_theta"])
+    if data.get("eos_token_id") is not None:
+        eos = data["eos_token_id"]
+        cfg["eos_token_id"] = list(eos) if isinstance(eos, list) else [eos]
+    missing = [k for k in CONFIG_FIELDS if cfg.get(k) is None]
+    if missing:
+        raise DinbError(f"{where}: missing {missing}")
+    if cfg["hidden_size"] % cfg["num_attention_heads"] or \
+            cfg["num_attention_heads"] % cfg["num_key_value_heads"]:
+        raise DinbError(f"{where}: hidden_size {cfg['hidden_size']}, {cfg['num_attention_heads']} heads "
+                        f"and {cfg['num_key_value_heads']} key/value heads do not divide evenly")
+    if "head_dim" in data and data["head_dim"] != cfg["hidden_size"] // cfg["num_attention_heads"]:
+        raise DinbError(f"{where}: head_dim {data['head_dim']} other than hidden_size / heads")
+    return cfg
+
+
+@dataclass(frozen=True)
+class TokenCodec:
+    """Text to token ids and back with a checkpoint's ``tokenizer.json``, and its end tokens."""
+
+    tokenizer: Any
+    stop_ids: tuple[int, ...]
+    where: str
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise DinbError(f"no tokenizer.json in {self.where}; give the prompt as token ids (--ids 1,5,9) "
+                            "or a --tokenizer directory")
+        return list(self.tokenizer.encode(text).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of ``ids`` up to the first end token."""
+        ids = list(ids)
+        cut = next((i for i, t in enumerate(ids) if t in self.stop_ids), len(ids))
+        if self.tokenizer is None:
+            return " ".join(map(str, ids[:cut]))
+        return str(self.tokenizer.decode(ids[:cut]))
+
+
+def token_codec(model_dir: str | Path | None, config: dict[str, Any]) -> TokenCodec:
+    """The tokenizer of ``model_dir`` (None without a ``tokenizer.json``) and the config's end tokens."""
+    path = Path(model_dir) / "tokenizer.json" if model_dir else None
+    tokenizer = None
+    if path is not None and path.is_file():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(path))
+    return TokenCodec(tokenizer, tuple(config.get("eos_token_id") or ()), str(model_dir))
+
+
+class LlamaDecoder(ModelDef):
+    """The Llama architecture with a KV cache (see the module docstring). ``model_dir``: a Hugging
+    Face checkpoint directory (default: dinb's tiny adder); or ``config=`` (LlamaConfig's fields)
+    for random weights."""
+
+    name = "llama"
+    strategy_names = ("megatron", "batch", "replicated")
+    default_strategy = "megatron"
+    generates = True
+
+    def __init__(self, model_dir: str | Path | None = None, config: dict[str, Any] | None = None,
+                 slots: int = 4, max_len: int | None = None, buckets: Sequence[int] | None = None,
+                 tokenizer: str | None = None):
+        self.model_dir = Path(model_dir) if model_dir else None
+        if config is None:
+            if self.model_dir is None:  # dinb's own trained decoder
+                from dinb.models.tiny_adder import adder_dir
+
+                self.model_dir = adder_dir()
+            config = read_llama_config(self.model_dir / "config.json")
+        self.hf = llama_config(dict(config))
+        self.slots = int(slots)
+        self.max_len = int(max_len or min(128, self.hf["max_position_embeddings"]))
+        if not 1 <= self.max_len <= self.hf["max_position_embeddings"]:
+            raise DinbError(f"max_len {max_len}: give 1 to the model's {self.hf['max_position_embeddings']} "
+                            "positions")
+        if self.slots < 1:
+            raise DinbError(f"slots {slots}: give at least 1 sequence slot")
+        default = [b for b in (16, 64, 256) if b < self.max_len] + [self.max_len]
+        self.buckets = tuple(sorted({int(b) for b in (buckets or default)}))
+        bad = [b for b in self.buckets if not 1 <= b <= self.max_len]
+        if bad:
+            raise DinbError(f"prompt buckets {bad} do not fit max_len {self.max_len}; give lengths 1 to "
+                            f"{self.max_len}")
+        self.tokenizer = tokenizer
+
+    # ---- sizes ---------------------------------------------------------------------------------
+    @property
+    def layers(self) -> int:
+        return int(self.hf["num_hidden_layers"])
+
+    @property
+    def heads(self) -> int:
+        return int(self.hf["num_attention_heads"])
+
+    @property
+    def kv_heads(self) -> int:
+        return int(self.hf["num_key_value_heads"])
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.hf["hidden_size"]) // self.heads
+
+    @property
+    def vocab(self) -> int:
+        return int(self.hf["vocab_size"])
+
+    def cache_shape(self) -> tuple[int, ...]:
+        """``(layers, 2, slots, kv_heads, max_len, head_dim)``: keys (0) and values (1)."""
+        return (self.layers, 2, self.slots, self.kv_heads, self.max_len, self.head_dim)
+
+    # ---- parameters ----------------------------------------------------------------------------
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        h, f, dh = self.hf["hidden_size"], self.hf["intermediate_size"], self.head_dim
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab, h)}
+        for i in range(self.layers):
+            p = f"model.layers.{i}."
+            shapes.update({
+                f"{p}input_layernorm.weight": (h,),
+                f"{p}self_attn.q_proj.weight": (self.heads * dh, h),
+                f"{p}self_attn.k_proj.weight": (self.kv_heads * dh, h),
+                f"{p}self_attn.v_proj.weight": (self.kv_heads * dh, h),
+                f"{p}self_attn.o_proj.weight": (h, self.heads * dh),
+                f"{p}post_attention_layernorm.weight": (h,),
+                f"{p}mlp.gate_proj.weight": (f, h),
+                f"{p}mlp.up_proj.weight": (f, h),
+                f"{p}mlp.down_proj.weight": (h, f),
+            })
+        shapes["model.norm.weight"] = (h,)
+        if not self.hf["tie_word_embeddings"]:
+            shapes["lm_head.weight"] = (self.vocab, h)
+        return shapes
+
+    def init_params(self, seed: int = 0) -> dict[str, np.ndarray]:
+        """Random weights of the right shapes, deterministic for a seed: a matrix ``(out, in)`` is
+        ``N(0, 1/in)`` (activations stay of order 1, so the logits have clear winners), a norm
+        ``1 + N(0, 0.1^2)``. The Hugging Face reference (``tools/make_llama_reference.py``) loads
+        the same numbers."""
+        rng = np.random.default_rng(seed)
+        out = {}
+        for n, s in self.param_shapes().items():
+            if n.endswith("norm.weight"):
+                out[n] = (1 + 0.1 * rng.standard_normal(s)).astype(np.float32)
+            else:
+                out[n] = (rng.standard_normal(s) / np.sqrt(s[1])).astype(np.float32)
+        return out
+
+    def checkpoint(self) -> Path | None:
+        if self.model_dir is None or not (self.model_dir / "model.safetensors").is_file():
+            return None
+        return self.model_dir / "model.safetensors"
+
+    # ---- the model -----------------------------------------------------------------------------
+    def _rms(self, w: Any, x: Any) -> Any:
+        import jax
+        import jax.numpy as jnp
+
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + self.hf["rms_norm_eps"])
+        return w * normed.astype(x.dtype)
+
+    def _rope(self, x: Any, pos: Any) -> Any:
+        """Rotary embedding of ``x`` (..., seq, heads, dh) at positions ``pos`` (..., seq)."""
+        import jax.numpy as jnp
+
+        dh = self.head_dim
+        inv = 1.0 / (self.hf["rope_theta"] ** (np.arange(0, dh, 2, dtype=np.float32) / dh))
+        angles = pos.astype(jnp.float32)[..., None] * inv  # (..., seq, dh/2)
+        cos = jnp.cos(jnp.concatenate([angles, angles], -1))[..., None, :].astype(x.dtype)
+        sin = jnp.sin(jnp.concatenate([angles, angles], -1))[..., None, :].astype(x.dtype)
+        half = dh // 2
+        rotated = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
+        return x * cos + rotated * sin
+
+    def _qkv(self, p: dict[str, Any], pre: str, x: Any, pos: Any) -> tuple[Any, Any, Any]:
+        """``q`` (b, s, K, H/K, dh), ``k`` and ``v`` (b, s, K, dh), rotary applied."""
+        b, s, _ = x.shape
+        h = self._rms(p[f"{pre}input_layernorm.weight"], x)
+        k_, g, dh = self.kv_heads, self.heads // self.kv_heads, self.head_dim
+        q = (h @ p[f"{pre}self_attn.q_proj.weight"].T).reshape(b, s, self.heads, dh)
+        k = (h @ p[f"{pre}self_attn.k_proj.weight"].T).reshape(b, s, k_, dh)
+        v = (h @ p[f"{pre}self_attn.v_proj.weight"].T).reshape(b, s, k_, dh)
+        q, k = self._rope(q, pos), self._rope(k, pos)
+        return q.reshape(b, s, k_, g, dh), k, v
+
+    def _attend(self, q: Any, keys: Any, values: Any, visible: Any) -> Any:
+        """``q`` (b, s, K, G, dh) over ``keys``/``values`` (b, K, t, dh); ``visible`` (b, s, t)."""
+        import jax
+        import jax.numpy as jnp
+
+        scores = jnp.einsum("bskgd,bktd->bkgst", q, keys) / np.sqrt(self.head_dim).astype(q.dtype)
+        scores = jnp.where(visible[:, None, None], scores.astype(jnp.float32), -jnp.inf)
+        weights = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        out = jnp.einsum("bkgst,bktd->bskgd", weights, values)
+        b, s = out.shape[:2]
+        return out.reshape(b, s, self.heads * self.head_dim)
+
+    def _mlp_block(self, p: dict[str, Any], pre: str, x: Any) -> Any:
+        import jax
+
+        h = self._rms(p[f"{pre}post_attention_layernorm.weight"], x)
+        inner = jax.nn.silu(h @ p[f"{pre}mlp.gate_proj.weight"].T) * (h @ p[f"{pre}mlp.up_proj.weight"].T)
+        return x + inner @ p[f"{pre}mlp.down_proj.weight"].T
+
+    def _logits(self, p: dict[str, Any], x: Any) -> Any:
+        import jax.numpy as jnp
+
+        head = p["model.embed_tokens.weight" if self.hf["tie_word_embeddings"] else "lm_head.weight"]
+        return (self._rms(p["model.norm.weight"], x) @ head.T).astype(jnp.float32)
+
+    def prefill(self, params: dict[str, Any], ids: Any, length: Any, slot: Any,
+                cache: Any) -> tuple[Any, Any]:
+        """The prompt ``ids`` (1, P) into sequence slot ``slot``; logits after token ``length - 1``."""
+        import jax
+        import jax.numpy as jnp
+
+        p_len = ids.shape[1]
+        pos = jnp.arange(p_len, dtype=jnp.int32)[None]
+        x = jnp.take(params["model.embed_tokens.weight"], ids, axis=0)
+        visible = (pos[0][None, :, None] >= pos[0][None, None, :])  # causal (1, P, P)
+        zero = jnp.zeros((), jnp.int32)
+        for i in range(self.layers):
+            pre = f"model.layers.{i}."
+            q, k, v = self._qkv(params, pre, x, pos)
+            k_t, v_t = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (1, K, P, dh)
+            new = jnp.stack([k_t, v_t])[None].astype(cache.dtype)  # (1, 2, 1, K, P, dh)
+            cache = jax.lax.dynamic_update_slice(cache, new, (i, zero, slot, zero, zero, zero))
+            a = self._attend(q, k_t, v_t, visible)
+            x = x + a @ params[f"{pre}self_attn.o_proj.weight"].T
+            x = self._mlp_block(params, pre, x)
+        last = jax.lax.dynamic_slice_in_dim(x, length - 1, 1, axis=1)[:, 0]
+        return self._logits(params, last), cache
+
+    def decode(self, params: dict[str, Any], tokens: Any, positions: Any, cache: Any) -> tuple[Any, Any]:
+        """One token per slot: ``tokens`` (S,) at ``positions`` (S,); logits (S, V)."""
+        import jax.numpy as jnp
+
+        slots = jnp.arange(tokens.shape[0])
+        x = jnp.take(params["model.embed_tokens.weight"], tokens, axis=0)[:, None]  # (S, 1, h)
+        visible = (jnp.arange(self.max_len)[None, None, :] <= positions[:, None, None])  # (S, 1, T)
+        for i in range(self.layers):
+            pre = f"model.layers.{i}."
+            q, k, v = self._qkv(params, pre, x, positions[:, None])
+            cache = cache.at[i, 0, slots, :, positions].set(k[:, 0].astype(cache.dtype))
+            cache = cache.at[i, 1, slots, :, positions].set(v[:, 0].astype(cache.dtype))
+            a = self._attend(q, cache[i, 0], cache[i, 1], visible)
+            x = x + a @ params[f"{pre}self_attn.o_proj.weight"].T
+            x = self._mlp_block(params, pre, x)
+        return self._logits(params, x[:, 0]), cache
+
+    def apply(self, params: dict[str, Any], tokens: Any, positions: Any, cache: Any) -> Any:
+        """The decode step (what ``predict``, the explorer and the plans run); see :meth:`decode`."""
+        return self.decode(params, tokens, positions, cache)
+
+    def forward(self, params: dict[str, Any], ids: Any) -> Any:
+        """Logits of every position of ``ids`` (batch, seq), no cache: the plain forward pass
+        (training, and the check of the cached programs)."""
+        import jax.numpy as jnp
+
+        b, s = ids.shape
+        pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s))
+        x = jnp.take(params["model.embed_tokens.weight"], ids, axis=0)
+        visible = jnp.broadcast_to(pos[0][None, :, None] >= pos[0][None, None, :], (b, s, s))
+        for i in range(self.layers):
+            pre = f"model.layers.{i}."
+            q, k, v = self._qkv(params, pre, x, pos)
+            a = self._attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), visible)
+            x = x + a @ params[f"{pre}self_attn.o_proj.weight"].T
+            x = self._mlp_block(params, pre, x)
+        return self._logits(params, x)
+
+    # ---- inputs and outputs ----------------------------------------------------------------------
+    def input_specs(self) -> tuple[TensorSpec, ...]:
+        """The decode step's inputs (the program ``predict`` runs; prefill has its own)."""
+        return (TensorSpec("tokens", (self.slots,), "int32"), TensorSpec("positions", (self.slots,), "int32"),
+                TensorSpec("kv_cache", self.cache_shape()))
+
+    def output_names(self) -> tuple[str, ...]:
+        return ("logits", "kv_cache")
+
+    def output_specs(self) -> tuple[TensorSpec, ...]:
+        return (TensorSpec("logits", (self.slots, self.vocab)), TensorSpec("kv_cache", self.cache_shape()))
+
+    def example_inputs(self, seed: int = 0) -> list[np.ndarray]:
+        rng = np.random.default_rng(seed)
+        return [rng.integers(0, self.vocab, self.slots).astype(np.int32), np.zeros(self.slots, np.int32),
+                np.zeros(self.cache_shape(), np.float32)]
+
+    def config(self) -> dict[str, Any]:
+        return {"config": dict(self.hf), "slots": self.slots, "max_len": self.max_len,
+                "buckets": list(self.buckets), "tokenizer": self.tokenizer,
+                "model_dir": str(self.model_dir) if self.model_dir else None}
+
+    # ---- strategies ----------------------------------------------------------------------------
+    def valid_tp(self) -> list[int]:
+        """Tensor-parallel sizes: dividing the query heads, and dividing or a multiple of the
+        key/value heads."""
+        return [t for t in range(1, self.heads + 1)
+                if self.heads % t == 0 and (self.kv_heads % t == 0 or t % self.kv_heads == 0)
+                and self.hf["intermediate_size"] % t == 0]
+
+    def _grid(self, tp: int) -> tuple[list[int], Any, Any]:
+        """The device matrix, the map entry of query-head (and MLP) axes, that of key/value heads."""
+        if tp not in self.valid_tp():
+            raise StrategyError(
+                f"megatron on {tp} ranks: {self.heads} query heads, {self.kv_heads} key/value heads and "
+                f"{self.hf['intermediate_size']} MLP columns do not split into {tp} groups (tp must divide "
+                "the query heads and the MLP, and divide or be a multiple of the key/value heads); the "
+                "tensor-parallel sizes that would: "
+                f"{', '.join(map(str, self.valid_tp()))}"
+            )
+        if tp <= self.kv_heads:
+            return [tp], 0, 0
+        return [self.kv_heads, tp // self.kv_heads], (1, 0), 1
+
+    def _strategy(self, device_num: int, name: str, input_shapes: Sequence[tuple[int, ...]]) -> Strategy:
+        n = device_num
+        if name == "batch" and self.slots % n:
+            sizes = [d for d in range(1, self.slots + 1) if self.slots % d == 0]
+            raise StrategyError(f"batch on {n} ranks: {self.slots} sequence slots do not split into {n} "
+                                f"equal parts; rank counts that would: {', '.join(map(str, sizes))}")
+        if name == "megatron":
+            dm, q_axis, kv_axis = self._grid(n)
+        else:
+            dm, q_axis, kv_axis = [n], -1, -1
+        params = {}
+        vocab_axis = q_axis if self.vocab % n == 0 else -1  # a vocabulary that does not divide: whole
+        for pname, shape in self.param_shapes().items():
+            if pname == "lm_head.weight":
+                tmap: list[Any] = [vocab_axis, -1]
+            elif any(part in pname for part in ("q_proj", "gate_proj", "up_proj")):
+                tmap = [q_axis, -1]
+            elif "k_proj" in pname or "v_proj" in pname:
+                tmap = [kv_axis, -1]
+            elif "o_proj" in pname or "down_proj" in pname:
+                tmap = [-1, q_axis]
+            else:
+                tmap = [-1] * len(shape)
+            params[pname] = Layout(dm, tmap)
+        slot_axis = 0 if name == "batch" else -1
+        cache = Layout(dm, [-1, -1, slot_axis, kv_axis, -1, -1])
+        inputs = [Layout(dm, [slot_axis]), Layout(dm, [slot_axis]), cache]
+        outputs = [Layout(dm, [-1, -1]), cache]  # logits whole on every rank: all pick alike
+        return Strategy(params, inputs=inputs, outputs=outputs)
+
+    def cache_layout(self, strategy: Strategy) -> Layout:
+        """The KV cache's layout under ``strategy`` (the decode step's third input)."""
+        return strategy.inputs[2]

@@ -1,0 +1,219 @@
+"""Generation in the server: continuous batching of sequences over the agents' slots.
+
+A decoder's export has ``S`` sequence *slots*, one row each of the KV cache the agents keep on
+their devices (see :mod:`dinb.runtime.generation`). The :class:`GenerationScheduler` in the
+serving process runs one *step* at a time on every agent, the same message to each::
+
+    worker -> agents   gen_step  {prefill: [{slot, ids, sampling}], decode: {tokens, positions, active}}
+    agents -> worker   result    {tokens: {slot: token}, compute_ms}
+
+A step first prefills the requests that joined (each into a free slot; the agents pick its first
+token), then runs one decode step of every slot already generating. This is iteration-level
+scheduling (Orca's, vLLM's): a new request joins at the next step instead of waiting for the
+batch to end, and a finished one (its end token, its ``max_tokens``, or its client gone) leaves
+its slot free for the next. When every slot is busy, up to ``max_waiting`` requests wait in
+order; one more gets :class:`Unavailable` (HTTP 503) at once. Every rank picks the same tokens
+(the logits are whole on each, the generators seeded alike), and the scheduler checks it.
+
+A rank that dies fails every request in flight with the worker's 503 naming it, as infer does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from dinb.errors import DinbError, InputError
+from dinb.runtime.sampling import SamplingParams
+from dinb.serving.worker import DistributedWorker, Unavailable
+
+log = logging.getLogger("dinb.serving")
+PARAMETERS = ("max_tokens", "temperature", "top_k", "top_p", "seed")
+
+
+@dataclass
+class GenRequest:
+    """One sequence being generated; its tokens arrive on ``tokens`` (then None, or an error)."""
+
+    ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    stop_ids: frozenset[int]
+    tokens: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    slot: int | None = None
+    produced: int = 0
+    position: int = 0
+    last: int = 0
+    finish_reason: str | None = None
+    cancelled: bool = False
+
+
+class GenerationScheduler:
+    """The slots of one decoder servable and the step loop that fills them."""
+
+    def __init__(self, worker: DistributedWorker, info: dict[str, Any], max_waiting: int = 64):
+        self.worker = worker
+        self.slots, self.max_len = int(info["slots"]), int(info["max_len"])
+        self.buckets, self.vocab = list(info["buckets"]), int(info["vocab"])
+        self.stop_ids = frozenset(int(t) for t in info.get("eos_token_id") or ())
+        self.max_waiting = max_waiting
+        self.free = list(range(self.slots))
+        self.active: dict[int, GenRequest] = {}
+        self.waiting: deque[GenRequest] = deque()
+        self.steps = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[Any] | None = None
+
+    def submit(self, ids: list[int], parameters: dict[str, Any]) -> GenRequest:
+        """Check and queue one request (400 for a bad one, 503 when nothing is free)."""
+        unknown = sorted(set(parameters) - set(PARAMETERS) - {"stream"})
+        if unknown:
+            raise InputError(f"unknown parameters {unknown}; this server takes {list(PARAMETERS)}")
+        max_tokens = parameters.get("max_tokens", 16)
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise InputError(f"max_tokens={max_tokens!r}: give a whole number >= 1")
+        try:
+            sampling = SamplingParams(**{k: parameters[k] for k in PARAMETERS[1:] if k in parameters})
+        except TypeError as e:
+            raise InputError(f"parameters: {e}") from None
+        if not ids or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab
+                              for t in ids):
+            raise InputError(f"the prompt must be 1 or more token ids in 0 .. {self.vocab - 1}")
+        if len(ids) > self.buckets[-1]:
+            raise InputError(f"a prompt of {len(ids)} tokens is longer than the model's largest bucket "
+                             f"({self.buckets[-1]} tokens); shorten it")
+        if len(ids) + max_tokens - 1 > self.max_len:
+            raise InputError(f"a prompt of {len(ids)} tokens and max_tokens {max_tokens} need "
+                             f"{len(ids) + max_tokens - 1} cache positions; the model has {self.max_len}: "
+                             f"ask for at most {self.max_len - len(ids) + 1} tokens")
+        if not self.worker.ready:
+            raise Unavailable(self.worker.why_unavailable())
+        if not self.free and len(self.waiting) >= self.max_waiting:
+            raise Unavailable(f"all {self.slots} sequence slots are busy and {len(self.waiting)} requests "
+                              "wait; try again shortly")
+        req = GenRequest(list(ids), max_tokens, sampling, self.stop_ids)
+        self.waiting.append(req)
+        self._start()
+        self._wake.set()
+        return req
+
+    def cancel(self, req: GenRequest) -> None:
+        """The client went away: the request leaves its slot (or the queue) at the next step."""
+        req.cancelled = True
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self._wake.set()
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._fail_all(Unavailable("the servable is stopping"))
+
+    # ---- the step loop -------------------------------------------------------------------------
+    def _start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            if not self.active and not self.waiting:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                await self._step()
+            except asyncio.CancelledError:
+                raise
+            except DinbError as e:
+                self._fail_all(e if isinstance(e, Unavailable) else Unavailable(str(e)))
+            except Exception as e:  # never leave a stream hanging
+                log.exception("generation step failed")
+                self._fail_all(Unavailable(f"generation failed: {type(e).__name__}: {e}"))
+
+    async def _step(self) -> None:
+        for slot, req in list(self.active.items()):
+            if req.cancelled:
+                self._finish(slot, "cancelled")
+        joining = []
+        while self.free and self.waiting:
+            req = self.waiting.popleft()
+            req.slot = self.free.pop(0)
+            joining.append(req)
+        decoding = dict(self.active)
+        for req in joining:
+            self.active[req.slot] = req
+        if not self.active:
+            return
+        tokens = [0] * self.slots
+        positions = [self.max_len - 1] * self.slots  # idle slots write a position no one reads yet
+        for slot, req in decoding.items():
+            tokens[slot], positions[slot] = req.last, req.position
+        header = {"prefill": [{"slot": r.slot, "ids": r.ids, "sampling": r.sampling.__dict__}
+                              for r in joining],
+                  "decode": {"tokens": tokens, "positions": positions, "active": sorted(decoding)}
+                  if decoding else None}
+        picked = await self.worker.step(header)
+        self.steps += 1
+        for req in joining:
+            req.position = len(req.ids)
+            self._emit(req, picked[req.slot])
+        for slot, req in decoding.items():
+            req.position += 1
+            self._emit(req, picked[slot])
+
+    def _emit(self, req: GenRequest, token: int) -> None:
+        req.last, req.produced = token, req.produced + 1
+        req.tokens.put_nowait(token)
+        if token in req.stop_ids:
+            self._finish(req.slot, "stop")
+        elif req.produced >= req.max_tokens:
+            self._finish(req.slot, "length")
+
+    def _finish(self, slot: int | None, reason: str) -> None:
+        req = self.active.pop(slot, None) if slot is not None else None
+        if req is None:
+            return
+        req.finish_reason = reason
+        req.tokens.put_nowait(None)
+        self.free.append(slot)
+        self.free.sort()
+
+    def _fail_all(self, error: Exception) -> None:
+        for req in [*self.active.values(), *self.waiting]:
+            req.tokens.put_nowait(error)
+        self.free = list(range(self.slots))
+        self.active.clear()
+        self.waiting.clear()
+
+
+async def tokens_of(req: GenRequest) -> Any:
+    """The request's tokens as they come (an async iterator); raises the step's error."""
+    while True:
+        item = await req.tokens.get()
+        if item is None:
+            return
+        if isinstance(item, Exception):
+            raise item
+        yield item
+
+
+def agent_step(model: Any, samplers: dict[int, Any], header: dict[str, Any]) -> dict[str, Any]:
+    """One generation step on an agent: the prefills, then the decode step; the picked tokens."""
+    from dinb.runtime.sampling import Sampler
+
+    t0 = time.perf_counter()
+    picked: dict[str, int] = {}
+    for p in header.get("prefill") or ():
+        slot = int(p["slot"])
+        samplers[slot] = Sampler(SamplingParams(**p["sampling"]))
+        picked[str(slot)] = samplers[slot].pick(model.prefill(slot, p["ids"]))
+    decode = header.get("decode")
+    if decode:
+        logits = model.decode_step(decode["tokens"], decode["positions"])
+        for slot in decode["active"]:
+            picked[str(slot)] = samplers[slot].pick(logits[slot])
+    return {"tokens": picked, "compute_ms": 1000 * (time.perf_counter() - t0)}
