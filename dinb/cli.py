@@ -416,9 +416,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         distributed.start_servable(servable_dir, name, distributed_address=args.distributed_address,
                                    wait_agents_time_in_seconds=args.wait, batch_delay_ms=args.batch_delay_ms,
                                    max_queue=args.max_queue)
-        server.start_grpc_server(args.grpc)
+        if args.grpc != "none":
+            server.start_grpc_server(args.grpc)
         server.start_restful_server(args.rest)
-        print(f"serving {name} ({len(files)} ranks, method predict: {ins} -> {outs}) on gRPC {args.grpc} and "
+        grpc = f"gRPC {args.grpc} and " if args.grpc != "none" else ""
+        print(f"serving {name} ({len(files)} ranks, method predict: {ins} -> {outs}) on {grpc}"
               f"REST http://{args.rest} (v2 model {name!r}); Ctrl-C stops", flush=True)
         if "generation" in meta:
             print(f"it generates: POST http://{args.rest}/v2/models/{name}/generate and .../generate_stream "
@@ -641,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "Protocol v2)")
     p.add_argument("--model-dir", required=True)
     p.add_argument("--name", default=None, help="the servable's name (default: the export's model)")
-    p.add_argument("--grpc", default="127.0.0.1:5500")
+    p.add_argument("--grpc", default="127.0.0.1:5500", help="host:port, or none for REST alone")
     p.add_argument("--rest", default="127.0.0.1:1500")
     p.add_argument("--distributed-address", default="127.0.0.1:6200")
     p.add_argument("--batching", action="store_true", help="merge requests along the first axis")

@@ -119,5 +119,7 @@ def test_stop_leaves_no_process(matmul_dir):
     assert c.predict(X).outputs[0][0, 0] == -48
     pids = list(c.pids)
     c.stop()
-    time.sleep(0.5)
+    deadline = time.monotonic() + 30  # wait for the processes to be gone, not a fixed time
+    while any(cl._alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not any(cl._alive(p) for p in pids)

@@ -147,6 +147,8 @@ def test_bad_requests_get_clear_errors(decoder, weights, tmp_path):
         decoder.strategy(3)
     with pytest.raises(StrategyError, match="rank counts that would: 1, 2"):
         decoder.strategy(4, "batch")
+    with pytest.raises(StrategyError, match="runs as one pipeline stage"):
+        decoder.strategy(4, pipeline_stages=2)
     simulated(1)
     model = loaded(export(decoder, weights, tmp_path, 1))
     with pytest.raises(InputError, match="largest bucket \\(16 tokens\\)"):

@@ -486,7 +486,10 @@ def test_agents_before_the_worker_and_a_worker_restarted_under_running_agents(tm
     agents = subprocess.Popen([PY, "serving_agent.py"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     try:
-        time.sleep(3)  # the agents are up and wait for their worker
+        # the agents are up (their processes started) and wait for their worker
+        wait_until(lambda: len([p for p in children(agents.pid)
+                                if "serve-agent" in open(f"/proc/{p}/cmdline").read()]) == 2,
+                   60, "the two agent processes")
         assert agents.poll() is None
         for attempt in range(2):  # the second server starts under the same, still running agents
             server = subprocess.Popen([PY, "serving_server.py"], cwd=tmp_path, env=ENV,

@@ -404,6 +404,13 @@ class LlamaDecoder(ModelDef):
             return [tp], 0, 0
         return [self.kv_heads, tp // self.kv_heads], (1, 0), 1
 
+    def _layer_count(self, stages: int) -> int:
+        raise StrategyError(
+            f"model {self.name!r} runs as one pipeline stage: its KV cache and its per-token programs are "
+            f"not split into {stages} stages; split it over ranks by heads (--strategy megatron) or by "
+            "sequences (--strategy batch) instead"
+        )
+
     def _strategy(self, device_num: int, name: str, input_shapes: Sequence[tuple[int, ...]]) -> Strategy:
         n = device_num
         if name == "batch" and self.slots % n:
