@@ -121,11 +121,11 @@ def generate(prompts: Any, max_new_tokens: int, sampling: dict[str, Any]) -> dic
         while len(so_far) <= row:
             so_far.append([])
         so_far[row].append(token)
-        _publish(tokens=[list(r) for r in so_far])
+        _publish(tokens=so_far)  # ipyparallel serializes it now: no copy needed
 
     _publish(phase="collective", t=time.time())
     tokens = model.generate(prompts, max_new_tokens, on_token=on_token, **sampling)
-    _publish(phase="done", t=time.time(), tokens=[list(r) for r in so_far])
+    _publish(phase="done", t=time.time(), tokens=so_far)
     return {"tokens": tokens, "timings": model.generation_info()["timings"]}
 
 
