@@ -160,6 +160,10 @@ class DecodeRun:
         """Slot ``slot``'s keys and values at positions ``0 .. length-1`` as
         ``(layers, 2, kv_heads, length, head_dim)`` (gathered in one process; for tests and
         pictures)."""
+        self.ensure_cache()
+        if not self.cache.is_fully_addressable:
+            raise InputError("kv_cache gathers the whole cache, which one process holds only when it hosts "
+                             "every rank (--simulate N); under mpiexec each rank holds its own heads")
         return np.asarray(self.cache)[:, :, slot, :, :length]
 
     # ---- the token loop ---------------------------------------------------------------------------
