@@ -26,21 +26,17 @@ from typing import Any
 
 import numpy as np
 
+from dinb.formats.safetensors import np_dtype
 from dinb.layout import Layout
 from dinb.slicefile import TensorMeta
 from dinb.strategy import Strategy
+from dinb.tracing import trace_program
 
 
 def cache_bytes(cache: TensorMeta, rank: int) -> int:
     """Bytes of the KV cache that ``rank`` holds."""
     shape = [s.stop - s.start for s in cache.layout.slice_of(rank, cache.shape, cache.name)]
-    return int(np.prod(shape)) * np.dtype(_np_dtype(cache.dtype)).itemsize
-
-
-def _np_dtype(name: str) -> Any:
-    from dinb.formats.safetensors import np_dtype
-
-    return np_dtype(name)
+    return int(np.prod(shape)) * np.dtype(np_dtype(cache.dtype)).itemsize
 
 
 def build_generation_programs(
@@ -55,8 +51,6 @@ def build_generation_programs(
     Returns ``{1: decode, "prefill_<P>": prefill}``, the slice files' ``generation`` record, and
     the decode step's input and output metadata (what ``Model.predict`` runs).
     """
-    from dinb.export import trace_program
-
     layouts = {k: strategy[k] for k in param_specs}
     n = strategy.device_num
     cache_layout = strategy.inputs[2]

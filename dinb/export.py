@@ -18,17 +18,18 @@ from typing import Any
 
 import numpy as np
 
+from dinb.decode_programs import build_generation_programs
 from dinb.errors import DinbError, StrategyError
 from dinb.formats.safetensors import np_dtype
-from dinb.layout import Layout, one_mesh_shardings
+from dinb.layout import Layout
 from dinb.models.base import ModelDef
 from dinb.pipeline import MAX_MICRO_BATCHES, carry_layout, micro_batch_choices, stage_layer_ranges
 from dinb.progress import progress
 from dinb.slicefile import TensorMeta, slice_file_name, write_slice_file
 from dinb.strategy import Strategy
+from dinb.tracing import DEFAULT_PLATFORMS, trace_program
 from dinb.version import __version__
 
-DEFAULT_PLATFORMS = ("cpu", "cuda")
 FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64"}
 
 
@@ -64,56 +65,6 @@ def build_program(
     names = model.output_names()
     return program_bytes, [TensorMeta(names[i] if i < len(names) else f"output_{i}", *o)
                            for i, o in enumerate(outs)]
-
-
-def trace_program(
-    fn: Any,
-    param_specs: Mapping[str, tuple[tuple[int, ...], str]],
-    param_layouts: Mapping[str, Layout],
-    input_specs: Sequence[tuple[tuple[int, ...], str]],
-    in_layouts: Sequence[Layout],
-    out_layouts: Sequence[Layout] | Any | None,
-    platforms: Sequence[str] = DEFAULT_PLATFORMS,
-    what: str = "the model",
-) -> tuple[bytes, list[tuple[tuple[int, ...], str, Layout]]]:
-    """Serialize ``fn(params, *inputs) -> tuple`` as one SPMD program over an abstract mesh.
-
-    ``out_layouts`` is a list, a function of the traced output shapes giving one, or None
-    (replicated outputs). Returns the program and each output's shape, dtype and layout.
-    """
-    import jax
-    from jax import export as jax_export
-
-    n = next(iter(param_layouts.values())).device_num if param_layouts else in_layouts[0].device_num
-    outs = list(jax.eval_shape(
-        fn,
-        {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in param_specs.items()},
-        *[jax.ShapeDtypeStruct(s, d) for s, d in input_specs],
-    ))
-    if callable(out_layouts):
-        out_layouts = out_layouts([tuple(o.shape) for o in outs])
-    out_layouts = list(out_layouts or [Layout.replicated(len(o.shape), n) for o in outs])
-    if len(out_layouts) != len(outs):
-        raise StrategyError(
-            f"strategy has layouts for {len(out_layouts)} outputs, {what} returns {len(outs)}"
-        )
-    for i, (lay, o) in enumerate(zip(out_layouts, outs)):
-        lay.check_shape(o.shape, f"output {i}")
-
-    pnames = list(param_specs)
-    shardings = one_mesh_shardings([param_layouts[k] for k in pnames] + list(in_layouts) + out_layouts)
-    p_shard = dict(zip(pnames, shardings))
-    x_shard = shardings[len(pnames):len(pnames) + len(in_layouts)]
-    o_shard = shardings[len(pnames) + len(in_layouts):]
-
-    jitted = jax.jit(fn, in_shardings=(p_shard, *x_shard), out_shardings=tuple(o_shard))
-    args = (
-        {k: jax.ShapeDtypeStruct(s, d, sharding=p_shard[k]) for k, (s, d) in param_specs.items()},
-        *[jax.ShapeDtypeStruct(s, d, sharding=sh) for (s, d), sh in zip(input_specs, x_shard)],
-    )
-    exported = jax_export.export(jitted, platforms=tuple(platforms))(*args)
-    return bytes(exported.serialize()), [
-        (tuple(o.shape), str(np.dtype(o.dtype)), lay) for o, lay in zip(outs, out_layouts)]
 
 
 def build_stage_programs(
@@ -264,8 +215,6 @@ def export_distributed(
     if getattr(model, "generates", False):
         if strategy.pipeline_stages > 1:
             raise StrategyError(f"model {model.name!r} generates; its export has one pipeline stage")
-        from dinb.decode_programs import build_generation_programs
-
         programs, generation, in_meta, out_meta = build_generation_programs(
             model, param_specs, strategy, dtype or "float32", platforms)
         stage_programs, stage_meta = [programs], [None]

@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dinb.errors import StrategyError
+from dinb.errors import DinbError, StrategyError
 from dinb.models.rank_program import RankProgram
 from dinb.strategy import Strategy
+
+
+def read_config_json(path: Path, model_type: str, family: str) -> dict[str, Any]:
+    """A Hugging Face ``config.json``, checked to be a JSON object of ``model_type`` (a config
+    without the field is taken to be one); ``family`` names the checkpoint in the errors."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DinbError(f"{path} does not exist; a {family} checkpoint directory holds config.json") from None
+    except (OSError, ValueError) as e:
+        raise DinbError(f"{path} is not a readable JSON config ({e})") from None
+    if not isinstance(data, dict) or data.get("model_type", model_type) != model_type:
+        found = data.get("model_type") if isinstance(data, dict) else type(data).__name__
+        raise DinbError(f"{path}: not a {family} config (model_type {found!r})")
+    return data
 
 
 @dataclass(frozen=True)

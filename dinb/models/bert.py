@@ -33,7 +33,6 @@ and the attention mask (batch, seq).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -43,7 +42,7 @@ import numpy as np
 
 from dinb.errors import DinbError, StrategyError
 from dinb.layout import Layout
-from dinb.models.base import ModelDef, TensorSpec
+from dinb.models.base import ModelDef, TensorSpec, read_config_json
 from dinb.models.rank_program import AllGather, AllReduce, Local, RankProgram
 from dinb.strategy import Strategy
 
@@ -76,7 +75,7 @@ class BertEncoder(ModelDef):
         self.model_dir = Path(model_dir) if model_dir else None
         if config is None:
             self.model_dir = self.model_dir or minilm_dir()
-            config = _read_json(self.model_dir / "config.json")
+            config = read_config_json(self.model_dir / "config.json", "bert", "BERT")
         self.hf = {k: config[k] for k in ("hidden_size", "num_attention_heads", "num_hidden_layers",
                                           "intermediate_size", "vocab_size", "max_position_embeddings",
                                           "type_vocab_size", "layer_norm_eps")}
@@ -363,14 +362,3 @@ class BertEncoder(ModelDef):
     def _rank_out(self, p: dict[str, Any], x: Any, b: Any, m: Any, f: Any, *, pre: str) -> tuple[Any, ...]:
         return self._ln(p, f"{pre}output.LayerNorm", x + f + p[f"{pre}output.dense.bias"]), b, m
 
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DinbError(f"{path} does not exist; a BERT checkpoint directory holds config.json") from None
-    except (OSError, ValueError) as e:
-        raise DinbError(f"{path} is not a readable JSON config ({e})") from None
-    if not isinstance(data, dict) or data.get("model_type", "bert") != "bert":
-        raise DinbError(f"{path}: not a BERT config (model_type {data.get('model_type')!r})")
-    return data

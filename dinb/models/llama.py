@@ -41,7 +41,6 @@ slots over the ranks, every rank holding every weight.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +50,7 @@ import numpy as np
 
 from dinb.errors import DinbError, StrategyError
 from dinb.layout import Layout
-from dinb.models.base import ModelDef, TensorSpec
+from dinb.models.base import ModelDef, TensorSpec, read_config_json
 from dinb.strategy import Strategy
 
 CONFIG_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
@@ -61,15 +60,7 @@ CONFIG_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num
 
 def read_llama_config(path: Path) -> dict[str, Any]:
     """The fields of a Hugging Face ``LlamaConfig`` (``config.json``) that this decoder uses."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DinbError(f"{path} does not exist; a Llama checkpoint directory holds config.json") from None
-    except (OSError, ValueError) as e:
-        raise DinbError(f"{path} is not a readable JSON config ({e})") from None
-    if not isinstance(data, dict):
-        raise DinbError(f"{path}: a config is a JSON object")
-    return llama_config(data, str(path))
+    return llama_config(read_config_json(path, "llama", "Llama"), str(path))
 
 
 def llama_config(data: dict[str, Any], where: str = "config") -> dict[str, Any]:

@@ -27,9 +27,10 @@ from typing import Any
 import numpy as np
 
 from dinb import ranks
-from dinb.errors import InputError, RankMismatchError, SliceFileError
+from dinb.errors import InputError, RankMismatchError
 from dinb.formats.safetensors import np_dtype
 from dinb.layout import Layout, one_mesh_shardings
+from dinb.runtime.programs import deserialize
 from dinb.runtime.sampling import Sampler, SamplingParams
 from dinb.slicefile import SliceFile, TensorMeta
 
@@ -65,14 +66,9 @@ class DecodeRun:
         if which in self._compiled:
             return self._compiled[which]
         import jax
-        from jax import export as jax_export
 
         first = next(iter(self.files.values()))
-        try:
-            exported = jax_export.deserialize(bytearray(first.program_for(which)))
-        except Exception as e:
-            raise SliceFileError(f"{first.path}: program {which!r} cannot be read by jax "
-                                 f"{jax.__version__} ({type(e).__name__}: {e}); export again") from None
+        exported = deserialize(first, which, "the decode step" if which == 1 else f"the {which} program")
         if exported.nr_devices != self.job.world_size:
             raise RankMismatchError(f"{first.path}: the program was exported for {exported.nr_devices} "
                                     f"devices but this job has {self.job.world_size}")

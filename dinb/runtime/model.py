@@ -42,6 +42,7 @@ from dinb.runtime.context import Context, ModelType
 from dinb.runtime.generation import DecodeRun
 from dinb.runtime.onnx_rank import OnnxRanks
 from dinb.runtime.pipeline_run import PipelineRun
+from dinb.runtime.programs import deserialize
 from dinb.runtime.rank_steps import JitRanks, StepRanks, rank_program_of
 from dinb.runtime.sampling import SamplingParams
 from dinb.runtime.tensor import Tensor
@@ -252,17 +253,9 @@ class Model:
 
     def _compile(self, job: ranks.Job) -> None:
         import jax
-        from jax import export as jax_export
 
         first = next(iter(self._files.values()))
-        try:
-            exported = jax_export.deserialize(bytearray(first.program))
-        except Exception as e:  # flatbuffers or a JAX version that cannot read this serialization
-            raise SliceFileError(
-                f"{first.path}: the program cannot be read by jax {jax.__version__} ({type(e).__name__}: "
-                f"{e}); it was exported with jax {first.meta.get('jax_version', 'unknown')}. Export again "
-                "with this JAX."
-            ) from None
+        exported = deserialize(first)
         if exported.nr_devices != job.world_size:
             raise RankMismatchError(
                 f"{first.path}: the program was exported for {exported.nr_devices} devices but "
@@ -510,13 +503,14 @@ class Model:
         return self._decoder("kv_cache").cache_slot(slot, length)
 
     def generation_info(self) -> dict[str, Any] | None:
-        """A decoder's ``slots``, ``max_len``, prompt ``buckets``, the KV ``cache`` (shape, dtype,
+        """A decoder's ``slots``, ``max_len``, prompt ``buckets``, ``vocab``, the KV ``cache`` (shape, dtype,
         layout) and the ``cache_bytes`` each local rank holds; None for other exports."""
         self._check_built()
         if self._gen is None:
             return None
         g = self._gen
-        return {"slots": g.slots, "max_len": g.max_len, "buckets": list(g.buckets), "cache": g.cache_meta,
+        return {"slots": g.slots, "max_len": g.max_len, "buckets": list(g.buckets), "vocab": g.vocab,
+                "cache": g.cache_meta,
                 "cache_bytes": dict(g.cache_bytes), "timings": dict(g.timings)}
 
     def _decoder(self, what: str) -> DecodeRun:

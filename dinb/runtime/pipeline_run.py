@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 
 from dinb import ranks
-from dinb.errors import InputError, RankMismatchError, SliceFileError
+from dinb.errors import InputError, RankMismatchError
 from dinb.layout import one_mesh_shardings
 from dinb.pipeline import StageEvent
 from dinb.runtime.config import RuntimeConfig
+from dinb.runtime.programs import deserialize
 from dinb.runtime.stage_link import LocalLink, MpiLink, Shard, XlaLink, choose_transfer
 from dinb.slicefile import SliceFile, TensorMeta
 
@@ -122,19 +123,11 @@ class PipelineRun:
 
     def _compile(self, stage: int, m: int) -> Any:
         import jax
-        from jax import export as jax_export
 
         if (stage, m) in self._compiled:
             return self._compiled[(stage, m)]
         sf = next(sf for r, sf in self.files.items() if r // self.t == stage)
-        try:
-            exported = jax_export.deserialize(bytearray(sf.program_for(m)))
-        except Exception as e:  # flatbuffers or a JAX version that cannot read this serialization
-            raise SliceFileError(
-                f"{sf.path}: the stage {stage} program for {m} micro-batches cannot be read by jax "
-                f"{jax.__version__} ({type(e).__name__}: {e}); it was exported with jax "
-                f"{sf.meta.get('jax_version', 'unknown')}. Export again with this JAX."
-            ) from None
+        exported = deserialize(sf, m, f"the stage {stage} program for {m} micro-batches")
         if exported.nr_devices != self.t:
             raise RankMismatchError(
                 f"{sf.path}: the stage {stage} program spans {exported.nr_devices} devices, but the "

@@ -43,10 +43,9 @@ def generation_info(model: Any) -> dict[str, Any] | None:
     info = model.generation_info()
     if info is None:
         return None
-    first = model.output_meta()[0]
     config = model.export_meta().get("model_config", {})
     return {"slots": info["slots"], "max_len": info["max_len"], "buckets": info["buckets"],
-            "vocab": int(first.shape[-1]), "model_dir": config.get("model_dir"),
+            "vocab": info["vocab"], "model_dir": config.get("model_dir"),
             "eos_token_id": (config.get("config") or {}).get("eos_token_id")}
 
 
