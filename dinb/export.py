@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from dinb import batch_buckets as bb
 from dinb.decode_programs import build_generation_programs
 from dinb.errors import DinbError, StrategyError
 from dinb.formats.safetensors import np_dtype
@@ -65,6 +66,30 @@ def build_program(
     names = model.output_names()
     return program_bytes, [TensorMeta(names[i] if i < len(names) else f"output_{i}", *o)
                            for i, o in enumerate(outs)]
+
+
+def build_bucket_programs(
+    model: ModelDef,
+    param_specs: dict[str, tuple[tuple[int, ...], str]],
+    strategy: Strategy,
+    input_specs: Sequence[tuple[tuple[int, ...], str]],
+    platforms: Sequence[str],
+    buckets: Sequence[int],
+    out_meta: Sequence[TensorMeta],
+) -> dict[str, bytes]:
+    """``{program/batch_<b>: program}`` for every bucket below the export's batch, each checked
+    to give the outputs of the full batch with ``b`` rows."""
+    programs = {}
+    for b in buckets[:-1]:
+        specs = [(bb.at_batch(s, b), d) for s, d in input_specs]
+        programs[bb.program_name(b)], outs = build_program(model, param_specs, strategy, specs, platforms)
+        if [tuple(m.shape) for m in outs] != [bb.at_batch(m.shape, b) for m in out_meta]:
+            raise StrategyError(
+                f"model {model.name!r}: at {b} rows its outputs are {[list(m.shape) for m in outs]}, "
+                f"not {[list(m.shape) for m in out_meta]} with {b} rows; batch buckets need every "
+                "output's first axis to be the batch. Export without batch buckets"
+            )
+    return programs
 
 
 def build_stage_programs(
@@ -162,6 +187,7 @@ def export_distributed(
     show_progress: bool = False,
     dtype: str | None = None,
     micro_batches: Sequence[int] | None = None,
+    batch_buckets: Sequence[int] | None = None,
 ) -> list[Path]:
     """Write ``{model}{rank}.dinb`` for every rank of ``strategy`` into ``out_dir``.
 
@@ -177,6 +203,11 @@ def export_distributed(
     A strategy with pipeline stages gives each rank only its stage's parameter slices and its
     stage's programs, one for each micro-batch count in ``micro_batches`` (default: those of
     1, 2, 4, 8 that divide the batch; 1 is always there).
+
+    ``batch_buckets`` (one-stage exports): also a program for each of these batch sizes (the
+    export's batch is the largest), so a server runs a small merged batch at its own size
+    instead of padding it to the export's (see :mod:`dinb.batch_buckets`;
+    ``dinb.batch_buckets.choices`` gives the default list).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -211,7 +242,10 @@ def export_distributed(
     strategy = strategy.with_shapes({k: s for k, (s, _) in param_specs.items()})
     n = strategy.device_num
 
-    generation = None
+    generation, buckets = None, None
+    if batch_buckets is not None and (strategy.pipeline_stages > 1 or getattr(model, "generates", False)):
+        raise StrategyError("batch buckets are for one-stage exports of models without a KV cache; "
+                            "a pipelined export has micro-batches, a decoder sequence slots")
     if getattr(model, "generates", False):
         if strategy.pipeline_stages > 1:
             raise StrategyError(f"model {model.name!r} generates; its export has one pipeline stage")
@@ -229,6 +263,11 @@ def export_distributed(
             )
         program, out_meta = build_program(model, param_specs, strategy, input_specs, platforms)
         stage_programs, stage_meta = [{1: program}], [None]
+        if batch_buckets is not None:
+            buckets = bb.check(batch_buckets, input_layouts(strategy, input_specs),
+                               [s for s, _ in input_specs], [s.name for s in model.input_specs()])
+            stage_programs[0].update(build_bucket_programs(model, param_specs, strategy, input_specs,
+                                                           platforms, buckets, out_meta))
     from jax import __version__ as jax_version
     if generation is None:
         in_layouts = input_layouts(strategy, input_specs)
@@ -266,6 +305,8 @@ def export_distributed(
             meta["pipeline"] = stage_meta[stage]
         if generation is not None:
             meta["generation"] = generation
+        if buckets is not None:
+            meta["batch_buckets"] = buckets
         paths.append(write_slice_file(out_dir / slice_file_name(model.name, rank), meta,
                                       slices, stage_programs[stage if stage_meta[0] is not None else 0]))
     strategy.save(out_dir / "strategy.json")

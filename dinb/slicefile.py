@@ -22,6 +22,9 @@ It is the analogue of MindSpore's ``Matmul0.mindir``. Format (plain safetensors,
   prefill programs' ``prefill_inputs``/``prefill_outputs``. ``program`` is then the decode step
   and ``program/prefill_<P>`` the prefill of a prompt of up to ``P`` tokens (see
   :mod:`dinb.decode_programs`).
+* in an export with batch buckets also ``batch_buckets`` (the batch sizes it has programs for,
+  ascending, the largest being the inputs' own) and ``program/batch_<b>`` for each smaller
+  one; ``program`` runs the largest (see :mod:`dinb.batch_buckets`).
 
 Reading checks the header field by field before any tensor is read (a damaged file is a
 :class:`SliceFileError` naming the file and the field), then reads the tensors with one open.
@@ -110,6 +113,11 @@ class SliceFile:
         return (self.extra_programs or {})[str(micro_batches)]
 
     @property
+    def batch_buckets(self) -> list[int]:
+        """The batch sizes this export has programs for, ascending ([] without buckets)."""
+        return list(self.meta.get("batch_buckets", []))
+
+    @property
     def generation(self) -> dict[str, Any] | None:
         """A decoder's cache and programs (see the module docstring), or None."""
         return self.meta.get("generation")
@@ -177,6 +185,8 @@ def _extra_programs(meta: dict[str, Any]) -> list[int | str]:
     """The programs a file holds besides ``program``: micro-batch counts or prefill names."""
     if "generation" in meta:
         return [f"prefill_{b}" for b in meta["generation"]["buckets"]]
+    if "batch_buckets" in meta:
+        return [f"batch_{b}" for b in meta["batch_buckets"][:-1]]
     return [m for m in meta.get("pipeline", {}).get("micro_batches", [1]) if m != 1]
 
 
@@ -238,6 +248,8 @@ def _check_meta(check: Fields, meta: dict[str, Any], header: st.Header) -> None:
             check.fail(f"{where}: the file holds {found} for it, the metadata says {d['dtype']}{list(shape)}")
     if "generation" in meta:
         _check_generation(check, meta, span)
+    if "batch_buckets" in meta:
+        _check_batch_buckets(check, meta)
     records: dict[int | str, Any] = {1: check.obj(check.get(meta, "program", "metadata", dict), "program")}
     for m in _extra_programs(meta):
         extra = check.obj(check.get(meta, "programs", "metadata", dict), "programs")
@@ -273,6 +285,18 @@ def _check_generation(check: Fields, meta: dict[str, Any], world: int) -> None:
     for d, where in tensors:
         check.get(d, "name", where, str)
         _tensor_layout(check, d, where, world).check_shape(d["shape"], where)
+
+
+def _check_batch_buckets(check: Fields, meta: dict[str, Any]) -> None:
+    """``batch_buckets``: ascending batch sizes, the largest the inputs' own first axis."""
+    if "pipeline" in meta or "generation" in meta:
+        check.fail("batch_buckets in a pipelined or a decoder's export; they are for one-stage exports")
+    buckets = check.get(meta, "batch_buckets", "metadata", list)
+    for i, b in enumerate(buckets):
+        check.int(b, f"batch_buckets[{i}]", 1)
+    top = [d["shape"][0] if d["shape"] else None for d in meta["inputs"]]
+    if not buckets or buckets != sorted(set(buckets)) or any(t != buckets[-1] for t in top):
+        check.fail(f"batch_buckets {buckets} must ascend to the inputs' batch {top}")
 
 
 def _check_pipeline(check: Fields, meta: dict[str, Any], rank: int, world: int) -> int:

@@ -57,10 +57,13 @@ class Model:
         self._files: dict[int, SliceFile] = {}
         self._inputs: list[TensorMeta] = []
         self._outputs: list[TensorMeta] = []
-        self._compiled: Any = None
+        self._compiled: Any = None  # the program at the export's batch
+        self._by_batch: dict[int, Any] = {}  # with batch buckets: each bucket's program
         self._params: dict[str, Any] = {}
         self._in_shardings: list[Any] = []
-        self._in_slices: dict[int, list[tuple[slice, ...]]] = {}  # each local rank's input slices
+        # at each batch size the export runs: each local rank's input slices
+        self._in_slices: dict[int, dict[int, list[tuple[slice, ...]]]] = {}
+        self.batch_buckets: list[int] = []  # the batch sizes predict takes (see dinb.batch_buckets)
         self._steps: StepRanks | None = None  # per-rank programs (tensorrt, or collectives = mpi)
         self._pipe: PipelineRun | None = None
         self._gen: DecodeRun | None = None  # a decoder's cache and programs (generate)
@@ -203,8 +206,11 @@ class Model:
         self._in_types = [(tuple(m.shape), np_dtype(m.dtype)) for m in self._inputs]
         if first.pipeline is not None:
             return  # the stages slice their own inputs (dinb.runtime.pipeline_run)
-        self._in_slices = {r: [m.layout.slice_of(r, m.shape, m.name) for m in self._inputs]
-                           for r in job.local_ranks}
+        self.batch_buckets = first.batch_buckets
+        self._in_slices = {
+            b: {r: [m.layout.slice_of(r, self._at_batch(m.shape, b), m.name) for m in self._inputs]
+                for r in job.local_ranks}
+            for b in self.batch_buckets or [None]}
         self._out_whole = [len(m.layout.replica_groups()) == 1 or len(job.local_ranks) == 1
                            for m in self._outputs]
 
@@ -270,6 +276,14 @@ class Model:
         jitted = jax.jit(exported.call, in_shardings=(p_shard, *self._in_shardings),
                          out_shardings=o_shard)
         self._compiled = jitted.lower(self._params, *structs).compile()
+        for b in self.batch_buckets[:-1]:  # the smaller buckets' programs: same shardings
+            small = deserialize(first, f"batch_{b}", f"the program for batch {b}")
+            structs = [jax.ShapeDtypeStruct(self._at_batch(m.shape, b), m.dtype, sharding=s)
+                       for m, s in zip(self._inputs, self._in_shardings)]
+            jitted = jax.jit(small.call, in_shardings=(p_shard, *self._in_shardings), out_shardings=o_shard)
+            self._by_batch[b] = jitted.lower(self._params, *structs).compile()
+        if self.batch_buckets:
+            self._by_batch[self.batch_buckets[-1]] = self._compiled
 
     # ---- run ---------------------------------------------------------------------------------
     def get_inputs(self) -> list[Tensor]:
@@ -321,15 +335,18 @@ class Model:
             raise InputError(f"micro_batches={micro_batches!r}: this export has one pipeline stage; "
                              "micro-batches are for pipelined exports")
         arrays = self._check_inputs(inputs)
+        batch = arrays[0].shape[0] if self.batch_buckets else None
         # the last call's device outputs go first: kept alive while the next call runs, they cost
         # MiniLM at batch 64 on a GPU 1.3 ms a call (4.7 ms against 6.1, measured)
         self._last = []
         if self._steps is not None:
             self._last_by_rank = self._steps.run(
-                {r: tuple(a[sl] for a, sl in zip(arrays, slices)) for r, slices in self._in_slices.items()})
+                {r: tuple(a[sl] for a, sl in zip(arrays, slices))
+                 for r, slices in self._in_slices[batch].items()}, batch)
             self._last = list(next(iter(self._last_by_rank.values())))
             return self._output_tensors()
-        self._last = list(self._compiled(self._params, *self._global_inputs(arrays)))
+        program = self._by_batch[batch] if batch is not None else self._compiled
+        self._last = list(program(self._params, *self._global_inputs(arrays, batch)))
         return self._output_tensors()
 
     def _check_inputs(self, inputs: Sequence[Tensor | np.ndarray]) -> list[np.ndarray]:
@@ -342,15 +359,28 @@ class Model:
         for m, (shape, dtype), x in zip(self._inputs, self._in_types, inputs):
             a = x.get_data_to_numpy() if isinstance(x, Tensor) else np.asarray(x)
             if a.shape != shape or a.dtype != dtype:
-                raise InputError(
-                    f"input {m.name!r} must be {m.dtype}{list(m.shape)} (as exported), got "
-                    f"{a.dtype}{list(a.shape)}; convert with np.asarray(x, dtype=np.{m.dtype}) "
-                    "or export again for this shape"
-                )
+                if not self._a_bucket(a, shape, dtype, arrays):
+                    rows = f" (or {self.batch_buckets} rows)" if self.batch_buckets else ""
+                    raise InputError(
+                        f"input {m.name!r} must be {m.dtype}{list(m.shape)}{rows} (as exported), got "
+                        f"{a.dtype}{list(a.shape)}; convert with np.asarray(x, dtype=np.{m.dtype}) "
+                        "or export again for this shape"
+                    )
             arrays.append(a)
         return arrays
 
-    def _global_inputs(self, arrays: list[np.ndarray]) -> list[Any]:
+    def _a_bucket(self, a: np.ndarray, shape: tuple[int, ...], dtype: np.dtype,
+                  before: list[np.ndarray]) -> bool:
+        """Whether ``a`` is an input at one of the export's batch buckets (as those before it)."""
+        return (bool(self.batch_buckets) and a.dtype == dtype and a.ndim == len(shape)
+                and a.shape[1:] == shape[1:] and a.shape[0] in self.batch_buckets
+                and (not before or before[0].shape[0] == a.shape[0]))
+
+    @staticmethod
+    def _at_batch(shape: tuple[int, ...], batch: int | None) -> tuple[int, ...]:
+        return shape if batch is None else (batch, *shape[1:])
+
+    def _global_inputs(self, arrays: list[np.ndarray], batch: int | None) -> list[Any]:
         """The inputs as the program takes them. In one process the numpy arrays go as they are:
         the compiled call splits and transfers them in XLA's C++ path (measured ~40 us faster per
         call than building the sharded arrays here). Ranks of several processes each build
@@ -362,7 +392,7 @@ class Model:
         out = []
         for i, (a, sh) in enumerate(zip(arrays, self._in_shardings)):
             shards = [jax.device_put(a[slices[i]], self._job.device_of(r))
-                      for r, slices in self._in_slices.items()]
+                      for r, slices in self._in_slices[batch].items()]
             out.append(jax.make_array_from_single_device_arrays(a.shape, sh, shards))
         return out
 

@@ -111,8 +111,9 @@ def shapes_after(step: Collective, specs: tuple[Any, ...], world: int) -> tuple[
 
 
 class StepRanks:
-    """The ranks this process hosts, each running its rank program (see the module doc).
-    Subclasses compile a run of local steps (:meth:`_compile`)."""
+    """The ranks this process hosts, each running its rank program (see the module doc), at the
+    export's batch and at each of its batch buckets. Subclasses compile a run of local steps
+    (:meth:`_compile`)."""
 
     what = "the per-rank program"  # for errors and describe()
     runs_on = "jit"
@@ -125,33 +126,40 @@ class StepRanks:
         self.world_size = world_size
         self.comm = MpiCollectives(world_size, self.what) if process_count > 1 else None
         self.inputs, self.outputs = first.inputs, first.outputs
-        self.stages: dict[int, list[Stage | Collective]] = {}
+        #: each local rank's compiled steps at each batch size (None: the export's own)
+        self.stages: dict[int, dict[int | None, list[Stage | Collective]]] = {}
         for rank, sf in files.items():
-            specs = tuple(jax.ShapeDtypeStruct(m.layout.slice_shape(m.shape, m.name), m.dtype)
-                          for m in self.inputs)
-            compiled: list[Stage | Collective] = []
-            for i, stage in enumerate(self.program.stages()):
-                if isinstance(stage, list):
-                    name = f"{self.model.name}_rank{rank}_stage{i}"
-                    compiled.append(self._compile(stage, sf.params, specs, name, rank))
-                    specs = tuple(jax.eval_shape(_runner(stage, sf.params), *specs))
-                else:
-                    compiled.append(stage)
-                    specs = shapes_after(stage, specs, world_size)
-            self.stages[rank] = compiled
+            self.stages[rank] = {}
+            for batch in first.batch_buckets or [None]:
+                shapes = [m.shape if batch is None else (batch, *m.shape[1:]) for m in self.inputs]
+                specs = tuple(jax.ShapeDtypeStruct(m.layout.slice_shape(s, m.name), m.dtype)
+                              for m, s in zip(self.inputs, shapes))
+                compiled: list[Stage | Collective] = []
+                for i, stage in enumerate(self.program.stages()):
+                    if isinstance(stage, list):
+                        name = f"{self.model.name}_rank{rank}_stage{i}" + (f"_batch{batch}" if batch else "")
+                        compiled.append(self._compile(stage, sf.params, specs, name, rank))
+                        specs = tuple(jax.eval_shape(_runner(stage, sf.params), *specs))
+                    else:
+                        compiled.append(stage)
+                        specs = shapes_after(stage, specs, world_size)
+                self.stages[rank][batch] = compiled
 
     def _compile(self, steps: Sequence[Local], params: dict[str, np.ndarray], specs: tuple[Any, ...],
                  name: str, rank: int) -> Stage:
         raise NotImplementedError
 
-    def run(self, inputs_by_rank: dict[int, tuple[np.ndarray, ...]]) -> dict[int, tuple[np.ndarray, ...]]:
-        """Every local rank's program on its input slices; the outputs of each local rank."""
+    def run(self, inputs_by_rank: dict[int, tuple[np.ndarray, ...]],
+            batch: int | None = None) -> dict[int, tuple[np.ndarray, ...]]:
+        """Every local rank's program (at ``batch`` rows, one of the export's batch buckets; None:
+        the export's batch) on its input slices; the outputs of each local rank."""
         values = dict(inputs_by_rank)
-        for i, step in enumerate(self.stages[next(iter(self.stages))]):
+        steps = {r: by_batch[batch] for r, by_batch in self.stages.items()}
+        for i, step in enumerate(steps[next(iter(steps))]):
             if isinstance(step, (AllReduce, AllGather)):
                 values = self._collect(step, values)
             else:
-                values = {r: self.stages[r][i](vals) for r, vals in values.items()}  # type: ignore[operator]
+                values = {r: steps[r][i](vals) for r, vals in values.items()}  # type: ignore[operator]
         return values
 
     def _collect(self, step: Collective, values: dict[int, tuple[np.ndarray, ...]]
@@ -203,9 +211,9 @@ class JitRanks(StepRanks):
         def run(p: dict[str, Any], *values: Any) -> tuple[Any, ...]:
             return run_locals(steps, p, values)
 
-        jitted = jax.jit(run)
+        compiled = jax.jit(run).lower(placed, *specs).compile()
 
         def stage(values: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
-            return tuple(np.asarray(v) for v in jitted(placed, *values))
+            return tuple(np.asarray(v) for v in compiled(placed, *values))
 
         return stage
