@@ -55,8 +55,18 @@ reference: $(REF)/.installed
 	HF_HUB_OFFLINE=1 $(REF)/bin/python tools/make_minilm_reference.py
 	HF_HUB_OFFLINE=1 $(REF)/bin/python tools/make_llama_reference.py
 
+# The peer servers benchmarks/serving.py measures beside dinb: MLServer with the same JAX, in a
+# venv of its own (its pins differ from dinb's serving stack). Python 3.12: MLServer 1.7 wants < 3.13.
+PEERS := .venv-peers
+
+$(PEERS)/.installed:
+	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install --quiet --upgrade pip
+	$(PEERS)/bin/python -m pip install --quiet 'mlserver==1.7.1' 'jax[cpu]==0.12.0.1'
+	touch $@
+
 # every CPU benchmark, one after the other on this machine (gpu_predict.py needs a GPU)
-bench: $(STAMP) $(REF)/.installed
+bench: $(STAMP) $(REF)/.installed $(PEERS)/.installed
 	$(BIN)/python benchmarks/predict_overhead.py
 	$(BIN)/python benchmarks/collectives.py
 	$(BIN)/python benchmarks/notebook_predict.py
@@ -69,4 +79,4 @@ bench: $(STAMP) $(REF)/.installed
 	$(BIN)/python benchmarks/generate.py
 
 clean:
-	rm -rf $(VENV) $(REF) build *.egg-info
+	rm -rf $(VENV) $(REF) $(PEERS) build *.egg-info

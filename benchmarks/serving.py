@@ -1,17 +1,25 @@
-"""Serving the Megatron MLP (d=1024, ff=4096) on 2 agents: latency and throughput of batch-1 requests.
+"""Serving the Megatron MLP (d=1024, ff=4096) on 2 agents, beside a peer server: latency and throughput.
 
-    python benchmarks/serving.py [--requests 400]
+    python benchmarks/serving.py [--requests 400] [--no-peers]
 
-Two servers (``python -m dinb serve``), one after the other, on the same 2-rank export shape:
+Servers, one after the other, each on its own free ports:
 
-  batching off   exported for batch 1; every request is one run of the model
-  batching on    exported for batch 32; concurrent requests merge into one run (up to 32 rows)
+  dinb, batching off   ``python -m dinb serve`` of a 2-rank export for batch 1: a request is a run
+  dinb, batching on    the same with ``--batching`` on an export for batch 32 with batch buckets
+                       1, 2, 4, 8, 16, 32: merged requests run at the smallest bucket holding them
+  dinb before          the configuration before batch buckets, MPI agents and the local link
+                       (``--agents processes --no-local-link --batch-delay-ms 1``, the batch-32
+                       export without buckets), for the ratios in one run
+  mlserver, off / on   MLServer (``make .venv-peers/.installed``) serving the same MLP as one JAX
+                       function on one device in one process, with its adaptive batching off / on
+                       (max 32 rows, padded to a power of two as dinb's buckets)
 
-For each, REST (the binary tensor extension, as tritonclient sends) and gRPC (raw contents), at
-concurrency 1, 8 and 32: p50 and p99 latency at the client, and requests per second. The floor
-is ``Model.predict`` inside the agents for those same requests (each response carries its
-``dinb_compute_ms``, measured around ``Model.predict`` on the ranks), so "overhead" is what
-the serving path adds in the same run. Results: ``benchmarks/results/serving.json``.
+Requests are batch-1 float32 rows, REST (dinb: the binary tensor extension, as tritonclient sends;
+MLServer: JSON, the only body it reads; dinb JSON too, at concurrency 1, for a like-for-like row)
+and gRPC (raw contents), at concurrency 1, 8 and 32: p50 and p99 at the client and requests per
+second. The floor is the median ``Model.predict`` of ``mpiexec -n 2 python -m dinb run --repeat
+300`` on the batch-1 export, run in this benchmark; "over floor" is p50 minus it. dinb's responses
+also carry the ranks' own compute (``dinb_compute_ms``). Results: ``benchmarks/results/serving.json``.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,188 +43,283 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from predict_overhead import machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+PEERS = ROOT / ".venv-peers" / "bin"
 D, FF = 1024, 4096
+MODEL = "mlp"
 
 
-def start_server(model_dir: Path, batching: bool) -> tuple[subprocess.Popen[str], str, str]:
-    from dinb.ranks import free_port
-
-    rest, grpc_addr, dist = (f"127.0.0.1:{free_port()}" for _ in range(3))
-    cmd = [
-        sys.executable,
-        "-m",
-        "dinb",
-        "serve",
-        "--model-dir",
-        str(model_dir),
-        "--rest",
-        rest,
-        "--grpc",
-        grpc_addr,
-        "--distributed-address",
-        dist,
-        "--batch-delay-ms",
-        "1",
-        *(["--batching"] if batching else []),
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-    )
-    deadline = time.monotonic() + 120
+def wait_ready(proc: subprocess.Popen[str], rest: str, what: str, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited with {proc.returncode}")
         try:
             with urllib.request.urlopen(f"http://{rest}/v2/health/ready", timeout=2) as r:
                 if r.status == 200:
-                    return proc, rest, grpc_addr
+                    return
         except OSError:
             time.sleep(0.2)
     proc.kill()
-    raise SystemExit("the server did not become ready")
+    raise SystemExit(f"{what} did not become ready")
 
 
-async def drive(protocol: str, address: str, concurrency: int, n: int, rows: np.ndarray) -> dict:
+def ports(n: int) -> list[str]:
+    from dinb.ranks import free_port
+
+    return [f"127.0.0.1:{free_port()}" for _ in range(n)]
+
+
+BEFORE = ["--agents", "processes", "--no-local-link", "--batch-delay-ms", "1"]
+
+
+def start_dinb(model_dir: Path, batching: bool, extra: list[str]) -> tuple[subprocess.Popen[str], str, str]:
+    rest, grpc_addr, dist = ports(3)
+    cmd = [sys.executable, "-m", "dinb", "serve", "--model-dir", str(model_dir), "--name", MODEL,
+           "--rest", rest, "--grpc", grpc_addr, "--distributed-address", dist,
+           *(["--batching"] if batching else []), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    wait_ready(proc, rest, "dinb serve")
+    return proc, rest, grpc_addr
+
+
+def start_mlserver(tmp: Path, params: dict[str, np.ndarray],
+                   batching: bool) -> tuple[subprocess.Popen[str], str, str]:
+    rest, grpc_addr, metrics = ports(3)
+    folder = tmp / f"mlserver-{'on' if batching else 'off'}"
+    (folder / MODEL).mkdir(parents=True)
+    np.savez(folder / MODEL / "params.npz", **params)
+    shutil.copy(Path(__file__).parent / "peers" / "mlserver_mlp.py", folder / MODEL / "mlserver_mlp.py")
+    (folder / "settings.json").write_text(json.dumps({
+        "host": "127.0.0.1", "http_port": int(rest.split(":")[1]), "grpc_port": int(grpc_addr.split(":")[1]),
+        "metrics_port": int(metrics.split(":")[1]), "parallel_workers": 0, "debug": False}))
+    (folder / MODEL / "model-settings.json").write_text(json.dumps({
+        "name": MODEL, "implementation": "mlserver_mlp.JaxMLP",
+        "parameters": {"uri": str(folder / MODEL / "params.npz")},
+        **({"max_batch_size": 32, "max_batch_time": 0.001} if batching else {})}))
+    proc = subprocess.Popen([str(PEERS / "mlserver"), "start", str(folder)], cwd=folder / MODEL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    wait_ready(proc, rest, "mlserver")
+    return proc, rest, grpc_addr
+
+
+async def drive(protocol: str, address: str, concurrency: int, n: int, rows: np.ndarray,
+                params: dict[str, np.ndarray]) -> dict:
     import aiohttp
     import grpc
     from tritonclient.grpc import service_pb2 as pb
     from tritonclient.grpc import service_pb2_grpc as pbg
 
+    from dinb.models import mlp_reference
+
     latencies, computes = [], []
-    head = json.dumps(
-        {
-            "inputs": [
-                {"name": "x", "shape": [1, D], "datatype": "FP32", "parameters": {"binary_data_size": D * 4}}
-            ],
-            "outputs": [{"name": "output_0", "parameters": {"binary_data": True}}],
-        }
-    ).encode()
+    head = json.dumps({"inputs": [{"name": "x", "shape": [1, D], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": D * 4}}],
+                       "outputs": [{"name": "output_0", "parameters": {"binary_data": True}}]}).encode()
     async with aiohttp.ClientSession() as session, grpc.aio.insecure_channel(address) as channel:
         stub = pbg.GRPCInferenceServiceStub(channel)
+        url = f"http://{address}/v2/models/{MODEL}/infer"
 
-        async def rest_one(i: int) -> float:
-            body = head + rows[i % len(rows)].tobytes()
-            async with session.post(
-                f"http://{address}/v2/models/mlp/infer",
-                data=body,
-                headers={"Inference-Header-Content-Length": str(len(head))},
-            ) as r:
+        async def rest_binary(i: int) -> tuple[np.ndarray, float | None]:
+            async with session.post(url, data=head + rows[i % len(rows)].tobytes(),
+                                    headers={"Inference-Header-Content-Length": str(len(head))}) as r:
                 data = await r.read()
                 assert r.status == 200, data[:200]
                 size = int(r.headers["Inference-Header-Content-Length"])
-                return json.loads(data[:size])["parameters"]["dinb_compute_ms"]
+                meta = json.loads(data[:size])
+                return np.frombuffer(data[size:], np.float32), meta["parameters"]["dinb_compute_ms"]
 
-        async def grpc_one(i: int) -> float:
-            req = pb.ModelInferRequest(model_name="mlp")
+        async def rest_json(i: int) -> tuple[np.ndarray, float | None]:
+            body = {"inputs": [{"name": "x", "shape": [1, D], "datatype": "FP32",
+                                "data": rows[i % len(rows)].reshape(-1).tolist()}]}
+            async with session.post(url, json=body) as r:
+                meta = await r.json()
+                assert r.status == 200, meta
+                out = np.asarray(meta["outputs"][0]["data"], np.float32)
+                return out, (meta.get("parameters") or {}).get("dinb_compute_ms")
+
+        async def grpc_raw(i: int) -> tuple[np.ndarray, float | None]:
+            req = pb.ModelInferRequest(model_name=MODEL)
             req.inputs.append(pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1, D]))
             req.raw_input_contents.append(rows[i % len(rows)].tobytes())
             resp = await stub.ModelInfer(req)
-            return resp.parameters["dinb_compute_ms"].double_param
+            out = (np.frombuffer(resp.raw_output_contents[0], np.float32) if resp.raw_output_contents
+                   else np.asarray(resp.outputs[0].contents.fp32_contents, np.float32))
+            extra = resp.parameters
+            return out, extra["dinb_compute_ms"].double_param if "dinb_compute_ms" in extra else None
 
-        one = rest_one if protocol == "rest" else grpc_one
-        for i in range(min(20, n)):  # warm up
+        one = {"rest": rest_binary, "rest-json": rest_json, "grpc": grpc_raw}[protocol]
+        got, _ = await one(0)  # the answer is right (and the server warm)
+        np.testing.assert_allclose(got.reshape(1, D), mlp_reference(params, rows[0]), rtol=1e-3, atol=1e-3)
+        for i in range(1, min(20, n)):
             await one(i)
         queue = iter(range(n))
 
         async def worker() -> None:
             for i in queue:
                 t0 = time.perf_counter()
-                computes.append(await one(i))
+                _, compute = await one(i)
                 latencies.append((time.perf_counter() - t0) * 1e3)
+                if compute is not None:
+                    computes.append(compute)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
     lat = np.array(latencies)
-    return {
-        "p50_ms": float(np.percentile(lat, 50)),
-        "p99_ms": float(np.percentile(lat, 99)),
-        "rps": n / wall,
-        "compute_p50_ms": float(np.median(computes)),
-    }
+    return {"p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)), "rps": n / wall,
+            "compute_p50_ms": float(np.median(computes)) if computes else None}
+
+
+def mpiexec_floor(model_dir: Path, tmp: Path) -> float:
+    """The median predict of 2 mpiexec ranks on the export (the slowest rank's), in ms."""
+    from dinb.cli import _mpiexec
+
+    out = tmp / "floor.json"
+    cmd = [_mpiexec(), "-n", "2", sys.executable, "-m", "dinb", "run", "--model-dir", str(model_dir),
+           "--repeat", "300", "--timings-json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    if proc.returncode:
+        raise SystemExit(f"mpiexec dinb run failed: {proc.stderr[-2000:]}")
+    return max(r["predict_ms_median"] for r in json.loads(out.read_text())["ranks"])
+
+
+def one_device_floor(params: dict[str, np.ndarray], rows: np.ndarray) -> float:
+    """The median of the same MLP as one jitted JAX function on one CPU device, numpy in and out
+    (what a peer server computes per batch-1 request), in ms."""
+    import jax
+    import jax.numpy as jnp
+
+    p = {k: jnp.asarray(v) for k, v in params.items()}
+    fn = jax.jit(lambda p, x: jax.nn.gelu(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"])
+    times = []
+    for i in range(320):
+        t0 = time.perf_counter()
+        np.asarray(fn(p, rows[i % len(rows)]))
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times[20:]))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=400)
+    ap.add_argument("--no-peers", action="store_true", help="dinb only")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serving.json"))
     args = ap.parse_args()
 
-    from dinb import export_distributed
+    from dinb import batch_buckets, export_distributed
     from dinb.models import MegatronMLP
 
     tmp = Path(tempfile.mkdtemp(prefix="dinb-serving-bench-"))
+    try:
+        return run(args, tmp, export_distributed, batch_buckets, MegatronMLP)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, tmp: Path, export_distributed, batch_buckets, MegatronMLP) -> int:  # noqa: N803
     rows = np.random.default_rng(0).standard_normal((64, 1, D)).astype(np.float32)
-    results = []
-    for batching, batch in ((False, 1), (True, 32)):
+    params = MegatronMLP(D, FF, 1).init_params(0)
+    for batch, bucketed in ((1, False), (32, True), (32, False)):
         net = MegatronMLP(D, FF, batch)
-        export_distributed(net, net.init_params(0), net.strategy(2), net.example_inputs(), tmp / f"b{batch}")
-        proc, rest, grpc_addr = start_server(tmp / f"b{batch}", batching)
+        strategy = net.strategy(2)
+        buckets = batch_buckets.choices(list(strategy.inputs), [(batch, D)]) if bucketed else None
+        export_distributed(net, params, strategy, net.example_inputs(),
+                           tmp / f"b{batch}{'-buckets' * bucketed}", batch_buckets=buckets)
+    floor = mpiexec_floor(tmp / "b1", tmp)
+    single = one_device_floor(params, rows)
+    print(f"floor: mpiexec -n 2 dinb run, median predict {floor:.3f} ms; one device in one process "
+          f"{single:.3f} ms", flush=True)
+
+    every = [(p, c) for p in ("rest", "grpc") for c in (1, 8, 32)]
+    servers = [("dinb", False, every), ("dinb", True, every),
+               ("dinb before", False, [("rest", 1), ("grpc", 1)]),
+               ("dinb before", True, [("rest", 1), ("rest", 32), ("grpc", 1), ("grpc", 32)])]
+    peers = not args.no_peers and (PEERS / "mlserver").exists()
+    if not args.no_peers and not peers:
+        print("MLServer is not installed (make .venv-peers/.installed): dinb only", flush=True)
+    if peers:
+        servers += [("mlserver", False, every), ("mlserver", True, every)]
+    results = []
+    for server, batching, cells in servers:
+        if server == "dinb":
+            proc, rest, grpc_addr = start_dinb(tmp / ("b32-buckets" if batching else "b1"), batching, [])
+        elif server == "dinb before":
+            proc, rest, grpc_addr = start_dinb(tmp / ("b32" if batching else "b1"), batching, BEFORE)
+        else:
+            proc, rest, grpc_addr = start_mlserver(tmp, params, batching)
         try:
-            for protocol, address in (("rest", rest), ("grpc", grpc_addr)):
-                for concurrency in (1, 8, 32):
-                    r = asyncio.run(drive(protocol, address, concurrency, args.requests, rows))
-                    r.update(batching=batching, protocol=protocol, concurrency=concurrency)
-                    results.append(r)
-                    print(
-                        f"batching {'on ' if batching else 'off'} {protocol:4s} c={concurrency:<3d} "
-                        f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  {r['rps']:7.1f} req/s  "
-                        f"(ranks' compute p50 {r['compute_p50_ms']:.2f} ms)",
-                        flush=True,
-                    )
+            if server == "mlserver":
+                cells = [("rest-json" if p == "rest" else p, c) for p, c in cells]
+            elif server == "dinb" and not batching:
+                cells = [*cells[:3], ("rest-json", 1), *cells[3:]]
+            for protocol, concurrency in cells:
+                address = rest if protocol.startswith("rest") else grpc_addr
+                r = asyncio.run(drive(protocol, address, concurrency, args.requests, rows, params))
+                r.update(server=server, batching=batching, protocol=protocol, concurrency=concurrency,
+                         over_floor_ms=None)
+                r["over_floor_ms"] = r["p50_ms"] - (single if server == "mlserver" else floor)
+                results.append(r)
+                compute = f"{r['compute_p50_ms']:.2f}" if r["compute_p50_ms"] is not None else "-"
+                on = "on " if batching else "off"
+                print(f"{server:11s} batching {on} {protocol:9s} c={concurrency:<3d} "
+                      f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  {r['rps']:7.1f} req/s  "
+                      f"(ranks' compute p50 {compute} ms)", flush=True)
         finally:
             proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
-
-    def get(batching: bool, protocol: str, c: int) -> dict:
-        return next(
-            r for r in results if (r["batching"], r["protocol"], r["concurrency"]) == (batching, protocol, c)
-        )
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
     m = machine()
-    print(
-        f"\nMegatron MLP d={D} ff={FF} on 2 agents, batch-1 requests, {args.requests} per cell; "
-        f"{m['cpu']}, {m['cores']} cores, jax {m['jax']}"
-    )
-    print(
-        f"{'batching':9s} {'protocol':8s} {'c':>3s} {'p50 ms':>8s} {'p99 ms':>8s} {'req/s':>8s} "
-        f"{'floor ms':>9s} {'p50 over floor':>15s}"
-    )
+    print(f"\nMegatron MLP d={D} ff={FF}, batch-1 requests, {args.requests} per cell; dinb on 2 agents, "
+          f"floor {floor:.3f} ms (mpiexec -n 2 dinb run), peers' floor {single:.3f} ms (one device); "
+          f"{m['cpu']}, {m['cores']} cores, jax {m['jax']}")
+    print(f"{'server':11s} {'batching':8s} {'protocol':9s} {'c':>3s} {'p50 ms':>8s} {'p99 ms':>8s} "
+          f"{'req/s':>8s} {'compute':>8s} {'p50-floor':>10s}")
     for r in results:
-        print(
-            f"{'on' if r['batching'] else 'off':9s} {r['protocol']:8s} {r['concurrency']:3d} "
-            f"{r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['rps']:8.1f} {r['compute_p50_ms']:9.2f} "
-            f"{r['p50_ms'] - r['compute_p50_ms']:15.2f}"
-        )
-    summary = {}
+        compute = f"{r['compute_p50_ms']:.2f}" if r["compute_p50_ms"] is not None else "-"
+        print(f"{r['server']:11s} {'on' if r['batching'] else 'off':8s} {r['protocol']:9s} "
+              f"{r['concurrency']:3d} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['rps']:8.1f} {compute:>8s} "
+              f"{r['over_floor_ms']:10.2f}")
+
+    def get(server: str, batching: bool, protocol: str, c: int) -> dict | None:
+        return next((r for r in results if (r["server"], r["batching"], r["protocol"], r["concurrency"])
+                     == (server, batching, protocol, c)), None)
+
+    summary: dict[str, dict[str, float]] = {}
     for protocol in ("rest", "grpc"):
-        c1 = get(False, protocol, 1)
-        summary[protocol] = {
-            "overhead_c1_ms": c1["p50_ms"] - c1["compute_p50_ms"],
-            "batched_c32_over_unbatched_c1": get(True, protocol, 32)["rps"] / c1["rps"],
+        off, on = get("dinb", False, protocol, 1), get("dinb", True, protocol, 1)
+        c32 = get("dinb", True, protocol, 32)
+        b_off, b32 = get("dinb before", False, protocol, 1), get("dinb before", True, protocol, 32)
+        assert off and on and c32 and b_off and b32
+        s = summary[protocol] = {
+            "dinb_over_floor_c1_ms": off["over_floor_ms"],
+            "before_over_floor_c1_ms": b_off["over_floor_ms"],
+            "batching_on_over_off_p50_c1": on["p50_ms"] / off["p50_ms"],
+            "dinb_rps_c32_batched": c32["rps"],
+            "c32_batched_rps_over_before": c32["rps"] / b32["rps"],
         }
-        print(
-            f"{protocol}: p50 overhead at concurrency 1 (batching off) "
-            f"{summary[protocol]['overhead_c1_ms']:.2f} ms; "
-            f"throughput at concurrency 32 batched / concurrency 1 unbatched "
-            f"{summary[protocol]['batched_c32_over_unbatched_c1']:.1f}x"
-        )
+        line = (f"{protocol}: dinb p50 - floor at c=1 {s['dinb_over_floor_c1_ms']:.2f} ms (before "
+                f"{s['before_over_floor_c1_ms']:.2f}); batching on / off p50 at c=1 "
+                f"{s['batching_on_over_off_p50_c1']:.2f}x; c=32 batched {c32['rps']:.0f} req/s "
+                f"({s['c32_batched_rps_over_before']:.2f}x before)")
+        peer_protocol = "rest-json" if protocol == "rest" else protocol
+        p_off, p32 = get("mlserver", False, peer_protocol, 1), get("mlserver", True, peer_protocol, 32)
+        if p_off and p32:
+            s["mlserver_over_floor_c1_ms"] = p_off["over_floor_ms"]
+            s["mlserver_rps_c32_batched"] = p32["rps"]
+            line += (f"; mlserver p50 - floor at c=1 {p_off['over_floor_ms']:.2f} ms, c=32 batched "
+                     f"{p32['rps']:.0f} req/s")
+        print(line)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps(
-            {
-                "benchmark": "serving",
-                "machine": m,
-                "requests": args.requests,
-                "results": results,
-                "summary": summary,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    record = {"benchmark": "serving", "machine": m, "requests": args.requests, "floor_ms": floor,
+              "one_device_floor_ms": single, "results": results, "summary": summary}
+    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     print(f"saved {args.out}")
     return 0
 

@@ -69,6 +69,7 @@ def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_export(args: argparse.Namespace) -> int:
     from dinb.export import export_distributed
     from dinb.models import get_model
+    from dinb.slicefile import read_meta
     from dinb.strategy import Strategy, infer_predict_layout
 
     model = get_model(args.model, **_model_kwargs(args))
@@ -85,12 +86,20 @@ def cmd_export(args: argparse.Namespace) -> int:
         params: Any = DistributedCheckpoint(checkpoint, args.checkpoint_strategy)
     else:
         params = model.init_params(args.seed)
+    buckets = args.batch_buckets
+    if buckets == "auto":
+        from dinb import batch_buckets
+        from dinb.export import input_layouts
+
+        shapes = [tuple(np.shape(x)) for x in inputs]
+        buckets = batch_buckets.choices(input_layouts(strategy, [(s, "float32") for s in shapes]), shapes)
     paths = export_distributed(model, params, strategy, inputs, args.out, dtype=args.dtype,
-                               micro_batches=args.micro_batches)
+                               micro_batches=args.micro_batches, batch_buckets=buckets)
     source = args.strategy_file or args.strategy or model.default_strategy
     stages = strategy.pipeline_stages
     layout = (f"{stages} stages x {strategy.stage_device_num} ranks = " if stages > 1 else "")
-    print(f"exported {model.name} ({source}) for {layout}{strategy.device_num} ranks to {args.out}:")
+    print(f"exported {model.name} ({source}) for {layout}{strategy.device_num} ranks to {args.out}"
+          + (f", batch buckets {read_meta(paths[0])['batch_buckets']}:" if buckets else ":"))
     for rank, p in enumerate(paths):
         read = f", {params.reads[rank]} bytes read from {checkpoint}" if checkpoint else ""
         stage = f"  stage {strategy.rank_stage(rank)}" if stages > 1 else ""
@@ -103,6 +112,10 @@ def _counts(text: str) -> list[int]:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: give counts separated by commas, e.g. 1,2,4") from None
+
+
+def _buckets(text: str) -> list[int] | str:
+    return "auto" if text == "auto" else _counts(text)
 
 
 def _seed_lines(name: str, data: np.ndarray) -> list[str]:
@@ -359,9 +372,22 @@ def cmd_serve_agent(args: argparse.Namespace) -> int:
     from dinb import ranks
     from dinb.runtime import Context, Model, ModelType
     from dinb.serving import agent
+    from dinb.serving.servable_key import keys_for
 
-    if args.world > 1 and ranks.mpi_world() is None and (args.rank is None or args.coordinator is None):
+    if args.log_file:  # this agent's output goes to its own file (agents of one MPI job share a terminal)
+        fd = os.open(args.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        for stream in (1, 2):
+            os.dup2(fd, stream)
+        os.close(fd)
+    world = ranks.mpi_world()
+    if args.world > 1 and world is None and (args.rank is None or args.coordinator is None):
         raise DinbError("serve-agent outside mpiexec needs --rank, --world and --coordinator host:port")
+    if world is not None and ((args.rank is not None and args.rank != world[0])
+                              or args.world not in (1, world[1])):
+        raise DinbError(f"serve-agent --rank {args.rank} --world {args.world} under mpiexec, which made "
+                        f"this process rank {world[0]} of {world[1]}; give mpiexec -n {args.world}, ranks "
+                        "in order")
+    keys = keys_for(args.distributed_address, args.key_file, "serve-agent")  # before joining: fail alone
     job = ranks.init(args.target, process_index=args.rank if ranks.mpi_world() is None else None,
                      process_count=args.world if ranks.mpi_world() is None else None,
                      coordinator=args.coordinator, init_timeout_s=args.init_timeout)
@@ -372,7 +398,7 @@ def cmd_serve_agent(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     how = agent.serve(args.distributed_address, model, job.process_index, job.process_count, job_id, stop,
-                      args.worker_timeout)
+                      args.worker_timeout, keys)
     if how == "stopped":
         del model
         ranks.shutdown()  # every rank was told to stop: they leave the job together
@@ -385,7 +411,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import tempfile
     import threading
 
+    from dinb.addresses import is_loopback
     from dinb.serving import distributed, server
+    from dinb.serving.servable_key import make_key_file
     from dinb.slicefile import find_slice_files, read_meta
 
     files = find_slice_files(args.model_dir)
@@ -411,11 +439,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"    return register.add_stage(model, {', '.join(ins)}, outputs_count={len(outs)})\n")
     launcher = None
     try:
-        launcher = distributed.startup_agents(args.distributed_address, [files[r] for r in sorted(files)],
-                                              target=args.target, block=False)
+        key_file = args.key_file
+        if key_file is None and not is_loopback(args.distributed_address.rpartition(":")[0].strip("[]")):
+            key_file = make_key_file(servable_dir / "servable.key")  # the agents started here get it
+        if args.agents != "none":
+            launcher = distributed.startup_agents(args.distributed_address, [files[r] for r in sorted(files)],
+                                                  target=args.target, block=False, launcher=args.agents,
+                                                  key_file=key_file)
         distributed.start_servable(servable_dir, name, distributed_address=args.distributed_address,
                                    wait_agents_time_in_seconds=args.wait, batch_delay_ms=args.batch_delay_ms,
-                                   max_queue=args.max_queue)
+                                   max_queue=args.max_queue, local_link=not args.no_local_link,
+                                   key_file=key_file)
         if args.grpc != "none":
             server.start_grpc_server(args.grpc)
         server.start_restful_server(args.rest)
@@ -432,14 +466,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         server.stop()
         if launcher is not None:
-            launcher.stop()
+            launcher.stop(wait_s=5.0)  # the agents were told to stop: let them leave by themselves
         shutil.rmtree(servable_dir, ignore_errors=True)
     return 0
 
 
+def cmd_serve_key(args: argparse.Namespace) -> int:
+    """A new servable key file (an existing one is kept)."""
+    from dinb.serving.servable_key import make_key_file
+
+    existed = Path(args.file).exists()
+    make_key_file(args.file)
+    print(f"{'kept the existing' if existed else 'made a new'} servable key {args.file}; give it to the "
+          "worker (key_file= / --key-file) and to every agent (--key-file)")
+    return 0
+
+
 def _mpiexec() -> str:
-    beside = Path(sys.executable).parent / "mpiexec"
-    found = str(beside) if beside.exists() else shutil.which("mpiexec")
+    from dinb.launchers import find_mpiexec
+
+    found = find_mpiexec()
     if not found:
         raise DinbError("mpiexec not found; install dinb with its dependencies (the mpich wheel)")
     return found
@@ -545,6 +591,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=None, help="mlp-deep: how many MLP blocks")
     p.add_argument("--pipeline-stages", type=int, default=1,
                    help="split the model's layers into this many stages of ranks/stages ranks each")
+    p.add_argument("--batch-buckets", type=_buckets, default=None,
+                   help="also programs for these batch sizes (e.g. 1,2,4,8,16), or 'auto': the powers "
+                        "of two below --batch that the layouts divide; a server runs a merged batch "
+                        "at the smallest that holds it")
     p.add_argument("--micro-batches", type=_counts, default=None,
                    help="pipelined exports: micro-batch counts to compile, e.g. 1,2,4 (default: "
                         "those of 1,2,4,8 that divide the batch)")
@@ -637,6 +687,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-timeout", type=int, default=30)
     p.add_argument("--worker-timeout", type=float, default=300.0,
                    help="seconds to wait for the worker to answer before giving up")
+    p.add_argument("--log-file", default=None, help="append this agent's output to this file")
+    p.add_argument("--key-file", default=None,
+                   help="the servable's key file (python -m dinb serve-key), for a worker off loopback")
     p.set_defaults(func=cmd_serve_agent)
 
     p = sub.add_parser("serve", help="serve an export: agents, worker, REST and gRPC (Open Inference "
@@ -647,13 +700,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rest", default="127.0.0.1:1500")
     p.add_argument("--distributed-address", default="127.0.0.1:6200")
     p.add_argument("--batching", action="store_true", help="merge requests along the first axis")
-    p.add_argument("--batch-delay-ms", type=float, default=2.0)
+    p.add_argument("--batch-delay-ms", type=float, default=0.0,
+                   help="how long a batch's first request waits for others (default 0: a batch takes "
+                        "the requests that queued while the one before ran)")
     p.add_argument("--max-queue", type=int, default=1024,
                    help="requests that may wait (for a batch, or for a decoder's free sequence slot); "
                         "one more gets 503")
     p.add_argument("--target", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the agents to register")
+    p.add_argument("--agents", default="auto", choices=["auto", "mpiexec", "processes", "none"],
+                   help="how the agents start: one MPI job (collectives over MPI; auto's choice on CPUs), "
+                        "one process each (XLA's collectives; auto's choice on GPUs), or none here (they "
+                        "are started elsewhere: python -m dinb serve-agent)")
+    p.add_argument("--key-file", default=None,
+                   help="the servable's key file, for a --distributed-address off loopback (default: a "
+                        "new one, for the agents started here)")
+    p.add_argument("--no-local-link", action="store_true",
+                   help="send requests to the agents over ZeroMQ even on this host (not a Unix socket)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("serve-key", help="make a servable key file: worker and agents off loopback share it")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_serve_key)
 
     p = sub.add_parser("demo", help="the seeds' distributed MatMul on real ranks")
     p.add_argument("--ranks", type=int, default=2)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -35,7 +34,7 @@ import numpy as np
 from dinb import addresses, engine, remote_predict, wire
 from dinb.death_watch import DeathWatch
 from dinb.errors import DinbError, RankFailedError
-from dinb.launchers import is_open_mpi
+from dinb.launchers import find_mpiexec, is_open_mpi
 from dinb.secure_socket import ClientKeys, request_socket
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -634,8 +633,7 @@ def _remote_message(e: Exception) -> str:
 
 
 def _mpiexec() -> str:
-    here = Path(sys.executable).parent / "mpiexec"
-    return str(here) if here.exists() else "mpiexec"
+    return find_mpiexec() or "mpiexec"
 
 
 def _mpi_launch_args(mpiexec: str, hostfile: str | None) -> list[str]:

@@ -28,11 +28,11 @@ def pack(header: dict[str, Any], arrays: Sequence[np.ndarray] = ()) -> list[Any]
 def unpack(frames: Sequence[Any]) -> tuple[dict[str, Any], list[np.ndarray]]:
     """The header and the arrays of one message (views on the frames' buffers, no copies)."""
     try:
-        header = json.loads(bytes(_buffer(frames[0])))
+        header = json.loads(bytes(buffer_of(frames[0])))
         specs = header.get("arrays", [])
         if len(specs) != len(frames) - 1:
             raise ValueError(f"{len(specs)} arrays announced, {len(frames) - 1} frames sent")
-        arrays = [np.frombuffer(_buffer(f), dtype=np_dtype(d)).reshape(s)
+        arrays = [np.frombuffer(buffer_of(f), dtype=np_dtype(d)).reshape(s)
                   for f, (s, d) in zip(frames[1:], specs)]
     except (ValueError, TypeError, KeyError, IndexError) as e:
         raise DinbError(f"a malformed message between dinb processes ({e})") from None
@@ -42,7 +42,7 @@ def unpack(frames: Sequence[Any]) -> tuple[dict[str, Any], list[np.ndarray]]:
 def header(frames: Sequence[Any]) -> dict[str, Any]:
     """Only the header of a message (its arrays stay where they are)."""
     try:
-        head = json.loads(bytes(_buffer(frames[0])))
+        head = json.loads(bytes(buffer_of(frames[0])))
     except (ValueError, IndexError) as e:
         raise DinbError(f"a malformed message between dinb processes ({e})") from None
     if not isinstance(head, dict):
@@ -50,5 +50,6 @@ def header(frames: Sequence[Any]) -> dict[str, Any]:
     return head
 
 
-def _buffer(frame: Any) -> Any:
+def buffer_of(frame: Any) -> Any:
+    """The bytes of a frame: a ZeroMQ frame's buffer, or the object itself."""
     return frame.buffer if hasattr(frame, "buffer") else frame

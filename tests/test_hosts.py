@@ -146,3 +146,27 @@ def test_notebook_cluster_with_one_engine_on_each_host(hosts, tmp_path, mode, fa
     assert kill["ranks"] == [far], kill["message"]
     assert f"on {hosts.b.name}" in kill["message"]
     assert kill["seconds"] < 5, kill
+
+
+@pytest.mark.parametrize("mode", ["startup_agents", "mpiexec"])
+def test_serving_with_agents_on_the_other_host(hosts, tmp_path, mode):
+    """The worker on host a listens at host a's address, CURVE with the servable's key.
+    ``startup_agents``: both agents on host b; the seed's client gets -48, clients without the
+    key get nothing and change nothing, and a killed agent on host b is named within 5 s, then
+    relaunched. ``mpiexec``: one agent on each host, as one MPI job."""
+    proc = hosts.a.run(sys.executable, str(HERE / "helpers" / "two_hosts_serving.py"), str(hosts.ssh),
+                       hosts.a.address, hosts.b.address, str(tmp_path), mode, capture_output=True, text=True,
+                       timeout=400, env=dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2"))
+    assert "REPORT " in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
+    report = json.loads(proc.stdout.split("REPORT ", 1)[1].splitlines()[0])
+    logs = report.get("server_log", "") + report.get("agents_log", "")
+    assert report["dist"].startswith(hosts.a.address + ":")
+    assert report.get("first") == [-48.0], logs
+    if mode == "startup_agents":
+        assert report["rogue"] == {"plain": "no answer", "curve": "no answer"}
+        assert report["after_rogue"] == [-48.0]
+        assert report["down_s"] < 5, report
+        status, body = report["while_down"]
+        assert status == 200 or (status == 503 and "rank 1 died" in body), report["while_down"]
+        assert report["relaunched"] == [-48.0]
+    assert report["server_exit"] == 0 and report["agents_exit"] == 0, logs

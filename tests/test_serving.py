@@ -54,9 +54,17 @@ def ready(rest):
     return http("GET", f"http://{rest}/v2/health/ready", timeout=2)[0] == 200
 
 
-def children(pid):
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+def agent_processes(pid):
+    """The ``serve-agent`` processes below ``pid``: its children, or the ranks of its mpiexec job."""
+    from dinb.serving.agent_launcher import descendants
+
+    def args(p):
+        try:
+            return open(f"/proc/{p}/cmdline").read().split("\0")
+        except OSError:
+            return []
+
+    return [p for p in descendants(pid) if "serve-agent" in args(p) and "mpiexec" not in args(p)[0]]
 
 
 def alive(pid):
@@ -92,7 +100,7 @@ class Serve:
         wait_until(lambda: ready(self.rest), 120, f"the server at {self.rest}")
 
     def agents(self):
-        return [p for p in children(self.proc.pid) if "serve-agent" in open(f"/proc/{p}/cmdline").read()]
+        return agent_processes(self.proc.pid)
 
     def stop(self):
         if self.proc.poll() is None:
@@ -109,7 +117,7 @@ def mlp(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlp")
     net = MegatronMLP(d_model=256, d_ff=1024, batch=8)
     params = net.init_params(1)
-    export_distributed(net, params, net.strategy(2), net.example_inputs(), root / "mlp")
+    export_distributed(net, params, net.strategy(2), net.example_inputs(), root / "mlp", batch_buckets=[1, 2, 4])
     server = Serve(root / "mlp")
     yield server, params
     server.stop()
@@ -303,12 +311,36 @@ def test_concurrent_requests_are_merged_into_batches(mlp):
     assert merged == 24 and runs < 24  # fewer model runs than requests: requests shared batches
 
 
+def test_a_lone_request_runs_at_the_smallest_batch_bucket(mlp):
+    """The export has programs for 1, 2, 4 and 8 rows: requests one after the other each run the
+    1-row program instead of being padded to 8."""
+    server, params = mlp
+    x = np.random.default_rng(3).standard_normal((1, 256)).astype(np.float32)
+    before = bucket_runs(server.rest)
+    for _ in range(5):
+        status, data, _ = http("POST", f"http://{server.rest}/v2/models/mlp/infer", v2_json(x))
+        assert status == 200, data
+        got = np.asarray(json.loads(data)["outputs"][0]["data"], np.float32).reshape(1, 256)
+        np.testing.assert_allclose(got, mlp_reference(params, x), rtol=2e-4, atol=2e-4)
+    status, data, _ = http("POST", f"http://{server.rest}/v2/models/mlp/infer", v2_json(np.tile(x, (3, 1))))
+    assert status == 200, data
+    after = bucket_runs(server.rest)
+    assert after.get("1", 0) - before.get("1", 0) == 5 and after.get("4", 0) - before.get("4", 0) == 1
+
+
+def bucket_runs(rest):
+    """Model runs so far by the batch bucket they ran at, from the Prometheus metrics."""
+    text = http("GET", f"http://{rest}/metrics")[1].decode()
+    return {b: float(v) for b, v in re.findall(r'^dinb_batch_runs_total\{bucket="(\d+)",servable="mlp"\} (\S+)$',
+                                                 text, re.M)}
+
+
 def batch_rows(rest):
     """(model runs, rows run) so far, from the Prometheus metrics."""
     text = http("GET", f"http://{rest}/metrics")[1].decode()
-    count = float(re.search(r'^dinb_batch_rows_count\{servable="mlp"\} (\S+)$', text, re.M).group(1))
-    total = float(re.search(r'^dinb_batch_rows_sum\{servable="mlp"\} (\S+)$', text, re.M).group(1))
-    return count, total
+    count = re.search(r'^dinb_batch_rows_count\{servable="mlp"\} (\S+)$', text, re.M)
+    total = re.search(r'^dinb_batch_rows_sum\{servable="mlp"\} (\S+)$', text, re.M)
+    return (float(count.group(1)), float(total.group(1))) if count and total else (0.0, 0.0)
 
 
 # ---- bad requests -----------------------------------------------------------------------------------
@@ -487,9 +519,7 @@ def test_agents_before_the_worker_and_a_worker_restarted_under_running_agents(tm
                               stderr=subprocess.STDOUT, text=True)
     try:
         # the agents are up (their processes started) and wait for their worker
-        wait_until(lambda: len([p for p in children(agents.pid)
-                                if "serve-agent" in open(f"/proc/{p}/cmdline").read()]) == 2,
-                   60, "the two agent processes")
+        wait_until(lambda: len(agent_processes(agents.pid)) == 2, 60, "the two agent processes")
         assert agents.poll() is None
         for attempt in range(2):  # the second server starts under the same, still running agents
             server = subprocess.Popen([PY, "serving_server.py"], cwd=tmp_path, env=ENV,
@@ -673,6 +703,9 @@ def test_inputs_without_a_batch_axis_merge_only_when_equal(tmp_path):
         rows = Main.current().metrics.rows.labels("scaled")
         runs = rows._sum.get(), sum(b.get() for b in rows._buckets)  # rows run, model runs
         assert runs[0] == 6 and 2 <= runs[1] <= 5  # some merged (6 alone would be 6 runs), never across scales
+        worker = Main.current().servables["scaled"].worker  # the agents of this host took the local link
+        assert sorted(worker.agents) == [0, 1]
+        assert all(worker._link.linked(a.identity.decode()) for a in worker.agents.values())
     finally:
         server.stop()
         launcher.stop()

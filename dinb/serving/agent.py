@@ -3,7 +3,9 @@
 The agent has already joined its JAX job and loaded its own slice file (a :class:`dinb.Model`);
 :func:`serve` registers it with the worker at ``distributed_address`` and runs every request the
 worker sends through ``Model.predict`` (the SPMD program, XLA's collectives between the ranks),
-until the worker says stop. A second socket sends a heartbeat every 0.25 s from its own thread,
+until the worker says stop. On the worker's host, requests and results go over a Unix socket
+(:mod:`dinb.serving.local_link`) that this thread polls with the ZeroMQ socket. A second socket
+sends a heartbeat every 0.25 s from its own thread,
 so a long predict does not look like a dead rank. An agent started before its worker waits for
 it, saying so every 5 s, for at most ``worker_timeout_s``; when the worker restarts, the agent
 registers again.
@@ -23,6 +25,7 @@ from typing import Any
 
 from dinb import remote_predict, wire
 from dinb.errors import DinbError
+from dinb.serving import local_link
 from dinb.serving.generation import agent_step
 from dinb.serving.worker import HEARTBEAT_S
 
@@ -57,12 +60,14 @@ def serve(
     job: str,
     stop: threading.Event | None = None,
     worker_timeout_s: float = 300.0,
+    keys: Any = None,
 ) -> str:
     """Register with the worker and answer it until it says stop (or ``stop`` is set).
 
     Returns why it ended: ``"stopped"`` (the worker's order), ``"interrupted"`` (``stop``).
     Raises :class:`DinbError` when no worker answers within ``worker_timeout_s``, or the worker
-    refuses the agent (another rank count).
+    refuses the agent (another rank count). ``keys``: the servable's
+    (:class:`~dinb.serving.servable_key.ServableKeys`), for a worker off loopback.
     """
     import zmq
 
@@ -71,6 +76,8 @@ def serve(
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, f"{job}/{rank}".encode())
     sock.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        keys.as_agent(sock)
     sock.connect(f"tcp://{distributed_address}")
     inputs, outputs = model_io(model)
     me = {"rank": rank, "job": job}
@@ -84,12 +91,13 @@ def serve(
             "outputs": outputs,
             "stages": (model.pipeline_info() or {"stages": 1})["stages"],
             "generation": generation_info(model),
+            "batch_buckets": getattr(model, "batch_buckets", None) or None,
             **me,
         }
     )
     beat = threading.Thread(
         target=_heartbeats,
-        args=(distributed_address, me, stop),
+        args=(distributed_address, me, stop, keys),
         daemon=True,
         name=f"dinb-agent-{rank}-heartbeat",
     )
@@ -99,11 +107,35 @@ def serve(
         return [t.get_data_to_numpy() for t in model.predict(arrays, micro_batches=micro_batches)]
 
     samplers: dict[int, Any] = {}  # a decoder's: each slot's token picker
+
+    def answer(header: dict[str, Any], frames: list[Any]) -> list[Any]:
+        """The reply frames to a request (``infer`` or ``gen_step``)."""
+        if header.get("type") == "gen_step":
+            try:
+                result = agent_step(model, samplers, header)
+            except DinbError as e:
+                result = {"error": f"{type(e).__name__}: {e}"}
+            return wire.pack({"type": "result", "id": header["id"], **me, **result})
+        return remote_predict.answer(predict, frames, type="result", id=header["id"], **me)[0]
+
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    link: Any = None  # the local link to the worker, once connected
     sock.send_multipart(registration)
     registered, t0, told = False, time.monotonic(), time.monotonic()
     try:
         while not stop.is_set():
-            if not sock.poll(200):
+            events = dict(poller.poll(200))
+            if link is not None and link.fileno() in events:
+                frames = local_link.receive(link)
+                if frames is None:  # the worker closed it: back to ZeroMQ alone
+                    poller.unregister(link)
+                    link.close()
+                    link = None
+                else:
+                    local_link.send(link, answer(wire.header(frames), frames))
+                continue
+            if sock not in events:
                 if not registered and time.monotonic() - t0 > worker_timeout_s:
                     raise DinbError(
                         f"rank {rank}: no distributed worker answered at {distributed_address} "
@@ -119,6 +151,12 @@ def serve(
             kind = header.get("type")
             if kind == "welcome":
                 registered = True
+                if link is not None:
+                    poller.unregister(link)
+                    link.close()
+                link = _link_to(header.get("link"), f"{job}/{rank}")
+                if link is not None:
+                    poller.register(link, zmq.POLLIN)
             elif kind == "register_again":  # the worker restarted under this agent
                 sock.send_multipart(registration)
             elif kind == "refused":
@@ -126,15 +164,8 @@ def serve(
                     f"rank {rank}: the distributed worker at {distributed_address} refused this "
                     f"agent: {header.get('reason')}"
                 )
-            elif kind == "gen_step":
-                try:
-                    result = agent_step(model, samplers, header)
-                except DinbError as e:
-                    result = {"error": f"{type(e).__name__}: {e}"}
-                sock.send_multipart(wire.pack({"type": "result", "id": header["id"], **me, **result}))
-            elif kind == "infer":
-                reply, _ = remote_predict.answer(predict, frames, type="result", id=header["id"], **me)
-                sock.send_multipart(reply, copy=False)
+            elif kind in ("gen_step", "infer"):
+                sock.send_multipart(answer(header, frames), copy=False)
             elif kind == "stop":
                 sock.send_multipart(wire.pack({"type": "bye", **me}))
                 return "stopped"
@@ -142,13 +173,29 @@ def serve(
     finally:
         stop.set()
         beat.join(timeout=2)
+        if link is not None:
+            link.close()
         sock.close(linger=100)
 
 
-def _heartbeats(address: str, me: dict[str, Any], stop: threading.Event) -> None:
+def _link_to(invite: dict[str, Any] | None, key: str) -> Any:
+    """A connected local link to the worker, or None where its socket cannot be reached (another
+    host or network namespace: requests then stay on ZeroMQ)."""
+    if not invite:
+        return None
+    try:
+        return local_link.connect(invite["path"], {"key": key, "token": invite["token"]})
+    except OSError as e:
+        log.info("no local link to the worker (%s); requests go over ZeroMQ", e)
+        return None
+
+
+def _heartbeats(address: str, me: dict[str, Any], stop: threading.Event, keys: Any) -> None:
     import zmq
 
     sock = zmq.Context.instance().socket(zmq.DEALER)
+    if keys is not None:
+        keys.as_agent(sock)
     sock.setsockopt(zmq.IDENTITY, f"{me['job']}/{me['rank']}/heartbeat".encode())
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 4)  # a missing worker must not pile heartbeats up

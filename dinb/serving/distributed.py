@@ -24,20 +24,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
-import signal
-import subprocess
-import sys
-import threading
-import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from dinb.errors import DinbError, SliceFileError
 from dinb.serving import register
+from dinb.serving.agent_launcher import AgentLauncher
 from dinb.serving.register import DistributedModel, ServableError, ServableSpec
+from dinb.serving.servable_key import keys_for, make_key_file
 
 log = logging.getLogger("dinb.serving")
 
@@ -117,19 +111,26 @@ def start_servable(
     distributed_address: str = "127.0.0.1:6200",
     wait_agents_time_in_seconds: float = 0,
     *,
-    batch_delay_ms: float = 2.0,
+    batch_delay_ms: float = 0.0,
     max_queue: int = 1024,
     heartbeat_timeout_s: float = 1.5,
     request_timeout_s: float = 60.0,
     handle_sigterm: bool = True,
+    local_link: bool = True,
+    key_file: str | Path | None = None,
 ) -> None:
     """Load the servable and start its Distributed Worker at ``distributed_address``; return once
     all ``rank_size`` agents have registered.
 
     ``wait_agents_time_in_seconds``: how long to wait for them; 0 keeps MindSpore's meaning (no
     limit), saying every 5 s which ranks are still missing. ``batch_delay_ms``: how long the first
-    request of a batch waits for others to merge with; ``max_queue``: requests waiting at most.
+    request of a batch waits for others to merge with (0: none; it merges with those that queued
+    while the ranks ran the batch before); ``max_queue``: requests waiting at most.
     ``handle_sigterm``: in the main thread, SIGTERM drains and stops the server (as MindSpore's does).
+    ``local_link``: agents of this host take requests over a Unix socket instead of ZeroMQ
+    (:mod:`dinb.serving.local_link`; off: ZeroMQ for every agent). ``key_file``: the servable's
+    key (:mod:`dinb.serving.servable_key`), used where ``distributed_address`` is off loopback;
+    without one, ``{servable_directory}/{servable_name}/servable.key`` (made when missing).
     """
     from dinb.serving.main import Main, stop_on_sigterm
 
@@ -142,6 +143,13 @@ def start_servable(
                 f"{rank_table_json_file} lists {devices} devices but servable {servable_name!r} "
                 f"declares rank_size={spec.model.rank_size}"
             )
+    from dinb.addresses import is_loopback
+
+    if key_file is None and not is_loopback(distributed_address.rpartition(":")[0].strip("[]")):
+        key_file = make_key_file(Path(servable_directory) / servable_name / "servable.key")
+        log.warning("servable %r listens off loopback at %s: its agents need the key file %s "
+                    "(key_file= / --key-file)", servable_name, distributed_address, key_file)
+    keys = keys_for(distributed_address, key_file, f"servable {servable_name!r}")
     if handle_sigterm:
         stop_on_sigterm()
     Main.get().add_servable(
@@ -153,6 +161,8 @@ def start_servable(
         max_queue,
         heartbeat_timeout_s,
         request_timeout_s,
+        local_link,
+        keys,
     )
 
 
@@ -171,16 +181,22 @@ def startup_agents(
     worker_timeout_s: float = 300.0,
     log_dir: str | Path | None = None,
     block: bool = True,
+    launcher: str = "auto",
+    key_file: str | Path | None = None,
 ) -> AgentLauncher:
     """Start one Agent process per slice file on this machine: rank r loads ``model_files[r]``.
 
-    The agents join one JAX job (rank 0 hosts its coordinator on the first free port from
-    ``agent_start_port``, on ``agent_ip`` or 127.0.0.1), register with the worker at
-    ``distributed_address`` and serve. ``restart="always"`` relaunches all of them (a new job)
-    when one dies, at most ``max_restarts`` times; ``"never"`` leaves them down. ``log_dir``
-    collects each agent's output in ``agent_{rank}.log`` (default: this process's). ``block`` waits
-    until the agents stop (the server stopped them, or SIGTERM / Ctrl-C here); otherwise the
-    returned :class:`AgentLauncher` runs them in the background.
+    The agents join one JAX job, register with the worker at ``distributed_address`` and serve.
+    ``launcher="mpiexec"`` (what ``"auto"`` picks for CPU agents where mpiexec is found) starts
+    them as one MPI job, so they run their collectives over MPI; ``"processes"`` (GPUs) starts
+    one process each, rank 0 hosting the JAX coordinator on the first free port from
+    ``agent_start_port`` on ``agent_ip`` or 127.0.0.1 (see :mod:`dinb.serving.agent_launcher`).
+    ``restart="always"`` relaunches all of them (a new job) when one dies, at most
+    ``max_restarts`` times; ``"never"`` leaves them down. ``log_dir`` collects each agent's
+    output in ``agent_{rank}.log`` (default: this process's). ``block`` waits until the agents
+    stop (the server stopped them, or SIGTERM / Ctrl-C here); otherwise the returned
+    :class:`AgentLauncher` runs them in the background. ``key_file``: the servable's key, needed
+    when ``distributed_address`` is off loopback (the worker on another host).
     """
     files = [Path(f) for f in model_files]
     missing = [str(f) for f in files if not f.is_file()]
@@ -194,9 +210,11 @@ def startup_agents(
             raise DinbError(f"group config file(s) {gone} do not exist")
     if rank_start not in (None, 0):
         raise DinbError(
-            f"rank_start={rank_start}: agents of one servable on several machines are not supported "
-            "yet; start all ranks' agents on one machine (rank_start=None)"
+            f"rank_start={rank_start}: startup_agents starts all ranks of one job on this machine; for "
+            "agents spread over several machines start them as one MPI job: mpiexec -f HOSTFILE -n N "
+            "python -m dinb serve-agent --distributed-address HOST:PORT --model-dir DIR --key-file KEY"
         )
+    keys_for(distributed_address, key_file, "startup_agents")  # the key is there when one is needed
     if restart not in ("always", "never"):
         raise DinbError(f"restart must be 'always' or 'never', not {restart!r}")
     launcher = AgentLauncher(
@@ -209,184 +227,10 @@ def startup_agents(
         max_restarts,
         worker_timeout_s,
         Path(log_dir) if log_dir is not None else None,
+        launcher,
+        Path(key_file) if key_file is not None else None,
     )
     launcher.start()
     if block:
         launcher.wait()
     return launcher
-
-
-class AgentLauncher:
-    """The agent processes of this machine, relaunched together when one dies (see startup_agents)."""
-
-    def __init__(
-        self,
-        address: str,
-        files: list[Path],
-        target: str,
-        host: str,
-        start_port: int,
-        restart: str,
-        max_restarts: int,
-        worker_timeout_s: float,
-        log_dir: Path | None = None,
-    ):
-        self.address, self.files, self.target, self.host = address, files, target, host
-        self.log_dir = log_dir
-        self.start_port, self.restart, self.max_restarts = start_port, restart, max_restarts
-        self.worker_timeout_s = worker_timeout_s
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.restarts = 0
-        self.job = ""
-        self.done = threading.Event()
-        self.error: str | None = None
-        self._stopping = False
-        self._lock = threading.Lock()
-        self._notify: Any = None  # a socket to the worker, to report a dead rank at once
-
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
-
-    def start(self) -> None:
-        self._launch()
-        threading.Thread(target=self._monitor, daemon=True, name="dinb-agent-launcher").start()
-
-    def _launch(self) -> None:
-        from dinb.ranks import free_port
-
-        self.job = uuid.uuid4().hex[:12]
-        port = (
-            next(p for p in range(self.start_port, self.start_port + 1000) if _free(self.host, p))
-            if self.start_port
-            else free_port(self.host)
-        )
-        n = len(self.files)
-        cmd = [
-            sys.executable,
-            "-m",
-            "dinb",
-            "serve-agent",
-            "--distributed-address",
-            self.address,
-            "--world",
-            str(n),
-            "--coordinator",
-            f"{self.host}:{port}",
-            "--job",
-            self.job,
-            "--target",
-            self.target,
-            "--worker-timeout",
-            str(self.worker_timeout_s),
-        ]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
-        self.procs = []
-        for r, f in enumerate(self.files):
-            out = self._log_file(r)
-            try:
-                self.procs.append(
-                    subprocess.Popen(
-                        cmd + ["--rank", str(r), "--model-file", str(f)],
-                        env=env,
-                        stdout=out,
-                        stderr=subprocess.STDOUT if out else None,
-                    )
-                )
-            finally:
-                if out is not None:
-                    out.close()  # the agent has its own copy
-        log.info("started %d agents (job %s, pids %s)", n, self.job, self.pids)
-
-    def _log_file(self, rank: int) -> Any:
-        """Where an agent's output goes: ``log_dir/agent_{rank}.log`` (appended), else None (this
-        process's own output)."""
-        if self.log_dir is None:
-            return None
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        return open(self.log_dir / f"agent_{rank}.log", "ab")
-
-    def _monitor(self) -> None:
-        while not self.done.is_set():
-            time.sleep(0.1)
-            with self._lock:
-                codes = [p.poll() for p in self.procs]
-                if self._stopping or all(c is None for c in codes):
-                    continue
-                if all(c == 0 for c in codes):  # the server told every agent to stop
-                    self.done.set()
-                    return
-                dead = [r for r, c in enumerate(codes) if c not in (None, 0)]
-                if not dead:
-                    continue  # some stopped cleanly, the others follow
-                log.error(
-                    "agent rank(s) %s exited (%s); ending the other ranks of job %s",
-                    dead,
-                    ", ".join(f"rank {r}: {codes[r]}" for r in dead),
-                    self.job,
-                )
-                for r in dead:  # the worker hears it now, not after the heartbeat timeout
-                    self._tell_worker({"type": "rank_died", "job": self.job, "rank": r, "code": codes[r]})
-                self._end_all()
-                if self.restart == "always" and self.restarts < self.max_restarts:
-                    self.restarts += 1
-                    log.warning("relaunching the agents (%d of at most %d)", self.restarts, self.max_restarts)
-                    self._launch()
-                else:
-                    self.error = f"agent rank(s) {dead} exited with {[codes[r] for r in dead]}"
-                    self.done.set()
-
-    def _tell_worker(self, header: dict[str, Any]) -> None:
-        import zmq
-
-        from dinb import wire
-
-        if self._notify is None:
-            self._notify = zmq.Context.instance().socket(zmq.DEALER)
-            self._notify.setsockopt(zmq.LINGER, 500)
-            self._notify.connect(f"tcp://{self.address}")
-        try:
-            self._notify.send_multipart(wire.pack(header), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # no worker listening: it finds out by the heartbeats
-
-    def _end_all(self, grace_s: float = 3.0) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for p in self.procs:
-            try:
-                p.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=5)
-
-    def stop(self) -> None:
-        """End every agent process (SIGTERM, then SIGKILL after 3 s)."""
-        with self._lock:
-            self._stopping = True
-            self._end_all()
-            self.done.set()
-
-    def wait(self, timeout_s: float | None = None) -> None:
-        """Until the agents stop; SIGTERM or Ctrl-C here stops them."""
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, lambda *_: self.stop())
-        try:
-            self.done.wait(timeout_s)
-        except KeyboardInterrupt:
-            self.stop()
-        if self.error:
-            raise DinbError(self.error)
-
-
-def _free(host: str, port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-            return True
-        except OSError:
-            return False

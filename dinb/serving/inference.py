@@ -2,9 +2,13 @@
 
 **Batching.** With ``with_batch_dim=True`` the model's first axis is the batch: requests queue
 up, and the dispatcher merges consecutive ones along that axis up to the export's batch size
-``B`` (the program's shapes are fixed at export), waiting at most ``batch_delay_ms`` after the
-first; the merged batch is padded to ``B`` with zeros, run once on all ranks, and each request
-gets its rows back. A request of more than ``B`` rows runs as several batches. Inputs listed in
+``B`` (the program's shapes are fixed at export): those that waited while the ranks ran the
+previous batch, and, with ``batch_delay_ms > 0``, those arriving that long after the first.
+The merged batch is padded with zeros to the smallest of the export's batch buckets that holds
+it (``B`` for an export without buckets; see :mod:`dinb.batch_buckets`), run once on all ranks,
+and each request gets its rows back. A request that finds the queue empty and the ranks idle
+runs at once from its own task, at its own bucket, without the dispatcher's hand-offs. A
+request of more than ``B`` rows runs as several batches. Inputs listed in
 ``without_batch_dim_inputs`` have no batch axis: they are passed whole, and only requests with
 equal values there are merged. With ``with_batch_dim=False`` every request is one run of the
 model, whole. One batch runs at a time (every rank runs it); the queue holds at most
@@ -21,7 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from dinb import batch_buckets
 from dinb.errors import DinbError, InputError
+from dinb.formats.safetensors import np_dtype
 from dinb.serving.generation import GenerationScheduler
 from dinb.serving.register import DistributedModel, Method, ServableSpec
 from dinb.serving.worker import DistributedWorker, Unavailable
@@ -50,7 +56,7 @@ class Batcher:
         self,
         worker: DistributedWorker,
         model: DistributedModel,
-        batch_delay_ms: float = 2.0,
+        batch_delay_ms: float = 0.0,
         max_queue: int = 1024,
         metrics: Any = None,
         name: str = "",
@@ -68,6 +74,12 @@ class Batcher:
         inputs, _ = self.worker.model_io()
         batched = [i for i in range(len(inputs)) if i not in self.model.without_batch_dim_inputs]
         return int(inputs[batched[0]]["shape"][0]) if batched else 1
+
+    @property
+    def buckets(self) -> list[int]:
+        """The batch sizes the ranks have programs for (just the export's batch without buckets)."""
+        agent = self.worker.agents.get(0)
+        return list(agent.batch_buckets if agent is not None and agent.batch_buckets else [self.max_batch])
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._dispatch())
@@ -104,6 +116,10 @@ class Batcher:
             return outs, compute
         b = self.max_batch
         rows = self._rows(arrays)
+        if rows <= b and not self._waiting and not self._one_at_a_time.locked():
+            item = _Pending(arrays, rows, asyncio.get_running_loop().create_future())
+            await self._run([item])  # nobody to merge with: no hand-off to the dispatcher
+            return await item.future
         if rows <= b:
             return await self._enqueue(arrays, rows)
         parts = [
@@ -173,7 +189,7 @@ class Batcher:
     async def _run(self, batch: list[_Pending]) -> None:
         start = time.perf_counter()
         try:
-            arrays = self._merge(batch)
+            arrays, bucket = self._merge(batch)
             async with self._one_at_a_time:
                 outs = await self.worker.run(arrays)
                 compute = max(self.worker.compute_ms.values(), default=0.0)
@@ -188,6 +204,7 @@ class Batcher:
                 [start - i.queued for i in batch],
                 sum(i.rows for i in batch) or 1,
                 self.worker.compute_ms,
+                bucket,
             )
         offset = 0
         for item in batch:
@@ -195,8 +212,9 @@ class Batcher:
                 item.future.set_result(([o[offset : offset + item.rows] for o in outs], compute))
             offset += item.rows
 
-    def _merge(self, batch: list[_Pending]) -> list[np.ndarray]:
-        cap = self.max_batch
+    def _merge(self, batch: list[_Pending]) -> tuple[list[np.ndarray], int]:
+        """The batch's inputs, padded to the smallest batch bucket that holds them; that bucket."""
+        cap = batch_buckets.smallest(self.buckets, sum(item.rows for item in batch))
         merged = []
         for i in range(len(batch[0].arrays)):
             if i in self.model.without_batch_dim_inputs:
@@ -207,7 +225,7 @@ class Batcher:
             if rows < cap:
                 parts.append(np.zeros((cap - rows, *parts[0].shape[1:]), parts[0].dtype))
             merged.append(np.concatenate(parts) if len(parts) > 1 else parts[0])
-        return merged
+        return merged, cap
 
 
 class Servable:
@@ -218,7 +236,7 @@ class Servable:
         spec: ServableSpec,
         worker: DistributedWorker,
         version: int = 1,
-        batch_delay_ms: float = 2.0,
+        batch_delay_ms: float = 0.0,
         max_queue: int = 1024,
         metrics: Any = None,
     ):
@@ -298,7 +316,7 @@ class Servable:
         assert self.spec.model is not None
         for name, index in method.direct_inputs().items():
             want, got = model_inputs[index], inputs[name]
-            if str(got.dtype) != want["dtype"]:
+            if got.dtype != np_dtype(want["dtype"]):
                 raise RequestError(f"input {name!r} must be {want['dtype']}, got {got.dtype}")
             shape = list(want["shape"])
             batched = self.spec.model.with_batch_dim and index not in self.spec.model.without_batch_dim_inputs

@@ -91,6 +91,8 @@ class Main:
         max_queue: int,
         heartbeat_timeout_s: float,
         request_timeout_s: float,
+        local_link: bool = True,
+        keys: Any = None,
     ) -> Servable:
         if spec.name in self.servables:
             raise DinbError(f"servable {spec.name!r} is already served by this process")
@@ -98,7 +100,7 @@ class Main:
         split_address(address, "distributed_address")
         worker = DistributedWorker(
             spec.name, spec.model.rank_size, address, heartbeat_timeout_s, request_timeout_s,
-            stage_size=spec.model.stage_size,
+            stage_size=spec.model.stage_size, local_link=local_link, keys=keys,
         )
 
         async def start() -> Servable:

@@ -2,7 +2,9 @@
 
 ``dinb_requests_total{model, protocol, status}``, ``dinb_request_seconds{model, protocol}``
 (end to end inside the server), ``dinb_queue_seconds{servable}`` (enqueued to batch start),
-``dinb_batch_rows{servable}`` (rows per model run: above 1 when requests were merged) and
+``dinb_batch_rows{servable}`` (rows per model run: above 1 when requests were merged),
+``dinb_batch_runs_total{servable, bucket}`` (model runs by the batch size they ran at: the
+smallest batch bucket holding the merged rows) and
 ``dinb_rank_compute_seconds{servable, rank}`` (``Model.predict`` inside each agent). Each
 serving process has its own registry, so tests and notebooks can start several.
 """
@@ -46,6 +48,12 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=self.registry,
         )
+        self.runs = Counter(
+            "dinb_batch_runs",
+            "Model runs by the batch size run (the batch bucket the rows were padded to)",
+            ["servable", "bucket"],
+            registry=self.registry,
+        )
         self.compute = Histogram(
             "dinb_rank_compute_seconds",
             "Model.predict inside each agent",
@@ -54,16 +62,31 @@ class Metrics:
             registry=self.registry,
         )
 
-    def request(self, model: str, protocol: str, status: str, seconds: float) -> None:
-        self.requests.labels(model, protocol, status).inc()
-        self.latency.labels(model, protocol).observe(seconds)
+        self._children: dict[tuple[Any, ...], Any] = {}
 
-    def batch(self, servable: str, queued_s: list[float], rows: int, compute_ms: dict[int, float]) -> None:
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once (``labels`` takes a lock and builds keys on
+        every call: 0.02 ms a request here)."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def request(self, model: str, protocol: str, status: str, seconds: float) -> None:
+        self._child(self.requests, model, protocol, status).inc()
+        self._child(self.latency, model, protocol).observe(seconds)
+
+    def batch(self, servable: str, queued_s: list[float], rows: int, compute_ms: dict[int, float],
+              bucket: int | None = None) -> None:
+        queue = self._child(self.queue, servable)
         for q in queued_s:
-            self.queue.labels(servable).observe(q)
-        self.rows.labels(servable).observe(rows)
+            queue.observe(q)
+        self._child(self.rows, servable).observe(rows)
+        if bucket is not None:
+            self._child(self.runs, servable, str(bucket)).inc()
         for rank, ms in compute_ms.items():
-            self.compute.labels(servable, str(rank)).observe(ms / 1e3)
+            self._child(self.compute, servable, str(rank)).observe(ms / 1e3)
 
     def exposition(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

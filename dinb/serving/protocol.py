@@ -11,16 +11,21 @@ REST bodies are JSON, or with the *binary tensor data* extension a JSON header o
 request asks for it (``binary_data_output`` or an output's ``binary_data``). Every count, size and
 shape in a request is checked against the bytes that came with it; what does not fit is a
 :class:`RequestError` naming the input.
+
+JSON is read and written with orjson: it writes a float32 output as each value's shortest
+float32 form straight from the array (17 us for 1024 values, against 580 us for ``tolist`` and
+the standard library's ``json``, whose float64 forms also double the body). Standard JSON has no
+NaN or infinity: such a value goes out as ``null``, and a request holding one is refused.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import math
 from typing import Any
 
 import numpy as np
+import orjson
 
 from dinb.formats.safetensors import np_dtype
 from dinb.serving.inference import NotFound, RequestError
@@ -42,6 +47,16 @@ V2_DTYPES = {
 }
 NP_TO_V2 = {v: k for k, v in V2_DTYPES.items()}
 MAX_DIMS = 64
+
+
+def loads(body: bytes | str) -> Any:
+    """A JSON body (``ValueError`` when it is not JSON)."""
+    return orjson.loads(body)
+
+
+def dumps(obj: Any) -> bytes:
+    """JSON bytes; numpy arrays go as (nested) lists of their values."""
+    return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def v2_dtype(np_name: str) -> str:
@@ -129,7 +144,7 @@ def parse_rest(body: bytes, header_length: int | None) -> tuple[dict[str, np.nda
             f"Inference-Header-Content-Length {header_length} is beyond the body's {len(body)} bytes"
         )
     try:
-        req = json.loads(head)
+        req = loads(head)
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(f"the request is not valid JSON ({e})") from None
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
@@ -187,9 +202,7 @@ def rest_response(
             entry["parameters"] = {"binary_data_size": len(data)}
             blobs.append(data)
         else:
-            entry["data"] = (
-                (a.astype(np.float32) if a.dtype == np_dtype("bfloat16") else a).reshape(-1).tolist()
-            )
+            entry["data"] = _json_ready(a.reshape(-1))
         out_json.append(entry)
     body: dict[str, Any] = {
         "model_name": model,
@@ -199,7 +212,7 @@ def rest_response(
     }
     if req.get("id") is not None:
         body["id"] = req["id"]
-    head = json.dumps(body).encode()
+    head = dumps(body)
     return (head + b"".join(blobs), len(head)) if blobs else (head, None)
 
 
@@ -208,7 +221,7 @@ def parse_instances(body: bytes) -> list[dict[str, np.ndarray]]:
     """``{"instances": [{name: value}, ...]}``: a value is nested lists, a scalar, or
     ``{"b64": ..., "type": "float32", "shape": [...]}``."""
     try:
-        req = json.loads(body)
+        req = loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(f"the request is not valid JSON ({e})") from None
     instances = req.get("instances") if isinstance(req, dict) else None
@@ -249,4 +262,12 @@ def cast(name: str, a: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def instances_response(results: list[dict[str, np.ndarray]]) -> bytes:
-    return json.dumps({"instances": [{k: v.tolist() for k, v in r.items()} for r in results]}).encode()
+    return dumps({"instances": [{k: _json_ready(v) for k, v in r.items()} for r in results]})
+
+
+def _json_ready(a: np.ndarray) -> Any:
+    """An array orjson writes: C order, a type it knows (bfloat16 as float32)."""
+    a = np.ascontiguousarray(a)
+    if a.ndim == 0:
+        return a.item()
+    return a.astype(np.float32) if a.dtype == np_dtype("bfloat16") else a

@@ -35,6 +35,7 @@ from dinb.serving.worker import Unavailable
 from dinb.version import __version__
 
 COMPRESS_FROM = 16 * 1024  # bytes; like a web server's minimum length for gzip
+COMPRESS_LEVEL = 1
 
 
 class TooLarge(RequestError):
@@ -58,17 +59,17 @@ def app(main: Main, max_body: int) -> Any:
         header_length: int | None = None,
         content_type: str = "application/json",
     ) -> Any:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        data = body if isinstance(body, bytes) else protocol.dumps(body)
         headers = {}
         if header_length is not None:
             headers["Inference-Header-Content-Length"] = str(header_length)
         accept = request.headers.get("Accept-Encoding", "") if request is not None else ""
         if len(data) < COMPRESS_FROM:  # small bodies: compressing costs more than it saves
             accept = ""
-        if "gzip" in accept:
-            data, headers["Content-Encoding"] = gzip.compress(data), "gzip"
+        if "gzip" in accept:  # level 1, as web servers do: 0.13 ms for 20 KiB of JSON, level 9 0.9 ms
+            data, headers["Content-Encoding"] = gzip.compress(data, COMPRESS_LEVEL), "gzip"
         elif "deflate" in accept:
-            data, headers["Content-Encoding"] = zlib.compress(data), "deflate"
+            data, headers["Content-Encoding"] = zlib.compress(data, COMPRESS_LEVEL), "deflate"
         return web.Response(body=data, status=status, headers=headers, content_type=content_type)
 
     def failure(e: BaseException, ms_form: bool = False) -> Any:
@@ -165,7 +166,7 @@ def app(main: Main, max_body: int) -> Any:
         servable, _, model = model_of(request)
         scheduler, codec = servable.generation()
         try:
-            body = json.loads(await body_of(request))
+            body = protocol.loads(await body_of(request))
         except ValueError as e:
             raise RequestError(f"the body is not JSON ({e})") from None
         if not isinstance(body, dict):

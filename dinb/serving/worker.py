@@ -10,6 +10,9 @@ told otherwise). Each agent is one rank of one JAX job, already joined and loade
     worker -> agents   gen_step   {id, prefill, decode}: a decoder's step (dinb.serving.generation)
     agents -> worker   result     {id, tokens: {slot: token}, compute_ms}
 
+Agents of this host then carry ``infer``/``gen_step`` and their results over a Unix socket
+that the welcome names (:mod:`dinb.serving.local_link`); the rest stays on ZeroMQ.
+
 The servable is ready when ``rank_size`` ranks of one job have registered. An agent that goes
 quiet for ``heartbeat_timeout_s`` (1.5 s) is dead: the servable is not ready any more, and every
 request in flight or arriving fails at once with :class:`Unavailable` naming the rank, until
@@ -31,6 +34,8 @@ import numpy as np
 
 from dinb import remote_predict, wire
 from dinb.errors import DinbError
+from dinb.serving.local_link import LinkServer
+from dinb.serving.servable_key import ServableKeys, close_worker_context
 
 log = logging.getLogger("dinb.serving")
 HEARTBEAT_S = 0.25
@@ -51,6 +56,7 @@ class Agent:
     outputs: list[dict[str, Any]]
     identity: bytes
     generation: dict[str, Any] | None = None
+    batch_buckets: list[int] | None = None
     last_seen: float = field(default_factory=time.monotonic)
 
 
@@ -65,8 +71,12 @@ class DistributedWorker:
         heartbeat_timeout_s: float = 1.5,
         request_timeout_s: float = 60.0,
         stage_size: int = 1,
+        local_link: bool = True,
+        keys: ServableKeys | None = None,
     ):
         self.name, self.rank_size, self.address = name, rank_size, address
+        self.local_link, self.keys = local_link, keys
+        self._ctx: Any = None  # with keys: the worker's own context and its ZAP handler
         self.stage_size = stage_size
         self.roles = remote_predict.Roles(rank_size, rank_size // stage_size)
         self.heartbeat_timeout_s, self.request_timeout_s = heartbeat_timeout_s, request_timeout_s
@@ -77,6 +87,7 @@ class DistributedWorker:
         self._pending: dict[int, tuple[asyncio.Future[Any], dict[int, Any]]] = {}
         self._ids = itertools.count(1)
         self._sock: Any = None
+        self._link = LinkServer(self._linked_message, lambda key: None)
         self._tasks: list[asyncio.Task[Any]] = []
         self._ready_event: asyncio.Event | None = None
 
@@ -99,18 +110,24 @@ class DistributedWorker:
         import zmq
         import zmq.asyncio
 
-        self._sock = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
+        if self.keys is not None:  # off loopback: CURVE, only agents holding the servable's key
+            self._ctx = self.keys.worker_context()
+            self._sock = zmq.asyncio.Context.shadow(self._ctx[0].underlying).socket(zmq.ROUTER)
+            self.keys.as_worker(self._sock)
+        else:
+            self._sock = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a relaunched agent may reuse an identity
         try:
             self._sock.bind(f"tcp://{self.address}")
         except zmq.ZMQError as e:
-            self._sock.close()
+            self._close()
             raise DinbError(
                 f"the distributed worker of {self.name!r} cannot listen on {self.address} ({e}); "
                 "is another servable using it? Give another distributed_address"
             ) from None
         self._ready_event = asyncio.Event()
+        await self._link.start()
         self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._watch())]
 
     async def stop(self) -> None:
@@ -121,8 +138,15 @@ class DistributedWorker:
         for t in self._tasks:
             t.cancel()
         self._fail_pending(Unavailable(f"servable {self.name!r} is stopping"))
+        await self._link.stop()
+        self._close()
+
+    def _close(self) -> None:
         if self._sock is not None:
             self._sock.close(linger=0)
+        if self._ctx is not None:
+            close_worker_context(*self._ctx)
+            self._ctx = None
 
     async def wait_ready(self, timeout_s: float | None, every_s: float = 5.0) -> None:
         """Wait until every rank has registered; ``None`` waits without limit but says every
@@ -197,7 +221,11 @@ class DistributedWorker:
         try:
             for agent in list(self.agents.values()):
                 header, arrays = message(agent.rank, rid)
-                await self._send(agent.identity, header, arrays)
+                key = agent.identity.decode()
+                if self._link.linked(key):
+                    self._link.send(key, wire.pack(header, arrays))
+                else:
+                    await self._send(agent.identity, header, arrays)
             return dict(await asyncio.wait_for(future, self.request_timeout_s))
         except TimeoutError:
             waiting = [r for r in range(self.rank_size) if r not in self._pending.get(rid, (None, {}))[1]]
@@ -248,7 +276,13 @@ class DistributedWorker:
             elif kind == "bye":
                 self._gone(header, "stopped")
             elif kind == "rank_died":  # from the agents' launcher, which saw the process exit
-                self._gone(header, f"died (exit code {header.get('code')}, seen by its launcher)")
+                code = "" if header.get("code") is None else f"exit code {header['code']}, "
+                self._gone(header, f"died ({code}seen by its launcher)")
+
+    def _linked_message(self, key: str, header: dict[str, Any], frames: list[Any]) -> None:
+        """A message over an agent's local link: a result."""
+        if header.get("type") == "result" and f"{header.get('job')}/{header.get('rank')}" == key:
+            self._result(header, frames)
 
     def _agent(self, header: dict[str, Any]) -> Agent | None:
         agent = self.agents.get(header.get("rank", -1))
@@ -293,9 +327,10 @@ class DistributedWorker:
             )
         self.agents[h["rank"]] = Agent(
             h["rank"], h["world"], h["job"], h["pid"], h.get("host", ""), h["inputs"], h["outputs"], identity,
-            h.get("generation"),
+            h.get("generation"), h.get("batch_buckets"),
         )
-        await self._send(identity, {"type": "welcome"})
+        link = self._link.invite(identity.decode()) if self.local_link else None
+        await self._send(identity, {"type": "welcome", "link": link})
         if self.ready:
             log.info("servable %r is ready: %d ranks of job %s", self.name, self.rank_size, self.job)
             assert self._ready_event is not None
@@ -322,7 +357,8 @@ class DistributedWorker:
         rank = h["rank"]
         if rank not in self.dead:
             self.dead.append(rank)
-            log.error("servable %r: rank %d %s; the servable is not ready", self.name, rank, how)
+            (log.info if how == "stopped" else log.error)(
+                "servable %r: rank %d %s; the servable is not ready", self.name, rank, how)
         self._fail_pending(Unavailable(self.why_unavailable()))
 
     def _fail_pending(self, error: Exception) -> None:
