@@ -65,8 +65,18 @@ $(PEERS)/.installed:
 	$(PEERS)/bin/python -m pip install --quiet 'mlserver==1.7.1' 'jax[cpu]==0.12.0.1'
 	touch $@
 
+# Triton Inference Server through PyTriton, the other peer: PyTriton 0.7 needs numpy < 2, so it
+# has a venv of its own, with the last JAX that takes numpy 1
+PYTRITON := .venv-pytriton
+
+$(PYTRITON)/.installed:
+	test -x $(PYTRITON)/bin/python || $(PYTHON) -m venv $(PYTRITON)
+	$(PYTRITON)/bin/python -m pip install --quiet --upgrade pip
+	$(PYTRITON)/bin/python -m pip install --quiet 'nvidia-pytriton==0.7.0' 'jax[cpu]==0.4.38'
+	touch $@
+
 # every CPU benchmark, one after the other on this machine (gpu_predict.py needs a GPU)
-bench: $(STAMP) $(REF)/.installed $(PEERS)/.installed
+bench: $(STAMP) $(REF)/.installed $(PEERS)/.installed $(PYTRITON)/.installed
 	$(BIN)/python benchmarks/predict_overhead.py
 	$(BIN)/python benchmarks/collectives.py
 	$(BIN)/python benchmarks/notebook_predict.py
@@ -79,4 +89,4 @@ bench: $(STAMP) $(REF)/.installed $(PEERS)/.installed
 	$(BIN)/python benchmarks/generate.py
 
 clean:
-	rm -rf $(VENV) $(REF) $(PEERS) build *.egg-info
+	rm -rf $(VENV) $(REF) $(PEERS) $(PYTRITON) build *.egg-info

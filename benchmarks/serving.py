@@ -13,12 +13,16 @@ Servers, one after the other, each on its own free ports:
   mlserver, off / on   MLServer (``make .venv-peers/.installed``) serving the same MLP as one JAX
                        function on one device in one process, with its adaptive batching off / on
                        (max 32 rows, padded to a power of two as dinb's buckets)
+  pytriton, off / on   Triton Inference Server through PyTriton (``make .venv-pytriton/.installed``:
+                       PyTriton 0.7 needs numpy < 2, so JAX 0.4.38 there), the same function, with
+                       Triton's dynamic batcher off / on (max 32 rows, no queue delay)
 
 Requests are batch-1 float32 rows, REST (dinb: the binary tensor extension, as tritonclient sends;
 MLServer: JSON, the only body it reads; dinb JSON too, at concurrency 1, for a like-for-like row)
 and gRPC (raw contents), at concurrency 1, 8 and 32: p50 and p99 at the client and requests per
-second. The floor is the median ``Model.predict`` of ``mpiexec -n 2 python -m dinb run --repeat
-300`` on the batch-1 export, run in this benchmark; "over floor" is p50 minus it. dinb's responses
+second. dinb's floor is the median ``Model.predict`` of ``mpiexec -n 2 python -m dinb run --repeat
+300`` on the batch-1 export, a peer's the median call of its JAX function in its own environment,
+both run in this benchmark; "over floor" is p50 minus it. dinb's responses
 also carry the ranks' own compute (``dinb_compute_ms``). Results: ``benchmarks/results/serving.json``.
 """
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import shutil
@@ -44,6 +49,7 @@ from predict_overhead import machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT / ".venv-peers" / "bin"
+PYTRITON = ROOT / ".venv-pytriton" / "bin"
 D, FF = 1024, 4096
 MODEL = "mlp"
 
@@ -54,7 +60,7 @@ def wait_ready(proc: subprocess.Popen[str], rest: str, what: str, timeout_s: flo
         if proc.poll() is not None:
             raise SystemExit(f"{what} exited with {proc.returncode}")
         try:
-            with urllib.request.urlopen(f"http://{rest}/v2/health/ready", timeout=2) as r:
+            with urllib.request.urlopen(f"http://{rest}/v2/models/{MODEL}/ready", timeout=2) as r:
                 if r.status == 200:
                     return
         except OSError:
@@ -128,7 +134,8 @@ async def drive(protocol: str, address: str, concurrency: int, n: int, rows: np.
                 assert r.status == 200, data[:200]
                 size = int(r.headers["Inference-Header-Content-Length"])
                 meta = json.loads(data[:size])
-                return np.frombuffer(data[size:], np.float32), meta["parameters"]["dinb_compute_ms"]
+                compute = meta.get("parameters", {}).get("dinb_compute_ms")
+                return np.frombuffer(data[size:], np.float32), compute
 
         async def rest_json(i: int) -> tuple[np.ndarray, float | None]:
             body = {"inputs": [{"name": "x", "shape": [1, D], "datatype": "FP32",
@@ -152,7 +159,7 @@ async def drive(protocol: str, address: str, concurrency: int, n: int, rows: np.
         one = {"rest": rest_binary, "rest-json": rest_json, "grpc": grpc_raw}[protocol]
         got, _ = await one(0)  # the answer is right (and the server warm)
         np.testing.assert_allclose(got.reshape(1, D), mlp_reference(params, rows[0]), rtol=1e-3, atol=1e-3)
-        for i in range(1, min(20, n)):
+        for i in range(1, min(100, n)):  # warm: the first requests after a start are slower
             await one(i)
         queue = iter(range(n))
 
@@ -186,20 +193,46 @@ def mpiexec_floor(model_dir: Path, tmp: Path) -> float:
     return max(r["predict_ms_median"] for r in json.loads(out.read_text())["ranks"])
 
 
-def one_device_floor(params: dict[str, np.ndarray], rows: np.ndarray) -> float:
-    """The median of the same MLP as one jitted JAX function on one CPU device, numpy in and out
-    (what a peer server computes per batch-1 request), in ms."""
-    import jax
-    import jax.numpy as jnp
+FLOOR = """
+import sys, time, numpy as np, jax, jax.numpy as jnp
+with np.load(sys.argv[1]) as f:
+    p = {k: jnp.asarray(f[k]) for k in f.files}
+fn = jax.jit(lambda p, x: jax.nn.gelu(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"])
+rows = np.random.default_rng(0).standard_normal((64, 1, p["w1"].shape[0])).astype(np.float32)
+times = []
+for i in range(320):
+    t0 = time.perf_counter()
+    np.asarray(fn(p, rows[i % len(rows)]))
+    times.append(time.perf_counter() - t0)
+print(1e3 * float(np.median(times[20:])))
+"""
 
-    p = {k: jnp.asarray(v) for k, v in params.items()}
-    fn = jax.jit(lambda p, x: jax.nn.gelu(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"])
-    times = []
-    for i in range(320):
-        t0 = time.perf_counter()
-        np.asarray(fn(p, rows[i % len(rows)]))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times[20:]))
+
+def one_device_floor(python: Path, params_file: Path) -> float:
+    """The median call of the same MLP as one jitted JAX function on one CPU device, numpy in and
+    out (what a peer computes per batch-1 request), in the peer's own environment, in ms."""
+    out = subprocess.run([str(python), "-c", FLOOR, str(params_file)], capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    if out.returncode:
+        raise SystemExit(f"the floor in {python} failed: {out.stderr[-1000:]}")
+    return float(out.stdout.split()[-1])
+
+
+def start_pytriton(tmp: Path, batching: bool) -> tuple[subprocess.Popen[str], str, str]:
+    """PyTriton's Triton; its Python backend's stub links libpython, from the venv's own Python."""
+    rest, grpc_addr, metrics = ports(3)
+    ask = "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"
+    libdir = subprocess.run([str(PYTRITON / "python"), "-c", ask], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               LD_LIBRARY_PATH=":".join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH", "")) if p))
+    cmd = [str(PYTRITON / "python"), str(Path(__file__).parent / "peers" / "pytriton_mlp.py"),
+           str(tmp / "params.npz"), *(a.split(":")[1] for a in (rest, grpc_addr, metrics)),
+           "on" if batching else "off"]
+    proc = subprocess.Popen(cmd, stdout=open(tmp / f"pytriton-{batching}.log", "w"), stderr=subprocess.STDOUT,
+                            text=True, env=env, start_new_session=True)
+    wait_ready(proc, rest, "pytriton")
+    return proc, rest, grpc_addr
 
 
 def main() -> int:
@@ -228,13 +261,12 @@ def run(args: argparse.Namespace, tmp: Path, export_distributed, batch_buckets, 
         buckets = batch_buckets.choices(list(strategy.inputs), [(batch, D)]) if bucketed else None
         export_distributed(net, params, strategy, net.example_inputs(),
                            tmp / f"b{batch}{'-buckets' * bucketed}", batch_buckets=buckets)
-    floor = mpiexec_floor(tmp / "b1", tmp)
-    single = one_device_floor(params, rows)
-    print(f"floor: mpiexec -n 2 dinb run, median predict {floor:.3f} ms; one device in one process "
-          f"{single:.3f} ms", flush=True)
+    np.savez(tmp / "params.npz", **params)
+    floors = {"dinb": mpiexec_floor(tmp / "b1", tmp)}
+    print(f"floor: mpiexec -n 2 dinb run, median predict {floors['dinb']:.3f} ms", flush=True)
 
     every = [(p, c) for p in ("rest", "grpc") for c in (1, 8, 32)]
-    servers = [("dinb", False, every), ("dinb", True, every),
+    servers: list[tuple[str, bool, list[tuple[str, int]]]] = [("dinb", False, every), ("dinb", True, every),
                ("dinb before", False, [("rest", 1), ("grpc", 1)]),
                ("dinb before", True, [("rest", 1), ("rest", 32), ("grpc", 1), ("grpc", 32)])]
     peers = not args.no_peers and (PEERS / "mlserver").exists()
@@ -242,12 +274,19 @@ def run(args: argparse.Namespace, tmp: Path, export_distributed, batch_buckets, 
         print("MLServer is not installed (make .venv-peers/.installed): dinb only", flush=True)
     if peers:
         servers += [("mlserver", False, every), ("mlserver", True, every)]
+        floors["mlserver"] = one_device_floor(PEERS / "python", tmp / "params.npz")
+    if not args.no_peers and (PYTRITON / "python").exists():
+        servers += [("pytriton", False, every), ("pytriton", True, every)]
+        floors["pytriton"] = one_device_floor(PYTRITON / "python", tmp / "params.npz")
+    print("floors (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in floors.items()), flush=True)
     results = []
     for server, batching, cells in servers:
         if server == "dinb":
             proc, rest, grpc_addr = start_dinb(tmp / ("b32-buckets" if batching else "b1"), batching, [])
         elif server == "dinb before":
             proc, rest, grpc_addr = start_dinb(tmp / ("b32" if batching else "b1"), batching, BEFORE)
+        elif server == "pytriton":
+            proc, rest, grpc_addr = start_pytriton(tmp, batching)
         else:
             proc, rest, grpc_addr = start_mlserver(tmp, params, batching)
         try:
@@ -260,24 +299,25 @@ def run(args: argparse.Namespace, tmp: Path, export_distributed, batch_buckets, 
                 r = asyncio.run(drive(protocol, address, concurrency, args.requests, rows, params))
                 r.update(server=server, batching=batching, protocol=protocol, concurrency=concurrency,
                          over_floor_ms=None)
-                r["over_floor_ms"] = r["p50_ms"] - (single if server == "mlserver" else floor)
+                r["over_floor_ms"] = r["p50_ms"] - floors[server.split()[0]]
                 results.append(r)
                 compute = f"{r['compute_p50_ms']:.2f}" if r["compute_p50_ms"] is not None else "-"
                 on = "on " if batching else "off"
                 print(f"{server:11s} batching {on} {protocol:9s} c={concurrency:<3d} "
                       f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  {r['rps']:7.1f} req/s  "
                       f"(ranks' compute p50 {compute} ms)", flush=True)
-        finally:
-            proc.send_signal(signal.SIGTERM)
+        finally:  # PyTriton's runs in a session of its own, with tritonserver: the whole group goes
+            stop = functools.partial(os.killpg, proc.pid) if server == "pytriton" else proc.send_signal
+            stop(signal.SIGTERM)
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                stop(signal.SIGKILL)
                 proc.wait()
 
     m = machine()
     print(f"\nMegatron MLP d={D} ff={FF}, batch-1 requests, {args.requests} per cell; dinb on 2 agents, "
-          f"floor {floor:.3f} ms (mpiexec -n 2 dinb run), peers' floor {single:.3f} ms (one device); "
+          f"floors {', '.join(f'{k} {v:.3f} ms' for k, v in floors.items())}; "
           f"{m['cpu']}, {m['cores']} cores, jax {m['jax']}")
     print(f"{'server':11s} {'batching':8s} {'protocol':9s} {'c':>3s} {'p50 ms':>8s} {'p99 ms':>8s} "
           f"{'req/s':>8s} {'compute':>8s} {'p50-floor':>10s}")
@@ -309,16 +349,18 @@ def run(args: argparse.Namespace, tmp: Path, export_distributed, batch_buckets, 
                 f"{s['batching_on_over_off_p50_c1']:.2f}x; c=32 batched {c32['rps']:.0f} req/s "
                 f"({s['c32_batched_rps_over_before']:.2f}x before)")
         peer_protocol = "rest-json" if protocol == "rest" else protocol
-        p_off, p32 = get("mlserver", False, peer_protocol, 1), get("mlserver", True, peer_protocol, 32)
-        if p_off and p32:
-            s["mlserver_over_floor_c1_ms"] = p_off["over_floor_ms"]
-            s["mlserver_rps_c32_batched"] = p32["rps"]
-            line += (f"; mlserver p50 - floor at c=1 {p_off['over_floor_ms']:.2f} ms, c=32 batched "
-                     f"{p32['rps']:.0f} req/s")
+        for peer in ("mlserver", "pytriton"):
+            p_off = get(peer, False, peer_protocol if peer == "mlserver" else protocol, 1)
+            p32 = get(peer, True, peer_protocol if peer == "mlserver" else protocol, 32)
+            if p_off and p32:
+                s[f"{peer}_over_floor_c1_ms"] = p_off["over_floor_ms"]
+                s[f"{peer}_rps_c32_batched"] = p32["rps"]
+                line += (f"; {peer} p50 - floor at c=1 {p_off['over_floor_ms']:.2f} ms, c=32 batched "
+                         f"{p32['rps']:.0f} req/s")
         print(line)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    record = {"benchmark": "serving", "machine": m, "requests": args.requests, "floor_ms": floor,
-              "one_device_floor_ms": single, "results": results, "summary": summary}
+    record = {"benchmark": "serving", "machine": m, "requests": args.requests, "floors_ms": floors,
+              "results": results, "summary": summary}
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     print(f"saved {args.out}")
     return 0
