@@ -40,10 +40,10 @@ def main() -> None:
     jax.config.update("jax_num_cpu_devices", 16)
     from predict_overhead import machine, median_ms
 
+    from dinb.explore.plan import StrategyPlan
+    from dinb.explore.xla_view import XlaViewer, _handle
     from dinb.models import MegatronMLP
-    from dinb.plan import StrategyPlan
     from dinb.widgets import StrategyExplorer
-    from dinb.xla_view import XlaViewer, _handle
 
     model = MegatronMLP()
     params = {k: (s, "float32") for k, s in model.param_shapes().items()}

@@ -83,7 +83,7 @@ def rank_worker(args: argparse.Namespace) -> int:
     slowest = max(float(v) for v in job.allgather("ms", repr(ms)))
     if job.process_index == 0:
         Path(args.result).write_text(json.dumps({"ms": slowest, "collectives": model.collectives}))
-    del model, tensors  # their device arrays hold the GPU client (see dinb.ranks.shutdown)
+    del model, tensors  # their device arrays hold the GPU client (see dinb.job.ranks.shutdown)
     dinb.shutdown_ranks()
     return 0
 
@@ -222,7 +222,7 @@ def env() -> dict[str, str]:
 def launcher(n: int) -> list[str]:
     if n == 1:
         return []
-    from dinb.launchers import mpiexec_command
+    from dinb.job.launchers import mpiexec_command
 
     found = shutil.which("mpirun") or shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
     return mpiexec_command(found, n)

@@ -3,7 +3,7 @@
     python benchmarks/secure_socket.py [--repeat 300]
 
 Off loopback a rank's predict socket is a CURVE server that admits only the notebook's key
-(:mod:`dinb.secure_socket`); on loopback it stays plain. Both are timed here on loopback with
+(:mod:`dinb.job.secure_socket`); on loopback it stays plain. Both are timed here on loopback with
 the same server code (a REP socket answering with the request's bytes), for request payloads of
 8 KiB, 1 MiB and 16 MiB. Medians over ``--repeat`` round trips after a warm-up; ratio = CURVE
 over plain. Results go to ``benchmarks/results/secure_socket.json`` with the machine.
@@ -25,7 +25,7 @@ import zmq
 sys.path.insert(0, str(Path(__file__).parent))
 from predict_overhead import machine  # noqa: E402
 
-from dinb import secure_socket  # noqa: E402
+from dinb.job import secure_socket  # noqa: E402
 
 SIZES = (8 * 2**10, 2**20, 16 * 2**20)
 

@@ -70,7 +70,7 @@ def wait_ready(proc: subprocess.Popen[str], rest: str, what: str, timeout_s: flo
 
 
 def ports(n: int) -> list[str]:
-    from dinb.ranks import free_port
+    from dinb.job.ranks import free_port
 
     return [f"127.0.0.1:{free_port()}" for _ in range(n)]
 

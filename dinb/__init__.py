@@ -20,7 +20,6 @@ from dinb.checkpoint import (
     transform_checkpoint_by_rank,
     transform_checkpoints,
 )
-from dinb.cluster import RankCluster, start_cluster
 from dinb.errors import (
     CheckpointError,
     DinbError,
@@ -32,13 +31,14 @@ from dinb.errors import (
     SliceFileError,
     StrategyError,
 )
+from dinb.explore.plan import StrategyPlan
 from dinb.export import export_distributed
+from dinb.job.ranks import Job, current_job
+from dinb.job.ranks import init as init_ranks
+from dinb.job.ranks import shutdown as shutdown_ranks
 from dinb.layout import Layout, common_dev_matrix
 from dinb.models import DeepMLP, LlamaDecoder, MatMulNeg, MegatronMLP, ModelDef, TensorSpec, get_model
-from dinb.plan import StrategyPlan
-from dinb.ranks import Job, current_job
-from dinb.ranks import init as init_ranks
-from dinb.ranks import shutdown as shutdown_ranks
+from dinb.notebook.cluster import RankCluster, start_cluster
 from dinb.runtime import Context, Model, ModelType, Tensor
 from dinb.slicefile import read_meta, read_slice_file
 from dinb.strategy import ParamLayout, Strategy, infer_predict_layout
@@ -55,7 +55,7 @@ def __getattr__(name: str) -> object:
 
 def load_ipython_extension(ipython: object) -> None:
     """``%load_ext dinb``: registers the ``%dinfer`` magics."""
-    from dinb.magics import load_ipython_extension as load
+    from dinb.notebook.magics import load_ipython_extension as load
 
     load(ipython)
 

@@ -49,3 +49,7 @@ class RankFailedError(DinbError):
 
 class CheckpointError(DinbError):
     """A checkpoint slice is missing, duplicated, corrupted, or disagrees with its strategy."""
+
+
+class ClusterError(DinbError):
+    """The notebook's cluster of ranks is missing, already running, or could not start."""

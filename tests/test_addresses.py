@@ -3,8 +3,8 @@ to the other hosts otherwise (no root needed here; tests/test_hosts.py runs real
 
 import pytest
 
-from dinb import addresses
-from dinb.addresses import AddressError
+from dinb.job import addresses
+from dinb.job.addresses import AddressError
 from dinb.runtime.config import load_config
 
 

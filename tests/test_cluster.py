@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import dinb
-from dinb import cluster as cl
 from dinb.errors import RankFailedError
 from dinb.models import MatMulNeg
+from dinb.notebook import cluster as cl
 
 pytestmark = pytest.mark.mpi
 
@@ -56,7 +56,7 @@ def test_engines_are_ranks_and_predict_agrees(ranks):
     assert plain.agree and sorted(plain.per_rank) == [0, 1]
     assert ranks.ping() > 0
     assert ranks.strategy()["matmul_weight"].tensor_map == (1, 0)
-    printed = ranks.execute("import dinb.engine as E\nprint('rank', E.rank(), E.model().world_size)")
+    printed = ranks.execute("import dinb.notebook.engine as E\nprint('rank', E.rank(), E.model().world_size)")
     assert printed == {0: "rank 0 2\n", 1: "rank 1 2\n"}
 
 
@@ -71,7 +71,7 @@ def test_clear_messages_for_misuse(ranks, tmp_path):
 
 def test_stuck_rank_is_named_then_restart_recovers(ranks, matmul_dir):
     ranks.load(matmul_dir, show_progress=False)
-    code = ("import time, numpy as np, dinb.engine as E\n"
+    code = ("import time, numpy as np, dinb.notebook.engine as E\n"
             "if E.rank() == 1:\n    time.sleep(120)\n"
             "E.predict([np.ones((128, 96), np.float32)])")
     t0 = time.monotonic()

@@ -13,9 +13,11 @@ from conftest import simulated
 
 import dinb
 from dinb import Context, DinbError, Model, ModelType, Strategy
+from dinb.explore.mesh import mesh_choices
+from dinb.explore.plan import StrategyPlan
+from dinb.explore.plan_source import PlanSource
 from dinb.layout import Layout
 from dinb.models import MatMulNeg, MegatronMLP, mlp_reference
-from dinb.plan import PlanSource, StrategyPlan, mesh_choices
 from dinb.widgets import RankOutputs, StrategyExplorer
 from dinb.widgets.outputs import downsample
 
@@ -267,7 +269,7 @@ def test_heatmaps_are_block_means_and_small():
 
 
 def test_magic_outputs_displays_the_viewer():
-    from dinb import magics
+    from dinb.notebook import magics
 
     assert "RankOutputs" in magics.USAGE and "%dinfer explore" in magics.USAGE
     assert dinb.RankOutputs is RankOutputs and dinb.StrategyExplorer is StrategyExplorer

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dinb.hlo import Collective, parse_collectives, parse_replica_groups
+from dinb.explore.hlo import Collective, parse_collectives, parse_replica_groups
 
 
 @pytest.mark.parametrize("text, n, groups", [

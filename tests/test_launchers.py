@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from dinb import export_distributed
-from dinb.addresses import free_port
 from dinb.errors import DinbError
-from dinb.launchers import (
+from dinb.job.addresses import free_port
+from dinb.job.launchers import (
     GpuChoice,
     World,
     choose_gpu,

@@ -231,7 +231,7 @@ def test_hugging_face_tokens_on_two_mpiexec_ranks(decoder, weights, tmp_path):
 
 
 def test_the_explorer_counts_the_kv_cache_once_beside_the_weights():
-    from dinb.plan import StrategyPlan
+    from dinb.explore.plan import StrategyPlan
     from dinb.widgets import StrategyExplorer
 
     adder = LlamaDecoder()  # dinb's tiny adder: 4 slots, 32 positions

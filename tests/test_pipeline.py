@@ -321,8 +321,8 @@ def test_notebook_ranks_run_two_stages_of_two_and_a_dead_last_stage_rank_is_name
     import signal
     import threading
 
-    from dinb import cluster as cl
     from dinb.errors import RankFailedError
+    from dinb.notebook import cluster as cl
 
     export_deep(tmp_path, 4, 2)
     c = dinb.start_cluster(4, timeout_s=60)
@@ -355,7 +355,7 @@ def test_notebook_ranks_run_two_stages_of_two_and_a_dead_last_stage_rank_is_name
 
 @pytest.mark.mpi
 def test_local_engines_hand_activations_over_xla(tmp_path):
-    from dinb import cluster as cl
+    from dinb.notebook import cluster as cl
 
     export_deep(tmp_path, 2, 2)
     c = dinb.start_cluster(2, engines="local", timeout_s=60)

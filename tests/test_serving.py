@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from dinb import export_distributed
+from dinb.job.ranks import free_port
 from dinb.models import MatMulNeg, MegatronMLP, mlp_reference
-from dinb.ranks import free_port
 
 pytestmark = pytest.mark.mpi
 PY = sys.executable
@@ -543,8 +543,8 @@ def test_agents_before_the_worker_and_a_worker_restarted_under_running_agents(tm
 def test_notebook_engines_and_mpiexec_ranks_serve_as_agents(tmp_path):
     """Main in this process; the agents are notebook engines, then ranks under mpiexec."""
     import dinb
-    from dinb import cluster as cl
     from dinb.cli import _mpiexec
+    from dinb.notebook import cluster as cl
     from dinb.serving import distributed, server
 
     addr = seed_dir(tmp_path)
@@ -736,7 +736,7 @@ def test_a_pipelined_export_serves_with_stage_size_2(tmp_path):
 def test_agents_of_another_stage_count_are_refused_naming_both():
     import zmq
 
-    from dinb import wire
+    from dinb.job import wire
     from dinb.serving.worker import DistributedWorker
 
     async def register():

@@ -74,7 +74,7 @@ def env() -> dict[str, str]:
 
 def mpirun(n: int) -> list[str]:
     """Open MPI's ``mpirun`` (what GPU clusters ship), else the ``mpiexec`` beside Python."""
-    from dinb.launchers import mpiexec_command
+    from dinb.job.launchers import mpiexec_command
 
     found = shutil.which("mpirun") or shutil.which("mpiexec") or str(Path(PY).parent / "mpiexec")
     return mpiexec_command(found, n)
@@ -181,7 +181,7 @@ def check_mpiexec_mpich(n: int, work: Path, _: dict, prefix: Path | None) -> str
 
 
 def check_srun_env(n: int, work: Path, _: dict) -> str:
-    from dinb.addresses import free_port
+    from dinb.job.addresses import free_port
 
     base = {k: v for k, v in env().items() if not k.startswith(("PMI_", "OMPI_", "MPI_", "SLURM_"))}
     base |= {"DINB_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port('127.0.0.1')}", "SLURM_JOB_ID": "4242",
@@ -234,8 +234,8 @@ def check_minilm(n: int, work: Path, _: dict, weights: Path | None) -> str:
 def check_engines(n: int, work: Path, data: dict, engines: str) -> str:
     from IPython.core.interactiveshell import InteractiveShell
 
-    from dinb import cluster as cl
     from dinb.models import mlp_reference
+    from dinb.notebook import cluster as cl
 
     ip = InteractiveShell.instance()
     ip.run_line_magic("load_ext", "dinb")
@@ -284,7 +284,7 @@ def check_serve_cli(n: int, work: Path, _: dict) -> str:
     import tritonclient.grpc as tg
     import tritonclient.http as th
 
-    from dinb.addresses import free_port
+    from dinb.job.addresses import free_port
 
     rest, grpc, dist = (f"127.0.0.1:{free_port('127.0.0.1')}" for _ in range(3))
     proc = subprocess.Popen([PY, "-m", "dinb", "serve", "--model-dir", str(work / "matmul-contraction"),
@@ -329,7 +329,7 @@ def check_serve_cli(n: int, work: Path, _: dict) -> str:
 def check_serve_agents(n: int, work: Path, _: dict) -> str:
     import tritonclient.http as th
 
-    from dinb.addresses import free_port
+    from dinb.job.addresses import free_port
     from dinb.serving import distributed, server
     from dinb.slicefile import find_slice_files
 

@@ -45,9 +45,9 @@ print(y[0, :5])"""),
     md("""## 3 · Look inside a rank
 
 `%%dinfer` runs the cell on every rank (in each engine's own namespace) and groups what each rank
-prints. `dinb.engine` is the rank's side: its rank, its loaded `Model`, its device."""),
+prints. `dinb.notebook.engine` is the rank's side: its rank, its loaded `Model`, its device."""),
     code("""%%dinfer
-""" + CHECK + """import dinb.engine as rank_side
+""" + CHECK + """import dinb.notebook.engine as rank_side
 model = rank_side.model()
 own = model.rank_outputs()[rank_side.rank()][0]
 print(f"rank {rank_side.rank()} of {model.world_size} on {rank_side.status()['device']}: "

@@ -78,7 +78,7 @@ rank's slice outlined in red, and the part read from each source hatched. The `b
 held by several ranks are read once."""),
     code("""import matplotlib.pyplot as plt
 from dinb.checkpoint.boxes import param_box
-from dinb.plotting import draw_reshard
+from dinb.explore.plotting import draw_reshard
 
 fig, axes = plt.subplots(1, 4, figsize=(12, 3.4))
 for ax, (name, rank) in zip(axes, [("w1", 0), ("w1", 1), ("w2", 0), ("w2", 1)]):

@@ -26,7 +26,7 @@ byte counts."""),
 
 import dinb
 from dinb.models import MatMulNeg, MegatronMLP
-from dinb.plan import StrategyPlan
+from dinb.explore.plan import StrategyPlan
 from dinb.widgets import StrategyExplorer"""),
     md("""## 1 · The seeds' MatMul, three ways
 

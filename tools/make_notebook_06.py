@@ -29,7 +29,7 @@ import numpy as np
 
 import dinb
 from dinb.models import MegatronMLP, mlp_reference
-from dinb.ranks import free_port
+from dinb.job.ranks import free_port
 
 work = Path(tempfile.mkdtemp())
 (work / "mlp").mkdir()
@@ -60,7 +60,7 @@ processes, and `mpiexec -n 2 python -m dinb serve-agent` with MPI ranks.)"""),
     code(IGNORE + """%dinfer load {work / "slices"}"""),
     code(CHECK + """worker = f"127.0.0.1:{free_port()}"
 rest, grpc_address = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-dinb.cluster.current().serve(worker)
+dinb.notebook.cluster.current().serve(worker)
 print("the 2 ranks wait for the Distributed Worker")"""),
     md("""## 3 · Main: start the servable, then the servers
 

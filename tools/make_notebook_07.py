@@ -27,7 +27,7 @@ and sends (collectives inside a stage, activations between stages)."""),
 
 import dinb
 from dinb.models import DeepMLP
-from dinb.plan import StrategyPlan
+from dinb.explore.plan import StrategyPlan
 
 job = dinb.init_ranks("cpu", simulate=4)  # before the first JAX call in this kernel (export traces)
 
@@ -138,7 +138,7 @@ checking that they agree; the activations go from rank to rank over MPI."""),
     code(IGNORE + """%dinfer load {work / "deep"}"""),
     code(CHECK + """y = %dinfer predict x --micro-batches 4
 print("equals one device:", np.allclose(y, reference, atol=1e-5, rtol=1e-5))
-from dinb import cluster
+from dinb.notebook import cluster
 print({rank: len(outs) for rank, outs in cluster.current().outputs().per_rank.items()}, "outputs per rank")"""),
     code(IGNORE + """%dinfer schedule"""),
     code(CHECK + """%dinfer cluster stop"""),

@@ -10,6 +10,9 @@ Modules: ``boxes`` (which part of a tensor a rank holds), ``stored`` (reading a 
 tensor), ``dinbfile`` and ``ckpt_file`` (dinb's and MindSpore's file formats), ``distributed``
 (the index of a checkpoint's rank files and its read plans), ``mindspore_api`` (the functions
 with MindSpore's names).
+
+Layer: above the core (layouts, strategies) and the job (a rank's own index); beside the runtime,
+which it does not import, nor does the runtime import it.
 """
 
 from dinb.checkpoint.ckpt_file import MindSporeCheckpoint, write_ckpt

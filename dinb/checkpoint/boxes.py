@@ -118,11 +118,6 @@ def param_box(item: ParamLayout, rank: int, shape: Sequence[int], name: str = "t
     return tuple(box)
 
 
-def rank_boxes(item: ParamLayout, shape: Sequence[int], name: str = "tensor") -> list[Box]:
-    """Every rank's box, in rank order."""
-    return [param_box(item, r, shape, name) for r in range(item.layout.device_num)]
-
-
 def overlap_plan(target: Box, sources: Sequence[Box | None]) -> list[tuple[int, Box]]:
     """``[(source rank, intersection)]`` covering ``target`` once: replicas are read from one rank.
 

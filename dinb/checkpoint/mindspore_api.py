@@ -99,7 +99,7 @@ def load_distributed_checkpoint(
             if name in predict:
                 predict[name].check_shape(shape, f"parameter {name!r} (predict strategy)")
         if rank is None:
-            from dinb.ranks import current_job
+            from dinb.job.ranks import current_job
 
             job = current_job()
             if job is None or job.process_count == 1:  # a simulated job holds every rank

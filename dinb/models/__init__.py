@@ -1,4 +1,8 @@
-"""Built-in models, by name: ``get_model("matmul")``, ``get_model("mlp", d_model=256)``."""
+"""Built-in models, by name: ``get_model("matmul")``, ``get_model("mlp", d_model=256)``.
+
+Part of the core layer (with layouts, strategies, slice files and export): imports layouts and
+strategies, never the job, the runtime or anything above.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""The MindSpore-Lite-shaped runtime: ``Context``, ``Model``, ``ModelType``, ``Tensor``."""
+"""The MindSpore-Lite-shaped runtime: ``Context``, ``Model``, ``ModelType``, ``Tensor``.
+
+Layer: runs slice files on a job's ranks; imports the core and the job, never checkpoints,
+serving, the explorer or the notebook side (which build on it).
+"""
 
 from dinb.runtime.config import RuntimeConfig, load_config
 from dinb.runtime.context import Context, DeviceInfo, ModelType

@@ -31,8 +31,8 @@ import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from dinb.addresses import split_address
 from dinb.errors import DinbError
+from dinb.job.addresses import split_address
 from dinb.pipeline import MAX_MICRO_BATCHES
 
 TRANSFERS = ("auto", "mpi", "xla")

@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from dinb import ranks
 from dinb.errors import InputError, RankMismatchError
 from dinb.formats.safetensors import np_dtype
+from dinb.job import ranks
 from dinb.layout import Layout, one_mesh_shardings
 from dinb.runtime.programs import deserialize
 from dinb.runtime.sampling import Sampler, SamplingParams

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from dinb import ranks
 from dinb.errors import (
     DinbError,
     InputError,
@@ -35,21 +34,22 @@ from dinb.errors import (
     SliceFileError,
 )
 from dinb.formats.safetensors import np_dtype
+from dinb.job import ranks
 from dinb.layout import one_mesh_shardings
-from dinb.pipeline import StageEvent
 from dinb.runtime.config import RuntimeConfig, load_config
 from dinb.runtime.context import Context, ModelType
 from dinb.runtime.generation import DecodeRun
+from dinb.runtime.model_generation import Generating
+from dinb.runtime.model_info import Introspection
 from dinb.runtime.onnx_rank import OnnxRanks
 from dinb.runtime.pipeline_run import PipelineRun
 from dinb.runtime.programs import deserialize
 from dinb.runtime.rank_steps import JitRanks, StepRanks, rank_program_of
-from dinb.runtime.sampling import SamplingParams
 from dinb.runtime.tensor import Tensor
 from dinb.slicefile import SliceFile, TensorMeta, find_slice_files, read_slice_file
 
 
-class Model:
+class Model(Introspection, Generating):
     """A distributed model as one rank sees it: build once, then ``predict``."""
 
     def __init__(self) -> None:
@@ -402,153 +402,6 @@ class Model:
             return [Tensor(np.asarray(arr), name=m.name) for m, arr in zip(self._outputs, self._last)]
         return [Tensor(np.asarray(arr.addressable_data(0) if whole else arr), name=m.name)
                 for m, arr, whole in zip(self._outputs, self._last, self._out_whole)]
-
-    def rank_outputs(self) -> dict[int, list[np.ndarray]]:
-        """Each local rank's own slice of every output of the last predict."""
-        job = self._job
-        assert job is not None
-        if self._pipe is not None:
-            return self._pipe.rank_outputs()
-        if self._steps is not None:
-            return {r: list(v) for r, v in self._last_by_rank.items()}
-        rank_of = {d: r for r, d in enumerate(job.devices)}
-        result: dict[int, list[np.ndarray]] = {r: [] for r in job.local_ranks}
-        for arr in self._last:
-            for shard in arr.addressable_shards:
-                result[rank_of[shard.device]].append(np.asarray(shard.data))
-        return result
-
-    # ---- introspection -----------------------------------------------------------------------
-    @property
-    def job(self) -> ranks.Job:
-        self._check_built()
-        assert self._job is not None
-        return self._job
-
-    @property
-    def model_name(self) -> str:
-        self._check_built()
-        return next(iter(self._files.values())).model
-
-    def export_meta(self) -> dict[str, Any]:
-        """The export's metadata as this rank's slice file holds it (model, config, layouts)."""
-        self._check_built()
-        return dict(next(iter(self._files.values())).meta)
-
-    @property
-    def world_size(self) -> int:
-        return self.job.world_size
-
-    @property
-    def local_ranks(self) -> list[int]:
-        return self.job.local_ranks
-
-    def param_bytes(self) -> dict[int, int]:
-        """Bytes of parameter slices each local rank holds (with stages: its stage's only)."""
-        self._check_built()
-        return {r: sum(a.nbytes for a in sf.params.values()) for r, sf in self._files.items()}
-
-    def compiled_text(self) -> str:
-        """The partitioned HLO XLA compiled (shows the collectives the layouts imply); with the
-        ``tensorrt`` provider, the rank's ONNX steps and collectives."""
-        self._check_built()
-        if self._pipe is not None:
-            return self._pipe.describe()
-        if self._gen is not None:
-            return self._gen.compiled_text()
-        if self._steps is not None:
-            return self._steps.describe()
-        return str(self._compiled.as_text())
-
-    # ---- pipeline stages ---------------------------------------------------------------------
-    def pipeline_info(self) -> dict[str, Any] | None:
-        """``stages``, ``stage_ranks``, the ``micro_batches`` counts exported, the stages this
-        process hosts and the ``transfer`` between stages; None for a one-stage export."""
-        self._check_built()
-        if self._pipe is None:
-            return None
-        p = self._pipe
-        return {"stages": p.stages, "stage_ranks": p.t, "micro_batches": list(p.micro_counts),
-                "local_stages": list(p.local_stages), "transfer": p.transfer,
-                "layers": {s: list(p.meta[s]["layers"]) for s in p.local_stages}}
-
-    def timeline(self) -> list[StageEvent]:
-        """When each local rank computed each micro-batch in the last predict (wall-clock
-        seconds); empty for a one-stage export. :func:`dinb.pipeline.measured_bubble` reads it."""
-        self._check_built()
-        return list(self._pipe.events) if self._pipe is not None else []
-
-    # ---- generation ----------------------------------------------------------------------------
-    def generate(self, prompt_ids: Any, max_new_tokens: int = 32, *, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_ids: Sequence[int] = (),
-                 on_token: Callable[[int, int], None] | None = None) -> list[int] | list[list[int]]:
-        """New tokens after a prompt (a list of token ids), or after each of a list of prompts
-        (at most the export's sequence slots), from a decoder's export.
-
-        Greedy when ``temperature`` is 0; else sampled (``top_k``, ``top_p``, see
-        :mod:`dinb.runtime.sampling`) with a generator per prompt seeded by ``seed``: the same
-        seed gives the same tokens on every rank count. A prompt stops after ``max_new_tokens``
-        or after a token of ``stop_ids`` (which is kept). ``on_token(row, token)`` is called as
-        each token is picked (streaming). Every rank must make the same call.
-        """
-        gen = self._decoder("generate")
-        return gen.generate(prompt_ids, max_new_tokens, SamplingParams(temperature, top_k, top_p, seed),
-                            stop_ids, on_token)
-
-    def generate_stream(self, prompt_ids: Sequence[int], max_new_tokens: int = 32, **sampling: Any) -> Any:
-        """The new tokens of one prompt as they are picked (an iterator); ``generate``'s options."""
-        gen = self._decoder("generate_stream")
-        stop_ids = sampling.pop("stop_ids", ())
-        prompts, single = gen.prompts_of(prompt_ids)
-        if not single:
-            raise InputError("generate_stream takes one prompt (a list of token ids); use generate's "
-                             "on_token for several")
-        steps = gen.steps(prompts, max_new_tokens, SamplingParams(**sampling), stop_ids)
-        return (token for _, token in steps)
-
-    def prefill(self, slot: int, prompt_ids: Sequence[int]) -> np.ndarray:
-        """Run the prefill program: ``prompt_ids`` into sequence slot ``slot`` of the KV cache;
-        returns the logits (vocabulary,) after the prompt's last token. (``generate`` calls it.)"""
-        gen = self._decoder("prefill")
-        if not 0 <= slot < gen.slots:
-            raise InputError(f"slot {slot}: the export has slots 0 .. {gen.slots - 1}")
-        prompts, _ = gen.prompts_of([list(prompt_ids)])
-        return gen.prefill(slot, prompts[0])
-
-    def decode_step(self, tokens: Sequence[int], positions: Sequence[int]) -> np.ndarray:
-        """Run one decode step: ``tokens[s]`` of every slot ``s`` at ``positions[s]``; returns the
-        logits (slots, vocabulary). The cache is updated in place."""
-        gen = self._decoder("decode_step")
-        t, p = np.asarray(tokens), np.asarray(positions)
-        if t.shape != (gen.slots,) or p.shape != (gen.slots,):
-            raise InputError(f"decode_step takes one token and one position per slot, ({gen.slots},) each; "
-                             f"got {list(t.shape)} and {list(p.shape)}")
-        if p.min() < 0 or p.max() >= gen.max_len:
-            raise InputError(f"positions must lie in 0 .. {gen.max_len - 1} (the cache's length)")
-        return gen.decode(t, p)
-
-    def kv_cache(self, slot: int, length: int) -> np.ndarray:
-        """The keys and values of slot ``slot`` at positions ``0 .. length-1``, gathered from every
-        rank: ``(layers, 2, kv_heads, length, head_dim)``."""
-        return self._decoder("kv_cache").cache_slot(slot, length)
-
-    def generation_info(self) -> dict[str, Any] | None:
-        """A decoder's ``slots``, ``max_len``, prompt ``buckets``, ``vocab``, the KV ``cache`` (shape, dtype,
-        layout) and the ``cache_bytes`` each local rank holds; None for other exports."""
-        self._check_built()
-        if self._gen is None:
-            return None
-        g = self._gen
-        return {"slots": g.slots, "max_len": g.max_len, "buckets": list(g.buckets), "vocab": g.vocab,
-                "cache": g.cache_meta,
-                "cache_bytes": dict(g.cache_bytes), "timings": dict(g.timings)}
-
-    def _decoder(self, what: str) -> DecodeRun:
-        self._check_built()
-        if self._gen is None:
-            raise DinbError(f"{what}: {self.model_name!r} is not a decoder's export; generate runs models "
-                            "that generate text (--model llama)")
-        return self._gen
 
     def _check_built(self) -> None:
         if self._compiled is None and self._steps is None and self._pipe is None and self._gen is None:

@@ -55,7 +55,7 @@ def execution_providers(target: str, cache_dir: Path) -> tuple[list[Any], str | 
     notice to show when TensorRT is not among them."""
     import onnxruntime as ort
 
-    from dinb.ranks import current_job
+    from dinb.job.ranks import current_job
 
     available = ort.get_available_providers()
     job = current_job()

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from dinb import ranks
 from dinb.errors import InputError, RankMismatchError
+from dinb.job import ranks
 from dinb.layout import one_mesh_shardings
 from dinb.pipeline import StageEvent
 from dinb.runtime.config import RuntimeConfig

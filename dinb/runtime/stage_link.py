@@ -254,7 +254,7 @@ def choose_transfer(setting: str, process_count: int, process_index: int, target
 def _mpi_world_is_job(process_count: int, process_index: int) -> tuple[bool, str]:
     import os
 
-    from dinb.ranks import MPI_SIZE_VARS
+    from dinb.job.mpi_world import MPI_SIZE_VARS
 
     if not any(v in os.environ for v in MPI_SIZE_VARS):
         return False, "these rank processes were not started by mpiexec"

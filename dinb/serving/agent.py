@@ -23,8 +23,8 @@ import threading
 import time
 from typing import Any
 
-from dinb import remote_predict, wire
 from dinb.errors import DinbError
+from dinb.job import remote_predict, wire
 from dinb.serving import local_link
 from dinb.serving.generation import agent_step
 from dinb.serving.worker import HEARTBEAT_S

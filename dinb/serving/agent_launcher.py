@@ -11,7 +11,7 @@ Two ways to start them (``startup_agents(..., launcher=)``):
   that rank 0 hosts; XLA's collectives (NCCL on GPUs, gloo on CPUs).
 
 Either way a process that exits is seen within 0.1 s: the agents of an MPI job are watched
-through pidfds by :class:`dinb.death_watch.DeathWatch` (they are mpiexec's grandchildren), which
+through pidfds by :class:`dinb.job.death_watch.DeathWatch` (they are mpiexec's grandchildren), which
 also orders the exits, so the rank that died first is the one named to the worker. The
 launcher then ends the job's other ranks and, with ``restart="always"``, starts a new job.
 """
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dinb.errors import DinbError
-from dinb.launchers import find_mpiexec, is_open_mpi
+from dinb.job.launchers import find_mpiexec, is_open_mpi
 
 log = logging.getLogger("dinb.serving")
 PIDS_TIMEOUT_S = 60.0  # how long the agents of an MPI job may take to appear under mpiexec
@@ -132,7 +132,7 @@ class AgentLauncher:
         log.info("started %d agents (job %s, %s)", len(self.files), self.job, self.launcher)
 
     def _launch_processes(self, env: dict[str, str]) -> None:
-        from dinb.ranks import free_port
+        from dinb.job.ranks import free_port
 
         port = (
             next(p for p in range(self.start_port, self.start_port + 1000) if _free(self.host, p))
@@ -181,7 +181,7 @@ class AgentLauncher:
                 raise DinbError(f"the agents' mpiexec job {self.job} started ranks {sorted(found)} of {n} "
                                 f"within {PIDS_TIMEOUT_S:g} s (mpiexec {how})")
             time.sleep(0.02)
-        from dinb.death_watch import DeathWatch
+        from dinb.job.death_watch import DeathWatch
 
         self._agent_pids = [found[r] for r in range(n)]
         self._watch = DeathWatch(list(self._agent_pids))
@@ -258,7 +258,7 @@ class AgentLauncher:
     def _tell_worker(self, header: dict[str, Any]) -> None:
         import zmq
 
-        from dinb import wire
+        from dinb.job import wire
 
         if self._notify is None:
             from dinb.serving.servable_key import keys_for

@@ -143,7 +143,7 @@ def start_servable(
                 f"{rank_table_json_file} lists {devices} devices but servable {servable_name!r} "
                 f"declares rank_size={spec.model.rank_size}"
             )
-    from dinb.addresses import is_loopback
+    from dinb.job.addresses import is_loopback
 
     if key_file is None and not is_loopback(distributed_address.rpartition(":")[0].strip("[]")):
         key_file = make_key_file(Path(servable_directory) / servable_name / "servable.key")

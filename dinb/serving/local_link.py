@@ -13,7 +13,7 @@ ZeroMQ, and an agent that cannot connect (another host) keeps using ZeroMQ for e
 
 A message is ``<body bytes: u64> <frames: u32>``, then the body: each frame's size (u64), then
 the frames, each starting at a multiple of 64 bytes (so the arrays read back are aligned), the
-frames being :mod:`dinb.wire`'s (a JSON header, then each array's bytes).
+frames being :mod:`dinb.job.wire`'s (a JSON header, then each array's bytes).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from dinb import wire
 from dinb.errors import DinbError
+from dinb.job import wire
 
 PREFIX = struct.Struct("<QI")
 ALIGN = 64

@@ -2,7 +2,7 @@
 
 An agent runs whatever the worker sends it, and the worker trusts what the agents answer, so
 off loopback the worker <-> agent sockets are ZeroMQ CURVE (authenticated and encrypted), as the
-notebook ranks' predict sockets are (:mod:`dinb.secure_socket`). The difference: agents are
+notebook ranks' predict sockets are (:mod:`dinb.job.secure_socket`). The difference: agents are
 started by hand on other hosts, not handed a key by the process that starts them. So one
 secret per servable, a *key file* of 32 random bytes (``python -m dinb serve-key FILE``, or made
 by ``start_servable`` beside ``servable_config.py`` the first time it listens off loopback),
@@ -122,7 +122,7 @@ def close_worker_context(ctx: Any, auth: Any) -> None:
 def keys_for(address: str, key_file: str | Path | None, who: str) -> ServableKeys | None:
     """The keys a socket to or at ``address`` needs: None on loopback; off loopback the key
     file's, which must be given (``who`` says to whom, for the error)."""
-    from dinb.addresses import is_loopback
+    from dinb.job.addresses import is_loopback
 
     host = address.rpartition(":")[0].strip("[]")
     if is_loopback(host):

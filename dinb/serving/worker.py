@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from dinb import remote_predict, wire
 from dinb.errors import DinbError
+from dinb.job import remote_predict, wire
 from dinb.serving.local_link import LinkServer
 from dinb.serving.servable_key import ServableKeys, close_worker_context
 

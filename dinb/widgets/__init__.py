@@ -3,6 +3,9 @@ schedule (ipywidgets).
 
 They render metadata and small summaries only (shapes, slices, bytes, block-averaged
 heatmaps), never a large tensor's values.
+
+Layer: draws what ``dinb.explore`` computes; imports the layers below, never the notebook side
+(the ``%dinfer`` magics, above, show the widgets).
 """
 
 from dinb.widgets.explorer import StrategyExplorer

@@ -8,7 +8,7 @@
 Controls: the model, a named strategy (or ``custom``), the device count, the pipeline stages
 (for models made of layers), the mesh of one stage (its axis sizes multiply to the stage's
 device count), and per tensor and axis the device dimensions that split it. Every change
-renders a new :class:`dinb.plan.StrategyPlan`: the tile grid of each tensor (grouped by stage),
+renders a new :class:`dinb.explore.plan.StrategyPlan`: the tile grid of each tensor (grouped by stage),
 the bytes each rank holds against a device capacity, and the collectives XLA inserted into the
 program compiled for that many simulated devices (each stage's own program), with time
 estimates from an adjustable link bandwidth and compute rate. With stages come the activations
@@ -27,9 +27,11 @@ from typing import Any
 import ipywidgets as w
 
 from dinb.errors import DinbError
+from dinb.explore.mesh import mesh_choices, mesh_label
+from dinb.explore.plan import StrategyPlan
+from dinb.explore.plan_source import CUSTOM, PlanSource
 from dinb.models import BertEncoder, DeepMLP, LlamaDecoder, MatMulNeg, MegatronMLP, ModelDef
 from dinb.pipeline import bubble_fraction, gpipe_schedule, measured_bubble, simulate_schedule
-from dinb.plan import CUSTOM, PlanSource, StrategyPlan, mesh_choices, mesh_label
 from dinb.units import fmt_bytes, fmt_seconds
 from dinb.widgets.pictures import (
     bytes_bars_svg,

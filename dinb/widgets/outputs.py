@@ -7,7 +7,7 @@ travels to the browser; one colour scale is shared by all ranks so panels compar
 Above the panels: whether every rank holds the same values (bitwise), and, given a reference,
 the largest difference from it.
 
-Accepts a :class:`dinb.cluster.PredictResult` (``%dinfer outputs`` shows one), a
+Accepts a :class:`dinb.notebook.cluster.PredictResult` (``%dinfer outputs`` shows one), a
 ``{rank: [arrays]}`` mapping (``Model.rank_outputs()``), or a list of per-rank lists. With
 pipeline stages only the last stage's ranks have outputs; the others get a panel saying so.
 """

@@ -10,7 +10,8 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
-from dinb.plan import CostEstimate, RankBytes, Tile, Transfer
+from dinb.explore.costs import CostEstimate, RankBytes, Transfer
+from dinb.explore.mesh import Tile
 from dinb.units import fmt_bytes, fmt_seconds
 
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#edc948", "#ff9da7",

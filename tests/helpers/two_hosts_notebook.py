@@ -23,8 +23,8 @@ import numpy as np
 import zmq
 
 import dinb
-from dinb import wire
 from dinb.errors import RankFailedError
+from dinb.job import wire
 from dinb.models import MegatronMLP, mlp_reference
 
 ssh, host_a, host_b, netns_a, netns_b, work, mode, fault = sys.argv[1:9]

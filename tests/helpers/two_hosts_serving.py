@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from dinb import export_distributed
+from dinb.job.ranks import free_port
 from dinb.models import MatMulNeg
-from dinb.ranks import free_port
 
 ssh, a_addr, b_addr, tmp, mode = sys.argv[1:6]
 tmp = Path(tmp)
@@ -39,7 +39,7 @@ launcher.wait()
 """
 ROGUE = """
 import json, sys, zmq
-from dinb import wire
+from dinb.job import wire
 answers = {}
 for kind in ("plain", "curve"):
     sock = zmq.Context.instance().socket(zmq.DEALER)

@@ -13,7 +13,7 @@ before the processes that the launcher then ends. The client reads those lines w
 checks on its ranks.
 
 Ranks on other hosts have no pid here. For each of them the watcher holds a connection of its
-own to the rank's predict socket (a CURVE client, :mod:`dinb.secure_socket`), with ZeroMQ's
+own to the rank's predict socket (a CURVE client, :mod:`dinb.job.secure_socket`), with ZeroMQ's
 heartbeats every 0.5 s answered by the rank's I/O thread (no Python, no GIL involved). A rank
 whose process exits closes that connection at once (its host's kernel ends the TCP stream); a
 rank whose host or network goes silent misses its heartbeats, and after 3 s ZeroMQ drops the

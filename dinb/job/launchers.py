@@ -3,7 +3,7 @@
 A rank needs four numbers before it joins a job: its rank, the world size, its rank among the
 processes on its host (``local_rank``) and how many share the host (``local_size``). MPI's
 launchers (mpich's ``mpiexec``, Open MPI's ``mpirun``, ``srun --mpi=...``) are asked through
-mpi4py (:func:`dinb.ranks.mpi_world`); Slurm's ``srun`` without an MPI plugin is read here from
+mpi4py (:func:`dinb.job.mpi_world.mpi_world`); Slurm's ``srun`` without an MPI plugin is read here from
 ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``; notebook engines and serving agents are
 handed theirs by the process that starts them.
 

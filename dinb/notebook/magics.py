@@ -1,4 +1,4 @@
-"""``%dinfer`` and ``%%dinfer``: the notebook face of :mod:`dinb.cluster` (``%load_ext dinb``).
+"""``%dinfer`` and ``%%dinfer``: the notebook face of :mod:`dinb.notebook.cluster` (``%load_ext dinb``).
 
 Each subcommand is one call of the Python API, so everything here can be done without magics.
 """
@@ -12,12 +12,12 @@ from typing import Any
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from dinb import cluster as cl
 from dinb.errors import DinbError
+from dinb.notebook import cluster as cl
 
 USAGE = """Run a model split over notebook ranks (ipyparallel engines, one rank each).
 
-Subcommands (each is one call of dinb.cluster's Python API):
+Subcommands (each is one call of dinb.notebook.cluster's Python API):
 
   %dinfer cluster start -n 2 [--engines mpi|local] [--devices cpu|gpu]
         start N engines bound to devices, joined in one JAX job     start_cluster(n, ...)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from dinb import wire
+from dinb.job import wire
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ several (split into their product). From that:
   tensor that is both an input and an output (a decoder's KV cache, donated: one buffer) once,
   as the cache; the compiled program adds XLA's own workspace (temp buffers);
 * **cost**: ``flops / compute rate`` beside ``sum of bytes sent per rank / link bandwidth`` for
-  the collectives XLA inserted (see :mod:`dinb.hlo` for the traffic model).
+  the collectives XLA inserted (see :mod:`dinb.explore.hlo` for the traffic model).
 
 An axis choice that does not divide the axis, or reuses a device dimension another axis of the
 same tensor already splits, is offered but marked invalid with the reason.
@@ -26,319 +26,24 @@ Each stage's program is compiled on its own, and the activations one stage hands
 (``sends``) are a transfer per rank pair per micro-batch.
 """
 
+
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-from dinb.errors import DinbError, StrategyError
-from dinb.hlo import Collective
+from dinb.errors import DinbError
+from dinb.explore.costs import CostEstimate, RankBytes, Transfer, _carry_bytes
+from dinb.explore.mesh import AxisChoice, Tile, _dims, _entry, entry_label, mesh_choices, mesh_label
+from dinb.explore.plan_source import CUSTOM, ROLES, PlanSource, TensorInfo
+from dinb.explore.xla_view import CompiledView
 from dinb.layout import Layout, MapEntry, common_dev_matrix
 from dinb.models.base import ModelDef
 from dinb.strategy import ParamLayout, Strategy
-from dinb.units import fmt_bytes, fmt_seconds
-from dinb.xla_view import CompiledView, viewer
-
-ROLES = ("parameter", "input", "output")
-CUSTOM = "custom"
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """A tensor of the model: its role, full shape and dtype."""
-
-    name: str
-    role: str
-    shape: tuple[int, ...]
-    dtype: str = "float32"
-
-    @property
-    def itemsize(self) -> int:
-        return np.dtype(self.dtype).itemsize
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.itemsize
-
-
-@dataclass(frozen=True)
-class AxisChoice:
-    """One way to split one tensor axis: ``entry`` as in a tensor_map, and whether it is allowed."""
-
-    entry: MapEntry
-    label: str
-    parts: int
-    valid: bool
-    reason: str = ""
-
-
-@dataclass(frozen=True)
-class Tile:
-    """One distinct slice: the ranks holding it (a replica group) and its box per axis."""
-
-    ranks: tuple[int, ...]
-    box: tuple[tuple[int, int], ...]
-
-
-@dataclass(frozen=True)
-class RankBytes:
-    """What one rank holds, in bytes."""
-
-    rank: int
-    parameters: int
-    replicated: int  # of ``parameters``: slices other ranks hold too
-    inputs: int  # with pipeline stages: or the activations received from the previous stage
-    outputs: int  # or the activations sent to the next stage
-    workspace: int = 0  # XLA's temp buffers, known once compiled
-    stage: int = 0
-    cache: int = 0  # state kept on the device between calls (a decoder's KV cache)
-
-    @property
-    def total(self) -> int:
-        return self.parameters + self.inputs + self.outputs + self.workspace + self.cache
-
-
-@dataclass(frozen=True)
-class Transfer:
-    """Stage ``stage`` handing its activations to stage ``stage + 1``: ``pairs`` messages (rank
-    ``j`` to rank ``j``) of ``bytes_per_rank`` each, per whole batch."""
-
-    stage: int
-    values: tuple[tuple[tuple[int, ...], str], ...]  # shape and dtype of each value sent
-    bytes_per_rank: int
-    pairs: int
-    seconds: float
-
-
-def _carry_bytes(values: Sequence[tuple[tuple[int, ...], str]], first_input: Layout | None, local: int,
-                 device_num: int) -> int:
-    """Bytes of the activations one rank sends or receives (laid out as :func:`carry_layout`)."""
-    from dinb.pipeline import carry_layout
-
-    total = 0
-    for shape, dtype in values:
-        lay = carry_layout(first_input, len(shape), device_num)
-        total += math.prod(lay.slice_shape(shape)) * np.dtype(dtype).itemsize
-    return total
-
-
-@dataclass(frozen=True)
-class CostEstimate:
-    """Compute and communication time of one predict, estimated from the compiled program."""
-
-    flops: float
-    compute_s: float
-    collectives: tuple[tuple[Collective, float], ...]  # each with its estimated seconds
-    link_gb_per_s: float
-    tflop_per_s: float
-
-    @property
-    def bytes_sent(self) -> float:
-        return sum(c.bytes_sent_per_rank for c, _ in self.collectives)
-
-    @property
-    def comm_s(self) -> float:
-        return sum(s for _, s in self.collectives)
-
-    @property
-    def total_s(self) -> float:
-        return self.compute_s + self.comm_s
-
-    def collectives_summary(self) -> str:
-        """The collectives XLA inserted and their time, as text (the same under every XLA that
-        partitions the program the same way)."""
-        lines = [f"  {c.kind} in groups of {c.group_size} {c.groups_text()}: {c.shape_text()} per rank, "
-                 f"sends {fmt_bytes(c.bytes_sent_per_rank)} per rank = {fmt_seconds(s)}"
-                 for c, s in self.collectives] or ["  no collectives"]
-        return "\n".join(lines)
-
-    def compute_summary(self) -> str:
-        """XLA's FLOPs per rank over the compute rate beside the traffic time (XLA's FLOP count
-        varies a little between versions)."""
-        return (f"  compute {self.flops / 1e6:.4g} MFLOP per rank = {fmt_seconds(self.compute_s)} at "
-                f"{self.tflop_per_s:g} TFLOP/s; communication {fmt_seconds(self.comm_s)} at "
-                f"{self.link_gb_per_s:g} GB/s")
-
-    def summary(self) -> str:
-        """The collectives and the estimates as text."""
-        return self.collectives_summary() + "\n" + self.compute_summary()
-
-
-# ---- where the tensors come from -------------------------------------------------------------
-class PlanSource:
-    """A model to explore: its tensors, its named strategies, and how to compile a strategy."""
-
-    def __init__(self, name: str, tensors: Sequence[TensorInfo], model: ModelDef | None,
-                 presets: Sequence[str] = (), exported: tuple[Strategy, Path] | None = None):
-        self.name = name
-        self.tensors = tuple(tensors)
-        self.model = model
-        self.presets = tuple(presets) + (("exported",) if exported else ())
-        self.exported = exported
-        self._compiled: dict[str, CompiledView] = {}
-
-    @classmethod
-    def from_model(cls, model: ModelDef) -> PlanSource:
-        tensors = [TensorInfo(n, "parameter", tuple(s)) for n, s in model.param_shapes().items()]
-        tensors += [TensorInfo(s.name, "input", tuple(s.shape), s.dtype) for s in model.input_specs()]
-        tensors += [TensorInfo(s.name, "output", tuple(s.shape), s.dtype) for s in model.output_specs()]
-        return cls(model.name, tensors, model, model.strategy_names)
-
-    @classmethod
-    def from_export(cls, directory: str | Path) -> PlanSource:
-        """An export directory: its tensors and strategy (its stages' too); layouts stay editable
-        when the model is a built-in one (the export records how to rebuild it)."""
-        from dinb.models import MODELS, get_model
-        from dinb.slicefile import TensorMeta, find_slice_files, read_meta
-
-        directory = Path(directory)
-        files = find_slice_files(directory)
-        first = files[0]
-        meta = read_meta(first)
-        pipe = meta.get("pipeline")
-        stage_metas = ([read_meta(files[s * pipe["stage_ranks"]]) for s in range(pipe["stages"])]
-                       if pipe else [meta])
-        params = {n: (p, s) for s, m in enumerate(stage_metas) for n, p in m["params"].items()}
-        tensors = [TensorInfo(n, "parameter", tuple(p["shape"]), p["dtype"]) for n, (p, _) in params.items()]
-        ins = [TensorMeta.from_json(m) for m in meta["inputs"]]
-        outs = [TensorMeta.from_json(m) for m in meta["outputs"]]
-        tensors += [TensorInfo(m.name, "input", m.shape, m.dtype) for m in ins]
-        tensors += [TensorInfo(m.name, "output", m.shape, m.dtype) for m in outs]
-        layouts = {n: ParamLayout(Layout.from_json(p["layout"]), stage=s) for n, (p, s) in params.items()}
-        strategy = Strategy(layouts, [m.layout for m in ins], [m.layout for m in outs], len(stage_metas))
-        model = None
-        if meta["model"] in MODELS and "model_config" in meta:
-            model = get_model(meta["model"], **meta["model_config"])
-        return cls(f"{meta['model']} ({directory})", tensors, model, (), (strategy, first))
-
-    def preset_strategy(self, preset: str, device_num: int, stages: int = 1) -> Strategy:
-        if preset == "exported" and self.exported:
-            strategy = self.exported[0]
-            if (strategy.device_num, strategy.pipeline_stages) != (device_num, stages):
-                raise StrategyError(
-                    f"the export is for {strategy.pipeline_stages} stage(s) of {strategy.stage_device_num} "
-                    f"ranks, not {stages} of {device_num // stages}")
-            return strategy
-        if self.model is None or preset not in self.presets:
-            raise StrategyError(f"{self.name} has no strategy {preset!r}; choose one of {list(self.presets)}")
-        return self.model.strategy(device_num, preset, pipeline_stages=stages)
-
-    def stage_choices(self, device_num: int) -> list[int]:
-        """Stage counts that divide both the model's layers and ``device_num`` (1 always)."""
-        layers = self.model.pipeline_layers() if self.model is not None else None
-        if not layers:
-            return [1]
-        return [s for s in range(1, len(layers) + 1) if len(layers) % s == 0 and device_num % s == 0]
-
-    def compile(self, strategy: Strategy) -> CompiledView | list[CompiledView]:
-        """What XLA makes of ``strategy`` (cached per strategy): one view, or one per stage."""
-        key = json.dumps(strategy.to_json(), sort_keys=True)
-        if key not in self._compiled and strategy.pipeline_stages > 1:
-            if self.model is None:
-                raise DinbError(f"{self.name}: the export does not say how to rebuild its model, so "
-                                "its stages cannot be compiled here")
-            params = {t.name: (t.shape, t.dtype) for t in self.tensors if t.role == "parameter"}
-            ins = [(t.shape, t.dtype) for t in self.tensors if t.role == "input"]
-            self._compiled[key] = viewer().compile_stages(self.model, strategy, ins, params)  # type: ignore[assignment]
-        if key not in self._compiled:
-            if self.exported and _same_layouts(strategy, self.exported[0]):
-                view = viewer().compile_export(self.exported[1], strategy.device_num)
-            elif self.model is not None:
-                params = {t.name: (t.shape, t.dtype) for t in self.tensors if t.role == "parameter"}
-                ins = [(t.shape, t.dtype) for t in self.tensors if t.role == "input"]
-                view = viewer().compile_model(self.model, strategy, ins, params)
-            else:
-                raise DinbError(
-                    f"{self.name}: the export does not say how to rebuild its model, so only its own "
-                    "strategy can be compiled; choose the preset 'exported'"
-                )
-            self._compiled[key] = view
-        return self._compiled[key]
-
-    def weights(self, seed: int = 0) -> Any:
-        """What an export reads its weights from: the model's released checkpoint (each rank
-        reads only its slices), else :meth:`full_params`."""
-        if not self.exported and self.model is not None and self.model.checkpoint() is not None:
-            from dinb.checkpoint import DistributedCheckpoint
-
-            return DistributedCheckpoint(self.model.checkpoint())
-        return self.full_params(seed)
-
-    def full_params(self, seed: int = 0) -> dict[str, np.ndarray]:
-        """Whole parameters: the model's own (``init_params(seed)``) or assembled from the export."""
-        if self.exported:
-            from dinb.slicefile import find_slice_files, read_slice_file
-
-            out: dict[str, np.ndarray] = {}
-            for path in find_slice_files(self.exported[1].parent).values():
-                sf = read_slice_file(path)
-                local = sf.rank % (sf.pipeline["stage_ranks"] if sf.pipeline else sf.world_size)
-                for name, meta in sf.param_meta().items():
-                    whole = out.setdefault(name, np.empty(meta.shape, meta.dtype))
-                    whole[meta.layout.slice_of(local, meta.shape, name)] = sf.params[name]
-            return out
-        assert self.model is not None
-        return self.model.init_params(seed)
-
-
-def _same_layouts(a: Strategy, b: Strategy) -> bool:
-    return ({n: a.item(n).layout for n in a} == {n: b.item(n).layout for n in b}
-            and a.pipeline_stages == b.pipeline_stages
-            and list(a.inputs) == list(b.inputs) and list(a.outputs) == list(b.outputs))
-
-
-# ---- the plan ----------------------------------------------------------------------------------
-def mesh_choices(device_num: int, max_axes: int = 3) -> list[tuple[int, ...]]:
-    """Every mesh for ``device_num`` devices: ordered factorisations into at most ``max_axes``
-    sizes > 1 (``[N]`` first)."""
-    if device_num == 1:
-        return [(1,)]
-    found: list[tuple[int, ...]] = []
-
-    def grow(prefix: tuple[int, ...], left: int) -> None:
-        if left == 1:
-            found.append(prefix)
-            return
-        if len(prefix) == max_axes:
-            return
-        for d in range(2, left + 1):
-            if left % d == 0:
-                grow(prefix + (d,), left // d)
-
-    grow((), device_num)
-    return sorted(found, key=lambda m: (len(m), m))
-
-
-def mesh_label(mesh: Sequence[int]) -> str:
-    """``d1=2 × d0=4`` for ``[2, 4]`` (device dimensions count from the right)."""
-    k = len(mesh)
-    return " × ".join(f"d{k - 1 - i}={s}" for i, s in enumerate(mesh))
-
-
-def entry_label(entry: MapEntry, mesh: Sequence[int]) -> str:
-    """``—`` (whole), ``d0 ×4``, ``d1·d0 ×8``."""
-    dims = _dims(entry)
-    if not dims:
-        return "—"
-    k = len(mesh)
-    return "·".join(f"d{d}" for d in dims) + f" ×{math.prod(mesh[k - 1 - d] for d in dims)}"
-
-
-def _dims(entry: MapEntry) -> tuple[int, ...]:
-    if isinstance(entry, tuple):
-        return entry
-    return () if entry == -1 else (entry,)
-
-
-def _entry(dims: Sequence[int]) -> MapEntry:
-    return -1 if not dims else dims[0] if len(dims) == 1 else tuple(dims)
+from dinb.units import fmt_bytes
 
 
 @dataclass(frozen=True)
@@ -617,7 +322,7 @@ class StrategyPlan:
                         [self.layout(t.name) for t in self.tensors if t.role == "output"], self.stages)
 
     def compile(self) -> CompiledView | list[CompiledView]:
-        """Compile the plan's strategy on simulated devices (see :mod:`dinb.xla_view`); with
+        """Compile the plan's strategy on simulated devices (see :mod:`dinb.explore.xla_view`); with
         stages, one view per stage."""
         problems = self.problems()
         if problems:

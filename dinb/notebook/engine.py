@@ -1,6 +1,6 @@
 """What runs inside each notebook engine: one engine is one rank of one JAX job.
 
-The client (:mod:`dinb.cluster`) calls these functions on every engine together. State lives in
+The client (:mod:`dinb.notebook.cluster`) calls these functions on every engine together. State lives in
 this module (the engine process's rank, context and loaded model). Before the one collective a
 predict runs, each rank publishes ``phase = "collective"`` through ipyparallel's data channel,
 so when a call times out the client can tell the rank stuck in its own part (never reached the
@@ -28,7 +28,7 @@ def _publish(**data: Any) -> None:
 
 def preload() -> None:
     """Import JAX on a thread while the engine finishes registering (the engines that
-    :mod:`dinb.cluster` starts run this as their startup command; the join needs JAX)."""
+    :mod:`dinb.notebook.cluster` starts run this as their startup command; the join needs JAX)."""
     import importlib
     import threading
 
@@ -44,8 +44,8 @@ def identify(client_host: str = "127.0.0.1") -> dict[str, Any]:
     client (``client_host``, the notebook kernel's address)."""
     import socket
 
-    from dinb.addresses import host_key, own_address
-    from dinb.ranks import mpi_world
+    from dinb.job.addresses import host_key, own_address
+    from dinb.job.mpi_world import mpi_world
 
     world = mpi_world()
     if _state["preload"] is not None:  # let it finish before this thread imports anything of JAX
@@ -59,7 +59,7 @@ def identify(client_host: str = "127.0.0.1") -> dict[str, Any]:
 
 def free_port(host: str) -> int:
     """A free port on this engine's host (rank 0 picks the JAX coordinator's port)."""
-    from dinb.addresses import free_port as pick
+    from dinb.job.addresses import free_port as pick
 
     return pick(host)
 
@@ -174,7 +174,7 @@ def status() -> dict[str, Any]:
            "provider": model.provider if model is not None else None,
            "collectives": model.collectives if model is not None else None}
     if _state["rank"] is not None:
-        from dinb.ranks import current_job
+        from dinb.job.ranks import current_job
 
         job = current_job()
         if job is not None:
@@ -210,7 +210,7 @@ def timeline() -> list[tuple[Any, ...]]:
 
 def leave() -> bool:
     """Leave the JAX job (``jax.distributed.shutdown``) before the engine stops."""
-    from dinb.ranks import shutdown
+    from dinb.job.ranks import shutdown
 
     _state.update(model=None, outputs=None)  # the arrays they hold keep the GPU client alive
     shutdown()
@@ -218,7 +218,7 @@ def leave() -> bool:
 
 
 # ---- the fast predict path: a direct socket per rank, served from a thread ----------------------
-_fast: dict[str, Any] = {"endpoint": None, "server_key": None, "phase": "idle"}
+_fast: dict[str, Any] = {"endpoint": None, "server_key": None}
 
 
 def serve_fast(host: str = "127.0.0.1", client_key: str | None = None) -> dict[str, Any]:
@@ -227,14 +227,14 @@ def serve_fast(host: str = "127.0.0.1", client_key: str | None = None) -> dict[s
 
     A message is ``[header JSON, array bytes ...]`` with the inputs; the reply carries this rank's
     outputs (rank 0) or only their shapes and a checksum (other ranks, enough to check they
-    agree). The engine's main thread stays free for control calls (status, phase, restart).
+    agree). The engine's main thread stays free for control calls (status, restart).
     Off loopback the socket is a CURVE server that admits only the client holding the secret of
-    ``client_key`` (:mod:`dinb.secure_socket`): nobody else on the network can drive it.
+    ``client_key`` (:mod:`dinb.job.secure_socket`): nobody else on the network can drive it.
     """
     if _fast["endpoint"] is None:
         import threading
 
-        from dinb.secure_socket import endpoint_of, reply_socket
+        from dinb.job.secure_socket import endpoint_of, reply_socket
 
         sock, _fast["server_key"] = reply_socket(host, client_key)
         _fast["endpoint"] = endpoint_of(sock)
@@ -242,18 +242,15 @@ def serve_fast(host: str = "127.0.0.1", client_key: str | None = None) -> dict[s
     return {"endpoint": _fast["endpoint"], "server_key": _fast["server_key"]}
 
 
-
 def _fast_loop(sock: Any) -> None:
-    from dinb import remote_predict, wire
+    from dinb.job import remote_predict, wire
 
     while True:
         frames = sock.recv_multipart(copy=False)
         if wire.header(frames).get("noop"):
             sock.send_multipart(wire.pack({"outputs": []}))  # the client measuring the path itself
             continue
-        _fast["phase"] = "collective"
         reply, outs = remote_predict.answer(_predict_arrays, frames)
-        _fast["phase"] = "done" if outs is not None else "error"
         if outs is not None:
             _state["outputs"] = outs
         sock.send_multipart(reply, copy=False)
@@ -304,8 +301,3 @@ def _not_serving() -> None:
         raise DinbError(f"rank {_state['rank']} serves a servable: its requests and this predict would "
                         "meet in the collectives out of order. Use the servable, or stop serving "
                         "(%dinfer serve stop)")
-
-
-def fast_phase() -> str:
-    """Where this rank's fast predict is: idle, collective (inside the program), done, error."""
-    return str(_fast["phase"])

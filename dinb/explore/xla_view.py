@@ -5,11 +5,11 @@ The program is compiled exactly as a rank compiles it (:mod:`dinb.export` traces
 cluster is needed and the notebook's own JAX (if any) is left alone: JAX fixes its device
 count when it first starts, and the explorer needs any count. From the compiled program come:
 
-* the partitioned HLO text, from which :mod:`dinb.hlo` lists the collectives;
+* the partitioned HLO text, from which :mod:`dinb.explore.hlo` lists the collectives;
 * ``flops``: XLA's cost analysis of one rank's program;
 * ``argument/output/temp bytes``: XLA's memory analysis of one rank's buffers.
 
-The helper (``python -m dinb.xla_view``) is started on first use, kept for the next call, and
+The helper (``python -m dinb.explore.xla_view``) is started on first use, kept for the next call, and
 every request has a finite timeout; a helper that dies or hangs is replaced.
 """
 
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dinb.errors import DinbError
-from dinb.hlo import Collective, parse_collectives
+from dinb.explore.hlo import Collective, parse_collectives
 from dinb.layout import Layout
 
 DEFAULT_TIMEOUT_S = 120.0
@@ -143,7 +143,7 @@ class XlaViewer:
         env = dict(os.environ, JAX_PLATFORMS="cpu", DINB_XLA_VIEW_DEVICES=str(self.devices))
         env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                                     if "force_host_platform_device_count" not in f)
-        self._proc = subprocess.Popen([sys.executable, "-m", "dinb.xla_view"], stdin=subprocess.PIPE,
+        self._proc = subprocess.Popen([sys.executable, "-m", "dinb.explore.xla_view"], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=self._log, env=env)
         return self._proc
 

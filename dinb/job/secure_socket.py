@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dinb.addresses import is_loopback
+from dinb.job.addresses import is_loopback
 
 ZAP_DOMAIN = "dinb"
 _authenticators: list[Any] = []

@@ -1,0 +1,5 @@
+"""Exploring a strategy before running it: ``plan`` (tiles, bytes, the cost of each collective),
+``xla_view`` (compiling on simulated devices in a helper process), ``hlo`` (the collectives in
+compiled HLO), ``plotting`` (the pictures). Imports the core, export and checkpoints, never the
+runtime, serving or the notebook side; ``dinb.widgets`` draws what it computes.
+"""
