@@ -1,13 +1,16 @@
-"""Notebook 04 in a real browser: JupyterLab served here, Debian's chromium driven by Playwright.
+"""The notebooks in a real browser: JupyterLab served here, Debian's chromium driven by Playwright.
 
-The test opens the notebook, runs every cell, changes the device count of the MLP explorer from
-2 to 4 and checks that the tile grid and the bytes per rank follow; it leaves screenshots in
-``build/test-artifacts`` (or ``$DINB_ARTIFACTS``).
+Every notebook is opened and run top to bottom; no cell may show an error, and every widget must
+render (not "Loading widget..." or "Error displaying widget"). Each widget's screenshot, and one
+of the whole notebook, go to ``build/test-artifacts`` (or ``$DINB_ARTIFACTS``). Notebook 04 is
+also driven: its MLP explorer's device count goes from 2 to 4, and the tile grid and the bytes
+per rank must follow.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,6 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "04_strategy_explorer.ipynb"
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-sync"]
@@ -36,22 +40,27 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory):
-    """JupyterLab on 127.0.0.1 with a copy of notebook 04, in its own config directories."""
+    """JupyterLab on 127.0.0.1 with a copy of every notebook, in its own config directories."""
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is missing; `make test` installs it (apt-get install chromium)")
     base = tmp_path_factory.mktemp("lab")
     root = base / "notebooks"
     root.mkdir()
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    for cell in nb.cells:  # the browser must produce every output itself
-        if cell.cell_type == "code":
-            cell.outputs, cell.execution_count = [], None
-    nbformat.write(nb, root / NOTEBOOK.name)
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        for cell in nb.cells:  # the browser must produce every output itself
+            if cell.cell_type == "code":
+                cell.outputs, cell.execution_count = [], None
+        nbformat.write(nb, root / path.name)
     port, token = _free_port(), "dinb-browser-test"
     env = dict(os.environ, JUPYTER_CONFIG_DIR=str(base / "config"), JUPYTER_RUNTIME_DIR=str(base / "runtime"),
                JUPYTERLAB_SETTINGS_DIR=str(base / "settings"), JUPYTERLAB_WORKSPACES_DIR=str(base / "ws"),
                JUPYTER_DATA_DIR=str(base / "data"))
     env.pop("JAX_PLATFORMS", None)
+    # every cell in the page, not only those in view: the checks read all outputs
+    tracker = base / "settings" / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings"
+    tracker.parent.mkdir(parents=True)
+    tracker.write_text('{"windowingMode": "none"}')
     log = open(base / "lab.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
@@ -81,8 +90,96 @@ def lab(tmp_path_factory: pytest.TempPathFactory):
     log.close()
 
 
-def test_explorer_follows_the_device_count_in_jupyterlab(lab):
+def open_and_run(page, url: str, token: str, name: str) -> None:
+    """Open a notebook in JupyterLab, start its kernel and run all its cells (not waiting)."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    from playwright.sync_api import expect
+
+    # a workspace of its own: JupyterLab would reopen the notebooks of the tests before
+    page.goto(f"{url}/lab/workspaces/{Path(name).stem}/tree/{name}?reset&token={token}")
+    page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=120_000)
+    select = page.locator(".jp-Dialog button", has_text="Select")
+    try:  # JupyterLab may ask which kernel to start
+        select.wait_for(timeout=10_000)
+        select.click()
+    except PlaywrightTimeout:
+        pass
+    idle = page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")
+    expect(idle).to_have_count(1, timeout=120_000)
+    no_news = page.get_by_role("button", name="No", exact=True)
+    if no_news.count():  # JupyterLab asks whether to fetch its news; it must not
+        no_news.first.click()
+    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+    page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+
+
+def shut_down_kernels(url: str, token: str) -> None:
+    """End every kernel of the lab (each notebook's kernel goes once its test is done)."""
+    import json
+
+    with urllib.request.urlopen(f"{url}/api/kernels?token={token}", timeout=10) as r:
+        kernels = json.loads(r.read())
+    for k in kernels:
+        req = urllib.request.Request(f"{url}/api/kernels/{k['id']}?token={token}", method="DELETE")
+        urllib.request.urlopen(req, timeout=30).close()
+
+
+BROKEN_WIDGET = ("Loading widget...", "Error displaying widget")
+STDERR = ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"
+
+
+def widget_outputs(path: Path) -> int:
+    """How many widget views the notebook as stored displays and keeps (not counting progress bars,
+    which close when done)."""
+    nb = nbformat.read(path, as_version=4)
+    return sum("application/vnd.jupyter.widget-view+json" in o.get("data", {})
+               and not re.search(r"\d+%\|", o["data"].get("text/plain", ""))
+               for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p != NOTEBOOK], ids=lambda p: p.stem)
+def test_every_notebook_runs_in_jupyterlab_with_its_widgets(lab, path):
+    from playwright.sync_api import sync_playwright
+
+    url, token, root = lab
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 2200})
+        page.set_default_timeout(60_000)
+        try:
+            open_and_run(page, url, token, path.name)
+            prompts = page.locator(".jp-CodeCell .jp-InputPrompt")
+            deadline = time.monotonic() + 600
+            while True:  # done: every code cell numbered, or an error shown
+                texts = prompts.all_inner_texts()
+                errors = page.locator(STDERR, has_text="Traceback")
+                if errors.count() or (texts and all(re.search(r"\[\d+\]", t) for t in texts)):
+                    break
+                assert time.monotonic() < deadline, f"{path.name} did not finish within 600 s: {texts}"
+                time.sleep(1)
+            assert errors.count() == 0, f"{path.name}: {errors.first.inner_text()[-2000:]}"
+            page.wait_for_timeout(1000)  # the last widget views render
+            outputs = page.locator(".jp-OutputArea-output")
+            for text in BROKEN_WIDGET:
+                assert outputs.filter(has_text=text).count() == 0, f"{path.name}: a widget shows {text!r}"
+            # every widget the stored notebook shows is drawn here too
+            widgets = page.locator(".jp-OutputArea-output").filter(has=page.locator(".jupyter-widgets"))
+            expected = widget_outputs(path)
+            assert widgets.count() >= expected, f"{path.name}: {widgets.count()} widgets drawn of {expected}"
+            for i in range(widgets.count()):
+                widgets.nth(i).scroll_into_view_if_needed()
+                widgets.nth(i).screenshot(path=str(ARTIFACTS / f"{path.stem}_widget_{i}.png"))
+            page.screenshot(path=str(ARTIFACTS / f"{path.stem}_in_jupyterlab.png"), full_page=True)
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / f"{path.stem}_failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
+            shut_down_kernels(url, token)
+
+
+def test_explorer_follows_the_device_count_in_jupyterlab(lab):
     from playwright.sync_api import expect, sync_playwright
 
     url, token, root = lab
@@ -92,21 +189,7 @@ def test_explorer_follows_the_device_count_in_jupyterlab(lab):
         page = browser.new_page(viewport={"width": 1400, "height": 2200})
         page.set_default_timeout(60_000)
         try:
-            page.goto(f"{url}/lab/tree/{NOTEBOOK.name}?token={token}")
-            page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=120_000)
-            select = page.locator(".jp-Dialog button", has_text="Select")
-            try:  # JupyterLab may ask which kernel to start
-                select.wait_for(timeout=10_000)
-                select.click()
-            except PlaywrightTimeout:
-                pass
-            expect(page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")).to_have_count(
-                1, timeout=120_000)
-            no_news = page.get_by_role("button", name="No", exact=True)
-            if no_news.count():  # JupyterLab asks whether to fetch its news; it must not
-                no_news.first.click()
-            page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-            page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+            open_and_run(page, url, token, NOTEBOOK.name)
             # the last cell prints this once everything above it ran
             done = page.get_by_text("every rank within tolerance of numpy: True")
             expect(done).to_be_visible(timeout=300_000)
