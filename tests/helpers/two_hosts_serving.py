@@ -149,9 +149,13 @@ try:
     report["server_exit"] = server.wait(timeout=60)
     report["agents_exit"] = agents.wait(timeout=60)
 finally:  # on failure too, nothing stays: the server, then the agents' whole process group
-    if server.poll() is None:
-        server.kill()
-        server.wait()
+    if server.poll() is None:  # SIGTERM first: the server removes its servable folder
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
     if agents is not None:
         for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
             try:
