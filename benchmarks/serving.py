@@ -242,25 +242,23 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serving.json"))
     args = ap.parse_args()
 
-    from dinb import batch_buckets, export_distributed
-    from dinb.models import MegatronMLP
-
     tmp = Path(tempfile.mkdtemp(prefix="dinb-serving-bench-"))
     try:
-        return run(args, tmp, export_distributed, batch_buckets, MegatronMLP)
+        return run(args, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run(args: argparse.Namespace, tmp: Path, export_distributed, batch_buckets, MegatronMLP) -> int:  # noqa: N803
+def run(args: argparse.Namespace, tmp: Path) -> int:
+    from dinb import export_distributed
+    from dinb.models import MegatronMLP
+
     rows = np.random.default_rng(0).standard_normal((64, 1, D)).astype(np.float32)
     params = MegatronMLP(D, FF, 1).init_params(0)
-    for batch, bucketed in ((1, False), (32, True), (32, False)):
+    for folder, batch, buckets in (("b1", 1, None), ("b32-buckets", 32, "auto"), ("b32", 32, None)):
         net = MegatronMLP(D, FF, batch)
-        strategy = net.strategy(2)
-        buckets = batch_buckets.choices(list(strategy.inputs), [(batch, D)]) if bucketed else None
-        export_distributed(net, params, strategy, net.example_inputs(),
-                           tmp / f"b{batch}{'-buckets' * bucketed}", batch_buckets=buckets)
+        export_distributed(net, params, net.strategy(2), net.example_inputs(), tmp / folder,
+                           batch_buckets=buckets)
     np.savez(tmp / "params.npz", **params)
     floors = {"dinb": mpiexec_floor(tmp / "b1", tmp)}
     print(f"floor: mpiexec -n 2 dinb run, median predict {floors['dinb']:.3f} ms", flush=True)

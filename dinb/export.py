@@ -187,7 +187,7 @@ def export_distributed(
     show_progress: bool = False,
     dtype: str | None = None,
     micro_batches: Sequence[int] | None = None,
-    batch_buckets: Sequence[int] | None = None,
+    batch_buckets: Sequence[int] | str | None = None,
 ) -> list[Path]:
     """Write ``{model}{rank}.dinb`` for every rank of ``strategy`` into ``out_dir``.
 
@@ -206,8 +206,8 @@ def export_distributed(
 
     ``batch_buckets`` (one-stage exports): also a program for each of these batch sizes (the
     export's batch is the largest), so a server runs a small merged batch at its own size
-    instead of padding it to the export's (see :mod:`dinb.batch_buckets`;
-    ``dinb.batch_buckets.choices`` gives the default list).
+    instead of padding it to the export's (see :mod:`dinb.batch_buckets`); ``"auto"``: the
+    powers of two below the export's batch that the input layouts divide.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -261,11 +261,13 @@ def export_distributed(
                 f"micro_batches={list(micro_batches)}: micro-batches are for pipeline stages; the "
                 "strategy has one stage (give pipeline_stages= to infer_predict_layout)"
             )
+        if batch_buckets is not None:  # checked before anything is traced
+            layouts, shapes = input_layouts(strategy, input_specs), [s for s, _ in input_specs]
+            wanted = bb.choices(layouts, shapes) if batch_buckets == "auto" else batch_buckets
+            buckets = bb.check(wanted, layouts, shapes, [s.name for s in model.input_specs()])
         program, out_meta = build_program(model, param_specs, strategy, input_specs, platforms)
         stage_programs, stage_meta = [{1: program}], [None]
-        if batch_buckets is not None:
-            buckets = bb.check(batch_buckets, input_layouts(strategy, input_specs),
-                               [s for s, _ in input_specs], [s.name for s in model.input_specs()])
+        if buckets is not None:
             stage_programs[0].update(build_bucket_programs(model, param_specs, strategy, input_specs,
                                                            platforms, buckets, out_meta))
     from jax import __version__ as jax_version

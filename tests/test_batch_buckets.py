@@ -91,6 +91,14 @@ def test_mpiexec_ranks_run_every_bucket_with_mpi_collectives(tmp_path):
         assert f"rank {r}: mpi buckets [1, 2, 4, 8] ok" in proc.stdout
 
 
+def test_auto_buckets_are_the_ones_the_layouts_divide(tmp_path):
+    net = MegatronMLP(d_model=32, d_ff=64, batch=8)
+    for strategy, want in (("megatron", [1, 2, 4, 8]), ("batch", [2, 4, 8])):
+        export_distributed(net, net.init_params(), net.strategy(2, strategy), net.example_inputs(),
+                           tmp_path / strategy, batch_buckets="auto")
+        assert read_meta(tmp_path / strategy / "mlp0.dinb")["batch_buckets"] == want
+
+
 def test_bucket_errors_say_what_would_do(tmp_path):
     net = MegatronMLP(d_model=64, d_ff=256, batch=8)
     params, x = net.init_params(1), net.example_inputs()

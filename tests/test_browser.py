@@ -9,6 +9,7 @@ per rank must follow.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -90,6 +91,25 @@ def lab(tmp_path_factory: pytest.TempPathFactory):
     log.close()
 
 
+@contextlib.contextmanager
+def lab_page(name: str):
+    """A chromium page (headless); on a failure, a screenshot of it as ``{name}_failure.png``."""
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 2200})
+        page.set_default_timeout(60_000)
+        try:
+            yield page
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / f"{name}_failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
+
+
 def open_and_run(page, url: str, token: str, name: str) -> None:
     """Open a notebook in JupyterLab, start its kernel and run all its cells (not waiting)."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
@@ -139,15 +159,9 @@ def widget_outputs(path: Path) -> int:
 
 @pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p != NOTEBOOK], ids=lambda p: p.stem)
 def test_every_notebook_runs_in_jupyterlab_with_its_widgets(lab, path):
-    from playwright.sync_api import sync_playwright
-
     url, token, root = lab
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 2200})
-        page.set_default_timeout(60_000)
-        try:
+    try:
+        with lab_page(path.stem) as page:
             open_and_run(page, url, token, path.name)
             prompts = page.locator(".jp-CodeCell .jp-InputPrompt")
             deadline = time.monotonic() + 600
@@ -164,61 +178,47 @@ def test_every_notebook_runs_in_jupyterlab_with_its_widgets(lab, path):
             for text in BROKEN_WIDGET:
                 assert outputs.filter(has_text=text).count() == 0, f"{path.name}: a widget shows {text!r}"
             # every widget the stored notebook shows is drawn here too
-            widgets = page.locator(".jp-OutputArea-output").filter(has=page.locator(".jupyter-widgets"))
+            widgets = outputs.filter(has=page.locator(".jupyter-widgets"))
             expected = widget_outputs(path)
             assert widgets.count() >= expected, f"{path.name}: {widgets.count()} widgets drawn of {expected}"
             for i in range(widgets.count()):
                 widgets.nth(i).scroll_into_view_if_needed()
                 widgets.nth(i).screenshot(path=str(ARTIFACTS / f"{path.stem}_widget_{i}.png"))
             page.screenshot(path=str(ARTIFACTS / f"{path.stem}_in_jupyterlab.png"), full_page=True)
-        except Exception:
-            page.screenshot(path=str(ARTIFACTS / f"{path.stem}_failure.png"), full_page=True)
-            raise
-        finally:
-            browser.close()
-            shut_down_kernels(url, token)
+    finally:
+        shut_down_kernels(url, token)
 
 
 def test_explorer_follows_the_device_count_in_jupyterlab(lab):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     url, token, root = lab
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 2200})
-        page.set_default_timeout(60_000)
-        try:
-            open_and_run(page, url, token, NOTEBOOK.name)
-            # the last cell prints this once everything above it ran
-            done = page.get_by_text("every rank within tolerance of numpy: True")
-            expect(done).to_be_visible(timeout=300_000)
+    with lab_page(NOTEBOOK.stem) as page:
+        open_and_run(page, url, token, NOTEBOOK.name)
+        # the last cell prints this once everything above it ran
+        done = page.get_by_text("every rank within tolerance of numpy: True")
+        expect(done).to_be_visible(timeout=300_000)
 
-            explorer = page.locator(".dinb-explorer").filter(
-                has=page.locator("svg.dinb-tiles[data-tensor='w1']")).first
-            explorer.scroll_into_view_if_needed()
-            w1 = explorer.locator("svg.dinb-tiles[data-tensor='w1']")
-            bars = explorer.locator("svg.dinb-bytes")
-            expect(w1).to_have_attribute("data-tiles", "2")
-            expect(w1.locator("g.dinb-tile")).to_have_count(2)
-            expect(bars).to_have_attribute("data-ranks", "2")
-            bytes_2 = int(bars.locator("g.dinb-rank-bar[data-rank='0']").get_attribute("data-bytes"))
-            explorer.screenshot(path=str(ARTIFACTS / "strategy_explorer_mlp_2_ranks.png"))
+        explorer = page.locator(".dinb-explorer").filter(
+            has=page.locator("svg.dinb-tiles[data-tensor='w1']")).first
+        explorer.scroll_into_view_if_needed()
+        w1 = explorer.locator("svg.dinb-tiles[data-tensor='w1']")
+        bars = explorer.locator("svg.dinb-bytes")
+        expect(w1).to_have_attribute("data-tiles", "2")
+        expect(w1.locator("g.dinb-tile")).to_have_count(2)
+        expect(bars).to_have_attribute("data-ranks", "2")
+        bytes_2 = int(bars.locator("g.dinb-rank-bar[data-rank='0']").get_attribute("data-bytes"))
+        explorer.screenshot(path=str(ARTIFACTS / "strategy_explorer_mlp_2_ranks.png"))
 
-            explorer.locator(".dinb-devices select").select_option("4")
+        explorer.locator(".dinb-devices select").select_option("4")
 
-            expect(w1).to_have_attribute("data-tiles", "4", timeout=60_000)
-            expect(w1.locator("g.dinb-tile")).to_have_count(4)
-            expect(bars).to_have_attribute("data-ranks", "4")
-            expect(bars.locator("g.dinb-rank-bar")).to_have_count(4)
-            bytes_4 = int(bars.locator("g.dinb-rank-bar[data-rank='0']").get_attribute("data-bytes"))
-            assert bytes_4 < bytes_2, (bytes_2, bytes_4)
-            expect(explorer.locator("tr.dinb-collective[data-kind='all-reduce']")).to_have_attribute(
-                "data-group-size", "4")
-            explorer.screenshot(path=str(ARTIFACTS / "strategy_explorer_mlp_4_ranks.png"))
-            page.screenshot(path=str(ARTIFACTS / "notebook_04_in_jupyterlab.png"), full_page=True)
-        except Exception:
-            page.screenshot(path=str(ARTIFACTS / "browser_test_failure.png"), full_page=True)
-            raise
-        finally:
-            browser.close()
+        expect(w1).to_have_attribute("data-tiles", "4", timeout=60_000)
+        expect(w1.locator("g.dinb-tile")).to_have_count(4)
+        expect(bars).to_have_attribute("data-ranks", "4")
+        expect(bars.locator("g.dinb-rank-bar")).to_have_count(4)
+        bytes_4 = int(bars.locator("g.dinb-rank-bar[data-rank='0']").get_attribute("data-bytes"))
+        assert bytes_4 < bytes_2, (bytes_2, bytes_4)
+        expect(explorer.locator("tr.dinb-collective[data-kind='all-reduce']")).to_have_attribute(
+            "data-group-size", "4")
+        explorer.screenshot(path=str(ARTIFACTS / "strategy_explorer_mlp_4_ranks.png"))
+        page.screenshot(path=str(ARTIFACTS / "notebook_04_in_jupyterlab.png"), full_page=True)

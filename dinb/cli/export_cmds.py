@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import numpy as np
-
 from dinb.cli.common import (
     _buckets,
     _counts,
@@ -60,20 +58,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         params: Any = DistributedCheckpoint(checkpoint, args.checkpoint_strategy)
     else:
         params = model.init_params(args.seed)
-    buckets = args.batch_buckets
-    if buckets == "auto":
-        from dinb import batch_buckets
-        from dinb.export import input_layouts
-
-        shapes = [tuple(np.shape(x)) for x in inputs]
-        buckets = batch_buckets.choices(input_layouts(strategy, [(s, "float32") for s in shapes]), shapes)
     paths = export_distributed(model, params, strategy, inputs, args.out, dtype=args.dtype,
-                               micro_batches=args.micro_batches, batch_buckets=buckets)
+                               micro_batches=args.micro_batches, batch_buckets=args.batch_buckets)
     source = args.strategy_file or args.strategy or model.default_strategy
     stages = strategy.pipeline_stages
     layout = (f"{stages} stages x {strategy.stage_device_num} ranks = " if stages > 1 else "")
     print(f"exported {model.name} ({source}) for {layout}{strategy.device_num} ranks to {args.out}"
-          + (f", batch buckets {read_meta(paths[0])['batch_buckets']}:" if buckets else ":"))
+          + (f", batch buckets {read_meta(paths[0])['batch_buckets']}:" if args.batch_buckets else ":"))
     for rank, p in enumerate(paths):
         read = f", {params.reads[rank]} bytes read from {checkpoint}" if checkpoint else ""
         stage = f"  stage {strategy.rank_stage(rank)}" if stages > 1 else ""

@@ -127,13 +127,16 @@ def serve(
         while not stop.is_set():
             events = dict(poller.poll(200))
             if link is not None and link.fileno() in events:
-                frames = local_link.receive(link)
-                if frames is None:  # the worker closed it: back to ZeroMQ alone
+                try:
+                    frames = local_link.receive(link)
+                    if frames is not None:
+                        local_link.send(link, answer(wire.header(frames), frames))
+                except OSError:  # the worker went away mid-message
+                    frames = None
+                if frames is None:  # the link is gone: back to ZeroMQ alone
                     poller.unregister(link)
                     link.close()
                     link = None
-                else:
-                    local_link.send(link, answer(wire.header(frames), frames))
                 continue
             if sock not in events:
                 if not registered and time.monotonic() - t0 > worker_timeout_s:

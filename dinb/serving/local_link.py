@@ -119,12 +119,11 @@ def _read_exactly(sock: socket.socket, n: int) -> bytearray | None:
 class LinkServer:
     """The worker's abstract Unix socket: one stream per agent that proved its token."""
 
-    def __init__(self, on_message: Callable[[str, dict[str, Any], list[memoryview]], None],
-                 on_lost: Callable[[str], None]):
+    def __init__(self, on_message: Callable[[str, dict[str, Any], list[memoryview]], None]):
         self.path = f"\0dinb-worker-{uuid.uuid4().hex}"
         self._tokens: dict[str, str] = {}  # agent key -> the token its welcome carried
         self._writers: dict[str, asyncio.StreamWriter] = {}
-        self._on_message, self._on_lost = on_message, on_lost
+        self._on_message = on_message
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -165,8 +164,7 @@ class LinkServer:
         finally:
             writer.close()
             if key is not None and self._writers.get(key) is writer:
-                del self._writers[key]
-                self._on_lost(key)
+                del self._writers[key]  # the agent's requests go over ZeroMQ again
 
     async def stop(self) -> None:
         for w in self._writers.values():

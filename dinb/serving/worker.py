@@ -87,7 +87,7 @@ class DistributedWorker:
         self._pending: dict[int, tuple[asyncio.Future[Any], dict[int, Any]]] = {}
         self._ids = itertools.count(1)
         self._sock: Any = None
-        self._link = LinkServer(self._linked_message, lambda key: None)
+        self._link = LinkServer(self._linked_message)
         self._tasks: list[asyncio.Task[Any]] = []
         self._ready_event: asyncio.Event | None = None
 
@@ -127,7 +127,8 @@ class DistributedWorker:
                 "is another servable using it? Give another distributed_address"
             ) from None
         self._ready_event = asyncio.Event()
-        await self._link.start()
+        if self.local_link:
+            await self._link.start()
         self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._watch())]
 
     async def stop(self) -> None:
