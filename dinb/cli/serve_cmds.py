@@ -49,6 +49,9 @@ def cmd_serve_agent(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     how = agent.serve(args.distributed_address, model, job.process_index, job.process_count, job_id, stop,
                       args.worker_timeout, keys)
+    # Leaving: Python's exit would restore SIGTERM's default, and the launcher's SIGTERM would then
+    # kill this rank in its exit and make mpiexec report a failed job.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if how == "stopped":
         del model
         ranks.shutdown()  # every rank was told to stop: they leave the job together

@@ -160,7 +160,13 @@ class AgentLauncher:
             log_file = [] if self.log_dir is None else ["--log-file", str(self._log_path(r))]
             cmd += [*([":"] if r else []), "-n", "1", *self._agent_args(), "--rank", str(r),
                     "--model-file", str(f), *log_file]
-        self.procs = [subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)]
+        out = None if self.log_dir is None else open(self._log_path("mpiexec"), "ab")  # its own notices
+        try:
+            self.procs = [subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                           stderr=subprocess.STDOUT if out else None)]
+        finally:
+            if out is not None:
+                out.close()
 
     def _mpi_pids(self) -> list[int]:
         """The MPI job's agents by rank, found below mpiexec; watched from then on."""
@@ -187,10 +193,10 @@ class AgentLauncher:
         self._watch = DeathWatch(list(self._agent_pids))
         return self._agent_pids
 
-    def _log_path(self, rank: int) -> Path:
+    def _log_path(self, rank: int | str) -> Path:
         assert self.log_dir is not None
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        return self.log_dir / f"agent_{rank}.log"
+        return self.log_dir / (f"agent_{rank}.log" if isinstance(rank, int) else f"{rank}.log")
 
     def _log_file(self, rank: int) -> Any:
         """Where an agent's output goes: ``log_dir/agent_{rank}.log`` (appended), else None (this
@@ -277,14 +283,30 @@ class AgentLauncher:
     # ---- ending --------------------------------------------------------------------------------
     def _end_all(self, grace_s: float = 3.0) -> None:
         agents = list(self._agent_pids)
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+        # An MPI job's agents get SIGTERM themselves, so they leave as told (exit 0) and mpiexec
+        # ends after them; SIGTERM to mpiexec would kill them, and it would report a failed job.
+        targets = [pid for pid in agents if self.job in _cmdline(pid)] if agents else []
+        for pid in targets:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        if not targets:
+            for p in self.procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         for p in self.procs:
             try:
                 p.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                if targets:  # the agents did not end mpiexec in time: end it
+                    p.send_signal(signal.SIGTERM)
+                    try:
+                        p.wait(timeout=1.0)
+                        continue
+                    except subprocess.TimeoutExpired:
+                        pass
                 p.kill()
                 p.wait(timeout=5)
         for pid in agents:  # an MPI job's ranks outlive a killed mpiexec
