@@ -1,6 +1,6 @@
 """Writes notebooks/01_distributed_matmul.ipynb (outputs are produced when nbval runs it)."""
 
-from nbtools import CHECK, code, md, write_notebook
+from nbtools import CHECK, code, exercises, md, write_notebook
 
 cells = [
     md("""# 01 · The seeds' distributed MatMul, rank by rank
@@ -120,6 +120,19 @@ prints. (`dinb.cli.launch` runs that command and strips the stack's start-up noi
 
 proc = launch(2, ["--model-dir", str(out_dir)])
 print(proc.stdout or proc.stderr)"""),
+    *exercises(
+        "Both are about MindSpore's `matmul.shard(((a, b), (b, c)))` on **4** ranks: `x` (m, k) is "
+        "cut into `a x b` blocks, `W` (k, n) into `b x c`, over `dev_matrix = [a, b, c]`.",
+        ("""Find a shard for 4 ranks whose program needs **no all-reduce**. (The check exports nothing:
+it compiles your shard for 4 simulated devices and reads the collectives from XLA's program.)""",
+         """shard = ((2, 1), (1, 2))  # rows of x over a = 2, columns of W over c = 2, k whole""",
+         """exercises.no_allreduce_shard(shard)"""),
+        ("""Under `((2, 1), (1, 2))`, which ranks hold the **same** slice of `W`? Give the groups of
+ranks, e.g. `[[0, 1], [2, 3]]`. (`describe_slices` above, or `Layout.replica_groups()`, can tell you;
+try it in your head first: a `tensor_map` counts device dimensions from the right.)""",
+         """groups = [[0, 2], [1, 3]]""",
+         """exercises.w_replica_groups(groups)"""),
+    ),
 ]
 
 write_notebook(cells, "01_distributed_matmul.ipynb")

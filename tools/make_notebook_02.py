@@ -1,6 +1,6 @@
 """Writes notebooks/02_notebook_ranks.ipynb; ``--execute`` stores the outputs nbval compares."""
 
-from nbtools import CHECK, code, md, write_notebook
+from nbtools import CHECK, code, exercises, md, write_notebook
 
 cells = [
     md("""# 02 · Notebook ranks: engines as ranks, the `%dinfer` magics
@@ -62,6 +62,19 @@ reloads the model, and the notebook goes on."""),
 y = %dinfer predict x
 print(y[0, :3])"""),
     code("%dinfer cluster status"),
+    *exercises(
+        "The ranks are still running: the answer comes from them, not from this kernel.",
+        ("""How many bytes of parameters does each rank hold? Ask the ranks themselves, as a dict
+`{rank: bytes}` (hint: `%%dinfer` or `cluster.current().execute(code)` runs code on every rank and
+returns what each printed; a rank's `Model` has `param_bytes()`). Does any byte sit on two ranks?""",
+         """from dinb.notebook import cluster
+
+printed = cluster.current().execute(
+    "import dinb.notebook.engine as rank_side\\n"
+    "print(sum(rank_side.model().param_bytes().values()))")
+held = {rank: int(text) for rank, text in printed.items()}""",
+         """exercises.bytes_held(held, out_dir)"""),
+    ),
     code(CHECK + "%dinfer cluster stop"),
 ]
 

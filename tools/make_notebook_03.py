@@ -1,6 +1,6 @@
 """Writes notebooks/03_checkpoint_resharding.ipynb (outputs are produced when nbval runs it)."""
 
-from nbtools import CHECK, code, md, write_notebook
+from nbtools import CHECK, code, exercises, md, write_notebook
 
 cells = [
     md("""# 03 · Saved on 4 ranks, served on 2: resharding a checkpoint
@@ -141,6 +141,24 @@ mpiexec -n 2 python -m dinb run --model-dir slices/
 
 `benchmarks/reshard.py` measures the 8 → 2 case at 1 GiB: bytes read, peak memory and time
 against a raw read of the same bytes."""),
+    *exercises(
+        "A checkpoint saved by **8** ranks is loaded by **3**: a case MindSpore handles by merging "
+        "everything first.",
+        ("""Take a Megatron MLP with `d_model=48, d_ff=192, batch=6`, save it under its Megatron
+strategy for 8 ranks, and plan its load under the Megatron strategy for 3 ranks. Which **target rank**
+reads `w1` from the most source files? Try to work it out on paper first (`w1`'s 192 columns), then
+with `read_plan`.""",
+         """net8 = MegatronMLP(d_model=48, d_ff=192, batch=6)
+x8 = net8.example_inputs()[0]
+save_distributed_checkpoint(net8.init_params(0), dinb.infer_predict_layout(net8, x8, device_num=8),
+                            work / "eight")
+eight = DistributedCheckpoint(work / "eight")
+three = dinb.infer_predict_layout(net8, x8, device_num=3)
+files = {r: {row["source_rank"] for row in eight.read_plan(three, r) if row["param"] == "w1"}
+         for r in range(3)}
+rank = max(files, key=lambda r: len(files[r]))""",
+         """exercises.most_source_files(rank)"""),
+    ),
 ]
 
 write_notebook(cells, "03_checkpoint_resharding.ipynb")

@@ -1,6 +1,6 @@
 """Writes notebooks/04_strategy_explorer.ipynb; ``--execute`` stores the outputs nbval compares."""
 
-from nbtools import CHECK, code, md, write_notebook
+from nbtools import CHECK, code, exercises, md, write_notebook
 
 IGNORE = "# NBVAL_IGNORE_OUTPUT\n"
 
@@ -119,6 +119,18 @@ view = RankOutputs.from_model(model, reference=mlp_reference(MegatronMLP().init_
 view"""),
     code(CHECK + """print("all ranks agree:", view.agree)
 print("every rank within tolerance of numpy:", view.within_reference)"""),
+    *exercises(
+        "Megatron's split pays one all-reduce of the output per layer. Is there another way?",
+        ("""Find a plan of the Megatron MLP on **2** ranks in which every rank holds **at most 60%**
+of the parameters and XLA inserts **no all-reduce**. Start from a preset and change axes with
+`with_axis(name, axis, entry)` (`-1`: whole, `0`: split over device dimension d0), or click it in an
+explorer and look at its `plan`. What does XLA insert instead, and does it send more or less?""",
+         """plan = (StrategyPlan.create(MegatronMLP(), 2, "megatron")
+        .with_axis("w2", 0, -1)   # w2's rows (the contraction) whole again ...
+        .with_axis("w2", 1, 0))   # ... and its columns split instead
+print(plan.summary())""",
+         """exercises.mlp_without_allreduce(plan)"""),
+    ),
 ]
 
 write_notebook(cells, "04_strategy_explorer.ipynb")

@@ -1,6 +1,6 @@
 """Writes notebooks/05_real_transformer.ipynb; ``--execute`` stores the outputs nbval compares."""
 
-from nbtools import CHECK, code, md, write_notebook
+from nbtools import CHECK, code, exercises, md, write_notebook
 
 IGNORE = "# NBVAL_IGNORE_OUTPUT\n"
 
@@ -141,6 +141,21 @@ for i, c in enumerate(collectives):
     print(f"layer {i // 2}, {where:16s}: {c.kind} over {c.groups_text()} of {c.shape_text()} "
           f"= {fmt_bytes(c.bytes)}, each rank sends {fmt_bytes(c.bytes_sent_per_rank)}")"""),
     code(CHECK + "%dinfer cluster stop"),
+    *exercises(
+        "How far can this model be split?",
+        ("""Which tensor-parallel sizes from 1 to 12 does MiniLM's `megatron` split accept? Reason
+from the table at the top (what must each rank hold whole?), then try `encoder.strategy(tp, "megatron")`
+and `validate` for each.""",
+         """sizes = []
+for tp in range(1, 13):
+    try:
+        encoder.strategy(tp, "megatron").validate(encoder.param_shapes(), [i.shape for i in inputs])
+        sizes.append(tp)
+    except dinb.DinbError:
+        pass  # refused: the check says why
+print(sizes)""",
+         """exercises.minilm_tp_sizes(sizes)"""),
+    ),
 ]
 
 write_notebook(cells, "05_real_transformer.ipynb")

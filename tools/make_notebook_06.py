@@ -1,6 +1,6 @@
 """Writes notebooks/06_serving.ipynb; ``--execute`` stores the outputs nbval compares."""
 
-from nbtools import CHECK, code, md, write_notebook
+from nbtools import CHECK, code, exercises, md, write_notebook
 
 IGNORE = "# NBVAL_IGNORE_OUTPUT\n"
 
@@ -223,6 +223,19 @@ and closes the servers."""),
     code(CHECK + """server.stop()
 launcher.stop()
 %dinfer cluster stop"""),
+    *exercises(
+        "The servable above pads every merged batch to the export's 8 rows. A lone request of 3 rows "
+        "pays for 8.",
+        ("""Export the same model again with `batch_buckets="auto"` (one program per batch size).
+Which buckets does the export hold (`dinb.read_meta(path)["batch_buckets"]`), and at which bucket
+does a lone request of 3 rows run?""",
+         """bucketed = dinb.export_distributed(net, params, net.strategy(2), net.example_inputs(),
+                                   work / "buckets", batch_buckets="auto")
+buckets = dinb.read_meta(bucketed[0])["batch_buckets"]
+runs_at = min(b for b in buckets if b >= 3)
+print(buckets, runs_at)""",
+         """exercises.batch_bucket(buckets, runs_at, work / "buckets")"""),
+    ),
 ]
 
 write_notebook(cells, "06_serving.ipynb")

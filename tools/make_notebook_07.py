@@ -1,6 +1,6 @@
 """Writes notebooks/07_pipeline_stages.ipynb; ``--execute`` stores the outputs nbval compares."""
 
-from nbtools import CHECK, code, md, write_notebook
+from nbtools import CHECK, code, exercises, md, write_notebook
 
 IGNORE = "# NBVAL_IGNORE_OUTPUT\n"
 
@@ -162,6 +162,17 @@ for rank in range(4):
 serve --model-dir DIR` declares it from the export): the worker sends each request to the first
 stage's agents and answers with the last stage's outputs. The benchmark
 `benchmarks/pipeline.py` compares `4 x 1`, `2 x 2` and `1 x 4` on real ranks at 1-8 micro-batches."""),
+    *exercises(
+        "The bubble shrinks as micro-batches grow; but a micro-batch count must cut the batch evenly.",
+        ("""With **4** stages and a batch of **32** rows, what is the smallest number of micro-batches
+`M` that divides the batch and brings the bubble under **20%**? Use the formula, then
+`dinb.pipeline.bubble_fraction(stages, M)` to confirm.""",
+         """from dinb.pipeline import bubble_fraction
+
+micro_batches = next(m for m in range(1, 33) if 32 % m == 0 and bubble_fraction(4, m) < 0.2)
+print(micro_batches, f"{bubble_fraction(4, micro_batches):.0%}")""",
+         """exercises.smallest_micro_batches(micro_batches)"""),
+    ),
 ]
 
 write_notebook(cells, "07_pipeline_stages.ipynb")

@@ -26,3 +26,19 @@ def write_notebook(cells: list, name: str) -> Path:
     nbf.write(nb, path)
     print("wrote", path.relative_to(ROOT))
     return path
+
+
+def exercises(intro: str, *items: tuple[str, str, str]) -> list:
+    """An "Exercises" section: for each ``(question, answer, check)``, the question, a cell holding
+    the reference answer (folded in JupyterLab, so a learner tries first) and a check cell whose
+    verdict nbval compares."""
+    cells = [md("## Exercises\n\n" + intro + "\n\nEach answer cell below holds a reference answer, "
+                "folded (click the dots to unfold it): write your own over it, then run the check, "
+                "which works the answer out again with dinb and says why.")]
+    for i, (question, answer, check) in enumerate(items, 1):
+        cells.append(md(f"**Exercise {i}.** {question}"))
+        cell = code(answer)
+        cell.metadata["jupyter"] = {"source_hidden": True}
+        cells.append(cell)
+        cells.append(code(CHECK + "from dinb import exercises\n\n" + check))
+    return cells
