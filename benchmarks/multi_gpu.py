@@ -90,19 +90,22 @@ def rank_worker(args: argparse.Namespace) -> int:
 
 # ---- where one rank's time goes, beside plain JAX (--breakdown) ----------------------------------
 def breakdown_worker(args: argparse.Namespace) -> int:
-    """One GPU, one process: dinb's ``predict`` peeled layer by layer beside plain JAX's call.
+    """One rank per GPU: dinb's ``predict`` peeled layer by layer (beside plain JAX's call on one GPU).
 
     dinb predict + fetch    the user's call: input checks, the compiled program, Tensor outputs
     dinb program, host io   the same compiled program called directly with numpy in and out
     dinb program, on GPU    that program with its inputs already on the GPU
     plain jit, host io      ``np.asarray(jax.jit(apply)(params, x))``
     plain jit, on GPU       the same with its inputs on the GPU
+
+    Under ``mpirun -n N`` every rank times the dinb cases in step (the program holds collectives),
+    and rank 0 writes every rank's rows.
     """
     import jax
 
     import dinb
 
-    dinb.init_ranks(args.target)
+    job = dinb.init_ranks(args.target)
     spec = json.loads(args.spec)
     net = make_net(spec)
     model = dinb.Model()
@@ -114,18 +117,33 @@ def breakdown_worker(args: argparse.Namespace) -> int:
     program, params = model._compiled, model._params
     plain = jax.jit(net.apply)
     xs_gpu = [jax.device_put(x) for x in xs]
+    def host_io() -> list[np.ndarray]:  # numpy in, this rank's copy of the outputs out
+        outs = program(params, *model._global_inputs(list(xs), None))
+        return [np.asarray(o.addressable_data(0)) for o in outs]
+
+    if job.process_count > 1 and program is not None:  # one global array per input, shards on the GPUs
+        xs_gpu = model._global_inputs(list(xs), None)
     cases = {
         "dinb predict + fetch": lambda: [t.get_data_to_numpy() for t in model.predict(tensors)],
-        "dinb program, host io": lambda: [np.asarray(o) for o in program(params, *xs)],
+        "dinb program, host io": host_io,
         "dinb program, on GPU": lambda: jax.block_until_ready(program(params, *xs_gpu)),
-        "plain jit, host io": lambda: jax.tree.map(np.asarray, plain(params, *xs)),
-        "plain jit, on GPU": lambda: jax.block_until_ready(plain(params, *xs_gpu)),
     }
+    if program is None:  # CPU ranks run per-rank programs with MPI's all-reduce (no one SPMD program)
+        del cases["dinb program, host io"], cases["dinb program, on GPU"]
+    if job.process_count == 1:
+        cases["plain jit, host io"] = lambda: jax.tree.map(np.asarray, plain(params, *xs))
+        cases["plain jit, on GPU"] = lambda: jax.block_until_ready(plain(params, *xs_gpu))
     rows = {k: float("inf") for k in cases}
     for _ in range(3):  # the cases in turn, best of 3 rounds: no case pays for going first
         for k, fn in cases.items():
             rows[k] = min(rows[k], median_ms(fn, args.repeat))
-    Path(args.result).write_text(json.dumps(rows))
+    every = [json.loads(r) for r in job.allgather("breakdown", json.dumps(rows))]
+    if job.process_index == 0:
+        Path(args.result).write_text(json.dumps(every[0] if len(every) == 1 else
+                                                {f"rank {r}": v for r, v in enumerate(every)}))
+    cases.clear()  # the device arrays the cases hold keep the GPU client (dinb.job.ranks.shutdown)
+    model = tensors = params = program = xs_gpu = None
+    dinb.shutdown_ranks()
     return 0
 
 
@@ -253,27 +271,28 @@ def measure(spec: dict[str, Any], params: dict[str, np.ndarray], work: Path, arg
     return row
 
 
-def breakdown(specs: list[dict[str, Any]], args: argparse.Namespace) -> int:
+def breakdown(specs: list[dict[str, Any]], counts: list[int], args: argparse.Namespace) -> int:
     import dinb
 
     out = {}
     with tempfile.TemporaryDirectory(prefix="dinb-breakdown-") as tmp:
-        for spec in specs:
-            spec = {**spec, "n": 1}
+        for spec, n in ((spec, n) for spec in specs for n in counts):
+            spec = {**spec, "n": n}
             net = make_net(spec)
-            dinb.export_distributed(net, net.init_params(0), net.strategy(1, spec["strategy"]),
+            dinb.export_distributed(net, net.init_params(0), net.strategy(n, spec["strategy"]),
                                     inputs_of(net, "float32"), Path(tmp) / "e", dtype=spec["dtype"])
-            subprocess.run([sys.executable, str(Path(__file__).resolve()), "--breakdown-worker",
+            subprocess.run([*launcher(n), sys.executable, str(Path(__file__).resolve()), "--breakdown-worker",
                             "--model-dir", str(Path(tmp) / "e"), "--spec", json.dumps(spec),
                             "--repeat", str(args.repeat),
                             "--result", str(Path(tmp) / "b.json"), "--target", args.target],
                            check=True, env=env(), timeout=600)
             rows = json.loads((Path(tmp) / "b.json").read_text())
-            label = f"{spec['model']} batch {spec['batch']}"
+            label = f"{spec['model']} batch {spec['batch']} on {n} GPU(s)"
             out[label] = rows
-            print(f"\n{label}, one GPU, median of {args.repeat} calls")
-            for what, ms in rows.items():
-                print(f"  {what:<24} {ms:8.3f} ms")
+            print(f"\n{label}, median of {args.repeat} calls")
+            for what, ms in (rows.items() if n == 1 else
+                             ((f"{r}: {k}", v) for r, per in rows.items() for k, v in per.items())):
+                print(f"  {what:<32} {ms:8.3f} ms")
             shutil.rmtree(Path(tmp) / "e")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
@@ -303,7 +322,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=200)
     parser.add_argument("--no-minilm", action="store_true")
     parser.add_argument("--breakdown", action="store_true",
-                        help="instead: one GPU, dinb's predict peeled layer by layer beside plain JAX")
+                        help="instead: dinb's predict peeled layer by layer on each rank (and plain JAX "
+                             "beside it on one GPU)")
     parser.add_argument("--target", default="gpu", choices=["gpu", "cpu"], help="cpu: try the script here")
     parser.add_argument("--out", default=str(HERE / "results" / "multi_gpu.json"))
     args = parser.parse_args()
@@ -321,7 +341,7 @@ def main() -> int:
     if not args.no_minilm:
         specs.append({"model": "minilm", "batch": 64, "seq": 128, "dtype": "float32", "strategy": "megatron"})
     if args.breakdown:
-        return breakdown(specs, args)
+        return breakdown(specs, counts, args)
     rows = []
     with tempfile.TemporaryDirectory(prefix="dinb-multi-gpu-") as tmp:
         for spec in specs:
