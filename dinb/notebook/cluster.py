@@ -36,7 +36,8 @@ from dinb.notebook.cluster_calls import ModelCalls, PredictResult, _remote_messa
 from dinb.notebook.cluster_launch import EngineLaunch
 
 DEFAULT_TIMEOUT_S = 60.0
-HEARTBEAT_MS = 500  # the ipyparallel hub's heartbeat period for the clusters dinb starts
+HEARTBEAT_MS = 100  # the ipyparallel hub's heartbeat period for the clusters dinb starts
+HEARTBEAT_MISSES = 300  # an engine silent for HEARTBEAT_MS * HEARTBEAT_MISSES = 30 s is dropped
 ENGINES = ("mpi", "local", "ssh", "slurm")
 _current: RankCluster | None = None
 
@@ -62,13 +63,15 @@ class RankCluster(EngineLaunch, ModelCalls):
                  connection_file: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
                  init_timeout_s: int = 30, hosts: list[str] | str | Path | None = None,
                  controller_ip: str | None = None, mpi_args: list[str] | None = None,
-                 ssh_cmd: list[str] | None = None):
+                 ssh_cmd: list[str] | None = None, warm: bool | None = None):
         """``engines``: the ipyparallel launcher (``mpi``: one ``mpiexec`` for all engines, with
         ``hosts`` written to its hostfile or given as one; ``ssh``: engines spread over
         ``hosts`` by ``ssh_cmd``; ``slurm``: engines in a Slurm job; ``local``). ``controller_ip``:
         where the ipyparallel controller listens (default: loopback when the engines are on this
         host, else this host's address on the route to them). ``mpi_args``: more ``mpiexec``
-        options (a launcher, ``-iface``)."""
+        options (a launcher, ``-iface``). ``warm``: fork the engines and the controller from a
+        process that has imported them already (:mod:`dinb.notebook.warm_start`); None: where it
+        applies (local engines, mpich's MPI engines on this host)."""
         if engines not in ENGINES:
             raise ClusterError(f"engines must be one of {list(ENGINES)}, not {engines!r}")
         if devices not in ("cpu", "gpu"):
@@ -84,6 +87,7 @@ class RankCluster(EngineLaunch, ModelCalls):
         self.timeout_s, self.init_timeout_s = timeout_s, init_timeout_s
         self.hosts, self.controller_ip = hosts, controller_ip
         self.mpi_args, self.ssh_cmd = list(mpi_args or []), ssh_cmd
+        self.warm = warm
         self._cluster: Any = None
         self._client: Any = None
         self.engine_of: list[int] = []  # engine id of each rank
@@ -100,6 +104,7 @@ class RankCluster(EngineLaunch, ModelCalls):
         self.roles = remote_predict.Roles(n, n)  # who takes inputs and who gives outputs
         self.last: PredictResult | None = None
         self.start_seconds: float | None = None
+        self.start_marks: dict[str, float] = {}  # when the last start reached each step (wall clock, s)
         self._broken = False  # a rank died or got stuck: the job cannot be left politely
         self._watch: DeathWatch | None = None
         self._socks: list[Any] | None = None  # the fast predict path's sockets, one per rank
@@ -108,9 +113,10 @@ class RankCluster(EngineLaunch, ModelCalls):
 
     # ---- life cycle --------------------------------------------------------------------------
     def start(self) -> RankCluster:
+        t0 = time.perf_counter()
+        marks = self.start_marks = {"start": time.time()}
         import ipyparallel as ipp
 
-        t0 = time.perf_counter()
         if self.profile or self.connection_file:
             if self.connection_file and not Path(self.connection_file).is_file():
                 raise ClusterError(f"connection file {self.connection_file} does not exist; it is the "
@@ -129,21 +135,26 @@ class RankCluster(EngineLaunch, ModelCalls):
                 "controller_ip": controller, "controller_location": controller}
             # The hub completes an engine's registration at its next heartbeat: every 3 s by
             # default, which was most of the start (6.0 of 7.4 s for 2 engines). Beats every
-            # 0.5 s with 60 misses allowed keep the default's 30 s before an engine is dropped.
+            # 0.1 s with 300 misses allowed keep the default's 30 s before an engine is dropped.
             # The engines import JAX on a thread while they register, and start right after the
             # controller (ipyparallel waits 1 s by default; the engines wait for its files anyway).
             self._cluster = ipp.Cluster(
                 n=self.n, engines=self.engines, log_level=40, delay=0, **where,
                 controller_args=[f"--HeartMonitor.period={HEARTBEAT_MS}",
-                                 "--HeartMonitor.max_heartmonitor_misses=60"])
+                                 f"--HeartMonitor.max_heartmonitor_misses={HEARTBEAT_MISSES}"])
             self._configure_launcher(self._cluster.config)
-            self._cluster.start_cluster_sync()
+            self._cluster.start_controller_sync()
+            marks["controller"] = time.time()
+            self._cluster.start_engines_sync()
+            marks["engines launched"] = time.time()
             self._client = self._cluster.connect_client_sync()
             self._client.wait_for_engines(self.n, timeout=self.init_timeout_s, interactive=False)
+        marks["registered"] = time.time()
         ids = sorted(self._client.ids)[: self.n]
         controller_host = urlsplit(self._client._config["registration"]).hostname or addresses.LOOPBACK
         client_host = addresses.own_address(controller_host)
         who = self._client[ids].apply_sync(engine.identify, client_host)
+        marks["identified"] = time.time()
         ranks = [w["mpi_rank"] if w["mpi_rank"] is not None and w["mpi_size"] == self.n else i
                  for i, w in enumerate(who)]
         if sorted(ranks) != list(range(self.n)):
@@ -169,7 +180,9 @@ class RankCluster(EngineLaunch, ModelCalls):
                                                    local_rank[r], keys.count(keys[r])),
                            timeout_s=self.init_timeout_s + 15, what="joining the job")
         self.device_names = [j["device"] for j in joined]
+        marks["joined"] = time.time()
         self._connect_fast()
+        marks["ready"] = time.time()
         self.start_seconds = time.perf_counter() - t0
         return self
 
@@ -194,14 +207,17 @@ class RankCluster(EngineLaunch, ModelCalls):
     def stop(self) -> None:
         """Leave the JAX job on every rank, stop the engines, leave no process behind."""
         global _current
-        if self._broken:  # stuck or dead ranks cannot leave the job: end them first (this
-            self._kill_local()  # host's; the launcher ends the others with their engines)
+        if self._broken or not all(self._rank_alive(r) for r in range(len(self.pids))):
+            # stuck or dead ranks: the job cannot be left, and a survivor blocks in its exit; end
+            # this host's ranks first (the launcher ends the others with their engines). Local
+            # engines otherwise wait out the launcher's grace period: 5 s of a restart, measured.
+            self._kill_local()
         if self._client is not None:
             if all(self._rank_alive(r) for r in range(len(self.pids))):
                 try:
                     self._all(engine.leave, timeout_s=15, what="leaving the job")
-                except DinbError:
-                    pass
+                except DinbError:  # a rank died meanwhile: the others block in the job's shutdown
+                    self._kill_local()
             try:
                 if self._cluster is not None:
                     # engines first: stopped together with the controller (stop_cluster), an

@@ -68,10 +68,29 @@ class EngineLaunch:
             return names
         return [str(h) for h in self.hosts]
 
+    def _uses_warm_start(self) -> bool:
+        """Whether the engines and the controller are forked from the warm factory
+        (:mod:`dinb.notebook.warm_start`): ``warm=None`` takes it for local engines and for mpich's
+        engines on this host."""
+        if self.warm is False or self.engines not in ("local", "mpi") or self.hosts:
+            return False
+        fits = self.engines == "local" or not is_open_mpi(_mpiexec())
+        if self.warm and not fits:
+            raise ClusterError("warm=True forks engines on this host from a warm process: local "
+                               "engines, or MPI engines under mpich's mpiexec (not Open MPI's)")
+        return fits
+
     def _configure_launcher(self, config: Any) -> None:
         """ipyparallel's launcher configuration for ``engines`` and ``hosts``."""
         config.EngineLauncher.engine_args = [
             "--IPEngine.startup_command=import dinb.notebook.engine; dinb.notebook.engine.preload()"]
+        if self._uses_warm_start():
+            from dinb.notebook.warm_start import factory
+
+            warm = factory()
+            config.LocalControllerLauncher.controller_cmd = warm.command("ipyparallel.controller")
+            for launcher in ("LocalEngineLauncher", "LocalEngineSetLauncher", "MPIEngineSetLauncher"):
+                config[launcher].engine_cmd = warm.command("ipyparallel.engine")
         if self.engines == "mpi":
             mpiexec = _mpiexec()
             config.MPILauncher.mpi_cmd = [mpiexec]

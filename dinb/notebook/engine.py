@@ -15,6 +15,29 @@ from typing import Any
 
 _state: dict[str, Any] = {"rank": None, "world": None, "target": None, "context": None, "model": None,
                           "model_dir": None, "outputs": None, "preload": None}
+_marks: dict[str, float] = {}  # when this engine reached each step of its start (wall clock, s)
+
+
+def _mark(step: str) -> None:
+    _marks[step] = time.time()
+
+
+def _process_start() -> float:
+    """This process's start on the wall clock, from /proc (to 10 ms)."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
+        return time.time() - (since_boot - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def start_marks() -> dict[str, float]:
+    """When this engine's process started and reached each step since: ``engine code`` (ipyparallel's
+    engine ran dinb's start-up command), ``jax imported``, ``identified``, ``joined``, ``load``
+    and ``loaded`` (:mod:`benchmarks.notebook_start` draws them)."""
+    return {"process": _process_start(), **_marks}
 
 
 def _publish(**data: Any) -> None:
@@ -32,8 +55,13 @@ def preload() -> None:
     import importlib
     import threading
 
-    thread = threading.Thread(target=importlib.import_module, args=("jax",), daemon=True,
-                              name="dinb-preload")
+    _mark("engine code")
+
+    def imports() -> None:
+        importlib.import_module("jax")
+        _mark("jax imported")
+
+    thread = threading.Thread(target=imports, daemon=True, name="dinb-preload")
     thread.start()
     _state["preload"] = thread
 
@@ -52,6 +80,7 @@ def identify(client_host: str = "127.0.0.1") -> dict[str, Any]:
         _state["preload"].join()
     import jax  # noqa: F401  (on every engine at once, before the join needs it)
 
+    _mark("identified")
     return {"pid": os.getpid(), "host": socket.gethostname(), "host_key": host_key(),
             "address": own_address(client_host),
             "mpi_rank": world[0] if world else None, "mpi_size": world[1] if world else None}
@@ -73,6 +102,7 @@ def join(rank: int, world: int, coordinator: str, target: str, init_timeout_s: i
     job = dinb.init_ranks(target, process_index=rank, process_count=world, coordinator=coordinator,
                           init_timeout_s=init_timeout_s, local_rank=local_rank, local_size=local_size)
     _state.update(rank=rank, world=world, target=target)
+    _mark("joined")
     return {"rank": rank, "device": str(job.devices[rank])}
 
 
@@ -90,11 +120,13 @@ def load(model_dir: str) -> dict[str, Any]:
     """Load this rank's own slice file and compile (all ranks at once, as MindSpore Lite does)."""
     from dinb import Context, Model, ModelType
 
+    _mark("load")
     model = Model()
     context = _state["context"] or Context(target=[_state["target"] or "cpu"], rank_id=_state["rank"])
     model.build_from_file(model_dir, ModelType.DINB, context,
                           on_phase=lambda phase: _publish(**{phase: time.time()}))
     _state.update(model=model, model_dir=model_dir, outputs=None)
+    _mark("loaded")
     return {"rank": _state["rank"], "model": model.model_name,
             "inputs": [(t.name, list(t.shape), str(t.dtype)) for t in model.get_inputs()],
             "pipeline": model.pipeline_info(), "generation": _generation_info(model)}

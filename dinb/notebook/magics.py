@@ -19,8 +19,9 @@ USAGE = """Run a model split over notebook ranks (ipyparallel engines, one rank 
 
 Subcommands (each is one call of dinb.notebook.cluster's Python API):
 
-  %dinfer cluster start -n 2 [--engines mpi|local] [--devices cpu|gpu]
+  %dinfer cluster start -n 2 [--engines mpi|local] [--devices cpu|gpu] [--cold]
         start N engines bound to devices, joined in one JAX job     start_cluster(n, ...)
+        (forked from a warm process that imported them once; --cold: each imports itself)
   %dinfer cluster status       rank, pid, device, memory, loaded model     current().status()
   %dinfer cluster stop         leave the job, stop the engines             current().stop()
   %dinfer cluster restart      fresh engines, reload the model             current().restart()
@@ -91,9 +92,11 @@ class DinferMagics(Magics):
     @argument("--devices", default="cpu", choices=["cpu", "gpu"])
     @argument("--hosts", default=None, help="hosts for mpi or ssh engines: a,b,c or a hostfile")
     @argument("--controller-ip", default=None, help="where the controller listens (engines elsewhere)")
+    @argument("--cold", action="store_true",
+              help="engines import everything themselves instead of being forked from a warm process")
     def _cluster(self, line: str) -> None:
         """%dinfer cluster start|status|stop|restart [-n N] [--engines mpi|local|ssh|slurm]
-        [--devices cpu|gpu] [--hosts a,b | --hosts HOSTFILE] [--controller-ip ADDRESS]"""
+        [--devices cpu|gpu] [--hosts a,b | --hosts HOSTFILE] [--controller-ip ADDRESS] [--cold]"""
 
     def _cmd_cluster(self, rest: str, line: str) -> Any:
         args = parse_argstring(self._cluster, rest)
@@ -102,7 +105,7 @@ class DinferMagics(Magics):
             if hosts is not None and not Path(hosts).is_file():
                 hosts = [h for h in hosts.split(",") if h]
             c = cl.start_cluster(args.n, engines=args.engines, devices=args.devices, hosts=hosts,
-                                 controller_ip=args.controller_ip)
+                                 controller_ip=args.controller_ip, warm=False if args.cold else None)
             print(f"{c.n} ranks ready ({args.engines} engines, devices {', '.join(c.device_names)})")
         elif args.action == "status":
             c = cl.current()
