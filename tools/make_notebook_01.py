@@ -56,7 +56,8 @@ holds that rank's weight slice, the serialized SPMD program and the metadata."""
     code(CHECK + """import tempfile
 from pathlib import Path
 
-out_dir = Path(tempfile.mkdtemp()) / "matmul"
+work = Path(tempfile.mkdtemp())
+out_dir = work / "matmul"
 paths = dinb.export_distributed(net, net.init_params(), strategy, [x], out_dir)
 for p in paths:
     meta = dinb.read_meta(p)
@@ -101,7 +102,7 @@ reference = -(x_rand @ w_rand["matmul_weight"])
 lines = []
 for name in ("contraction", "batch", "columns"):
     s = dinb.infer_predict_layout(net, x_rand, device_num=2, strategy=name)
-    d = Path(tempfile.mkdtemp()) / name
+    d = work / name
     dinb.export_distributed(net, w_rand, s, [x_rand], d)
     m = Model()
     m.build_from_file(d, ModelType.DINB, context)
@@ -133,6 +134,9 @@ try it in your head first: a `tensor_map` counts device dimensions from the righ
          """groups = [[0, 2], [1, 3]]""",
          """exercises.w_replica_groups(groups)"""),
     ),
+    code("""import shutil
+
+shutil.rmtree(work)  # the tutorial's files go with it"""),
 ]
 
 write_notebook(cells, "01_distributed_matmul.ipynb")

@@ -76,6 +76,9 @@ held = {rank: int(text) for rank, text in printed.items()}""",
          """exercises.bytes_held(held, out_dir)"""),
     ),
     code(CHECK + "%dinfer cluster stop"),
+    code("""import shutil
+
+shutil.rmtree(out_dir)  # the tutorial's files go with it"""),
 ]
 
 write_notebook(cells, "02_notebook_ranks.ipynb")

@@ -159,6 +159,9 @@ files = {r: {row["source_rank"] for row in eight.read_plan(three, r) if row["par
 rank = max(files, key=lambda r: len(files[r]))""",
          """exercises.most_source_files(rank)"""),
     ),
+    code("""import shutil
+
+shutil.rmtree(work)  # the tutorial's files go with it"""),
 ]
 
 write_notebook(cells, "03_checkpoint_resharding.ipynb")

@@ -131,6 +131,9 @@ explorer and look at its `plan`. What does XLA insert instead, and does it send 
 print(plan.summary())""",
          """exercises.mlp_without_allreduce(plan)"""),
     ),
+    code("""import shutil
+
+shutil.rmtree(work)  # the tutorial's files go with it"""),
 ]
 
 write_notebook(cells, "04_strategy_explorer.ipynb")

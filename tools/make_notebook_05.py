@@ -156,6 +156,9 @@ for tp in range(1, 13):
 print(sizes)""",
          """exercises.minilm_tp_sizes(sizes)"""),
     ),
+    code("""import shutil
+
+shutil.rmtree(work)  # the tutorial's files go with it"""),
 ]
 
 write_notebook(cells, "05_real_transformer.ipynb")

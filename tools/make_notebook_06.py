@@ -236,6 +236,9 @@ runs_at = min(b for b in buckets if b >= 3)
 print(buckets, runs_at)""",
          """exercises.batch_bucket(buckets, runs_at, work / "buckets")"""),
     ),
+    code("""import shutil
+
+shutil.rmtree(work)  # the tutorial's files go with it"""),
 ]
 
 write_notebook(cells, "06_serving.ipynb")

@@ -173,6 +173,9 @@ micro_batches = next(m for m in range(1, 33) if 32 % m == 0 and bubble_fraction(
 print(micro_batches, f"{bubble_fraction(4, micro_batches):.0%}")""",
          """exercises.smallest_micro_batches(micro_batches)"""),
     ),
+    code("""import shutil
+
+shutil.rmtree(work)  # the tutorial's files go with it"""),
 ]
 
 write_notebook(cells, "07_pipeline_stages.ipynb")
