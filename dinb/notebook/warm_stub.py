@@ -22,6 +22,22 @@ def main() -> int:
     fds = [0, 1, 2]
     if os.environ.get("PMI_FD", "").isdigit():
         fds.append(int(os.environ["PMI_FD"]))
+    # signals are taken from the start: one that comes before the child exists is passed on to it
+    # as soon as it does (the launcher may stop an engine that is still starting)
+    child = None
+    pending = []
+
+    def forward(signum, _frame):
+        if child is None:
+            pending.append(signum)
+            return
+        try:
+            os.kill(child, signum)
+        except ProcessLookupError:
+            pass
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, forward)
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect("\0" + path[1:] if path.startswith("@") else path)
@@ -38,15 +54,8 @@ def main() -> int:
         print(f"{NOTICE} could not start {module}: {first.get('error', 'no answer')}", file=sys.stderr)
         return 1
     child = first["pid"]
-
-    def forward(signum, _frame):
-        try:
-            os.kill(child, signum)
-        except ProcessLookupError:
-            pass
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, forward)
+    for signum in pending:
+        forward(signum, None)
     try:
         pidfd = os.pidfd_open(child)
     except OSError:
