@@ -16,8 +16,9 @@ the streams at their numbers, the stub's environment (MPI's rank variables inclu
 Guarantees kept:
 - one process per rank, as before: the stub only waits. Signals to the stub (the launcher's
   SIGINT/SIGTERM) go on to the child, and the child's exit status comes back as the stub's own;
-- the child ends itself when its stub goes (a SIGKILLed stub cannot forward anything): a thread
-  polls the stub's pidfd. Ranks are bound to cores (or GPUs) by :func:`dinb.init_ranks` in the
+- the child ends when its stub goes (a SIGKILLed stub cannot forward anything), twice over: a
+  thread of the child polls the stub's pidfd, and the factory kills a child whose stub's
+  connection ends before the child did. Ranks are bound to cores (or GPUs) by :func:`dinb.init_ranks` in the
   child, as before;
 - the factory ends with the kernel (``PR_SET_PDEATHSIG`` and an ``atexit``), and a dead factory
   is noticed: a stub that cannot reach it says so and exits 1, and the kernel starts a new
@@ -135,9 +136,14 @@ def serve(address: str) -> None:
         importlib.import_module(name)
     stubs: dict[int, socket.socket] = {}  # child pid -> its stub's connection
     while os.getppid() == parent:
-        ready, _, _ = select.select([listener], [], [], 0.2)
+        ready, _, _ = select.select([listener, *stubs.values()], [], [], 0.2)
         _reap(stubs)
-        if not ready:
+        for pid, conn in list(stubs.items()):
+            if conn in ready and not _peek(conn):  # the stub went (killed): its child goes too
+                _kill(pid)
+                conn.close()
+                del stubs[pid]
+        if listener not in ready:
             continue
         conn, _ = listener.accept()
         _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
@@ -154,6 +160,23 @@ def serve(address: str) -> None:
             conn.close()
             continue
         stubs[pid] = conn
+
+
+def _peek(conn: socket.socket) -> bytes:
+    """What a stub sent (it sends nothing after its request: only an EOF, when it ends)."""
+    try:
+        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return b"?"
+    except OSError:
+        return b""
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _reap(stubs: dict[int, socket.socket]) -> None:
@@ -229,7 +252,10 @@ def _end_with(stub_pid: int) -> None:
 
     try:
         pidfd = os.pidfd_open(stub_pid)
-    except (OSError, AttributeError):
+    except ProcessLookupError:  # the stub went before this child could watch it
+        os.kill(os.getpid(), signal.SIGKILL)
+        return
+    except (OSError, AttributeError):  # no pidfds here (Linux < 5.3)
         return
 
     def watch() -> None:
