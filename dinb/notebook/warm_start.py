@@ -202,16 +202,25 @@ def _fork_child(conn: socket.socket, listener: socket.socket) -> int:
     targets = request["fds"]
     if len(fds) != len(targets):
         raise ValueError(f"{len(fds)} file descriptors for {len(targets)} targets")
+    # A signal the stub forwards at once must find the child with the default actions, not the
+    # factory's handler (which would run the child's atexit, and hung there once): blocked over
+    # the fork, delivered in the child once the defaults are back.
+    stop_signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     pid = os.fork()
     if pid:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
         for fd in fds:
             os.close(fd)
         conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
         return pid
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # what a new Python process has
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
     try:  # the child: become the process the stub stands for
         listener.close()
         conn.close()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         env = request["env"]
         _take_fds(fds, targets, env)
         os.environ.clear()
