@@ -34,7 +34,6 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-KERNEL_STEPS = ("controller", "engines launched", "registered", "identified", "joined", "ready")
 ENGINE_STEPS = ("process", "engine code", "jax imported", "identified", "joined", "load", "loaded")
 
 

@@ -106,13 +106,10 @@ def bytes_held(held: Any, model_dir: str | Path) -> Verdict:
 
     if (missing := _unanswered(held, "held = {rank: bytes}")) is not None:
         return missing
-    files = sorted(Path(model_dir).glob("*.dinb"))
-    expected = {}
-    for path in files:
-        sf = read_slice_file(path)
-        expected[sf.rank] = sum(a.nbytes for a in sf.params.values())
+    files = [read_slice_file(path) for path in sorted(Path(model_dir).glob("*.dinb"))]
+    expected = {sf.rank: sum(a.nbytes for a in sf.params.values()) for sf in files}
     whole = sum(math.prod(m["shape"]) * np.dtype(m["dtype"]).itemsize
-                for m in read_slice_file(files[0]).meta["params"].values())
+                for m in files[0].meta["params"].values())
     try:
         given = {int(r): int(b) for r, b in dict(held).items()}
     except (TypeError, ValueError):
