@@ -53,9 +53,9 @@ def rank_main(repeat: int) -> None:
     from jax.sharding import NamedSharding, PartitionSpec
     from mpi4py import MPI
 
-    from dinb.layout import Layout
     from dinb.models.rank_program import AllReduce
     from dinb.runtime.rank_steps import MpiCollectives
+    from dinb.sharding.layout import Layout
 
     comm = MPI.COMM_WORLD
     mpi = MpiCollectives(job.process_count, "the benchmark")

@@ -122,9 +122,9 @@ def jax_worker(weights: Path, batch: int, ranks: int, new: int, dtype: str) -> N
     import jax.numpy as jnp
 
     from dinb.formats.safetensors import np_dtype
-    from dinb.layout import one_mesh_shardings
     from dinb.models import LlamaDecoder
     from dinb.models.llama import read_llama_config
+    from dinb.sharding.layout import one_mesh_shardings
 
     model = LlamaDecoder(config=read_llama_config(weights / "config.json"), slots=batch,
                          max_len=PROMPT + new, buckets=[PROMPT])

@@ -152,7 +152,7 @@ def plain_worker(args: argparse.Namespace) -> int:
     import jax
 
     from dinb.formats.safetensors import np_dtype
-    from dinb.layout import Layout
+    from dinb.sharding.layout import Layout
 
     spec = json.loads(args.spec)
     n = spec["n"]

@@ -12,7 +12,7 @@ each run by ``mpiexec -n 4`` real rank processes (activations between stages ove
   stage (a stage starts the next predict while later stages finish this one);
 * memory: parameter bytes per rank (the largest rank's) and the largest peak RSS;
 * bubble: GPipe's ``(S-1)/(M+S-1)`` beside the one measured from the ranks' own timeline of the
-  median-latency predict (:func:`dinb.pipeline.measured_bubble`).
+  median-latency predict (:func:`dinb.sharding.pipeline.measured_bubble`).
 
 Ratios are to 1 x 4 (tensor parallel only) in the same run. Results go to
 ``benchmarks/results/pipeline.json`` (``--out`` for another name) with the machine.
@@ -46,7 +46,7 @@ def rank_main(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
     import dinb
-    from dinb.pipeline import StageEvent, measured_bubble
+    from dinb.sharding.pipeline import StageEvent, measured_bubble
 
     model = dinb.Model()
     model.build_from_file(args.rank_worker, dinb.ModelType.DINB, dinb.Context())
@@ -120,7 +120,7 @@ def main() -> None:
     import dinb
     from dinb.cli import _mpiexec
     from dinb.models import DeepMLP
-    from dinb.pipeline import bubble_fraction
+    from dinb.sharding.pipeline import bubble_fraction
 
     net = DeepMLP(args.d, args.ff, args.layers, args.batch)
     params = net.init_params()

@@ -33,15 +33,15 @@ from dinb.errors import (
 )
 from dinb.explore.plan import StrategyPlan
 from dinb.export import export_distributed
+from dinb.export.slicefile import read_meta, read_slice_file
 from dinb.job.ranks import Job, current_job
 from dinb.job.ranks import init as init_ranks
 from dinb.job.ranks import shutdown as shutdown_ranks
-from dinb.layout import Layout, common_dev_matrix
 from dinb.models import DeepMLP, LlamaDecoder, MatMulNeg, MegatronMLP, ModelDef, TensorSpec, get_model
 from dinb.notebook.cluster import RankCluster, start_cluster
 from dinb.runtime import Context, Model, ModelType, Tensor
-from dinb.slicefile import read_meta, read_slice_file
-from dinb.strategy import ParamLayout, Strategy, infer_predict_layout
+from dinb.sharding.layout import Layout, common_dev_matrix
+from dinb.sharding.strategy import ParamLayout, Strategy, infer_predict_layout
 from dinb.version import __version__
 
 

@@ -55,7 +55,7 @@ def no_allreduce_shard(shard: Any, ranks: int = 4) -> Verdict:
     program holds no all-reduce (checked in XLA's program for that many simulated devices)."""
     from dinb.explore.plan_source import PlanSource
     from dinb.models import MatMulNeg
-    from dinb.strategy import infer_predict_layout
+    from dinb.sharding.strategy import infer_predict_layout
 
     if (missing := _unanswered(shard, "shard = ((a, b), (b, c))")) is not None:
         return missing
@@ -102,7 +102,7 @@ def w_replica_groups(groups: Any, shard: tuple[tuple[int, int], tuple[int, int]]
 # ---- 02 · notebook ranks -----------------------------------------------------------------------
 def bytes_held(held: Any, model_dir: str | Path) -> Verdict:
     """02: the bytes of parameter slices each rank of the export in ``model_dir`` holds."""
-    from dinb.slicefile import read_slice_file
+    from dinb.export.slicefile import read_slice_file
 
     if (missing := _unanswered(held, "held = {rank: bytes}")) is not None:
         return missing
@@ -134,7 +134,7 @@ def most_source_files(rank: Any) -> Verdict:
     target rank reads from the most source files (worked out with ``read_plan``)."""
     from dinb.checkpoint import DistributedCheckpoint, save_distributed_checkpoint
     from dinb.models import MegatronMLP
-    from dinb.strategy import infer_predict_layout
+    from dinb.sharding.strategy import infer_predict_layout
 
     if (missing := _unanswered(rank, "rank = ...")) is not None:
         return missing
@@ -221,8 +221,8 @@ def _as_list(values: Any) -> list[Any]:
 def batch_bucket(buckets: Any, runs_at: Any, model_dir: str | Path, rows: int = 3) -> Verdict:
     """06: the batch buckets of the export in ``model_dir``, and the bucket a lone request of
     ``rows`` rows runs at."""
-    from dinb import batch_buckets
-    from dinb.slicefile import read_meta
+    from dinb.export.slicefile import read_meta
+    from dinb.sharding import batch_buckets
 
     if (missing := _unanswered(buckets, "buckets = [...]")) is not None:
         return missing
@@ -241,7 +241,7 @@ def smallest_micro_batches(micro_batches: Any, stages: int = 4, batch: int = 32,
                            bubble_below: float = 0.2) -> Verdict:
     """07: the smallest micro-batch count that divides ``batch`` and brings GPipe's bubble
     ``(S-1)/(M+S-1)`` under ``bubble_below`` with ``stages`` stages."""
-    from dinb.pipeline import bubble_fraction
+    from dinb.sharding.pipeline import bubble_fraction
 
     if (missing := _unanswered(micro_batches, "micro_batches = ...")) is not None:
         return missing

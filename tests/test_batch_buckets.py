@@ -10,9 +10,9 @@ from conftest import simulated
 
 from dinb import Context, InputError, Model, ModelType, StrategyError, batch_buckets, export_distributed
 from dinb.cli import _mpiexec
-from dinb.layout import Layout
+from dinb.export.slicefile import read_meta, read_slice_file
 from dinb.models import DeepMLP, MegatronMLP, mlp_reference
-from dinb.slicefile import read_meta, read_slice_file
+from dinb.sharding.layout import Layout
 
 
 def build(path, n, provider="xla"):

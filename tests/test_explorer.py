@@ -16,8 +16,8 @@ from dinb import Context, DinbError, Model, ModelType, Strategy
 from dinb.explore.mesh import mesh_choices
 from dinb.explore.plan import StrategyPlan
 from dinb.explore.plan_source import PlanSource
-from dinb.layout import Layout
 from dinb.models import MatMulNeg, MegatronMLP, mlp_reference
+from dinb.sharding.layout import Layout
 from dinb.widgets import RankOutputs, StrategyExplorer
 from dinb.widgets.outputs import downsample
 

@@ -61,7 +61,7 @@ def test_bfloat16_export_halves_the_bytes_and_stays_close(tmp_path):
 def test_rank_programs_spell_out_the_same_split(name, strategy, n):
     """Each rank's explicit program (local steps, named collectives) on its own slices gives the
     whole output on every rank, equal to the model on one device."""
-    from dinb.export import input_layouts
+    from dinb.export.distributed import input_layouts
     from dinb.models.rank_program import run_reference
 
     model = get_model(name, **SMALL.get(name, {}))

@@ -14,9 +14,9 @@ from conftest import simulated
 from dinb import Context, Model, ModelType, ProviderError, export_distributed
 from dinb.cli import launch
 from dinb.errors import ProviderFallbackWarning
-from dinb.layout import Layout
 from dinb.models import MatMulNeg, MegatronMLP, mlp_reference
-from dinb.strategy import Strategy
+from dinb.sharding.layout import Layout
+from dinb.sharding.strategy import Strategy
 
 
 def both(path, n):

@@ -170,7 +170,7 @@ def test_predict_errors_on_pipelined_models(tmp_path):
 
 
 def test_a_damaged_pipeline_record_is_a_clear_error(tmp_path):
-    from dinb.slicefile import write_slice_file
+    from dinb.export.slicefile import write_slice_file
 
     f = dinb.read_slice_file(export_deep(tmp_path, 2, 2)[1])
     meta = dict(f.meta, pipeline=dict(f.meta["pipeline"], stage=0))

@@ -141,7 +141,7 @@ def test_program_for_n_devices_run_on_m(matmul2, tmp_path_factory):
         for key, value in change.items():
             (tensors if key == "program" else meta)[key] = value
         if "program" in change:
-            meta["program"] = {"xxh3_64": dinb.slicefile.digest(change["program"]),
+            meta["program"] = {"xxh3_64": dinb.export.slicefile.digest(change["program"]),
                                "nbytes": len(change["program"])}
         save_file(tensors, str(dst), metadata={"dinb": json.dumps(meta)})
 
@@ -154,7 +154,7 @@ def test_program_for_n_devices_run_on_m(matmul2, tmp_path_factory):
     one = tmp_path_factory.mktemp("one")
     m = MatMulNeg()
     export_distributed(m, m.init_params(), m.strategy(1), [np.ones((128, 96), np.float32)], one)
-    program = np.frombuffer(dinb.slicefile.read_program(matmul2 / "matmul0.dinb")[1], np.uint8)
+    program = np.frombuffer(dinb.export.slicefile.read_program(matmul2 / "matmul0.dinb")[1], np.uint8)
     rewrite(one / "matmul0.dinb", lone / "matmul0.dinb", program=program)
     with pytest.raises(RankMismatchError, match="exported for 2 devices but this job has 1"):
         Model().build_from_file(lone / "matmul0.dinb")
@@ -189,7 +189,7 @@ def test_version_1_slice_files_with_sha256_are_still_verified(matmul2, tmp_path)
         for name, rec in [*meta["params"].items(), ("program", meta["program"])]:
             key = name if name == "program" else "param/" + name
             del rec["xxh3_64"]
-            rec["sha256"] = dinb.slicefile.digest(tensors[key], "sha256")
+            rec["sha256"] = dinb.export.slicefile.digest(tensors[key], "sha256")
         save_file(tensors, str(tmp_path / src.name), metadata={"dinb": json.dumps(meta)})
     model = build(tmp_path, 2)
     x = np.ones((128, 96), np.float32)

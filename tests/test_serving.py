@@ -642,9 +642,9 @@ class Scaled:
 
     @staticmethod
     def model():
-        from dinb.layout import Layout
         from dinb.models.base import ModelDef, TensorSpec
-        from dinb.strategy import Strategy
+        from dinb.sharding.layout import Layout
+        from dinb.sharding.strategy import Strategy
 
         class ScaledModel(ModelDef):
             name = "scaled"

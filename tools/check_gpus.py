@@ -329,9 +329,9 @@ def check_serve_cli(n: int, work: Path, _: dict) -> str:
 def check_serve_agents(n: int, work: Path, _: dict) -> str:
     import tritonclient.http as th
 
+    from dinb.export.slicefile import find_slice_files
     from dinb.job.addresses import free_port
     from dinb.serving import distributed, server
-    from dinb.slicefile import find_slice_files
 
     files = [str(p) for _, p in sorted(find_slice_files(work / "matmul-contraction").items())]
     (work / "servable" / "matmul").mkdir(parents=True, exist_ok=True)

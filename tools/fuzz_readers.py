@@ -122,8 +122,8 @@ def readers(kind: str) -> list[tuple[str, Callable[[Path], object]]]:
         load_distributed_checkpoint,
     )
     from dinb.checkpoint.dinbfile import DinbRankFile
+    from dinb.export.slicefile import find_slice_files, read_meta, read_program, read_slice_file
     from dinb.runtime.config import load_config
-    from dinb.slicefile import find_slice_files, read_meta, read_program, read_slice_file
 
     return {
         "ckpt": [("MindSporeCheckpoint", MindSporeCheckpoint), ("load_checkpoint", load_checkpoint),

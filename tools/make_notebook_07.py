@@ -111,7 +111,7 @@ computation timed on its rank. Transfers between stages, stages of unequal speed
 machine's cores (2 here, shared by all 4 simulated ranks) add to the formula's bubble."""),
     code(IGNORE + """import time
 
-from dinb.pipeline import bubble_fraction, measured_bubble
+from dinb.sharding.pipeline import bubble_fraction, measured_bubble
 
 deep = DeepMLP(d_model=512, d_ff=2048, layers=8, batch=32)
 xs = np.random.default_rng(1).standard_normal((32, 512)).astype(np.float32)
@@ -166,8 +166,8 @@ stage's agents and answers with the last stage's outputs. The benchmark
         "The bubble shrinks as micro-batches grow; but a micro-batch count must cut the batch evenly.",
         ("""With **4** stages and a batch of **32** rows, what is the smallest number of micro-batches
 `M` that divides the batch and brings the bubble under **20%**? Use the formula, then
-`dinb.pipeline.bubble_fraction(stages, M)` to confirm.""",
-         """from dinb.pipeline import bubble_fraction
+`dinb.sharding.pipeline.bubble_fraction(stages, M)` to confirm.""",
+         """from dinb.sharding.pipeline import bubble_fraction
 
 micro_batches = next(m for m in range(1, 33) if 32 % m == 0 and bubble_fraction(4, m) < 0.2)
 print(micro_batches, f"{bubble_fraction(4, micro_batches):.0%}")""",

@@ -1,6 +1,6 @@
 """Which part of a full tensor a rank holds, as a box, and how boxes of two layouts overlap.
 
-A *box* is a tuple of ``(start, stop)`` per tensor axis. Under a layout (see :mod:`dinb.layout`)
+A *box* is a tuple of ``(start, stop)`` per tensor axis. Under a layout (see :mod:`dinb.sharding.layout`)
 rank ``r`` holds ``box = layout.slice_of(r, shape)``.
 
 MindSpore's optimizer shard (``opt_weight_shard_size = s > 1``) splits that model-parallel slice
@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from dinb.errors import LayoutError
-from dinb.layout import Layout
-from dinb.strategy import ParamLayout
+from dinb.sharding.layout import Layout
+from dinb.sharding.strategy import ParamLayout
 
 Box = tuple[tuple[int, int], ...]
 

@@ -35,7 +35,7 @@ from dinb.checkpoint.stored import WRITTEN_CHECKSUM, StoredTensor, tile_checksum
 from dinb.errors import CheckpointError
 from dinb.formats import safetensors as st
 from dinb.formats.untrusted import Fields
-from dinb.layout import MAX_DEVICES
+from dinb.sharding.layout import MAX_DEVICES
 
 FORMAT = "dinb-checkpoint"
 FORMAT_VERSION = 3  # 1: tile checksums were CRC-32; 3: the file holds string records

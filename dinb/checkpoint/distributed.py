@@ -43,9 +43,9 @@ from dinb.checkpoint.ckpt_file import MindSporeCheckpoint
 from dinb.checkpoint.dinbfile import SUFFIX, DinbRankFile
 from dinb.checkpoint.stored import OpenFiles, StoredTensor
 from dinb.errors import CheckpointError, DinbError
-from dinb.layout import Layout
 from dinb.progress import progress
-from dinb.strategy import ParamLayout, Strategy
+from dinb.sharding.layout import Layout
+from dinb.sharding.strategy import ParamLayout, Strategy
 
 PathLike = str | Path
 StrategyLike = Strategy | PathLike | None

@@ -35,8 +35,8 @@ from dinb.checkpoint.distributed import (
 )
 from dinb.checkpoint.stored import OpenFiles
 from dinb.errors import CheckpointError, StrategyError
-from dinb.layout import Layout
-from dinb.strategy import ParamLayout, Strategy
+from dinb.sharding.layout import Layout
+from dinb.sharding.strategy import ParamLayout, Strategy
 
 
 def load_checkpoint(ckpt_file_name: PathLike, verify: bool = True) -> dict[str, np.ndarray | str]:

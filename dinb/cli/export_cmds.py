@@ -40,9 +40,9 @@ def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from dinb.export import export_distributed
+    from dinb.export.slicefile import read_meta
     from dinb.models import get_model
-    from dinb.slicefile import read_meta
-    from dinb.strategy import Strategy, infer_predict_layout
+    from dinb.sharding.strategy import Strategy, infer_predict_layout
 
     model = get_model(args.model, **_model_kwargs(args))
     inputs = model.example_inputs()

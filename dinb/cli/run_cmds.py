@@ -121,10 +121,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
     import zlib
 
     from dinb.errors import ProviderFallbackWarning
+    from dinb.export.slicefile import find_slice_files, read_meta
     from dinb.job import ranks
     from dinb.models import BertEncoder, minilm_dir
     from dinb.runtime import Context, Model, ModelType
-    from dinb.slicefile import find_slice_files, read_meta
 
     export = Path(args.model_dir)
     meta = read_meta(export if export.is_file() else find_slice_files(export)[0])
@@ -166,10 +166,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Prompts in, tokens out as they come (rank 0 prints), every rank checked to agree."""
     import zlib
 
+    from dinb.export.slicefile import find_slice_files, read_meta
     from dinb.job import ranks
     from dinb.models.llama import token_codec
     from dinb.runtime import Context, Model, ModelType
-    from dinb.slicefile import find_slice_files, read_meta
 
     export = Path(args.model_dir)
     meta = read_meta(export if export.is_file() else find_slice_files(export)[0])
@@ -250,7 +250,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace, model: Any, x: np.ndarray, out_root: Path) -> int:
     from dinb.export import export_distributed
-    from dinb.strategy import infer_predict_layout
+    from dinb.sharding.strategy import infer_predict_layout
 
     strategies = model.strategy_names if args.strategy == "all" else (args.strategy,)
     print(f"dinb demo: the seeds' MatMul+Neg, y = -(x @ W), W = 0.5 (96x16), x = ones(128x96)\n"

@@ -63,10 +63,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from dinb.export.slicefile import find_slice_files, read_meta
     from dinb.job.addresses import is_loopback
     from dinb.serving import distributed, server
     from dinb.serving.servable_key import make_key_file
-    from dinb.slicefile import find_slice_files, read_meta
 
     files = find_slice_files(args.model_dir)
     meta = read_meta(files[0])

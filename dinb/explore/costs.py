@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dinb.explore.hlo import Collective
-from dinb.layout import Layout
+from dinb.sharding.layout import Layout
 from dinb.units import fmt_bytes, fmt_seconds
 
 
@@ -47,7 +47,7 @@ class Transfer:
 def _carry_bytes(values: Sequence[tuple[tuple[int, ...], str]], first_input: Layout | None, local: int,
                  device_num: int) -> int:
     """Bytes of the activations one rank sends or receives (laid out as :func:`carry_layout`)."""
-    from dinb.pipeline import carry_layout
+    from dinb.sharding.pipeline import carry_layout
 
     total = 0
     for shape, dtype in values:

@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dinb.layout import MapEntry
+from dinb.sharding.layout import MapEntry
 
 
 @dataclass(frozen=True)

@@ -40,9 +40,9 @@ from dinb.explore.costs import CostEstimate, RankBytes, Transfer, _carry_bytes
 from dinb.explore.mesh import AxisChoice, Tile, _dims, _entry, entry_label, mesh_choices, mesh_label
 from dinb.explore.plan_source import CUSTOM, ROLES, PlanSource, TensorInfo
 from dinb.explore.xla_view import CompiledView
-from dinb.layout import Layout, MapEntry, common_dev_matrix
 from dinb.models.base import ModelDef
-from dinb.strategy import ParamLayout, Strategy
+from dinb.sharding.layout import Layout, MapEntry, common_dev_matrix
+from dinb.sharding.strategy import ParamLayout, Strategy
 from dinb.units import fmt_bytes
 
 

@@ -14,9 +14,9 @@ import numpy as np
 
 from dinb.errors import DinbError, StrategyError
 from dinb.explore.xla_view import CompiledView, viewer
-from dinb.layout import Layout
 from dinb.models.base import ModelDef
-from dinb.strategy import ParamLayout, Strategy
+from dinb.sharding.layout import Layout
+from dinb.sharding.strategy import ParamLayout, Strategy
 
 ROLES = ("parameter", "input", "output")
 
@@ -66,8 +66,8 @@ class PlanSource:
     def from_export(cls, directory: str | Path) -> PlanSource:
         """An export directory: its tensors and strategy (its stages' too); layouts stay editable
         when the model is a built-in one (the export records how to rebuild it)."""
+        from dinb.export.slicefile import TensorMeta, find_slice_files, read_meta
         from dinb.models import MODELS, get_model
-        from dinb.slicefile import TensorMeta, find_slice_files, read_meta
 
         directory = Path(directory)
         files = find_slice_files(directory)
@@ -145,7 +145,7 @@ class PlanSource:
     def full_params(self, seed: int = 0) -> dict[str, np.ndarray]:
         """Whole parameters: the model's own (``init_params(seed)``) or assembled from the export."""
         if self.exported:
-            from dinb.slicefile import find_slice_files, read_slice_file
+            from dinb.export.slicefile import find_slice_files, read_slice_file
 
             out: dict[str, np.ndarray] = {}
             for path in find_slice_files(self.exported[1].parent).values():

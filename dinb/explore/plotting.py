@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from dinb.layout import Layout
+from dinb.sharding.layout import Layout
 
 
 def describe_slices(layout: Layout, shape: Sequence[int], name: str = "tensor") -> list[str]:

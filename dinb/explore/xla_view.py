@@ -31,7 +31,7 @@ from typing import Any
 
 from dinb.errors import DinbError
 from dinb.explore.hlo import Collective, parse_collectives
-from dinb.layout import Layout
+from dinb.sharding.layout import Layout
 
 DEFAULT_TIMEOUT_S = 120.0
 MIN_DEVICES = 16
@@ -204,7 +204,7 @@ def _compile(program: bytes, param_metas: dict[str, Any], input_metas: list[Any]
     import jax
     from jax import export as jax_export
 
-    from dinb.layout import one_mesh_shardings
+    from dinb.sharding.layout import one_mesh_shardings
 
     exported = jax_export.deserialize(bytearray(program))
     names = list(param_metas)
@@ -229,9 +229,9 @@ def _compile(program: bytes, param_metas: dict[str, Any], input_metas: list[Any]
 
 
 def _handle(request: tuple, devices: list[Any]) -> dict[str, Any] | list[dict[str, Any]]:
-    from dinb.export import build_program, build_stage_programs, input_layouts
-    from dinb.slicefile import TensorMeta, read_program
-    from dinb.strategy import Strategy
+    from dinb.export.distributed import build_program, build_stage_programs, input_layouts
+    from dinb.export.slicefile import TensorMeta, read_program
+    from dinb.sharding.strategy import Strategy
 
     if request[0] == "stages":
         _, blob, strategy_json, input_specs, param_specs = request

@@ -13,7 +13,7 @@ import numpy as np
 
 from dinb.errors import DinbError, StrategyError
 from dinb.models.rank_program import RankProgram
-from dinb.strategy import Strategy
+from dinb.sharding.strategy import Strategy
 
 
 def read_config_json(path: Path, model_type: str, family: str) -> dict[str, Any]:

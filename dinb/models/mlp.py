@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from dinb.layout import Layout
 from dinb.models.base import ModelDef, TensorSpec
 from dinb.models.rank_program import AllGather, AllReduce, Local, RankProgram
-from dinb.strategy import Strategy
+from dinb.sharding.layout import Layout
+from dinb.sharding.strategy import Strategy
 
 
 class MegatronMLP(ModelDef):

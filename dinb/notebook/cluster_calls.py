@@ -199,14 +199,14 @@ class ModelCalls:
     def timeline(self) -> list[Any]:
         """When each rank computed each micro-batch in the last pipelined predict (see
         :meth:`dinb.Model.timeline`); empty without pipeline stages."""
-        from dinb.pipeline import StageEvent
+        from dinb.sharding.pipeline import StageEvent
 
         rows = self._all(engine.timeline, timeout_s=30, what="gathering the timeline")
         return sorted((StageEvent(*e) for per_rank in rows for e in per_rank), key=lambda e: e.start)
 
     def strategy(self) -> Any:
         """The loaded model's strategy (from the export's ``strategy.json``)."""
-        from dinb.strategy import Strategy
+        from dinb.sharding.strategy import Strategy
 
         if self.model_dir is None:
             raise ClusterError("no model is loaded; run `%dinfer load DIR` first")

@@ -200,8 +200,8 @@ class DinferMagics(Magics):
         """%dinfer generate "PROMPT" | --ids 1,5,9 [--max-new-tokens N] [--temperature T] ..."""
 
     def _cmd_generate(self, rest: str, line: str) -> None:
+        from dinb.export.slicefile import find_slice_files, read_meta
         from dinb.models.llama import token_codec
-        from dinb.slicefile import find_slice_files, read_meta
 
         args = parse_argstring(self._generate, rest)
         c = cl.current()

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from dinb.errors import DinbError
 from dinb.job.addresses import split_address
-from dinb.pipeline import MAX_MICRO_BATCHES
+from dinb.sharding.pipeline import MAX_MICRO_BATCHES
 
 TRANSFERS = ("auto", "mpi", "xla")
 COLLECTIVES = ("auto", "mpi", "gloo")

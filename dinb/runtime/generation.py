@@ -1,7 +1,7 @@
 """Generation on the ranks: the KV cache on the devices, prefill and decode steps, the token loop.
 
 :class:`DecodeRun` holds what a decoder's export needs at run time (see
-:mod:`dinb.decode_programs`): the decode step and the prefill programs compiled with the cache
+:mod:`dinb.export.decode_programs`): the decode step and the prefill programs compiled with the cache
 *donated* (XLA writes the new keys and values into the cache's own buffers), and the cache
 itself, allocated once per rank with its layout. Every rank runs the same calls with the same
 inputs; the logits come back whole on every rank, so every rank picks the same tokens.
@@ -27,12 +27,12 @@ from typing import Any
 import numpy as np
 
 from dinb.errors import InputError, RankMismatchError
+from dinb.export.slicefile import SliceFile, TensorMeta
 from dinb.formats.safetensors import np_dtype
 from dinb.job import ranks
-from dinb.layout import Layout, one_mesh_shardings
 from dinb.runtime.programs import deserialize
 from dinb.runtime.sampling import Sampler, SamplingParams
-from dinb.slicefile import SliceFile, TensorMeta
+from dinb.sharding.layout import Layout, one_mesh_shardings
 
 
 class DecodeRun:

@@ -33,9 +33,9 @@ from dinb.errors import (
     RankMismatchError,
     SliceFileError,
 )
+from dinb.export.slicefile import SliceFile, TensorMeta, find_slice_files, read_slice_file
 from dinb.formats.safetensors import np_dtype
 from dinb.job import ranks
-from dinb.layout import one_mesh_shardings
 from dinb.runtime.config import RuntimeConfig, load_config
 from dinb.runtime.context import Context, ModelType
 from dinb.runtime.generation import DecodeRun
@@ -46,7 +46,7 @@ from dinb.runtime.pipeline_run import PipelineRun
 from dinb.runtime.programs import deserialize
 from dinb.runtime.rank_steps import JitRanks, StepRanks, rank_program_of
 from dinb.runtime.tensor import Tensor
-from dinb.slicefile import SliceFile, TensorMeta, find_slice_files, read_slice_file
+from dinb.sharding.layout import one_mesh_shardings
 
 
 class Model(Introspection, Generating):
@@ -63,7 +63,7 @@ class Model(Introspection, Generating):
         self._in_shardings: list[Any] = []
         # at each batch size the export runs: each local rank's input slices
         self._in_slices: dict[int, dict[int, list[tuple[slice, ...]]]] = {}
-        self.batch_buckets: list[int] = []  # the batch sizes predict takes (see dinb.batch_buckets)
+        self.batch_buckets: list[int] = []  # the batch sizes predict takes (see dinb.sharding.batch_buckets)
         self._steps: StepRanks | None = None  # per-rank programs (tensorrt, or collectives = mpi)
         self._pipe: PipelineRun | None = None
         self._gen: DecodeRun | None = None  # a decoder's cache and programs (generate)

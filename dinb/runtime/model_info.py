@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from dinb.job import ranks
-from dinb.pipeline import StageEvent
+from dinb.sharding.pipeline import StageEvent
 
 
 class Introspection:
@@ -85,6 +85,6 @@ class Introspection:
 
     def timeline(self) -> list[StageEvent]:
         """When each local rank computed each micro-batch in the last predict (wall-clock
-        seconds); empty for a one-stage export. :func:`dinb.pipeline.measured_bubble` reads it."""
+        seconds); empty for a one-stage export. :func:`dinb.sharding.pipeline.measured_bubble` reads it."""
         self._check_built()
         return list(self._pipe.events) if self._pipe is not None else []

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from dinb.errors import ProviderError, ProviderFallbackWarning
+from dinb.export.slicefile import SliceFile
 from dinb.models.rank_program import Local, run_locals
 from dinb.runtime.rank_steps import Stage, StepRanks
-from dinb.slicefile import SliceFile
 
 INSTALL = ("pip install 'dinb[onnx]' (onnxruntime and jax2onnx; for the GPU providers "
            "onnxruntime-gpu and NVIDIA TensorRT)")

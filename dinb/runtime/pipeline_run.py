@@ -10,7 +10,7 @@ For a predict cut into ``M`` micro-batches, every rank of stage ``s`` runs::
 
 Sends do not wait for the receiver, so stage ``s`` starts micro-batch ``m + 1`` while stage
 ``s + 1`` works on ``m``: GPipe's schedule falls out of the data dependencies (see
-:mod:`dinb.pipeline` for the bubble). Every computation is timed (``events``), on the wall clock
+:mod:`dinb.sharding.pipeline` for the bubble). Every computation is timed (``events``), on the wall clock
 shared by the processes of one machine, so the schedule that actually ran can be drawn and its
 bubble measured. The links between stages are in :mod:`dinb.runtime.stage_link`.
 """
@@ -25,13 +25,13 @@ from typing import Any
 import numpy as np
 
 from dinb.errors import InputError, RankMismatchError
+from dinb.export.slicefile import SliceFile, TensorMeta
 from dinb.job import ranks
-from dinb.layout import one_mesh_shardings
-from dinb.pipeline import StageEvent
 from dinb.runtime.config import RuntimeConfig
 from dinb.runtime.programs import deserialize
 from dinb.runtime.stage_link import LocalLink, MpiLink, Shard, XlaLink, choose_transfer
-from dinb.slicefile import SliceFile, TensorMeta
+from dinb.sharding.layout import one_mesh_shardings
+from dinb.sharding.pipeline import StageEvent
 
 
 class PipelineRun:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from dinb.errors import SliceFileError
-from dinb.slicefile import SliceFile
+from dinb.export.slicefile import SliceFile
 
 
 def deserialize(sf: SliceFile, which: int | str = 1, what: str = "the program") -> Any:

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from dinb.errors import ProviderError
+from dinb.export.slicefile import SliceFile
 from dinb.models.rank_program import AllGather, AllReduce, Collective, Local, collect, run_locals
-from dinb.slicefile import SliceFile
 
 #: one compiled run of local steps: the rank's values in, its values out
 Stage = Callable[[tuple[np.ndarray, ...]], tuple[np.ndarray, ...]]
@@ -59,7 +59,7 @@ def rank_program_of(first: SliceFile, world_size: int, what: str) -> tuple[Any, 
 
 
 def strategy_of(sf: SliceFile) -> Any:
-    from dinb.strategy import Strategy
+    from dinb.sharding.strategy import Strategy
 
     return Strategy({n: m.layout for n, m in sf.param_meta().items()},
                     inputs=[m.layout for m in sf.inputs], outputs=[m.layout for m in sf.outputs])

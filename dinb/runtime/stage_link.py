@@ -1,7 +1,7 @@
 """How one pipeline stage hands its activations to the next: three links, one interface.
 
 Rank ``j`` of stage ``s`` sends its shard of each value it computed to rank ``j`` of stage
-``s + 1`` (both hold the value under the same layout, see :mod:`dinb.pipeline`). A link moves
+``s + 1`` (both hold the value under the same layout, see :mod:`dinb.sharding.pipeline`). A link moves
 those shards for one micro-batch at a time:
 
 * :class:`LocalLink`: every rank in this process (the simulated mode). Each stage runs in its own

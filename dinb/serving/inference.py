@@ -5,7 +5,7 @@ up, and the dispatcher merges consecutive ones along that axis up to the export'
 ``B`` (the program's shapes are fixed at export): those that waited while the ranks ran the
 previous batch, and, with ``batch_delay_ms > 0``, those arriving that long after the first.
 The merged batch is padded with zeros to the smallest of the export's batch buckets that holds
-it (``B`` for an export without buckets; see :mod:`dinb.batch_buckets`), run once on all ranks,
+it (``B`` for an export without buckets; see :mod:`dinb.sharding.batch_buckets`), run once on all ranks,
 and each request gets its rows back. A request that finds the queue empty and the ranks idle
 runs at once from its own task, at its own bucket, without the dispatcher's hand-offs. A
 request of more than ``B`` rows runs as several batches. Inputs listed in
@@ -25,12 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from dinb import batch_buckets
 from dinb.errors import DinbError, InputError
 from dinb.formats.safetensors import np_dtype
 from dinb.serving.generation import GenerationScheduler
 from dinb.serving.register import DistributedModel, Method, ServableSpec
 from dinb.serving.worker import DistributedWorker, Unavailable
+from dinb.sharding import batch_buckets
 
 
 class RequestError(InputError):

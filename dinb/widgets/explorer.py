@@ -31,7 +31,7 @@ from dinb.explore.mesh import mesh_choices, mesh_label
 from dinb.explore.plan import StrategyPlan
 from dinb.explore.plan_source import CUSTOM, PlanSource
 from dinb.models import BertEncoder, DeepMLP, LlamaDecoder, MatMulNeg, MegatronMLP, ModelDef
-from dinb.pipeline import bubble_fraction, gpipe_schedule, measured_bubble, simulate_schedule
+from dinb.sharding.pipeline import bubble_fraction, gpipe_schedule, measured_bubble, simulate_schedule
 from dinb.units import fmt_bytes, fmt_seconds
 from dinb.widgets.pictures import (
     bytes_bars_svg,

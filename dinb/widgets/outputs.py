@@ -24,7 +24,7 @@ from typing import Any
 import ipywidgets as w
 import numpy as np
 
-from dinb.layout import Layout
+from dinb.sharding.layout import Layout
 from dinb.widgets.pictures import rank_colour
 
 

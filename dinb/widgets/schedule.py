@@ -2,7 +2,7 @@
 
 GPipe runs micro-batch ``m`` on stage ``s`` at tick ``m + s``; with ``S`` stages and ``M``
 micro-batches each stage is idle for ``S - 1`` of the ``M + S - 1`` ticks, the bubble
-``(S - 1) / (M + S - 1)`` (:mod:`dinb.pipeline`). Given the events of a real predict
+``(S - 1) / (M + S - 1)`` (:mod:`dinb.sharding.pipeline`). Given the events of a real predict
 (``Model.timeline()`` or ``RankCluster.timeline()``), the picture draws when each stage
 computed each micro-batch and sets the measured bubble beside the formula: transfers between
 stages and stages of unequal cost make the measured one larger.
@@ -16,7 +16,7 @@ from typing import Any
 
 import ipywidgets as w
 
-from dinb.pipeline import StageEvent, bubble_fraction, gpipe_schedule, measured_bubble
+from dinb.sharding.pipeline import StageEvent, bubble_fraction, gpipe_schedule, measured_bubble
 from dinb.widgets.pictures import schedule_svg
 
 

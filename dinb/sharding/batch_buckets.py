@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from dinb.errors import DinbError, StrategyError
-from dinb.layout import Layout
+from dinb.sharding.layout import Layout
 
 PREFIX = "batch_"
 

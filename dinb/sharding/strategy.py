@@ -32,7 +32,7 @@ import numpy as np
 from dinb.errors import DinbError, StrategyError
 from dinb.formats import strategy_pb
 from dinb.formats.untrusted import Fields
-from dinb.layout import MAX_DEVICES, Layout
+from dinb.sharding.layout import MAX_DEVICES, Layout
 
 if TYPE_CHECKING:
     from dinb.models.base import ModelDef

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dinb.errors import StrategyError
-from dinb.layout import Layout
+from dinb.sharding.layout import Layout
 
 if TYPE_CHECKING:
     from dinb.models.base import ModelDef
-    from dinb.strategy import Strategy
+    from dinb.sharding.strategy import Strategy
 
 DEFAULT_MICRO_BATCHES = (1, 2, 4, 8)
 MAX_MICRO_BATCHES = 256  # micro-batch numbers travel in message tags

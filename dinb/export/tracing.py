@@ -1,7 +1,7 @@
 """Trace a function into one serialized SPMD program over an abstract mesh (no devices needed).
 
 :mod:`dinb.export` traces a model's ``apply`` (and each pipeline stage) with it, and
-:mod:`dinb.decode_programs` a decoder's prefill and decode step.
+:mod:`dinb.export.decode_programs` a decoder's prefill and decode step.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from dinb.errors import StrategyError
-from dinb.layout import Layout, one_mesh_shardings
+from dinb.sharding.layout import Layout, one_mesh_shardings
 
 DEFAULT_PLATFORMS = ("cpu", "cuda")
 

@@ -26,11 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from dinb.export.slicefile import TensorMeta
+from dinb.export.tracing import trace_program
 from dinb.formats.safetensors import np_dtype
-from dinb.layout import Layout
-from dinb.slicefile import TensorMeta
-from dinb.strategy import Strategy
-from dinb.tracing import trace_program
+from dinb.sharding.layout import Layout
+from dinb.sharding.strategy import Strategy
 
 
 def cache_bytes(cache: TensorMeta, rank: int) -> int:

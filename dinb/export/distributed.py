@@ -18,17 +18,17 @@ from typing import Any
 
 import numpy as np
 
-from dinb import batch_buckets as bb
-from dinb.decode_programs import build_generation_programs
 from dinb.errors import DinbError, StrategyError
+from dinb.export.decode_programs import build_generation_programs
+from dinb.export.slicefile import TensorMeta, slice_file_name, write_slice_file
+from dinb.export.tracing import DEFAULT_PLATFORMS, trace_program
 from dinb.formats.safetensors import np_dtype
-from dinb.layout import Layout
 from dinb.models.base import ModelDef
-from dinb.pipeline import MAX_MICRO_BATCHES, carry_layout, micro_batch_choices, stage_layer_ranges
 from dinb.progress import progress
-from dinb.slicefile import TensorMeta, slice_file_name, write_slice_file
-from dinb.strategy import Strategy
-from dinb.tracing import DEFAULT_PLATFORMS, trace_program
+from dinb.sharding import batch_buckets as bb
+from dinb.sharding.layout import Layout
+from dinb.sharding.pipeline import MAX_MICRO_BATCHES, carry_layout, micro_batch_choices, stage_layer_ranges
+from dinb.sharding.strategy import Strategy
 from dinb.version import __version__
 
 FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64"}
@@ -103,7 +103,7 @@ def build_stage_programs(
     """Each pipeline stage's programs, one per micro-batch count, over the stage's own ranks.
 
     Stage ``s`` of ``strategy`` runs ``model.apply_layers(params_s, a_s, b_s, *values)`` (see
-    :mod:`dinb.pipeline`) on micro-batches of ``B / M`` rows. Returns, per stage,
+    :mod:`dinb.sharding.pipeline`) on micro-batches of ``B / M`` rows. Returns, per stage,
     ``{M: program}`` and the ``pipeline`` metadata of its slice files, and the model's output
     metadata.
     """
@@ -206,7 +206,7 @@ def export_distributed(
 
     ``batch_buckets`` (one-stage exports): also a program for each of these batch sizes (the
     export's batch is the largest), so a server runs a small merged batch at its own size
-    instead of padding it to the export's (see :mod:`dinb.batch_buckets`); ``"auto"``: the
+    instead of padding it to the export's (see :mod:`dinb.sharding.batch_buckets`); ``"auto"``: the
     powers of two below the export's batch that the input layouts divide.
     """
     out_dir = Path(out_dir)

@@ -21,10 +21,10 @@ It is the analogue of MindSpore's ``Matmul0.mindir``. Format (plain safetensors,
   ``max_len``, the prompt ``buckets``, the KV ``cache`` (name, shape, dtype, layout) and the
   prefill programs' ``prefill_inputs``/``prefill_outputs``. ``program`` is then the decode step
   and ``program/prefill_<P>`` the prefill of a prompt of up to ``P`` tokens (see
-  :mod:`dinb.decode_programs`).
+  :mod:`dinb.export.decode_programs`).
 * in an export with batch buckets also ``batch_buckets`` (the batch sizes it has programs for,
   ascending, the largest being the inputs' own) and ``program/batch_<b>`` for each smaller
-  one; ``program`` runs the largest (see :mod:`dinb.batch_buckets`).
+  one; ``program`` runs the largest (see :mod:`dinb.sharding.batch_buckets`).
 
 Reading checks the header field by field before any tensor is read (a damaged file is a
 :class:`SliceFileError` naming the file and the field), then reads the tensors with one open.
@@ -45,8 +45,8 @@ import numpy as np
 from dinb.errors import DinbError, SliceFileError
 from dinb.formats import safetensors as st
 from dinb.formats.untrusted import Fields
-from dinb.layout import MAX_DEVICES, Layout
-from dinb.pipeline import MAX_MICRO_BATCHES
+from dinb.sharding.layout import MAX_DEVICES, Layout
+from dinb.sharding.pipeline import MAX_MICRO_BATCHES
 
 FORMAT = "dinb-slice"
 FORMAT_VERSION = 2

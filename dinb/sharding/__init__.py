@@ -1,0 +1,8 @@
+"""How tensors are split over a job's ranks: layouts, strategies, pipeline stages, batch buckets.
+
+Pure numpy, no JAX at import: :mod:`~dinb.sharding.layout` (one tensor over the device matrix,
+MindSpore's ``dev_matrix`` + ``tensor_map`` and JAX's ``PartitionSpec``),
+:mod:`~dinb.sharding.strategy` (a whole model's layouts, MindSpore's strategy files),
+:mod:`~dinb.sharding.pipeline` (which layers each stage holds, GPipe's schedule and its bubble)
+and :mod:`~dinb.sharding.batch_buckets` (the batch sizes an input layout can take).
+"""
