@@ -54,7 +54,7 @@ def rank_main(repeat: int) -> None:
     from mpi4py import MPI
 
     from dinb.models.rank_program import AllReduce
-    from dinb.runtime.rank_steps import MpiCollectives
+    from dinb.runtime.runners.rank_steps import MpiCollectives
     from dinb.sharding.layout import Layout
 
     comm = MPI.COMM_WORLD
@@ -105,9 +105,9 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from predict_overhead import machine
 
-    from dinb.cli import _mpiexec
+    from dinb.cli import mpiexec_path
 
-    cmd = [_mpiexec(), "-n", str(args.ranks), sys.executable, __file__, "--rank-main", "--repeat",
+    cmd = [mpiexec_path(), "-n", str(args.ranks), sys.executable, __file__, "--rank-main", "--repeat",
            str(args.repeat)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))

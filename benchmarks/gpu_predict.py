@@ -123,7 +123,7 @@ def measure(net: object, params: dict, x32: np.ndarray, dtype: str, device: obje
         "b": lambda: plain(on_gpu, x_gpu).block_until_ready(),
         "c": lambda: [t.get_data_to_numpy() for t in model.predict(inputs)],
         "d": lambda: chain(lambda y: plain(on_gpu, y)),
-        "e": lambda: chain(lambda y: model._compiled(model._params, y)[0]),
+        "e": lambda: chain(lambda y: model.runner.program(model.runner.params, y)[0]),
     }, args)
     best["d"] /= PIPELINE
     best["e"] /= PIPELINE

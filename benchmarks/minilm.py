@@ -97,7 +97,7 @@ def main() -> int:
 
     from dinb import export_distributed
     from dinb.checkpoint import DistributedCheckpoint
-    from dinb.cli import _mpiexec
+    from dinb.cli import mpiexec_path
     from dinb.models import BertEncoder, minilm_dir
 
     tmp = Path(tempfile.mkdtemp(prefix="dinb-minilm-bench-"))
@@ -120,7 +120,7 @@ def main() -> int:
         cases = {
             "a": ("(a) dinb, 1 process, 1 device", ranks([], 1, ["--simulate", "1"])),
             "b": ("(b) dinb, 2 virtual devices, tp=2", ranks([], 2, ["--simulate", "2"])),
-            "c": ("(c) dinb, 2 ranks, mpiexec, tp=2", ranks([_mpiexec(), "-n", "2"], 2, [])),
+            "c": ("(c) dinb, 2 ranks, mpiexec, tp=2", ranks([mpiexec_path(), "-n", "2"], 2, [])),
             "t": (f"(t) sentence-transformers, torch, {threads} threads",
                   lambda o: torch_run(args, model_dir, npz, "cpu", threads)["ms"]),
         }

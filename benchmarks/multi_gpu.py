@@ -114,15 +114,15 @@ def breakdown_worker(args: argparse.Namespace) -> int:
     tensors = model.get_inputs()
     for t, x in zip(tensors, xs):
         t.set_data_from_numpy(x)
-    program, params = model._compiled, model._params
+    program, params = model.runner.program, model.runner.params
     plain = jax.jit(net.apply)
     xs_gpu = [jax.device_put(x) for x in xs]
     def host_io() -> list[np.ndarray]:  # numpy in, this rank's copy of the outputs out
-        outs = program(params, *model._global_inputs(list(xs), None))
+        outs = program(params, *model.runner.device_inputs(list(xs)))
         return [np.asarray(o.addressable_data(0)) for o in outs]
 
     if job.process_count > 1 and program is not None:  # one global array per input, shards on the GPUs
-        xs_gpu = model._global_inputs(list(xs), None)
+        xs_gpu = model.runner.device_inputs(list(xs))
     cases = {
         "dinb predict + fetch": lambda: [t.get_data_to_numpy() for t in model.predict(tensors)],
         "dinb program, host io": host_io,

@@ -60,7 +60,7 @@ def main() -> None:
     cluster.load(tmp / "r2", show_progress=False)
     ref = cluster.predict(x).outputs[0]
     assert np.array_equal(cluster.predict(x, fast=False).outputs[0], ref)
-    client = cluster._client
+    client = cluster.calls.client
     view = client[cluster.engine_of]
     best: dict[str, float] = {}
     try:

@@ -50,7 +50,7 @@ def one_config(engines: str, n: int, warm: bool, runs: int, model_dir: Path) -> 
         for step, t in cluster.start_marks.items():
             if step != "start":
                 add(f"{what}: kernel {step}", t - t0)
-        per_engine = cluster._all(engine.start_marks, timeout_s=30, what="start marks")
+        per_engine = cluster.calls.call(engine.start_marks, timeout_s=30, what="start marks")
         for step in ENGINE_STEPS:
             times = [m[step] - t0 for m in per_engine if step in m]
             if times:

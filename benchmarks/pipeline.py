@@ -118,7 +118,7 @@ def main() -> None:
         return rank_main(args)
 
     import dinb
-    from dinb.cli import _mpiexec
+    from dinb.cli import mpiexec_path
     from dinb.models import DeepMLP
     from dinb.sharding.pipeline import bubble_fraction
 
@@ -133,7 +133,7 @@ def main() -> None:
             dinb.export_distributed(net, params, strategy, [x], out,
                                     micro_batches=list(MICRO) if stages > 1 else None)
             result = Path(tmp) / f"{stages}x{t}.json"
-            cmd = [_mpiexec(), "-n", str(stages * t), sys.executable, __file__, "--rank-worker", str(out),
+            cmd = [mpiexec_path(), "-n", str(stages * t), sys.executable, __file__, "--rank-worker", str(out),
                    "--result", str(result), "--repeat", str(args.repeat)]
             env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", DINB_CPU_BIND=args.cpu_bind)
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)

@@ -80,9 +80,9 @@ def run_config(kind: str, model_dir: Path, args: argparse.Namespace, out_json: P
     elif kind == "b":
         cmd = py + common + ["--simulate", "2"]
     else:
-        from dinb.cli import _mpiexec
+        from dinb.cli import mpiexec_path
 
-        cmd = [_mpiexec(), "-n", "2"] + py + common
+        cmd = [mpiexec_path(), "-n", "2"] + py + common
         if kind == "g":  # the collectives inside the SPMD program, over gloo
             ini = out_json.with_suffix(".ini")
             ini.write_text("[runtime]\ncollectives = gloo\n")

@@ -181,10 +181,10 @@ async def drive(protocol: str, address: str, concurrency: int, n: int, rows: np.
 
 def mpiexec_floor(model_dir: Path, tmp: Path) -> float:
     """The median predict of 2 mpiexec ranks on the export (the slowest rank's), in ms."""
-    from dinb.cli import _mpiexec
+    from dinb.cli import mpiexec_path
 
     out = tmp / "floor.json"
-    cmd = [_mpiexec(), "-n", "2", sys.executable, "-m", "dinb", "run", "--model-dir", str(model_dir),
+    cmd = [mpiexec_path(), "-n", "2", sys.executable, "-m", "dinb", "run", "--model-dir", str(model_dir),
            "--repeat", "300", "--timings-json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))

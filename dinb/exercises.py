@@ -49,9 +49,9 @@ def _unanswered(answer: Any, what: str) -> Verdict | None:
     return None
 
 
-# ---- 01 · the seeds' MatMul ------------------------------------------------------------------
+# ---- 01 · MindSpore's MatMul example ------------------------------------------------------------------
 def no_allreduce_shard(shard: Any, ranks: int = 4) -> Verdict:
-    """01: a ``((a, b), (b, c))`` shard of the seeds' MatMul on ``ranks`` ranks whose compiled
+    """01: a ``((a, b), (b, c))`` shard of MindSpore's MatMul example on ``ranks`` ranks whose compiled
     program holds no all-reduce (checked in XLA's program for that many simulated devices)."""
     from dinb.explore.plan_source import PlanSource
     from dinb.models import MatMulNeg

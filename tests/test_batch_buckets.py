@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from conftest import simulated
 
-from dinb import Context, InputError, Model, ModelType, StrategyError, batch_buckets, export_distributed
-from dinb.cli import _mpiexec
+from dinb import Context, InputError, Model, ModelType, StrategyError, export_distributed
+from dinb.cli import mpiexec_path
 from dinb.export.slicefile import read_meta, read_slice_file
 from dinb.models import DeepMLP, MegatronMLP, mlp_reference
+from dinb.sharding import batch_buckets
 from dinb.sharding.layout import Layout
 
 
@@ -83,7 +84,7 @@ def test_mpiexec_ranks_run_every_bucket_with_mpi_collectives(tmp_path):
     export_distributed(net, net.init_params(1), net.strategy(2), net.example_inputs(), tmp_path / "m",
                        batch_buckets=[1, 2, 4])
     (tmp_path / "run.py").write_text(RUN_BUCKETS)
-    cmd = [_mpiexec(), "-n", "2", sys.executable, str(tmp_path / "run.py"), str(tmp_path / "m")]
+    cmd = [mpiexec_path(), "-n", "2", sys.executable, str(tmp_path / "run.py"), str(tmp_path / "m")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -113,9 +114,25 @@ def test_bucket_errors_say_what_would_do(tmp_path):
     assert not (tmp_path / "a").exists() or not list((tmp_path / "a").glob("*.dinb"))
 
 
+def test_buckets_are_on_by_default_and_the_cli_says_which(tmp_path):
+    net = MegatronMLP(d_model=32, d_ff=64, batch=4)
+    export_distributed(net, net.init_params(), net.strategy(2), net.example_inputs(), tmp_path / "py")
+    assert read_meta(tmp_path / "py" / "mlp0.dinb")["batch_buckets"] == [1, 2, 4]
+    run = [sys.executable, "-m", "dinb", "export", "--model", "mlp", "--d-model", "32", "--d-ff", "64",
+           "--batch", "8"]
+    auto = subprocess.run([*run, "--out", str(tmp_path / "auto")], capture_output=True, text=True,
+                          timeout=120)
+    assert auto.returncode == 0 and "batch buckets [1, 2, 4, 8]:" in auto.stdout, auto.stdout + auto.stderr
+    off = subprocess.run([*run, "--out", str(tmp_path / "off"), "--batch-buckets", "none"],
+                         capture_output=True, text=True, timeout=120)
+    assert off.returncode == 0 and "batch buckets" not in off.stdout, off.stdout + off.stderr
+    assert "batch_buckets" not in read_meta(tmp_path / "off" / "mlp0.dinb")
+
+
 def test_an_export_without_buckets_says_so(tmp_path):
     net = MegatronMLP(d_model=32, d_ff=64, batch=4)
-    export_distributed(net, net.init_params(), net.strategy(2), net.example_inputs(), tmp_path)
+    export_distributed(net, net.init_params(), net.strategy(2), net.example_inputs(), tmp_path,
+                       batch_buckets=None)
     assert "batch_buckets" not in read_meta(tmp_path / "mlp0.dinb")
     model = build(tmp_path, 2)
     assert model.batch_buckets == []

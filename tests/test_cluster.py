@@ -13,6 +13,7 @@ import dinb
 from dinb.errors import RankFailedError
 from dinb.models import MatMulNeg
 from dinb.notebook import cluster as cl
+from dinb.notebook.dispatch import process_alive
 
 pytestmark = pytest.mark.mpi
 
@@ -120,6 +121,6 @@ def test_stop_leaves_no_process(matmul_dir):
     pids = list(c.pids)
     c.stop()
     deadline = time.monotonic() + 30  # wait for the processes to be gone, not a fixed time
-    while any(cl._alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(process_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not any(cl._alive(p) for p in pids)
+    assert not any(process_alive(p) for p in pids)

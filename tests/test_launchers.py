@@ -75,7 +75,7 @@ def test_slurm_tasks_know_their_rank_host_and_coordinator():
 
 
 def test_ranks_started_as_srun_starts_them(tmp_path):
-    """Two processes with only Slurm's variables (no MPI): they find each other and run the seed."""
+    """Two processes with only Slurm's variables (no MPI): they find each other and run MindSpore's MatMul."""
     m = MatMulNeg()
     export_distributed(m, m.init_params(), m.strategy(2, "contraction"), [np.ones((128, 96), np.float32)],
                        tmp_path / "mm")

@@ -95,11 +95,11 @@ def test_the_cache_is_updated_in_place(decoder, weights, tmp_path):
     simulated(2)
     model = loaded(export(decoder, weights, tmp_path, 2))
     model.prefill(0, REF["prompt_0"])
-    cache = model._gen.cache
+    cache = model.runner.cache
     pointers = [s.data.unsafe_buffer_pointer() for s in cache.addressable_shards]
     model.decode_step(np.zeros(2, np.int32), np.array([11, 0], np.int32))
     assert cache.is_deleted()  # donated: the step wrote into its buffers
-    assert [s.data.unsafe_buffer_pointer() for s in model._gen.cache.addressable_shards] == pointers
+    assert [s.data.unsafe_buffer_pointer() for s in model.runner.cache.addressable_shards] == pointers
 
 
 def test_each_rank_holds_its_own_heads_and_their_cache(decoder, weights, tmp_path):

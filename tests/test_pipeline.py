@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 import dinb
-from dinb import pipeline
-from dinb.cli import _mpiexec
+from dinb.cli import mpiexec_path
 from dinb.errors import InputError, SliceFileError, StrategyError
 from dinb.formats import strategy_pb
 from dinb.models import BertEncoder, DeepMLP, MegatronMLP, deep_mlp_reference
+from dinb.sharding import pipeline
 from dinb.widgets import RankOutputs, SchedulePicture
 from tests.conftest import simulated
 
@@ -256,8 +256,8 @@ def test_export_from_a_pipelined_checkpoint_runs(tmp_path):
 def _mpirun(n, model_dir, out, *extra, timeout=180):
     out.mkdir(exist_ok=True)
     np.save(out / "x.npy", X)
-    cmd = [_mpiexec(), "-n", str(n), sys.executable, HELPER, str(model_dir), "--input", str(out / "x.npy"),
-           "--out", str(out), *extra]
+    cmd = [mpiexec_path(), "-n", str(n), sys.executable, HELPER, str(model_dir),
+           "--input", str(out / "x.npy"), "--out", str(out), *extra]
     env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -321,6 +321,8 @@ def test_notebook_ranks_run_two_stages_of_two_and_a_dead_last_stage_rank_is_name
     import signal
     import threading
 
+    from IPython.core.interactiveshell import InteractiveShell
+
     from dinb.errors import RankFailedError
     from dinb.notebook import cluster as cl
 
@@ -342,6 +344,11 @@ def test_notebook_ranks_run_two_stages_of_two_and_a_dead_last_stage_rank_is_name
         assert "rank 0: no outputs (stage 0)" in text and "ranks [0, 1] (earlier pipeline stages)" in text
         plain = c.predict(X, fast=False, micro_batches=2)
         assert plain.agree and plain.per_rank[0] == []
+        shell = InteractiveShell.instance()  # the magic passes both trailing options on
+        shell.run_line_magic("load_ext", "dinb")
+        shell.user_ns["X"] = X
+        shell.run_line_magic("dinfer", "predict X --timeout 30 --micro-batches 4")
+        assert len(c.timeline()) == 4 * 4
         victim = c.pids[3]
         threading.Timer(0.3, lambda: os.kill(victim, signal.SIGKILL)).start()
         t0 = time.monotonic()

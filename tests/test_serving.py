@@ -206,7 +206,7 @@ def seed_dir(tmp_path):
 
 
 def test_the_seeds_serving_flow_prints_minus_48(tmp_path):
-    """seed 001 as written, dinb in place of mindspore_serving: server, agents, client."""
+    """MindSpore Serving's distributed example as written, dinb in place of mindspore_serving: server, agents, client."""
     addr = seed_dir(tmp_path)
     server = subprocess.Popen([PY, "serving_server.py"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
@@ -543,7 +543,7 @@ def test_agents_before_the_worker_and_a_worker_restarted_under_running_agents(tm
 def test_notebook_engines_and_mpiexec_ranks_serve_as_agents(tmp_path):
     """Main in this process; the agents are notebook engines, then ranks under mpiexec."""
     import dinb
-    from dinb.cli import _mpiexec
+    from dinb.cli import mpiexec_path
     from dinb.notebook import cluster as cl
     from dinb.serving import distributed, server
 
@@ -563,7 +563,7 @@ def test_notebook_engines_and_mpiexec_ranks_serve_as_agents(tmp_path):
         engines.stop_serving()
         wait_until(lambda: http("GET", f"http://{addr['rest']}/v2/models/matmul/ready")[0] == 503, 10,
                    "the servable noticing the engines left")
-        ranks = subprocess.Popen([_mpiexec(), "-n", "2", PY, "-m", "dinb", "serve-agent", "--distributed-address",
+        ranks = subprocess.Popen([mpiexec_path(), "-n", "2", PY, "-m", "dinb", "serve-agent", "--distributed-address",
                                   addr["dist"], "--model-dir", str(tmp_path / "model")], env=ENV,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         wait_until(lambda: ready(addr["rest"]), 60, "the mpiexec ranks registering")
@@ -701,7 +701,7 @@ def test_inputs_without_a_batch_axis_merge_only_when_equal(tmp_path):
         for x, s, f in zip(xs, scales, futures):
             np.testing.assert_allclose(f.result(timeout=60)[0]["y"], 2 * x[0] * s, rtol=1e-6)
         rows = Main.current().metrics.rows.labels("scaled")
-        runs = rows._sum.get(), sum(b.get() for b in rows._buckets)  # rows run, model runs
+        runs = rows._sum.get(), sum(b.get() for b in rows.buckets_arg)  # rows run, model runs
         # every row ran once; whether requests merged depends on when they arrived (a request that
         # finds the ranks idle runs at once), so the count is not asserted: that no run merged
         # across scales is what the values above check (2 * x * its own scale)

@@ -9,17 +9,17 @@ import time
 import pytest
 
 import dinb
-from dinb.notebook import cluster as cl
 from dinb.notebook import warm_start
+from dinb.notebook.dispatch import process_alive
 
 pytestmark = pytest.mark.mpi
 
 
 def _wait_gone(pid: int, timeout_s: float = 30) -> bool:
     deadline = time.monotonic() + timeout_s  # the event, not a fixed sleep
-    while cl._alive(pid) and time.monotonic() < deadline:
+    while process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
-    return not cl._alive(pid)
+    return not process_alive(pid)
 
 
 def _children(pid: int) -> list[int]:

@@ -7,7 +7,7 @@ For each rank count (default: 2 and, with 4 GPUs or more, 4) it exports the mode
 temporary folder and runs them as a user would, each check printing ``PASS`` or ``FAIL``, its
 name, and what it saw:
 
-  mpirun-matmul-*   the seeds' MatMul under its three strategies, -48 on every rank (Open MPI's
+  mpirun-matmul-*   MindSpore's MatMul example under its three strategies, -48 on every rank (Open MPI's
                     ``mpirun``, or mpich's ``mpiexec``), and no coordination-service error lines
   mpirun-mlp        the Megatron MLP against numpy
   mpirun-pipeline   mlp-deep as 2 stages of n/2 ranks, activations over XLA, against numpy and

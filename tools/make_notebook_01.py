@@ -3,7 +3,7 @@
 from nbtools import CHECK, code, exercises, md, write_notebook
 
 cells = [
-    md("""# 01 · The seeds' distributed MatMul, rank by rank
+    md("""# 01 · MindSpore's distributed MatMul example, rank by rank
 
 The network of the MindSpore distributed-inference examples: `y = -(x @ W)` with `W` of shape
 (96, 16) filled with 0.5 and `x = ones(128, 96)`, so every output element is `-(96 * 0.5) = -48`
@@ -21,7 +21,7 @@ print(f"{job.world_size} simulated ranks: {job.local_ranks}")"""),
     md("""## 1 · The strategy
 
 MindSpore shards the MatMul with `matmul.shard(((a, b), (b, c)))`: `x` is cut into `a x b`
-blocks, `W` into `b x c`. The seeds split the contraction dimension, `((1, 2), (2, 1))`:
+blocks, `W` into `b x c`. MindSpore's example splits the contraction dimension, `((1, 2), (2, 1))`:
 rank *r* holds the columns `k_r` of `x` and the rows `k_r` of `W`, computes a partial sum
 `x[:, k_r] @ W[k_r, :]`, and an **all-reduce** adds the partial sums.
 `infer_predict_layout` turns that into a layout per parameter (`dev_matrix` + `tensor_map`)."""),
@@ -115,7 +115,7 @@ print("\\n".join(lines))"""),
     md("""## 5 · The same files on real rank processes
 
 `mpiexec -n 2 python -m dinb run --model-dir DIR` starts two processes; each reads only its own
-slice file, joins the job, runs predict on the same input and prints what the seeds' sample
+slice file, joins the job, runs predict on the same input and prints what MindSpore Lite's sample
 prints. (`dinb.cli.launch` runs that command and strips the stack's start-up noise.)"""),
     code("""from dinb.cli import launch
 

@@ -16,7 +16,7 @@ can do the same without magics. `%dinfer?` lists them all."""),
 %dinfer cluster start -n 2"""),
     md("""## 1 · The slices of notebook 01
 
-The seeds' MatMul `y = -(x @ W)` with the contraction dimension split over 2 ranks: each rank holds
+MindSpore's MatMul example `y = -(x @ W)` with the contraction dimension split over 2 ranks: each rank holds
 half of `W`'s rows, and an all-reduce adds the partial products. Export writes one slice file per
 rank."""),
     code(CHECK + """import tempfile
@@ -37,7 +37,7 @@ As in MindSpore Lite: every rank builds its `Context`, loads **only its own** sl
     code(CHECK + "%dinfer context --target cpu --provider xla"),
     code("%dinfer load {out_dir}"),
     code(CHECK + """%dinfer strategy"""),
-    md("""`predict EXPR` evaluates `EXPR` here and sends the same input to every rank (as the seeds do).
+    md("""`predict EXPR` evaluates `EXPR` here and sends the same input to every rank (as MindSpore's examples do).
 The last stage's ranks all hold the same output: dinb checks that they agree and returns one copy."""),
     code(CHECK + """y = %dinfer predict x
 print(y[0, :5])"""),

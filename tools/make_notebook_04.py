@@ -28,20 +28,20 @@ import dinb
 from dinb.models import MatMulNeg, MegatronMLP
 from dinb.explore.plan import StrategyPlan
 from dinb.widgets import StrategyExplorer"""),
-    md("""## 1 · The seeds' MatMul, three ways
+    md("""## 1 · MindSpore's MatMul example, three ways
 
 `y = -(x @ W)` with `x` of shape (m, k) = (128, 96) and `W` (k, n) = (96, 16). Write an axis split
 over N ranks with a subscript, as in the scaling book's sharded-matmul cases:
 
 * **batch**: `x[m_N, k] · W[k, n] → y[m_N, n]`. Each rank multiplies its rows of `x` by the whole
-  `W`: no communication is needed to compute. The seeds want every rank to hold all of `y`, so
+  `W`: no communication is needed to compute. MindSpore's example wants every rank to hold all of `y`, so
   XLA adds one **all-gather** of `y` at the end.
 * **columns**: `x[m, k] · W[k, n_N] → y[m, n_N]`. Each rank holds all of `x` and its columns of
   `W`; again no communication to compute, and an **all-gather** assembles `y`.
 * **contraction**: `x[m, k_N] · W[k_N, n] → y_r[m, n]`. Each rank holds a slice of the dimension
   being summed over, so each computes a *partial sum* of the whole output:
   `y = Σ_r x[:, k_r] · W[k_r, :]`. Adding them is an **all-reduce**; in a ring each rank sends
-  `2 (N-1)/N · |y|` bytes. This is the split the seeds use: it divides `W` (and `x`) but pays a
+  `2 (N-1)/N · |y|` bytes. This is the split MindSpore's example uses: it divides `W` (and `x`) but pays a
   reduction of the full output.
 
 The plan below is what the explorer renders; printing it shows the same numbers as text."""),

@@ -7,7 +7,7 @@ IGNORE = "# NBVAL_IGNORE_OUTPUT\n"
 cells = [
     md("""# 06 · Serving a model split over ranks
 
-MindSpore Serving's distributed serving (seed 001) has three parts: **Main**, the process clients
+MindSpore Serving's distributed serving (MindSpore Serving's distributed example) has three parts: **Main**, the process clients
 talk to (REST and gRPC); a **Distributed Worker**, which the agents join and which runs every
 request on all of them; and one **Agent** per rank, holding that rank's slice. dinb keeps the
 names and the Python API (`distributed.declare_servable`, `register.register_method`,

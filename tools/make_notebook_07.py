@@ -10,8 +10,8 @@ cells = [
 Tensor parallelism (notebooks 01-05) cuts **every layer** across the ranks, so the ranks talk
 inside every layer. Pipeline parallelism cuts the **stack of layers**: with `S` stages of `T` ranks
 each (`S x T` ranks in all), stage `s` holds only its own layers, split over its `T` ranks, and
-hands its activations to stage `s + 1`. This is MindSpore's `pipeline_stages` and the seeds'
-contract: *each stage only loads its own stage's checkpoint files*, *the first stage receives
+hands its activations to stage `s + 1`. This is MindSpore's `pipeline_stages` and the contract of its
+distributed-inference and serving documents: *each stage only loads its own stage's checkpoint files*, *the first stage receives
 the input, other stages receive no data, the last stage's ranks all return the same data*.
 
 A stage waits while the stages before it work: the **bubble**. Cutting the batch into `M`

@@ -1,4 +1,4 @@
-"""``python -m dinb``: export a model, run the ranks of a job, serve, or the seeds' demo.
+"""``python -m dinb``: export a model, run the ranks of a job, serve, or MindSpore's MatMul demo.
 
 Subcommands::
 
@@ -26,10 +26,10 @@ import os
 import sys
 
 from dinb.cli import export_cmds, run_cmds, serve_cmds
-from dinb.cli.common import NOISE, _mpiexec, launch
+from dinb.cli.common import NOISE, launch, mpiexec_path
 from dinb.errors import DinbError
 
-__all__ = ["NOISE", "_mpiexec", "build_parser", "launch", "main"]
+__all__ = ["NOISE", "mpiexec_path", "build_parser", "launch", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,19 +18,20 @@ NOISE = re.compile(
 )
 
 
-def _counts(text: str) -> list[int]:
+def counts_arg(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: give counts separated by commas, e.g. 1,2,4") from None
 
 
-def _buckets(text: str) -> list[int] | str:
-    return "auto" if text == "auto" else _counts(text)
+def buckets_arg(text: str) -> list[int] | str | None:
+    """``auto``, ``none`` or batch sizes separated by commas."""
+    return {"auto": "auto", "none": None}.get(text) if text in ("auto", "none") else counts_arg(text)
 
 
-def _seed_lines(name: str, data: np.ndarray) -> list[str]:
-    """What the seeds' sample prints for one output tensor."""
+def lite_sample_lines(name: str, data: np.ndarray) -> list[str]:
+    """What MindSpore Lite's sample prints for one output tensor."""
     flat = data.flatten()
     return [
         f"tensor's name is:{name} data size is:{data.nbytes} tensor elements num is:{data.size}",
@@ -38,7 +39,7 @@ def _seed_lines(name: str, data: np.ndarray) -> list[str]:
     ]
 
 
-def _make_input(kind: str, shape: list[int], dtype: Any, seed: int, name: str = "") -> np.ndarray:
+def make_input(kind: str, shape: list[int], dtype: Any, seed: int, name: str = "") -> np.ndarray:
     if kind.endswith(".npz"):
         try:
             with np.load(kind, allow_pickle=False) as arrays:
@@ -58,7 +59,7 @@ def _make_input(kind: str, shape: list[int], dtype: Any, seed: int, name: str = 
         raise DinbError(f"--input {kind!r}: give 'ones', 'random' or a readable .npy file ({e})") from None
 
 
-def _ids(text: str) -> list[int]:
+def ids_arg(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -66,7 +67,7 @@ def _ids(text: str) -> list[int]:
             f"{text!r}: give token ids separated by commas, e.g. 1,5,9") from None
 
 
-def _mpiexec() -> str:
+def mpiexec_path() -> str:
     from dinb.job.launchers import find_mpiexec
 
     found = find_mpiexec()
@@ -79,7 +80,7 @@ def launch(
     n: int, run_args: list[str], timeout_s: float = 300, quiet: bool = True, command: str = "run"
 ) -> subprocess.CompletedProcess[str]:
     """Run ``mpiexec -n N python -m dinb COMMAND ARGS``; output without the stack's start-up noise."""
-    cmd = [_mpiexec(), "-n", str(n), sys.executable, "-m", "dinb", command, *run_args]
+    cmd = [mpiexec_path(), "-n", str(n), sys.executable, "-m", "dinb", command, *run_args]
     env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     if quiet:
@@ -90,7 +91,7 @@ def launch(
     return proc
 
 
-def _coordinator_option(p: argparse.ArgumentParser) -> None:
+def coordinator_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coordinator-address", default=None, metavar="HOST[:PORT]",
                    help="where rank 0 hosts the JAX coordinator when ranks are on several hosts "
                         "(default: $DINB_COORDINATOR_ADDRESS, the config's coordinator_address, "

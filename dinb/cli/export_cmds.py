@@ -7,8 +7,8 @@ import argparse
 from typing import Any
 
 from dinb.cli.common import (
-    _buckets,
-    _counts,
+    buckets_arg,
+    counts_arg,
 )
 
 
@@ -63,8 +63,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     source = args.strategy_file or args.strategy or model.default_strategy
     stages = strategy.pipeline_stages
     layout = (f"{stages} stages x {strategy.stage_device_num} ranks = " if stages > 1 else "")
+    buckets = read_meta(paths[0]).get("batch_buckets")
     print(f"exported {model.name} ({source}) for {layout}{strategy.device_num} ranks to {args.out}"
-          + (f", batch buckets {read_meta(paths[0])['batch_buckets']}:" if args.batch_buckets else ":"))
+          + (f", batch buckets {buckets}:" if buckets else ":"))
     for rank, p in enumerate(paths):
         read = f", {params.reads[rank]} bytes read from {checkpoint}" if checkpoint else ""
         stage = f"  stage {strategy.rank_stage(rank)}" if stages > 1 else ""
@@ -101,11 +102,12 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--layers", type=int, default=None, help="mlp-deep: how many MLP blocks")
     p.add_argument("--pipeline-stages", type=int, default=1,
                    help="split the model's layers into this many stages of ranks/stages ranks each")
-    p.add_argument("--batch-buckets", type=_buckets, default=None,
-                   help="also programs for these batch sizes (e.g. 1,2,4,8,16), or 'auto': the powers "
-                        "of two below --batch that the layouts divide; a server runs a merged batch "
-                        "at the smallest that holds it")
-    p.add_argument("--micro-batches", type=_counts, default=None,
+    p.add_argument("--batch-buckets", type=buckets_arg, default="auto",
+                   help="also programs for these batch sizes (e.g. 1,2,4,8,16); 'auto' (the default): "
+                        "the powers of two below --batch that the layouts divide, where the inputs and "
+                        "outputs carry the batch on axis 0; 'none': the export's batch only. A server "
+                        "runs a merged batch at the smallest bucket that holds it")
+    p.add_argument("--micro-batches", type=counts_arg, default=None,
                    help="pipelined exports: micro-batch counts to compile, e.g. 1,2,4 (default: "
                         "those of 1,2,4,8 that divide the batch)")
     p.add_argument("--seq", type=int, default=None, help="minilm: tokens per sentence (the padding bucket)")
@@ -115,7 +117,7 @@ def add_parsers(sub: Any) -> None:
                         "tokenizer.json; default: dinb's tiny adder)")
     p.add_argument("--slots", type=int, default=None, help="llama: sequences generated together")
     p.add_argument("--max-len", type=int, default=None, help="llama: KV cache positions per sequence")
-    p.add_argument("--buckets", type=_counts, default=None,
+    p.add_argument("--buckets", type=counts_arg, default=None,
                    help="llama: prompt lengths to compile a prefill for, e.g. 16,64")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="cast floating-point weights and inputs (bfloat16 halves the bytes per rank)")

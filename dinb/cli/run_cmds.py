@@ -1,5 +1,5 @@
 """Running an export's ranks: ``run`` (predict), ``embed`` (MiniLM), ``generate`` (a decoder)
-and ``demo`` (the seeds' MatMul under mpiexec)."""
+and ``demo`` (MindSpore's MatMul example under mpiexec)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 
 from dinb.cli.common import (
-    _coordinator_option,
-    _ids,
-    _make_input,
-    _seed_lines,
+    coordinator_option,
+    ids_arg,
     launch,
+    lite_sample_lines,
+    make_input,
 )
 from dinb.errors import DinbError
 
@@ -43,7 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     model.build_from_file(args.model_dir, ModelType.DINB, context, args.config_file)
     inputs = model.get_inputs()
     for t in inputs:
-        t.set_data_from_numpy(_make_input(args.input, t.shape, t.dtype, args.seed, t.name))
+        t.set_data_from_numpy(make_input(args.input, t.shape, t.dtype, args.seed, t.name))
 
     times_predict, times_loop = [], []
     for i in range(args.warmup + args.repeat):
@@ -83,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         per_rank = rank_outputs[rank] if len(job.local_ranks) > 1 else \
             [o.get_data_to_numpy() for o in outputs]
         for out, data in zip(outputs, per_rank):
-            report += ["  " + line for line in _seed_lines(out.name.rstrip(), data)]
+            report += ["  " + line for line in lite_sample_lines(out.name.rstrip(), data)]
     stats = {
         "predict_ms_median": 1e3 * statistics.median(times_predict) if times_predict else None,
         "loop_ms_median": 1e3 * statistics.median(times_loop) if times_loop else None,
@@ -168,7 +168,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from dinb.export.slicefile import find_slice_files, read_meta
     from dinb.job import ranks
-    from dinb.models.llama import token_codec
+    from dinb.models.text import TextStream, default_new_tokens, ms_per_step, token_codec
     from dinb.runtime import Context, Model, ModelType
 
     export = Path(args.model_dir)
@@ -196,24 +196,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if single:
             print(args.prompts[0] if args.prompts else prompts[0], end="", flush=True)
 
-    streamed: list[int] = []
-
-    def on_token(row: int, token: int) -> None:  # prints the new text (a token may end mid-character)
-        if talk and single:
-            before = codec.decode(streamed)
-            streamed.append(token)
-            print(codec.decode(streamed)[len(before):], end="", flush=True)
-
-    info = model.generation_info()
-    most = info["max_len"] - max(map(len, prompts)) + 1
-    out = model.generate(prompts, args.max_new_tokens or max(1, min(64, most)),
-                         temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, seed=args.seed, stop_ids=codec.stop_ids, on_token=on_token)
-    rows = out  # one list per prompt (prompts is a list of them)
+    count = args.max_new_tokens or default_new_tokens(model.generation_info()["max_len"], map(len, prompts))
+    rows = model.generate(prompts, count, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, stop_ids=codec.stop_ids,
+                          on_token=TextStream(codec) if talk and single else None)
     crcs = job.allgather("tokens", str(zlib.crc32(json.dumps(rows).encode())))
     timings = model.generation_info()["timings"]
-    steps = max(int(timings.get("decode_steps", 0)), 1)
-    per_token_ms = 1000 * timings.get("decode_s", 0.0) / steps
+    per_token_ms = ms_per_step(timings)
     texts = [codec.decode(r) for r in rows]
     if job.process_index == 0:
         if args.json:
@@ -253,7 +242,7 @@ def _demo(args: argparse.Namespace, model: Any, x: np.ndarray, out_root: Path) -
     from dinb.sharding.strategy import infer_predict_layout
 
     strategies = model.strategy_names if args.strategy == "all" else (args.strategy,)
-    print(f"dinb demo: the seeds' MatMul+Neg, y = -(x @ W), W = 0.5 (96x16), x = ones(128x96)\n"
+    print(f"dinb demo: MindSpore's MatMul+Neg example, y = -(x @ W), W = 0.5 (96x16), x = ones(128x96)\n"
           f"expected: -48 everywhere; {args.ranks} real rank processes under mpiexec; slice files "
           f"in {out_root}\n")
     failed = 0
@@ -295,7 +284,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--save-outputs", default=None, help="save each rank's outputs as .npy here")
     p.add_argument("--micro-batches", type=int, default=None,
                    help="pipelined exports: cut each predict into this many micro-batches")
-    _coordinator_option(p)
+    coordinator_option(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("embed", help="sentence embeddings from an exported encoder (minilm), on real "
@@ -307,13 +296,13 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--provider", default="xla", choices=["xla", "tensorrt"])
     p.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: the export's)")
     p.add_argument("--init-timeout", type=int, default=30)
-    _coordinator_option(p)
+    coordinator_option(p)
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("generate", help="generate text from an exported decoder (llama), streaming, on "
                                         "real ranks (mpiexec) or simulated ones")
     p.add_argument("prompts", nargs="*", help="prompts as text (the export's tokenizer.json encodes them)")
-    p.add_argument("--ids", action="append", type=_ids, default=None,
+    p.add_argument("--ids", action="append", type=ids_arg, default=None,
                    help="a prompt as token ids, e.g. 1,5,9 (repeat for several)")
     p.add_argument("--model-dir", required=True, help="directory of a llama export")
     p.add_argument("--max-new-tokens", type=int, default=None,
@@ -327,10 +316,10 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: the export's)")
     p.add_argument("--init-timeout", type=int, default=30)
     p.add_argument("--json", action="store_true", help="print one JSON object (tokens, texts, timings)")
-    _coordinator_option(p)
+    coordinator_option(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo", help="the seeds' distributed MatMul on real ranks")
+    p = sub.add_parser("demo", help="MindSpore's distributed MatMul example on real ranks")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--strategy", default="all", choices=["all", "contraction", "batch", "columns"])
     p.add_argument("--out", default=None)

@@ -229,8 +229,10 @@ def _compile(program: bytes, param_metas: dict[str, Any], input_metas: list[Any]
 
 
 def _handle(request: tuple, devices: list[Any]) -> dict[str, Any] | list[dict[str, Any]]:
-    from dinb.export.distributed import build_program, build_stage_programs, input_layouts
+    from dinb.export.distributed import build_program
     from dinb.export.slicefile import TensorMeta, read_program
+    from dinb.export.stage_programs import build_stage_programs
+    from dinb.export.tracing import input_layouts
     from dinb.sharding.strategy import Strategy
 
     if request[0] == "stages":

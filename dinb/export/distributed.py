@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +22,17 @@ import numpy as np
 from dinb.errors import DinbError, StrategyError
 from dinb.export.decode_programs import build_generation_programs
 from dinb.export.slicefile import TensorMeta, slice_file_name, write_slice_file
-from dinb.export.tracing import DEFAULT_PLATFORMS, trace_program
+from dinb.export.stage_programs import build_stage_programs
+from dinb.export.tracing import DEFAULT_PLATFORMS, input_layouts, trace_program
 from dinb.formats.safetensors import np_dtype
 from dinb.models.base import ModelDef
 from dinb.progress import progress
 from dinb.sharding import batch_buckets as bb
-from dinb.sharding.layout import Layout
-from dinb.sharding.pipeline import MAX_MICRO_BATCHES, carry_layout, micro_batch_choices, stage_layer_ranges
 from dinb.sharding.strategy import Strategy
 from dinb.version import __version__
 
 FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64"}
+Spec = tuple[tuple[int, ...], str]  # a tensor's shape and dtype
 
 
 def _shape_dtype(x: Any) -> tuple[tuple[int, ...], str]:
@@ -41,15 +42,9 @@ def _shape_dtype(x: Any) -> tuple[tuple[int, ...], str]:
     return tuple(arr.shape), str(arr.dtype)
 
 
-def input_layouts(strategy: Strategy, input_specs: Sequence[tuple[tuple[int, ...], str]]) -> list[Layout]:
-    """The strategy's input layouts, or replicated ones (over one stage's ranks) when it gives none."""
-    n = strategy.stage_device_num
-    return list(strategy.inputs) or [Layout.replicated(len(s), n) for s, _ in input_specs]
-
-
 def build_program(
     model: ModelDef,
-    param_specs: dict[str, tuple[tuple[int, ...], str]],
+    param_specs: dict[str, Spec],
     strategy: Strategy,
     input_specs: Sequence[tuple[tuple[int, ...], str]],
     platforms: Sequence[str] = DEFAULT_PLATFORMS,
@@ -70,7 +65,7 @@ def build_program(
 
 def build_bucket_programs(
     model: ModelDef,
-    param_specs: dict[str, tuple[tuple[int, ...], str]],
+    param_specs: dict[str, Spec],
     strategy: Strategy,
     input_specs: Sequence[tuple[tuple[int, ...], str]],
     platforms: Sequence[str],
@@ -92,89 +87,152 @@ def build_bucket_programs(
     return programs
 
 
-def build_stage_programs(
-    model: ModelDef,
-    param_specs: dict[str, tuple[tuple[int, ...], str]],
-    strategy: Strategy,
-    input_specs: Sequence[tuple[tuple[int, ...], str]],
-    platforms: Sequence[str] = DEFAULT_PLATFORMS,
-    micro_batches: Sequence[int] | None = None,
-) -> tuple[list[dict[int, bytes]], list[dict[str, Any]], list[TensorMeta]]:
-    """Each pipeline stage's programs, one per micro-batch count, over the stage's own ranks.
+@dataclass
+class Programs:
+    """What an export traced: each stage's programs by name (one stage without pipelines), the
+    slice files' ``pipeline`` record of each stage (None: one stage), the input and output
+    metadata, a decoder's ``generation`` record and the batch buckets made (None: none)."""
 
-    Stage ``s`` of ``strategy`` runs ``model.apply_layers(params_s, a_s, b_s, *values)`` (see
-    :mod:`dinb.sharding.pipeline`) on micro-batches of ``B / M`` rows. Returns, per stage,
-    ``{M: program}`` and the ``pipeline`` metadata of its slice files, and the model's output
-    metadata.
-    """
-    ranges = stage_layer_ranges(model, strategy)
-    t = strategy.stage_device_num
-    in_layouts = input_layouts(strategy, input_specs)
-    first = in_layouts[0] if in_layouts else None
-    batch = input_specs[0][0][0] if input_specs and input_specs[0][0] else 1
+    per_stage: list[dict[Any, bytes]]
+    stage_meta: list[dict[str, Any] | None]
+    inputs: list[TensorMeta]
+    outputs: list[TensorMeta]
+    generation: dict[str, Any] | None = None
+    buckets: list[int] | None = None
 
-    def carry_layouts(shapes: list[tuple[int, ...]]) -> list[Layout]:
-        return [carry_layout(first, len(sh), t) for sh in shapes]
+    def of_rank(self, strategy: Strategy, rank: int) -> dict[Any, bytes]:
+        return self.per_stage[strategy.rank_stage(rank) if self.stage_meta[0] is not None else 0]
 
-    def trace_stages(m: int) -> list[tuple[bytes, list[Any], list[Any]]]:
-        """``(program, received specs, sent values)`` of each stage at ``m`` micro-batches."""
-        values = [((s[0] // m, *s[1:]), d) for s, d in input_specs]
-        layouts = in_layouts
-        out = []
-        for s, (a, b) in enumerate(ranges):
-            names = strategy.stage_params(s)
 
-            def fn(params: dict[str, Any], *vals: Any, a: int = a, b: int = b) -> tuple[Any, ...]:
-                return tuple(model.apply_layers(params, a, b, *vals))
+class ParamSource:
+    """Where each rank's parameter slices come from: whole arrays, or a distributed checkpoint
+    (any layout and rank count) read rank by rank, so no whole tensor is ever held."""
 
-            last = s == len(ranges) - 1
-            program, sent = trace_program(
-                fn, {k: param_specs[k] for k in names}, {k: strategy[k] for k in names}, values, layouts,
-                (list(strategy.outputs) or None) if last else carry_layouts, platforms,
-                f"stage {s} (layers {a}..{b - 1})")
-            for i, (shape, _, _) in enumerate(sent):
-                if m > 1 and (not shape or shape[0] != batch // m):
-                    raise StrategyError(
-                        f"stage {s} of model {model.name!r} gives value {i} of shape {list(shape)} for "
-                        f"micro-batches of {batch // m} rows; micro-batching needs the batch on axis 0 "
-                        "of every value (export with micro_batches=[1])"
-                    )
-            out.append((program, list(zip(values, layouts)), sent))
-            values, layouts = [(sh, d) for sh, d, _ in sent], [lay for _, _, lay in sent]
-        return out
+    def __init__(self, params: Mapping[str, Any] | Any, model: ModelDef, strategy: Strategy):
+        self.strategy = strategy
+        if hasattr(params, "load_rank"):
+            self.ckpt, self.arrays = params, None
+            specs = params.param_specs()
+            wanted = list(model.param_shapes())
+            names = wanted if set(wanted) <= set(specs) else list(specs)
+            self.specs = {k: specs[k] for k in names}
+        else:
+            self.ckpt = None
+            self.arrays = {k: np.asarray(v) for k, v in params.items()}
+            self.specs = {k: (tuple(v.shape), str(v.dtype)) for k, v in self.arrays.items()}
 
-    fits: dict[int, str | None] = {}
-    for m in range(1, min(batch, MAX_MICRO_BATCHES) + 1):
-        if batch % m == 0:
-            try:
-                for lay, (shape, _) in zip(in_layouts, input_specs):
-                    lay.check_shape((shape[0] // m, *shape[1:]), "input")
-                fits[m] = None
-            except DinbError as e:
-                fits[m] = str(e)
-    counts = micro_batch_choices(batch, micro_batches, fits)
-    traced = {m: trace_stages(m) for m in counts}
-    names = model.output_names()
-    programs, metas = [], []
-    for s, (a, b) in enumerate(ranges):
-        _, received, sent = traced[1][s]
-        programs.append({m: traced[m][s][0] for m in counts})
-        metas.append({
-            "stages": len(ranges), "stage": s, "stage_ranks": t, "layers": [a, b],
-            "micro_batches": counts,
-            "receives": [TensorMeta(f"carry_{i}", sh, d, lay).to_json()
-                         for i, ((sh, d), lay) in enumerate(received)],
-            "sends": [TensorMeta(f"carry_{i}", sh, d, lay).to_json() for i, (sh, d, lay) in enumerate(sent)],
-        })
-    outputs = [TensorMeta(names[i] if i < len(names) else f"output_{i}", *o)
-               for i, o in enumerate(traced[1][-1][2])]
-    split = [o.name for o in outputs if len(o.layout.replica_groups()) != 1]
-    if split:
+    def slices(self, rank: int, dtypes: Mapping[str, str]) -> dict[str, np.ndarray]:
+        """Rank ``rank``'s slices of the parameters it holds, cast to ``dtypes``."""
+        held = [k for k in self.specs if self.strategy.holds(k, rank)]
+        if self.ckpt is not None:
+            read = self.ckpt.load_rank(self.strategy, rank, held, show_progress=False)
+        else:
+            read = {k: self.arrays[k][self.strategy.slice_of(k, rank, self.arrays[k].shape)] for k in held}
+        return {k: v.astype(np_dtype(dtypes[k]), copy=False) for k, v in read.items()}
+
+
+def cast_specs(specs: Mapping[str, Spec], input_specs: list[Spec],
+               dtype: str | None) -> tuple[dict[str, Spec], list[Spec]]:
+    """The parameter and input specs with floating-point dtypes cast to ``dtype`` (None: kept)."""
+    if dtype is None:
+        return dict(specs), input_specs
+    if dtype not in FLOAT_DTYPES:
+        raise DinbError(f"dtype {dtype!r}: export casts to one of {sorted(FLOAT_DTYPES)}")
+    return ({k: (s, dtype if d in FLOAT_DTYPES else d) for k, (s, d) in specs.items()},
+            [(s, dtype if d in FLOAT_DTYPES else d) for s, d in input_specs])
+
+
+def trace_programs(model: ModelDef, param_specs: dict[str, Spec], strategy: Strategy,
+                   input_specs: list[Spec], platforms: Sequence[str], dtype: str | None,
+                   micro_batches: Sequence[int] | None,
+                   batch_buckets: Sequence[int] | str | None) -> Programs:
+    """Every program the export holds: a decoder's, each pipeline stage's, or the one-stage
+    program with its batch buckets."""
+    generates = getattr(model, "generates", False)
+    if generates or strategy.pipeline_stages > 1:
+        if batch_buckets not in (None, "auto"):
+            raise StrategyError("batch buckets are for one-stage exports of models without a KV cache; "
+                                "a pipelined export has micro-batches, a decoder sequence slots")
+        if generates:
+            if strategy.pipeline_stages > 1:
+                raise StrategyError(f"model {model.name!r} generates; its export has one pipeline stage")
+            programs, generation, in_meta, out_meta = build_generation_programs(
+                model, param_specs, strategy, dtype or "float32", platforms)
+            return Programs([programs], [None], in_meta, out_meta, generation)
+        per_stage, stage_meta, out_meta = build_stage_programs(
+            model, param_specs, strategy, input_specs, platforms, micro_batches)
+        return Programs(per_stage, list(stage_meta), input_meta(model, strategy, input_specs), out_meta)
+    if micro_batches not in (None, [1], (1,)):
         raise StrategyError(
-            f"outputs {split} are split over the last stage's ranks; with pipeline stages the last "
-            "stage's ranks all return the whole outputs (give replicated output layouts)"
-        )
-    return programs, metas, outputs
+            f"micro_batches={list(micro_batches)}: micro-batches are for pipeline stages; the strategy has "
+            "one stage (give pipeline_stages= to infer_predict_layout)")
+    buckets = bucket_choice(model, strategy, input_specs, batch_buckets)  # checked before any tracing
+    program, out_meta = build_program(model, param_specs, strategy, input_specs, platforms)
+    programs: dict[Any, bytes] = {1: program}
+    if buckets is not None:
+        try:
+            programs.update(build_bucket_programs(model, param_specs, strategy, input_specs, platforms,
+                                                  buckets, out_meta))
+        except StrategyError:
+            if batch_buckets != "auto":
+                raise
+            buckets = None  # outputs without the batch axis: "auto" makes none
+    return Programs([programs], [None], input_meta(model, strategy, input_specs), out_meta, buckets=buckets)
+
+
+def bucket_choice(model: ModelDef, strategy: Strategy, input_specs: list[Spec],
+                  batch_buckets: Sequence[int] | str | None) -> list[int] | None:
+    """The batch buckets to trace: those asked for (checked), or with ``"auto"`` the powers of two
+    below the batch that the input layouts divide when every input has the batch on axis 0
+    (None: none)."""
+    if batch_buckets is None:
+        return None
+    layouts, shapes = input_layouts(strategy, input_specs), [s for s, _ in input_specs]
+    names = [s.name for s in model.input_specs()]
+    if batch_buckets != "auto":
+        return bb.check(batch_buckets, layouts, shapes, names)
+    try:
+        buckets = bb.check(bb.choices(layouts, shapes), layouts, shapes, names)
+    except (StrategyError, IndexError):
+        return None
+    return buckets if len(buckets) > 1 else None
+
+
+def input_meta(model: ModelDef, strategy: Strategy,
+               input_specs: list[Spec]) -> list[TensorMeta]:
+    names = [s.name for s in model.input_specs()]
+    return [TensorMeta(names[i] if i < len(names) else f"input_{i}", s, d, lay)
+            for i, ((s, d), lay) in enumerate(zip(input_specs, input_layouts(strategy, input_specs)))]
+
+
+def rank_meta(model: ModelDef, strategy: Strategy, rank: int, export_id: str, platforms: Sequence[str],
+              param_specs: dict[str, Spec], programs: Programs) -> dict[str, Any]:
+    """The metadata of rank ``rank``'s slice file (see :mod:`dinb.export.slicefile`)."""
+    from jax import __version__ as jax_version
+
+    meta = {
+        "dinb_version": __version__, "jax_version": jax_version, "model": model.name,
+        "model_config": model.config(), "rank": rank, "world_size": strategy.device_num,
+        "export_id": export_id, "platforms": list(platforms),
+        "inputs": [m.to_json() for m in programs.inputs], "outputs": [m.to_json() for m in programs.outputs],
+        "params": {k: {"shape": list(shape), "dtype": dtype, "layout": strategy[k].to_json(),
+                       "slice": [[s.start, s.stop] for s in strategy.slice_of(k, rank, shape) or ()]}
+                   for k, (shape, dtype) in param_specs.items() if strategy.holds(k, rank)},
+    }
+    if programs.stage_meta[0] is not None:
+        meta["pipeline"] = programs.stage_meta[strategy.rank_stage(rank)]
+    if programs.generation is not None:
+        meta["generation"] = programs.generation
+    if programs.buckets is not None:
+        meta["batch_buckets"] = programs.buckets
+    return meta
+
+
+def remove_stale(out_dir: Path, name: str) -> None:
+    """Remove ``{name}{rank}.dinb`` files of an earlier export (one with more ranks must not linger)."""
+    for stale in out_dir.glob(f"{name}*.dinb"):
+        if re.fullmatch(rf"{re.escape(name)}\d+\.dinb", stale.name):
+            stale.unlink()
 
 
 def export_distributed(
@@ -187,7 +245,7 @@ def export_distributed(
     show_progress: bool = False,
     dtype: str | None = None,
     micro_batches: Sequence[int] | None = None,
-    batch_buckets: Sequence[int] | str | None = None,
+    batch_buckets: Sequence[int] | str | None = "auto",
 ) -> list[Path]:
     """Write ``{model}{rank}.dinb`` for every rank of ``strategy`` into ``out_dir``.
 
@@ -206,110 +264,25 @@ def export_distributed(
 
     ``batch_buckets`` (one-stage exports): also a program for each of these batch sizes (the
     export's batch is the largest), so a server runs a small merged batch at its own size
-    instead of padding it to the export's (see :mod:`dinb.sharding.batch_buckets`); ``"auto"``: the
-    powers of two below the export's batch that the input layouts divide.
+    instead of padding it to the export's (see :mod:`dinb.sharding.batch_buckets`). The default
+    ``"auto"`` takes the powers of two below the export's batch that the input layouts divide,
+    where every input and output has the batch on axis 0 (else none); None: no buckets.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if hasattr(params, "load_rank"):  # a distributed checkpoint: read rank by rank
-        ckpt = params
-        specs = ckpt.param_specs()
-        wanted = list(model.param_shapes())
-        param_names = wanted if set(wanted) <= set(specs) else list(specs)
-        param_specs = {k: specs[k] for k in param_names}
-
-        def read_slices(rank: int) -> dict[str, np.ndarray]:
-            held = [k for k in param_names if strategy.holds(k, rank)]
-            return ckpt.load_rank(strategy, rank, held, show_progress=False)
-    else:
-        arrays = {k: np.asarray(v) for k, v in params.items()}
-        param_specs = {k: (tuple(v.shape), str(v.dtype)) for k, v in arrays.items()}
-
-        def read_slices(rank: int) -> dict[str, np.ndarray]:
-            return {k: v[strategy.slice_of(k, rank, v.shape)] for k, v in arrays.items()
-                    if strategy.holds(k, rank)}
-
-    def slices_of(rank: int) -> dict[str, np.ndarray]:
-        return {k: v.astype(np_dtype(param_specs[k][1]), copy=False) for k, v in read_slices(rank).items()}
-
-    input_specs = [_shape_dtype(x) for x in example_inputs]
-    if dtype is not None:
-        if dtype not in FLOAT_DTYPES:
-            raise DinbError(f"dtype {dtype!r}: export casts to one of {sorted(FLOAT_DTYPES)}")
-        param_specs = {k: (s, dtype if d in FLOAT_DTYPES else d) for k, (s, d) in param_specs.items()}
-        input_specs = [(s, dtype if d in FLOAT_DTYPES else d) for s, d in input_specs]
+    source = ParamSource(params, model, strategy)
+    param_specs, input_specs = cast_specs(source.specs, [_shape_dtype(x) for x in example_inputs], dtype)
     strategy.validate({k: s for k, (s, _) in param_specs.items()}, [s for s, _ in input_specs])
-    strategy = strategy.with_shapes({k: s for k, (s, _) in param_specs.items()})
-    n = strategy.device_num
-
-    generation, buckets = None, None
-    if batch_buckets is not None and (strategy.pipeline_stages > 1 or getattr(model, "generates", False)):
-        raise StrategyError("batch buckets are for one-stage exports of models without a KV cache; "
-                            "a pipelined export has micro-batches, a decoder sequence slots")
-    if getattr(model, "generates", False):
-        if strategy.pipeline_stages > 1:
-            raise StrategyError(f"model {model.name!r} generates; its export has one pipeline stage")
-        programs, generation, in_meta, out_meta = build_generation_programs(
-            model, param_specs, strategy, dtype or "float32", platforms)
-        stage_programs, stage_meta = [programs], [None]
-    elif strategy.pipeline_stages > 1:
-        stage_programs, stage_meta, out_meta = build_stage_programs(
-            model, param_specs, strategy, input_specs, platforms, micro_batches)
-    else:
-        if micro_batches not in (None, [1], (1,)):
-            raise StrategyError(
-                f"micro_batches={list(micro_batches)}: micro-batches are for pipeline stages; the "
-                "strategy has one stage (give pipeline_stages= to infer_predict_layout)"
-            )
-        if batch_buckets is not None:  # checked before anything is traced
-            layouts, shapes = input_layouts(strategy, input_specs), [s for s, _ in input_specs]
-            wanted = bb.choices(layouts, shapes) if batch_buckets == "auto" else batch_buckets
-            buckets = bb.check(wanted, layouts, shapes, [s.name for s in model.input_specs()])
-        program, out_meta = build_program(model, param_specs, strategy, input_specs, platforms)
-        stage_programs, stage_meta = [{1: program}], [None]
-        if buckets is not None:
-            stage_programs[0].update(build_bucket_programs(model, param_specs, strategy, input_specs,
-                                                           platforms, buckets, out_meta))
-    from jax import __version__ as jax_version
-    if generation is None:
-        in_layouts = input_layouts(strategy, input_specs)
-        names = [s.name for s in model.input_specs()]
-        in_meta = [TensorMeta(names[i] if i < len(names) else f"input_{i}", s, d, lay)
-                   for i, ((s, d), lay) in enumerate(zip(input_specs, in_layouts))]
-
-    for stale in out_dir.glob(f"{model.name}*.dinb"):
-        if re.fullmatch(rf"{re.escape(model.name)}\d+\.dinb", stale.name):
-            stale.unlink()  # files of an earlier export with more ranks must not linger
+    strategy = source.strategy = strategy.with_shapes({k: s for k, (s, _) in param_specs.items()})
+    programs = trace_programs(model, param_specs, strategy, input_specs, platforms, dtype, micro_batches,
+                              batch_buckets)
+    remove_stale(out_dir, model.name)
     export_id = uuid.uuid4().hex
-    paths = []
-    for rank in progress(range(n), desc=f"export {model.name}", disable=not show_progress):
-        slices = slices_of(rank)
-        stage = strategy.rank_stage(rank)
-        meta = {
-            "dinb_version": __version__,
-            "jax_version": jax_version,
-            "model": model.name,
-            "model_config": model.config(),
-            "rank": rank,
-            "world_size": n,
-            "export_id": export_id,
-            "platforms": list(platforms),
-            "inputs": [m.to_json() for m in in_meta],
-            "outputs": [m.to_json() for m in out_meta],
-            "params": {
-                k: {"shape": list(shape), "dtype": dtype,
-                    "layout": strategy[k].to_json(),
-                    "slice": [[s.start, s.stop] for s in strategy.slice_of(k, rank, shape) or ()]}
-                for k, (shape, dtype) in param_specs.items() if strategy.holds(k, rank)
-            },
-        }
-        if stage_meta[0] is not None:
-            meta["pipeline"] = stage_meta[stage]
-        if generation is not None:
-            meta["generation"] = generation
-        if buckets is not None:
-            meta["batch_buckets"] = buckets
-        paths.append(write_slice_file(out_dir / slice_file_name(model.name, rank), meta,
-                                      slices, stage_programs[stage if stage_meta[0] is not None else 0]))
+    dtypes = {k: d for k, (_, d) in param_specs.items()}
+    paths = [write_slice_file(out_dir / slice_file_name(model.name, rank),
+                              rank_meta(model, strategy, rank, export_id, platforms, param_specs, programs),
+                              source.slices(rank, dtypes), programs.of_rank(strategy, rank))
+             for rank in progress(range(strategy.device_num), desc=f"export {model.name}",
+                                  disable=not show_progress)]
     strategy.save(out_dir / "strategy.json")
     return paths

@@ -59,7 +59,7 @@ PARAM_PREFIX = "param/"
 
 
 def slice_file_name(model: str, rank: int) -> str:
-    """``matmul0.dinb``, ``matmul1.dinb``, ...: the seeds' ``Matmul0.mindir`` naming."""
+    """``matmul0.dinb``, ``matmul1.dinb``, ...: MindSpore Lite's ``Matmul0.mindir`` naming."""
     return f"{model}{rank}{SUFFIX}"
 
 

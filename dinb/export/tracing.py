@@ -13,6 +13,7 @@ import numpy as np
 
 from dinb.errors import StrategyError
 from dinb.sharding.layout import Layout, one_mesh_shardings
+from dinb.sharding.strategy import Strategy
 
 DEFAULT_PLATFORMS = ("cpu", "cuda")
 
@@ -65,3 +66,9 @@ def trace_program(
     exported = jax_export.export(jitted, platforms=tuple(platforms))(*args)
     return bytes(exported.serialize()), [
         (tuple(o.shape), str(np.dtype(o.dtype)), lay) for o, lay in zip(outs, out_layouts)]
+
+
+def input_layouts(strategy: Strategy, input_specs: Sequence[tuple[tuple[int, ...], str]]) -> list[Layout]:
+    """The strategy's input layouts, or replicated ones (over one stage's ranks) when it gives none."""
+    n = strategy.stage_device_num
+    return list(strategy.inputs) or [Layout.replicated(len(s), n) for s, _ in input_specs]

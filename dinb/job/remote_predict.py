@@ -1,7 +1,7 @@
 """One predict sent to every rank over its own socket, and the answers read back.
 
 Both the notebook cluster (client to engines) and the serving worker (worker to agents) send
-the same inputs to the ranks at once and need one copy of the outputs back. As the seeds say,
+the same inputs to the ranks at once and need one copy of the outputs back. As MindSpore Lite's example says,
 the first stage's ranks all receive the input, other stages receive no data, and the last
 stage's ranks all return the same data (:class:`Roles`; without pipeline stages every rank is
 in the first and the last stage). Only the rank asked for data sends its outputs; every rank

@@ -42,7 +42,6 @@ slots over the ranks, every rank holding every weight.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,40 +93,6 @@ def llama_config(data: dict[str, Any], where: str = "config") -> dict[str, Any]:
     if "head_dim" in data and data["head_dim"] != cfg["hidden_size"] // cfg["num_attention_heads"]:
         raise DinbError(f"{where}: head_dim {data['head_dim']} other than hidden_size / heads")
     return cfg
-
-
-@dataclass(frozen=True)
-class TokenCodec:
-    """Text to token ids and back with a checkpoint's ``tokenizer.json``, and its end tokens."""
-
-    tokenizer: Any
-    stop_ids: tuple[int, ...]
-    where: str
-
-    def encode(self, text: str) -> list[int]:
-        if self.tokenizer is None:
-            raise DinbError(f"no tokenizer.json in {self.where}; give the prompt as token ids (--ids 1,5,9) "
-                            "or a --tokenizer directory")
-        return list(self.tokenizer.encode(text).ids)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """The text of ``ids`` up to the first end token."""
-        ids = list(ids)
-        cut = next((i for i, t in enumerate(ids) if t in self.stop_ids), len(ids))
-        if self.tokenizer is None:
-            return " ".join(map(str, ids[:cut]))
-        return str(self.tokenizer.decode(ids[:cut]))
-
-
-def token_codec(model_dir: str | Path | None, config: dict[str, Any]) -> TokenCodec:
-    """The tokenizer of ``model_dir`` (None without a ``tokenizer.json``) and the config's end tokens."""
-    path = Path(model_dir) / "tokenizer.json" if model_dir else None
-    tokenizer = None
-    if path is not None and path.is_file():
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_file(str(path))
-    return TokenCodec(tokenizer, tuple(config.get("eos_token_id") or ()), str(model_dir))
 
 
 class LlamaDecoder(ModelDef):

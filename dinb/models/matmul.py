@@ -1,4 +1,4 @@
-"""The seeds' network: ``y = -(x @ W)`` with ``W`` of shape (96, 16) filled with 0.5.
+"""MindSpore's example network: ``y = -(x @ W)`` with ``W`` of shape (96, 16) filled with 0.5.
 
 With ``x = ones((128, 96))`` every output element is ``-(96 * 0.5) = -48``, whatever the split.
 
@@ -8,7 +8,7 @@ MindSpore shards the MatMul with ``matmul.shard(((a, b), (b, c)))``: ``x`` (m, k
 
     x: tensor_map [2, 1]     W: tensor_map [1, 0]     partial y: tensor_map [2, 0]
 
-The three strategies of the seeds, for N ranks:
+The three strategies of MindSpore's example, for N ranks:
 
 * ``contraction`` ``((1, N), (N, 1))``: rank r holds ``x[:, k_r]`` and ``W[k_r, :]``; each
   computes a partial sum ``x[:, k_r] @ W[k_r, :]`` of the full (m, n) output, and an
@@ -61,7 +61,7 @@ def matmul_layouts(
 
 
 class MatMulNeg(ModelDef):
-    """The seeds' MatMul+Neg network (see the module docstring for the three splits)."""
+    """MindSpore's MatMul+Neg example network (see the module docstring for the three splits)."""
 
     name = "matmul"
     strategy_names = tuple(MATMUL_SHARDS)

@@ -4,7 +4,7 @@ On the XLA path each rank's program is derived by XLA's SPMD partitioner from th
 program (see :mod:`dinb.export`), and the collectives are XLA's. A :class:`RankProgram` spells
 the same computation out per rank, the way a lesson on tensor parallelism writes it: steps of
 local computation on this rank's slices, joined by collectives named explicitly. The ONNX
-provider (:mod:`dinb.runtime.onnx_rank`) runs it: every run of local steps becomes one ONNX
+provider (:mod:`dinb.runtime.runners.onnx`) runs it: every run of local steps becomes one ONNX
 model, every collective one call of the rank's collective library (MPI)::
 
     Megatron MLP on N ranks, rank r holding W1[:, f_r], b1[f_r], W2[f_r, :]:

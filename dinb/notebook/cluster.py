@@ -8,32 +8,28 @@ the JAX coordinator's address (127.0.0.1 when every rank shares one host, else r
 address) and a free port on rank 0's host, and has every engine join the job at once
 (:func:`dinb.notebook.engine.join`: gloo, preemption service off, short init timeout).
 
-Every SPMD call goes to all ranks together (a call sent to only some ranks hangs in the first
-collective) and is watched with a finite timeout. While it waits, the client checks each rank:
-a rank that died is named at once (the job cannot go on; ``restart()``), and a call that
-outlives its timeout names the ranks that never reached the collective (stuck in their own
-part) apart from the ranks waiting for them. Ranks on this host are watched through their
-process ids; ranks on other hosts through a heartbeating connection to their predict socket
-(:mod:`dinb.job.death_watch`), which is authenticated off loopback (:mod:`dinb.job.secure_socket`).
+A cluster is three parts: how its engines start (:class:`~dinb.notebook.launch.Launch`), how
+its started ranks are called, every rank at once and watched (:class:`~dinb.notebook.dispatch.
+RankCalls`), and what they have loaded with the calls that use it (:class:`~dinb.notebook.
+cluster_calls.ModelCalls`); :class:`RankCluster` starts and stops them and offers their calls.
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from dinb.errors import ClusterError, DinbError, RankFailedError
-from dinb.job import addresses, remote_predict
+from dinb.errors import ClusterError, DinbError
+from dinb.job import addresses
 from dinb.job.death_watch import DeathWatch
 from dinb.job.secure_socket import ClientKeys, request_socket
 from dinb.notebook import engine
-from dinb.notebook.cluster_calls import ModelCalls, PredictResult, _remote_message
-from dinb.notebook.cluster_launch import EngineLaunch
+from dinb.notebook.cluster_calls import ModelCalls, PredictResult
+from dinb.notebook.dispatch import RankCalls
+from dinb.notebook.launch import Launch
 
 DEFAULT_TIMEOUT_S = 60.0
 HEARTBEAT_MS = 100  # the ipyparallel hub's heartbeat period for the clusters dinb starts
@@ -42,21 +38,7 @@ ENGINES = ("mpi", "local", "ssh", "slurm")
 _current: RankCluster | None = None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped) is dead too
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-class RankCluster(EngineLaunch, ModelCalls):
+class RankCluster:
     """N engines = N ranks. Use :func:`start_cluster`; every method is one call on all ranks."""
 
     def __init__(self, n: int = 2, engines: str = "mpi", devices: str = "cpu", profile: str | None = None,
@@ -82,14 +64,14 @@ class RankCluster(EngineLaunch, ModelCalls):
                 "run on this host"))
         if engines == "ssh" and not hosts:
             raise ClusterError("ssh engines need hosts=[...] (the hosts to start them on)")
-        self.n, self.engines, self.devices = n, engines, devices
+        self.n, self.devices = n, devices
+        self.launch = Launch(n, engines, hosts, controller_ip, list(mpi_args or []), ssh_cmd, warm)
         self.profile, self.connection_file = profile, connection_file
         self.timeout_s, self.init_timeout_s = timeout_s, init_timeout_s
-        self.hosts, self.controller_ip = hosts, controller_ip
-        self.mpi_args, self.ssh_cmd = list(mpi_args or []), ssh_cmd
-        self.warm = warm
         self._cluster: Any = None
         self._client: Any = None
+        self._calls: RankCalls | None = None
+        self.model = ModelCalls(n)
         self.engine_of: list[int] = []  # engine id of each rank
         self.pids: list[int] = []
         self.hostnames: list[str] = []  # each rank's host
@@ -99,17 +81,20 @@ class RankCluster(EngineLaunch, ModelCalls):
         self.endpoints: list[str] = []  # each rank's predict socket
         self.server_keys: list[str | None] = []  # its CURVE public key (None on loopback)
         self.device_names: list[str] = []
-        self.model_dir: str | None = None
-        self.pipeline: dict[str, Any] | None = None  # the loaded export's stages (None: one stage)
-        self.roles = remote_predict.Roles(n, n)  # who takes inputs and who gives outputs
-        self.last: PredictResult | None = None
         self.start_seconds: float | None = None
         self.start_marks: dict[str, float] = {}  # when the last start reached each step (wall clock, s)
-        self._broken = False  # a rank died or got stuck: the job cannot be left politely
-        self._watch: DeathWatch | None = None
-        self._socks: list[Any] | None = None  # the fast predict path's sockets, one per rank
         self._keys: ClientKeys | None = None  # this client's CURVE keys (ranks off loopback)
-        self._hostfile: str | None = None
+
+    @property
+    def engines(self) -> str:
+        return self.launch.engines
+
+    @property
+    def calls(self) -> RankCalls:
+        """How the started ranks are called (a clear error when none run)."""
+        if self._calls is None or self._client is None:
+            raise ClusterError("no cluster is running; start one with `%dinfer cluster start -n 2`")
+        return self._calls
 
     # ---- life cycle --------------------------------------------------------------------------
     def start(self) -> RankCluster:
@@ -130,7 +115,7 @@ class RankCluster(EngineLaunch, ModelCalls):
                 self._client = ipp.Client(**by, timeout=self.init_timeout_s)
             self._client.wait_for_engines(self.n, timeout=self.init_timeout_s, interactive=False)
         else:
-            controller = self._pick_controller_ip()
+            controller = self.launch.controller_address()
             where = {} if addresses.is_loopback(controller) else {
                 "controller_ip": controller, "controller_location": controller}
             # The hub completes an engine's registration at its next heartbeat: every 3 s by
@@ -142,7 +127,7 @@ class RankCluster(EngineLaunch, ModelCalls):
                 n=self.n, engines=self.engines, log_level=40, delay=0, **where,
                 controller_args=[f"--HeartMonitor.period={HEARTBEAT_MS}",
                                  f"--HeartMonitor.max_heartmonitor_misses={HEARTBEAT_MISSES}"])
-            self._configure_launcher(self._cluster.config)
+            self.launch.configure(self._cluster.config)
             self._cluster.start_controller_sync()
             marks["controller"] = time.time()
             self._cluster.start_engines_sync()
@@ -168,17 +153,22 @@ class RankCluster(EngineLaunch, ModelCalls):
         self.local = [w["host_key"] == here for w in who]
         self.rank_addresses = [addresses.LOOPBACK if local else w["address"]
                                for local, w in zip(self.local, who)]
-        self._watch = DeathWatch([pid if local else None for pid, local in zip(self.pids, self.local)])
+        watch = DeathWatch([pid if local else None for pid, local in zip(self.pids, self.local)])
+        self._calls = RankCalls(self._client, self.engine_of, self.pids, self.hostnames, self.local,
+                                self.timeout_s, watch)
         keys = [w["host_key"] for w in who]
         one_host = len(set(keys)) == 1
         host0 = addresses.LOOPBACK if one_host else who[0]["address"]
-        port = self._all(engine.free_port, (host0,), what="picking the coordinator's port",
-                         timeout_s=15, ranks=[0])[0]
+        port = self.calls.call(engine.free_port, (host0,), what="picking the coordinator's port",
+                               timeout_s=15, ranks=[0])[0]
         self.coordinator = coordinator = f"{host0}:{port}"
         local_rank = [keys[:r].count(keys[r]) for r in range(self.n)]
-        joined = self._all(engine.join, lambda r: (r, self.n, coordinator, self.devices, self.init_timeout_s,
-                                                   local_rank[r], keys.count(keys[r])),
-                           timeout_s=self.init_timeout_s + 15, what="joining the job")
+        def join_args(r: int) -> tuple[Any, ...]:
+            return (r, self.n, coordinator, self.devices, self.init_timeout_s, local_rank[r],
+                    keys.count(keys[r]))
+
+        joined = self.calls.call(engine.join, join_args, timeout_s=self.init_timeout_s + 15,
+                                 what="joining the job")
         self.device_names = [j["device"] for j in joined]
         marks["joined"] = time.time()
         self._connect_fast()
@@ -193,68 +183,67 @@ class RankCluster(EngineLaunch, ModelCalls):
         if any(not addresses.is_loopback(a) for a in self.rank_addresses):
             self._keys = ClientKeys()
         public = self._keys.public if self._keys else None
-        served = self._all(engine.serve_fast, lambda r: (self.rank_addresses[r], public),
-                           what="starting the predict servers")
+        calls = self.calls
+        served = calls.call(engine.serve_fast, lambda r: (self.rank_addresses[r], public),
+                            what="starting the predict servers")
         self.endpoints = [s["endpoint"] for s in served]
         self.server_keys = [s["server_key"] for s in served]
-        self._socks = [request_socket(s["endpoint"], s["server_key"], self._keys) for s in served]
+        calls.socks = [request_socket(s["endpoint"], s["server_key"], self._keys) for s in served]
         for r, s in enumerate(served):
-            if not self.local[r] and self._watch is not None:
+            if not self.local[r]:
                 keys = self._keys
-                self._watch.watch_remote(r, s["endpoint"], s["server_key"], keys and keys.public,
+                calls.watch.watch_remote(r, s["endpoint"], s["server_key"], keys and keys.public,
                                          keys and keys.secret)
 
     def stop(self) -> None:
         """Leave the JAX job on every rank, stop the engines, leave no process behind."""
         global _current
-        if self._broken or not all(self._rank_alive(r) for r in range(len(self.pids))):
+        calls = self._calls
+        if calls is not None and (calls.broken or not all(calls.alive(r) for r in range(calls.n))):
             # stuck or dead ranks: the job cannot be left, and a survivor blocks in its exit; end
             # this host's ranks first (the launcher ends the others with their engines). Local
             # engines otherwise wait out the launcher's grace period: 5 s of a restart, measured.
-            self._kill_local()
+            calls.kill_local()
         if self._client is not None:
-            if all(self._rank_alive(r) for r in range(len(self.pids))):
-                try:
-                    self._all(engine.leave, timeout_s=15, what="leaving the job")
-                except DinbError:  # a rank died meanwhile: the others block in the job's shutdown
-                    self._kill_local()
-            try:
-                if self._cluster is not None:
-                    # engines first: stopped together with the controller (stop_cluster), an
-                    # engine that loses its hub waits out the launcher's grace period (3.6 s
-                    # against 0.6 s for 2 engines)
-                    self._cluster.stop_engines_sync()
-                    self._cluster.stop_controller_sync()
-                else:  # engines we attached to: the live ones stop; a dead one would never answer
-                    alive = [e for r, e in enumerate(self.engine_of) if self._rank_alive(r)]
-                    if alive:
-                        self._client.shutdown(targets=alive, block=False)
-            except Exception:  # a dead cluster may fail to stop cleanly; the pids are checked below
-                pass
-            try:
-                self._client.close()
-            except Exception:
-                pass
-        self._kill_local()
-        for sock in self._socks or []:
-            sock.close(linger=0)
-        self._socks, self._keys = None, None
-        if self._hostfile is not None:
-            os.unlink(self._hostfile)
-            self._hostfile = None
-        self._client = self._cluster = None
-        self.pids, self.model_dir, self.last, self._broken = [], None, None, False
-        self.pipeline, self.roles = None, remote_predict.Roles(self.n, self.n)
-        if self._watch is not None:
-            self._watch.close()
-            self._watch = None
+            self._leave_and_stop(calls)
+        if calls is not None:
+            calls.kill_local()
+            calls.close()
+        self.launch.close()
+        self._calls, self._keys, self._client, self._cluster = None, None, None, None
+        self.pids, self.model = [], ModelCalls(self.n)
         if _current is self:
             _current = None
+
+    def _leave_and_stop(self, calls: RankCalls | None) -> None:
+        """Every live rank leaves the job; then the engines stop, then the controller."""
+        if calls is not None and all(calls.alive(r) for r in range(calls.n)):
+            try:
+                calls.call(engine.leave, timeout_s=15, what="leaving the job")
+            except DinbError:  # a rank died meanwhile: the others block in the job's shutdown
+                calls.kill_local()
+        try:
+            if self._cluster is not None:
+                # engines first: stopped together with the controller (stop_cluster), an engine
+                # that loses its hub waits out the launcher's grace period (3.6 s against 0.6 s
+                # for 2 engines)
+                self._cluster.stop_engines_sync()
+                self._cluster.stop_controller_sync()
+            elif calls is not None:  # engines we attached to: the live ones stop; a dead one never answers
+                alive = [e for r, e in enumerate(self.engine_of) if calls.alive(r)]
+                if alive:
+                    self._client.shutdown(targets=alive, block=False)
+        except Exception:  # a dead cluster may fail to stop cleanly; the pids are checked after
+            pass
+        try:
+            self._client.close()
+        except Exception:
+            pass
 
     def restart(self) -> RankCluster:
         """Stop everything and start the same number of fresh ranks (reloading the model)."""
         global _current
-        model_dir = self.model_dir
+        model_dir = self.model.model_dir
         self.stop()
         self.start()
         _current = self
@@ -266,103 +255,94 @@ class RankCluster(EngineLaunch, ModelCalls):
     def running(self) -> bool:
         return self._client is not None
 
-    def _kill_local(self) -> None:
-        for pid, local in zip(self.pids, self.local):
-            if local and _alive(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-
     def _rank_alive(self, rank: int) -> bool:
-        """A rank of this host: its process exists; of another host: its connection holds."""
-        if self.local[rank]:
-            return _alive(self.pids[rank])
-        return self._watch is None or rank not in self._watch.died_at(wait_s=0)
+        return self._calls is not None and self._calls.alive(rank)
 
-    # ---- dispatch ----------------------------------------------------------------------------
-    def _check_alive(self, what: str) -> None:
-        """Name the rank whose engine process exited (the job cannot go on without it).
+    # ---- what the ranks run (see dinb.notebook.cluster_calls) --------------------------------------
+    @property
+    def model_dir(self) -> str | None:
+        """The export the ranks have loaded (None: nothing loaded)."""
+        return self.model.model_dir
 
-        When one rank dies, the others follow: the launcher ends them, its peers in a collective
-        or a stage transfer fail, and rank 0 hosted the JAX coordinator. So several ranks can be
-        dead at once. The rank that died first (:class:`DeathWatch`) is the cause. A follower
-        exits at least its own teardown later (10 ms and more for a JAX process), so exits
-        within 2 ms of the first count as one event; when rank 0 is among them, it is named as
-        the cause and the others as ended by the job.
-        """
-        now = time.monotonic()
-        gone = {r for r, pid in enumerate(self.pids) if self.local[r] and not _alive(pid)}
-        watched = self._watch.died_at(gone) if self._watch else {}
-        dead = {r: watched.get(r, now) for r in gone | watched.keys()}
-        if not dead:
-            return
-        self._broken = True
-        first = min(dead.values())
-        cause = sorted(r for r, t in dead.items() if t - first < 0.002)  # died together: one event
-        if 0 in cause:
-            cause = [0]
-        followers = [r for r in range(self.n) if r not in cause]
-        pids = ", ".join(str(self.pids[r]) if self.local[r] else f"{self.pids[r]} on {self.hostnames[r]}"
-                         for r in cause)
-        how = "exited" if all(self.local[r] for r in cause) else "exited or its host stopped answering"
-        message = f"rank(s) {cause} died during {what} (engine process {pids} {how})"
-        if cause == [0] and followers:
-            message += (f"; rank(s) {followers} were then ended by the job because rank 0 hosted its "
-                        "coordinator")
-        raise RankFailedError(message + "; the job cannot continue. Run `%dinfer cluster restart` "
-                              "(RankCluster.restart()).", ranks=tuple(cause))
+    @property
+    def pipeline(self) -> dict[str, Any] | None:
+        """The loaded export's stages (None: one stage)."""
+        return self.model.pipeline
 
-    def _all(self, fn: Callable[..., Any], args: Callable[[int], tuple] | tuple = (),
-             timeout_s: float | None = None, what: str = "the call",
-             on_poll: Callable[[list[Any]], None] | None = None,
-             ranks: list[int] | None = None) -> list[Any]:
-        """Call ``fn`` on every rank at once (or on ``ranks``, for calls that run no collective);
-        per-rank results in rank order (finite timeout).
+    @property
+    def roles(self) -> Any:
+        """Which ranks take inputs and which give outputs (:class:`dinb.job.remote_predict.Roles`)."""
+        return self.model.roles
 
-        ``on_poll(async_results)`` sees the calls while they run (for progress bars: each
-        result's ``.data`` holds what its rank published, ``.ready()`` whether it finished).
-        """
-        if self._client is None:
-            raise ClusterError("no cluster is running; start one with `%dinfer cluster start -n 2`")
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        targets = list(range(self.n)) if ranks is None else ranks
-        ars = []
-        for r in targets:
-            a = args(r) if callable(args) else args
-            ars.append(self._client[self.engine_of[r]].apply_async(fn, *a))
-        deadline = time.monotonic() + timeout_s
-        while True:
-            ready = sum(ar.ready() for ar in ars)
-            if on_poll is not None:
-                on_poll(ars)
-            if ready == len(ars):
-                break
-            self._check_alive(what)
-            if time.monotonic() > deadline:
-                reached = [r for r, ar in zip(targets, ars)
-                           if (ar.data or {}).get("phase") in ("collective", "done")]
-                pending = [r for r, ar in zip(targets, ars) if not ar.ready()]
-                stuck = [r for r in pending if r not in reached] or pending
-                waiting = [r for r in pending if r not in stuck]
-                self._broken = True
-                raise RankFailedError(
-                    f"rank(s) {stuck} did not finish {what} within {timeout_s:g} s"
-                    + (f"; rank(s) {waiting} are waiting for them in the collective" if waiting else "")
-                    + ". Those ranks are stuck; run `%dinfer cluster restart` (RankCluster.restart()).",
-                    ranks=tuple(stuck))
-            ars[0].wait(0.002)
-        results, errors = [], {}
-        for r, ar in zip(targets, ars):
-            try:
-                results.append(ar.get(0))
-            except Exception as e:  # a remote error: report it with its rank
-                errors[r] = _remote_message(e)
-        if errors:
-            detail = "; ".join(f"rank {r}: {m}" for r, m in errors.items())
-            raise RankFailedError(f"{what} failed on rank(s) {sorted(errors)}: {detail}",
-                                  ranks=tuple(sorted(errors)))
-        return results
+    @property
+    def last(self) -> PredictResult | None:
+        """The last predict's result."""
+        return self.model.last
+
+    def context(self, target: str = "cpu", provider: str = "xla") -> list[str]:
+        """Build every rank's ``Context`` (target, provider)."""
+        return self.model.context(self.calls, target, provider)
+
+    def load(self, model_dir: str | Path, show_progress: bool = True) -> dict[str, Any]:
+        """Each rank loads its own slice file from ``model_dir`` and compiles the program (two
+        progress bars: the ranks that have read their slices, those that have compiled)."""
+        return self.model.load(self.calls, model_dir, show_progress)
+
+    def predict(self, *inputs: Any, timeout_s: float | None = None, fast: bool = True,
+                micro_batches: int | None = None) -> PredictResult:
+        """The same inputs to the first stage's ranks, the program on every rank, the outputs
+        gathered (see :meth:`ModelCalls.predict`)."""
+        return self.model.predict(self.calls, *inputs, timeout_s=timeout_s, fast=fast,
+                                  micro_batches=micro_batches)
+
+    def generate(self, prompt_ids: Any, max_new_tokens: int = 32, *, timeout_s: float | None = None,
+                 on_token: Callable[[int, int], None] | None = None, **sampling: Any) -> Any:
+        """:meth:`dinb.Model.generate` on every rank; the tokens as it returns them (see
+        :meth:`ModelCalls.generate`)."""
+        return self.model.generate(self.calls, prompt_ids, max_new_tokens, timeout_s=timeout_s,
+                                   on_token=on_token, **sampling)
+
+    @property
+    def last_generation(self) -> dict[str, Any] | None:
+        """Rank 0's tokens and timings of the last generate."""
+        return self.model.last_generation
+
+    def outputs(self) -> PredictResult:
+        """The last predict's result, with every rank's own outputs."""
+        return self.model.outputs(self.calls)
+
+    def ping(self, timeout_s: float = 10) -> float:
+        """Round trip of an empty message to every rank over the fast path, in seconds."""
+        return self.model.ping(self.calls, timeout_s)
+
+    def timeline(self) -> list[Any]:
+        """When each rank computed each micro-batch in the last pipelined predict."""
+        return self.model.timeline(self.calls)
+
+    def strategy(self) -> Any:
+        """The loaded model's strategy (from the export's ``strategy.json``)."""
+        return self.model.strategy()
+
+    def status(self) -> list[dict[str, Any]]:
+        """One row per rank: rank, pid, device, resident memory, what is loaded (alive or not)."""
+        rows = [{"rank": r, "pid": pid, "alive": self._rank_alive(r), "host": self.hostnames[r],
+                 "address": self.rank_addresses[r],
+                 "device": self.device_names[r] if r < len(self.device_names) else None}
+                for r, pid in enumerate(self.pids)]
+        return self.model.status(self.calls, rows) if self._calls is not None else rows
+
+    def serve(self, distributed_address: str, worker_timeout_s: float = 300.0) -> str:
+        """Every rank becomes an Agent of the servable whose Distributed Worker listens at
+        ``distributed_address``; returns the job id (see :meth:`ModelCalls.serve`)."""
+        return self.model.serve(self.calls, distributed_address, worker_timeout_s)
+
+    def stop_serving(self) -> None:
+        """The ranks stop serving (the worker sees them go)."""
+        self.model.stop_serving(self.calls)
+
+    def execute(self, code: str, timeout_s: float | None = None) -> dict[int, str]:
+        """Run a cell on every rank; returns each rank's printed output."""
+        return self.model.execute(self.calls, code, timeout_s)
 
 
 # ---- the current cluster (what the magics use) ---------------------------------------------------

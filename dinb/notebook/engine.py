@@ -107,7 +107,7 @@ def join(rank: int, world: int, coordinator: str, target: str, init_timeout_s: i
 
 
 def set_context(target: str, provider: str) -> str:
-    """Build this rank's ``Context`` (the seeds' ``Context(target, device_id, rank_id, provider)``)."""
+    """Build this rank's ``Context`` (MindSpore Lite's ``Context(target, device_id, rank_id, provider)``)."""
     from dinb import Context
 
     ctx = Context(target=[target], rank_id=_state["rank"], provider=provider)

@@ -5,7 +5,9 @@ Each subcommand is one call of the Python API, so everything here can be done wi
 
 from __future__ import annotations
 
+import re
 import shlex
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,11 @@ USAGE = """Run a model split over notebook ranks (ipyparallel engines, one rank 
 
 Subcommands (each is one call of dinb.notebook.cluster's Python API):
 
-  %dinfer cluster start -n 2 [--engines mpi|local] [--devices cpu|gpu] [--cold]
+  %dinfer cluster start -n 2 [--engines mpi|local|ssh|slurm] [--devices cpu|gpu]
+        [--hosts a,b | --hosts HOSTFILE] [--controller-ip ADDRESS] [--cold]
         start N engines bound to devices, joined in one JAX job     start_cluster(n, ...)
-        (forked from a warm process that imported them once; --cold: each imports itself)
+        (mpi or ssh engines spread over --hosts; the controller listens on --controller-ip;
+        forked from a warm process that imported them once; --cold: each imports itself)
   %dinfer cluster status       rank, pid, device, memory, loaded model     current().status()
   %dinfer cluster stop         leave the job, stop the engines             current().stop()
   %dinfer cluster restart      fresh engines, reload the model             current().restart()
@@ -163,15 +167,8 @@ class DinferMagics(Magics):
               f"inputs: {inputs}")
 
     def _cmd_predict(self, rest: str, line: str) -> Any:
-        text = line.split(None, 1)[1] if len(line.split(None, 1)) > 1 else ""
-        options: dict[str, float] = {}
-        for flag in ("--timeout", "--micro-batches"):  # trailing options, after the expressions
-            if f" {flag} " in f" {text} ":
-                text, _, value = text.rpartition(flag)
-                try:
-                    options[flag] = float(value.split()[0])
-                except (ValueError, IndexError):
-                    raise DinbError(f"{flag} takes a number, got {value.strip()!r}") from None
+        text, options = trailing_options(line.split(None, 1)[1] if len(line.split(None, 1)) > 1 else "",
+                                         ("--timeout", "--micro-batches"))
         if not text.strip():
             raise DinbError("usage: %dinfer predict EXPR [EXPR ...]  (e.g. np.ones((128, 96), np.float32))")
         ns = self.shell.user_ns if self.shell is not None else {}
@@ -201,7 +198,7 @@ class DinferMagics(Magics):
 
     def _cmd_generate(self, rest: str, line: str) -> None:
         from dinb.export.slicefile import find_slice_files, read_meta
-        from dinb.models.llama import token_codec
+        from dinb.models.text import TextStream, default_new_tokens, ms_per_step, token_codec
 
         args = parse_argstring(self._generate, rest)
         c = cl.current()
@@ -216,23 +213,14 @@ class DinferMagics(Magics):
             raise DinbError("give the prompt as text or as --ids, one of the two: "
                             '%dinfer generate "123+456="')
         ids = [int(v) for v in args.ids.split(",")] if args.ids else codec.encode(args.prompt)
-        picked: list[int] = []
-
-        def show(row: int, token: int) -> None:
-            before = codec.decode(picked)
-            picked.append(token)
-            print(codec.decode(picked)[len(before):], end="", flush=True)
-
         print(args.prompt if args.prompt is not None else args.ids, end="", flush=True)
-        most = max(1, min(64, meta["generation"]["max_len"] - len(ids) + 1))
-        result = c.generate(ids, args.max_new_tokens or most, timeout_s=args.timeout, on_token=show,
+        count = args.max_new_tokens or default_new_tokens(meta["generation"]["max_len"], [len(ids)])
+        tokens = c.generate(ids, count, timeout_s=args.timeout, on_token=TextStream(codec),
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed, stop_ids=list(codec.stop_ids))
-        t = result["timings"]
-        steps = max(int(t.get("decode_steps", 0)), 1)
-        ms = 1000 * t["decode_s"] / steps
-        print(f"\n[{len(result['tokens'])} tokens on {c.n} ranks; decode {ms:.1f} ms "
-              f"per token; every rank picked the same: {result['agree']}]")
+        ms = ms_per_step(c.last_generation["timings"])
+        print(f"\n[{len(tokens)} tokens on {c.n} ranks; decode {ms:.1f} ms per token; every rank "
+              "picked the same]")
 
     def _cmd_schedule(self, rest: str, line: str) -> None:
         from IPython.display import display
@@ -280,6 +268,22 @@ class DinferMagics(Magics):
             rec = strategy.item(name)
             print(f"{name:<16} {str(list(rec.shape or ())):<14} {str(list(rec.layout.dev_matrix)):<12} "
                   f"{str(rec.layout.to_json()['tensor_map']):<14}" + (f" {rec.stage}" if staged else ""))
+
+
+def trailing_options(text: str, flags: Sequence[str]) -> tuple[str, dict[str, float]]:
+    """``text`` without the options at its end (``EXPR --timeout 10 --micro-batches 4``, in any
+    order), and the options' values. A flag without a number is an error naming it."""
+    options: dict[str, float] = {}
+    while True:
+        match = re.search(r"\s(--[a-z-]+)(?:\s+(\S+))?\s*$", f" {text}")
+        if match is None or match.group(1) not in flags:
+            return text, options
+        flag, value = match.group(1), match.group(2)
+        try:
+            options[flag] = float(value)
+        except (TypeError, ValueError):
+            raise DinbError(f"{flag} takes a number, got {value!r}") from None
+        text = f" {text}"[:match.start()].strip()
 
 
 def rank_table(rows: list[dict[str, Any]]) -> str:

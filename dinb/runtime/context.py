@@ -4,7 +4,7 @@ Two equivalent spellings::
 
     ctx = Context(target=["gpu"], device_id=0, rank_id=0, provider="xla")
 
-    ctx = Context()                 # as in the seeds
+    ctx = Context()                 # as in MindSpore Lite's example
     ctx.target = ["gpu"]
     ctx.gpu.device_id = ctx.gpu.rank_id
     ctx.gpu.provider = "xla"
@@ -12,7 +12,7 @@ Two equivalent spellings::
 ``rank_id`` defaults to the rank mpiexec gave the process (0 outside MPI). Providers: ``xla``
 (default, CPU and GPU: one SPMD program compiled by XLA) and ``tensorrt`` (each rank's program
 as ONNX models run by ONNX Runtime with the TensorRT, CUDA or CPU execution provider, the first
-available, said aloud when it is not TensorRT; see :mod:`dinb.runtime.onnx_rank`).
+available, said aloud when it is not TensorRT; see :mod:`dinb.runtime.runners.onnx`).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class Context:
         if provider not in PROVIDERS:
             raise ProviderError(f"provider {provider!r} is unknown; choose one of {list(PROVIDERS)}")
         if provider == "tensorrt":
-            from dinb.runtime.onnx_rank import check_installed
+            from dinb.runtime.runners.onnx import check_installed
 
             check_installed()
         return provider

@@ -27,7 +27,7 @@ from dinb.errors import DinbError
 from dinb.job import remote_predict, wire
 from dinb.serving import local_link
 from dinb.serving.generation import agent_step
-from dinb.serving.worker import HEARTBEAT_S
+from dinb.serving.worker import HEARTBEAT_S, agent_identity
 
 log = logging.getLogger("dinb.serving")
 
@@ -69,116 +69,133 @@ def serve(
     refuses the agent (another rank count). ``keys``: the servable's
     (:class:`~dinb.serving.servable_key.ServableKeys`), for a worker off loopback.
     """
-    import zmq
+    agent = AgentLoop(distributed_address, model, rank, world, job, stop or threading.Event(),
+                      worker_timeout_s, keys)
+    try:
+        return agent.run()
+    finally:
+        agent.close()
 
-    stop = stop or threading.Event()
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.IDENTITY, f"{job}/{rank}".encode())
-    sock.setsockopt(zmq.LINGER, 0)
-    if keys is not None:
-        keys.as_agent(sock)
-    sock.connect(f"tcp://{distributed_address}")
-    inputs, outputs = model_io(model)
-    me = {"rank": rank, "job": job}
-    registration = wire.pack(
-        {
-            "type": "register",
-            "world": world,
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "inputs": inputs,
-            "outputs": outputs,
-            "stages": (model.pipeline_info() or {"stages": 1})["stages"],
-            "generation": generation_info(model),
-            "batch_buckets": getattr(model, "batch_buckets", None) or None,
-            **me,
-        }
-    )
-    beat = threading.Thread(
-        target=_heartbeats,
-        args=(distributed_address, me, stop, keys),
-        daemon=True,
-        name=f"dinb-agent-{rank}-heartbeat",
-    )
-    beat.start()
 
-    def predict(arrays: list[Any], micro_batches: int | None = None) -> list[Any]:
-        return [t.get_data_to_numpy() for t in model.predict(arrays, micro_batches=micro_batches)]
+class AgentLoop:
+    """One agent's sockets (ZeroMQ to the worker, and the local link once it is offered), its
+    heartbeat thread, and the loop that answers the worker's requests."""
 
-    samplers: dict[int, Any] = {}  # a decoder's: each slot's token picker
+    def __init__(self, address: str, model: Any, rank: int, world: int, job: str, stop: threading.Event,
+                 worker_timeout_s: float, keys: Any):
+        import zmq
 
-    def answer(header: dict[str, Any], frames: list[Any]) -> list[Any]:
+        self.address, self.model, self.rank, self.stop = address, model, rank, stop
+        self.worker_timeout_s = worker_timeout_s
+        self.identity = agent_identity(job, rank)
+        self.me = {"rank": rank, "job": job}
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, self.identity.encode())
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            keys.as_agent(self.sock)
+        self.sock.connect(f"tcp://{address}")
+        self.registration = wire.pack({"type": "register", "world": world, **self.me,
+                                       **registration_of(model)})
+        self.beat = threading.Thread(target=_heartbeats, args=(address, self.me, stop, keys), daemon=True,
+                                     name=f"dinb-agent-{rank}-heartbeat")
+        self.beat.start()
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.link: Any = None  # the local link to the worker, once connected
+        self.samplers: dict[int, Any] = {}  # a decoder's: each slot's token picker
+        self.registered = False
+
+    def run(self) -> str:
+        self.sock.send_multipart(self.registration)
+        t0 = told = time.monotonic()
+        while not self.stop.is_set():
+            events = dict(self.poller.poll(200))
+            if self.link is not None and self.link.fileno() in events:
+                self._serve_link()
+            elif self.sock in events:
+                if self._on_message(self.sock.recv_multipart(copy=False)):
+                    return "stopped"
+            elif not self.registered:
+                if time.monotonic() - t0 > self.worker_timeout_s:
+                    raise DinbError(
+                        f"rank {self.rank}: no distributed worker answered at {self.address} within "
+                        f"{self.worker_timeout_s:g} s; start the servable (distributed.start_servable) "
+                        "with this distributed_address")
+                if time.monotonic() - told > 5:
+                    log.warning("rank %d waits for the distributed worker at %s", self.rank, self.address)
+                    told = time.monotonic()
+        return "interrupted"
+
+    def _on_message(self, frames: list[Any]) -> bool:
+        """Act on one message from the worker; True when it says stop."""
+        header = wire.header(frames)
+        kind = header.get("type")
+        if kind == "welcome":
+            self.registered = True
+            self._drop_link()
+            self.link = _link_to(header.get("link"), self.identity)
+            if self.link is not None:
+                import zmq
+
+                self.poller.register(self.link, zmq.POLLIN)
+        elif kind == "register_again":  # the worker restarted under this agent
+            self.sock.send_multipart(self.registration)
+        elif kind == "refused":
+            raise DinbError(f"rank {self.rank}: the distributed worker at {self.address} refused this agent: "
+                            f"{header.get('reason')}")
+        elif kind in ("gen_step", "infer"):
+            self.sock.send_multipart(self.answer(header, frames), copy=False)
+        elif kind == "stop":
+            self.sock.send_multipart(wire.pack({"type": "bye", **self.me}))
+            return True
+        return False
+
+    def _serve_link(self) -> None:
+        """Answer one request over the local link; a link that breaks leaves ZeroMQ alone."""
+        try:
+            frames = local_link.receive(self.link)
+            if frames is not None:
+                local_link.send(self.link, self.answer(wire.header(frames), frames))
+        except OSError:  # the worker went away mid-message
+            frames = None
+        if frames is None:
+            self._drop_link()
+
+    def _drop_link(self) -> None:
+        if self.link is not None:
+            self.poller.unregister(self.link)
+            self.link.close()
+            self.link = None
+
+    def answer(self, header: dict[str, Any], frames: list[Any]) -> list[Any]:
         """The reply frames to a request (``infer`` or ``gen_step``)."""
         if header.get("type") == "gen_step":
             try:
-                result = agent_step(model, samplers, header)
+                result = agent_step(self.model, self.samplers, header)
             except DinbError as e:
                 result = {"error": f"{type(e).__name__}: {e}"}
-            return wire.pack({"type": "result", "id": header["id"], **me, **result})
-        return remote_predict.answer(predict, frames, type="result", id=header["id"], **me)[0]
+            return wire.pack({"type": "result", "id": header["id"], **self.me, **result})
 
-    poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
-    link: Any = None  # the local link to the worker, once connected
-    sock.send_multipart(registration)
-    registered, t0, told = False, time.monotonic(), time.monotonic()
-    try:
-        while not stop.is_set():
-            events = dict(poller.poll(200))
-            if link is not None and link.fileno() in events:
-                try:
-                    frames = local_link.receive(link)
-                    if frames is not None:
-                        local_link.send(link, answer(wire.header(frames), frames))
-                except OSError:  # the worker went away mid-message
-                    frames = None
-                if frames is None:  # the link is gone: back to ZeroMQ alone
-                    poller.unregister(link)
-                    link.close()
-                    link = None
-                continue
-            if sock not in events:
-                if not registered and time.monotonic() - t0 > worker_timeout_s:
-                    raise DinbError(
-                        f"rank {rank}: no distributed worker answered at {distributed_address} "
-                        f"within {worker_timeout_s:g} s; start the servable "
-                        "(distributed.start_servable) with this distributed_address"
-                    )
-                if not registered and time.monotonic() - told > 5:
-                    log.warning("rank %d waits for the distributed worker at %s", rank, distributed_address)
-                    told = time.monotonic()
-                continue
-            frames = sock.recv_multipart(copy=False)
-            header = wire.header(frames)
-            kind = header.get("type")
-            if kind == "welcome":
-                registered = True
-                if link is not None:
-                    poller.unregister(link)
-                    link.close()
-                link = _link_to(header.get("link"), f"{job}/{rank}")
-                if link is not None:
-                    poller.register(link, zmq.POLLIN)
-            elif kind == "register_again":  # the worker restarted under this agent
-                sock.send_multipart(registration)
-            elif kind == "refused":
-                raise DinbError(
-                    f"rank {rank}: the distributed worker at {distributed_address} refused this "
-                    f"agent: {header.get('reason')}"
-                )
-            elif kind in ("gen_step", "infer"):
-                sock.send_multipart(answer(header, frames), copy=False)
-            elif kind == "stop":
-                sock.send_multipart(wire.pack({"type": "bye", **me}))
-                return "stopped"
-        return "interrupted"
-    finally:
-        stop.set()
-        beat.join(timeout=2)
-        if link is not None:
-            link.close()
-        sock.close(linger=100)
+        def predict(arrays: list[Any], micro_batches: int | None = None) -> list[Any]:
+            return [t.get_data_to_numpy() for t in self.model.predict(arrays, micro_batches=micro_batches)]
+
+        return remote_predict.answer(predict, frames, type="result", id=header["id"], **self.me)[0]
+
+    def close(self) -> None:
+        self.stop.set()
+        self.beat.join(timeout=2)
+        if self.link is not None:
+            self.link.close()
+        self.sock.close(linger=100)
+
+
+def registration_of(model: Any) -> dict[str, Any]:
+    """What the worker learns of this agent's export when it registers."""
+    inputs, outputs = model_io(model)
+    return {"pid": os.getpid(), "host": socket.gethostname(), "inputs": inputs, "outputs": outputs,
+            "stages": (model.pipeline_info() or {"stages": 1})["stages"],
+            "generation": generation_info(model), "batch_buckets": model.batch_buckets or None}
 
 
 def _link_to(invite: dict[str, Any] | None, key: str) -> Any:
@@ -199,7 +216,7 @@ def _heartbeats(address: str, me: dict[str, Any], stop: threading.Event, keys: A
     sock = zmq.Context.instance().socket(zmq.DEALER)
     if keys is not None:
         keys.as_agent(sock)
-    sock.setsockopt(zmq.IDENTITY, f"{me['job']}/{me['rank']}/heartbeat".encode())
+    sock.setsockopt(zmq.IDENTITY, f"{agent_identity(me['job'], me['rank'])}/heartbeat".encode())
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 4)  # a missing worker must not pile heartbeats up
     sock.connect(f"tcp://{address}")

@@ -5,7 +5,7 @@ Two ways to start them (``startup_agents(..., launcher=)``):
 * ``"mpiexec"`` (the default for CPU agents where mpiexec is found): one MPI job,
   ``mpiexec -n 1 python -m dinb serve-agent --rank 0 ... : -n 1 ... --rank 1 ...``. The agents
   are then MPI's processes, so each runs its rank's own program with ``mpi4py``'s collectives
-  (``collectives = mpi``, :mod:`dinb.runtime.rank_steps`) instead of the SPMD program over
+  (``collectives = mpi``, :mod:`dinb.runtime.runners.rank_steps`) instead of the SPMD program over
   gloo: the Megatron MLP's all-reduce costs ~0.03 ms instead of ~0.8 ms on CPU.
 * ``"processes"`` (GPUs, or no mpiexec): one process per rank, joined by the JAX coordinator
   that rank 0 hosts; XLA's collectives (NCCL on GPUs, gloo on CPUs).

@@ -1,7 +1,7 @@
 """Generation in the server: continuous batching of sequences over the agents' slots.
 
 A decoder's export has ``S`` sequence *slots*, one row each of the KV cache the agents keep on
-their devices (see :mod:`dinb.runtime.generation`). The :class:`GenerationScheduler` in the
+their devices (see :mod:`dinb.runtime.runners.decoder`). The :class:`GenerationScheduler` in the
 serving process runs one *step* at a time on every agent, the same message to each::
 
     worker -> agents   gen_step  {prefill: [{slot, ids, sampling}], decode: {tokens, positions, active}}

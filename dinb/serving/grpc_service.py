@@ -13,6 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pbg
 
 from dinb.errors import DinbError
 from dinb.serving import protocol
@@ -49,130 +52,118 @@ def grpc_code(e: BaseException) -> Any:
     return grpc.StatusCode.INTERNAL
 
 
-def servicer(main: Main) -> Any:
-    from tritonclient.grpc import model_config_pb2 as mc
-    from tritonclient.grpc import service_pb2 as pb
-    from tritonclient.grpc import service_pb2_grpc as pbg
+async def abort(context: Any, e: BaseException) -> None:
+    """End the call with ``e``'s status (raises)."""
+    await context.abort(grpc_code(e), str(e) if isinstance(e, DinbError) else f"{type(e).__name__}: {e}")
 
-    async def abort(context: Any, e: BaseException) -> None:
-        await context.abort(grpc_code(e), str(e) if isinstance(e, DinbError) else f"{type(e).__name__}: {e}")
 
-    async def described(request: Any, context: Any) -> tuple[Any, dict[str, Any]]:
+def inputs_of(request: Any) -> dict[str, np.ndarray]:
+    """A ModelInfer request's inputs as arrays (typed ``contents`` or ``raw_input_contents``)."""
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise RequestError(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
+    out: dict[str, np.ndarray] = {}
+    for i, t in enumerate(request.inputs):
+        if t.name in out:
+            raise RequestError(f"input {t.name!r} is given twice")
+        if raw:
+            out[t.name] = protocol.tensor_from(t.name, t.datatype, list(t.shape), raw=raw[i])
+            continue
+        field = CONTENTS.get(t.datatype)
+        if field is None:
+            raise RequestError(f"input {t.name!r}: datatype {t.datatype} needs raw_input_contents")
+        data = list(getattr(t.contents, field))
+        out[t.name] = protocol.tensor_from(t.name, t.datatype, list(t.shape), data=data)
+    return out
+
+
+def metadata_response(meta: dict[str, Any]) -> Any:
+    tensor = pb.ModelMetadataResponse.TensorMetadata
+    tensors = [[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in meta[k]]
+               for k in ("inputs", "outputs")]
+    return pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform="dinb",
+                                    inputs=tensors[0], outputs=tensors[1])
+
+
+def config_response(name: str, servable: Any, meta: dict[str, Any]) -> Any:
+    batch = servable.batcher.max_batch if servable.spec.model.with_batch_dim else 0
+
+    def tensors(cls: Any, key: str) -> list[Any]:
+        return [cls(name=t["name"], data_type=mc.DataType.Value("TYPE_" + t["datatype"]), dims=t["shape"])
+                for t in meta[key]]
+
+    return pb.ModelConfigResponse(config=mc.ModelConfig(
+        name=name, platform="dinb", max_batch_size=batch, input=tensors(mc.ModelInput, "inputs"),
+        output=tensors(mc.ModelOutput, "outputs")))
+
+
+def infer_response(request: Any, version: int, outputs: dict[str, np.ndarray], names: list[str],
+                   compute_ms: float) -> Any:
+    response = pb.ModelInferResponse(model_name=request.model_name, model_version=str(version), id=request.id)
+    response.parameters["dinb_compute_ms"].double_param = compute_ms
+    for name in names:
+        a = np.ascontiguousarray(outputs[name])
+        response.outputs.append(pb.ModelInferResponse.InferOutputTensor(
+            name=name, datatype=protocol.v2_dtype(str(a.dtype)), shape=list(a.shape)))
+        response.raw_output_contents.append(a.tobytes())
+    return response
+
+
+class Service(pbg.GRPCInferenceServiceServicer):
+    """The v2 service over one :class:`Main`."""
+
+    def __init__(self, main: Main):
+        self.main = main
+
+    async def described(self, request: Any, context: Any) -> tuple[Any, dict[str, Any]]:
         """The servable a metadata request names and its v2 metadata (aborts when unknown)."""
         try:
-            servable, method = main.resolve(request.name, request.version)
+            servable, method = self.main.resolve(request.name, request.version)
             return servable, protocol.metadata(servable, method, request.name)
         except DinbError as e:
             await abort(context, e)
             raise  # abort raises; this line only tells the type checker
 
-    def inputs_of(request: Any) -> dict[str, np.ndarray]:
-        raw = list(request.raw_input_contents)
-        if raw and len(raw) != len(request.inputs):
-            raise RequestError(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
-        out: dict[str, np.ndarray] = {}
-        for i, t in enumerate(request.inputs):
-            if t.name in out:
-                raise RequestError(f"input {t.name!r} is given twice")
-            if raw:
-                out[t.name] = protocol.tensor_from(t.name, t.datatype, list(t.shape), raw=raw[i])
-            else:
-                field = CONTENTS.get(t.datatype)
-                if field is None:
-                    raise RequestError(f"input {t.name!r}: datatype {t.datatype} needs raw_input_contents")
-                out[t.name] = protocol.tensor_from(
-                    t.name, t.datatype, list(t.shape), data=list(getattr(t.contents, field))
-                )
-        return out
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return pb.ServerLiveResponse(live=True)
 
-    class Service(pbg.GRPCInferenceServiceServicer):
-        async def ServerLive(self, request: Any, context: Any) -> Any:
-            return pb.ServerLiveResponse(live=True)
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return pb.ServerReadyResponse(ready=self.main.ready)
 
-        async def ServerReady(self, request: Any, context: Any) -> Any:
-            return pb.ServerReadyResponse(ready=main.ready)
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        try:
+            servable, _ = protocol.resolve(self.main.servables, request.name, request.version)
+        except DinbError as e:
+            await abort(context, e)
+        return pb.ModelReadyResponse(ready=servable.ready and not self.main.stopping)
 
-        async def ModelReady(self, request: Any, context: Any) -> Any:
-            try:
-                servable, _ = protocol.resolve(main.servables, request.name, request.version)
-            except DinbError as e:
-                await abort(context, e)
-            return pb.ModelReadyResponse(ready=servable.ready and not main.stopping)
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        return pb.ServerMetadataResponse(name="dinb", version=__version__, extensions=["binary_tensor_data"])
 
-        async def ServerMetadata(self, request: Any, context: Any) -> Any:
-            return pb.ServerMetadataResponse(
-                name="dinb", version=__version__, extensions=["binary_tensor_data"]
-            )
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        return metadata_response((await self.described(request, context))[1])
 
-        async def ModelMetadata(self, request: Any, context: Any) -> Any:
-            _, meta = await described(request, context)
-            tensors = [
-                [
-                    pb.ModelMetadataResponse.TensorMetadata(
-                        name=t["name"], datatype=t["datatype"], shape=t["shape"]
-                    )
-                    for t in meta[k]
-                ]
-                for k in ("inputs", "outputs")
-            ]
-            return pb.ModelMetadataResponse(
-                name=meta["name"],
-                versions=meta["versions"],
-                platform="dinb",
-                inputs=tensors[0],
-                outputs=tensors[1],
-            )
+    async def ModelConfig(self, request: Any, context: Any) -> Any:
+        servable, meta = await self.described(request, context)
+        return config_response(request.name, servable, meta)
 
-        async def ModelConfig(self, request: Any, context: Any) -> Any:
-            servable, meta = await described(request, context)
-            batch = servable.batcher.max_batch if servable.spec.model.with_batch_dim else 0
-
-            def tensors(cls: Any, key: str) -> list[Any]:
-                return [
-                    cls(name=t["name"], data_type=mc.DataType.Value("TYPE_" + t["datatype"]), dims=t["shape"])
-                    for t in meta[key]
-                ]
-
-            return pb.ModelConfigResponse(
-                config=mc.ModelConfig(
-                    name=request.name,
-                    platform="dinb",
-                    max_batch_size=batch,
-                    input=tensors(mc.ModelInput, "inputs"),
-                    output=tensors(mc.ModelOutput, "outputs"),
-                )
-            )
-
-        async def ModelInfer(self, request: Any, context: Any) -> Any:
-            try:
-                servable, method = main.resolve(request.model_name, request.model_version)
-                inputs = inputs_of(request)
-            except DinbError as e:
-                main.count(request.model_name, "grpc", e)
-                await abort(context, e)
-            try:
-                outputs, compute_ms = await main.infer(servable, method, inputs, "grpc", request.model_name)
-                names = [o.name for o in request.outputs] or list(outputs)
-                unknown = [n for n in names if n not in outputs]
-                if unknown:
-                    raise RequestError(f"requested output(s) {unknown} are not among {sorted(outputs)}")
-            except DinbError as e:
-                await abort(context, e)
-            response = pb.ModelInferResponse(
-                model_name=request.model_name, model_version=str(servable.version), id=request.id
-            )
-            response.parameters["dinb_compute_ms"].double_param = compute_ms
-            for name in names:
-                a = np.ascontiguousarray(outputs[name])
-                response.outputs.append(
-                    pb.ModelInferResponse.InferOutputTensor(
-                        name=name, datatype=protocol.v2_dtype(str(a.dtype)), shape=list(a.shape)
-                    )
-                )
-                response.raw_output_contents.append(a.tobytes())
-            return response
-
-    return Service(), pbg.add_GRPCInferenceServiceServicer_to_server
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        main = self.main
+        try:
+            servable, method = main.resolve(request.model_name, request.model_version)
+            inputs = inputs_of(request)
+        except DinbError as e:
+            main.count(request.model_name, "grpc", e)
+            await abort(context, e)
+        try:
+            outputs, compute_ms = await main.infer(servable, method, inputs, "grpc", request.model_name)
+            names = [o.name for o in request.outputs] or list(outputs)
+            unknown = [n for n in names if n not in outputs]
+            if unknown:
+                raise RequestError(f"requested output(s) {unknown} are not among {sorted(outputs)}")
+        except DinbError as e:
+            await abort(context, e)
+        return infer_response(request, servable.version, outputs, names, compute_ms)
 
 
 async def start(main: Main, address: str, max_message_bytes: int) -> Any:
@@ -186,8 +177,7 @@ async def start(main: Main, address: str, max_message_bytes: int) -> Any:
             ("grpc.so_reuseport", 0),
         ]
     )
-    service, add = servicer(main)
-    add(service, server)
+    pbg.add_GRPCInferenceServiceServicer_to_server(Service(main), server)
     try:
         port = server.add_insecure_port(address)
     except RuntimeError as e:

@@ -247,14 +247,14 @@ class Servable:
         self._codec: Any = None
 
     def generation(self) -> tuple[GenerationScheduler, Any]:
-        """A decoder's scheduler and its tokenizer (:class:`dinb.models.llama.TokenCodec`)."""
+        """A decoder's scheduler and its tokenizer (:class:`dinb.models.text.TokenCodec`)."""
         agent = self.worker.agents.get(0)
         if agent is None:
             raise Unavailable(self.worker.why_unavailable())
         if agent.generation is None:
             raise RequestError(f"model {self.name!r} does not generate; send it /infer requests")
         if self.scheduler is None:
-            from dinb.models.llama import token_codec
+            from dinb.models.text import token_codec
 
             info = agent.generation
             self.scheduler = GenerationScheduler(self.worker, info, max_waiting=self.batcher.max_queue)

@@ -1,7 +1,7 @@
 """The Open Inference Protocol v2 (KServe v2, Triton) and MindSpore Serving's REST form, as arrays.
 
 Model names: each servable method is the v2 model ``{servable}.{method}``; a servable's method
-``predict`` (or its only method) also answers to the plain servable name. So the seed's
+``predict`` (or its only method) also answers to the plain servable name. So MindSpore Serving's
 ``matmul`` servable with method ``predict`` is model ``matmul`` (or ``matmul.predict``) for
 tritonclient, and ``POST /model/matmul:predict`` in MindSpore's form.
 

@@ -18,9 +18,7 @@ are accepted (``Content-Encoding``), and responses of 16 KiB or more are compres
 
 from __future__ import annotations
 
-import asyncio
 import gzip
-import json
 import zlib
 from typing import Any
 
@@ -28,7 +26,6 @@ import numpy as np
 
 from dinb.errors import DinbError, InputError
 from dinb.serving import protocol
-from dinb.serving.generation import tokens_of
 from dinb.serving.inference import NotFound, RequestError
 from dinb.serving.main import Main, split_address
 from dinb.serving.worker import Unavailable
@@ -49,242 +46,176 @@ def http_status(e: BaseException) -> int:
     return 500
 
 
-def app(main: Main, max_body: int) -> Any:
+def reply(body: bytes | dict[str, Any], status: int = 200, request: Any = None,
+          header_length: int | None = None, content_type: str = "application/json") -> Any:
+    """A response, compressed when the request accepts it and the body is large enough."""
     from aiohttp import web
 
-    def reply(
-        body: bytes | dict[str, Any],
-        status: int = 200,
-        request: Any = None,
-        header_length: int | None = None,
-        content_type: str = "application/json",
-    ) -> Any:
-        data = body if isinstance(body, bytes) else protocol.dumps(body)
-        headers = {}
-        if header_length is not None:
-            headers["Inference-Header-Content-Length"] = str(header_length)
-        accept = request.headers.get("Accept-Encoding", "") if request is not None else ""
-        if len(data) < COMPRESS_FROM:  # small bodies: compressing costs more than it saves
-            accept = ""
-        if "gzip" in accept:  # level 1, as web servers do: 0.13 ms for 20 KiB of JSON, level 9 0.9 ms
-            data, headers["Content-Encoding"] = gzip.compress(data, COMPRESS_LEVEL), "gzip"
-        elif "deflate" in accept:
-            data, headers["Content-Encoding"] = zlib.compress(data, COMPRESS_LEVEL), "deflate"
-        return web.Response(body=data, status=status, headers=headers, content_type=content_type)
+    data = body if isinstance(body, bytes) else protocol.dumps(body)
+    headers = {}
+    if header_length is not None:
+        headers["Inference-Header-Content-Length"] = str(header_length)
+    accept = request.headers.get("Accept-Encoding", "") if request is not None else ""
+    if len(data) < COMPRESS_FROM:  # small bodies: compressing costs more than it saves
+        accept = ""
+    if "gzip" in accept:  # level 1, as web servers do: 0.13 ms for 20 KiB of JSON, level 9 0.9 ms
+        data, headers["Content-Encoding"] = gzip.compress(data, COMPRESS_LEVEL), "gzip"
+    elif "deflate" in accept:
+        data, headers["Content-Encoding"] = zlib.compress(data, COMPRESS_LEVEL), "deflate"
+    return web.Response(body=data, status=status, headers=headers, content_type=content_type)
 
-    def failure(e: BaseException, ms_form: bool = False) -> Any:
-        status = http_status(e)
-        message = str(e) if status != 500 else f"{type(e).__name__}: {e}"
-        return reply({"error_msg": message} if ms_form else {"error": message}, status)
 
-    async def body_of(request: Any) -> bytes:
-        raw = await request.read()
-        encoding = request.headers.get("Content-Encoding", "")
-        if encoding in ("gzip", "deflate"):
-            d = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
-            try:
-                raw = d.decompress(raw, max_body + 1)
-            except zlib.error as e:
-                raise RequestError(f"the {encoding} body cannot be decompressed ({e})") from None
-            if len(raw) > max_body:
-                raise TooLarge(f"the decompressed body is over the server's limit of {max_body} bytes")
-        return raw
+def failure(e: BaseException, ms_form: bool = False) -> Any:
+    """The error response of ``e`` (its HTTP status; MindSpore's ``error_msg`` form if asked)."""
+    status = http_status(e)
+    message = str(e) if status != 500 else f"{type(e).__name__}: {e}"
+    return reply({"error_msg": message} if ms_form else {"error": message}, status)
 
-    def model_of(request: Any) -> tuple[Any, str, str]:
+
+async def read_body(request: Any, max_body: int) -> bytes:
+    """The request's body, decompressed (gzip, deflate) within ``max_body`` bytes."""
+    raw = await request.read()
+    encoding = request.headers.get("Content-Encoding", "")
+    if encoding in ("gzip", "deflate"):
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+        try:
+            raw = d.decompress(raw, max_body + 1)
+        except zlib.error as e:
+            raise RequestError(f"the {encoding} body cannot be decompressed ({e})") from None
+        if len(raw) > max_body:
+            raise TooLarge(f"the decompressed body is over the server's limit of {max_body} bytes")
+    return raw
+
+
+def tensor_config(tensors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Triton's model-config form of metadata tensors."""
+    return [{"name": t["name"], "data_type": "TYPE_" + t["datatype"], "dims": t["shape"]} for t in tensors]
+
+
+class RestApi:
+    """The routes of the v2 protocol and of MindSpore Serving's REST form over one :class:`Main`."""
+
+    def __init__(self, main: Main, max_body: int):
+        self.main, self.max_body = main, max_body
+
+    def body_of(self, request: Any) -> Any:
+        return read_body(request, self.max_body)
+
+    def model_of(self, request: Any) -> tuple[Any, str, str]:
+        """The servable, method and model name a request's path names (404 if none)."""
         model = request.match_info["model"]
-        servable, method = main.resolve(model, request.match_info.get("version", ""))
+        servable, method = self.main.resolve(model, request.match_info.get("version", ""))
         return servable, method, model
 
-    async def live(request: Any) -> Any:
+    def add_routes(self, application: Any) -> None:
+        for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+            application.router.add_get(prefix, self.model_metadata)
+            application.router.add_get(prefix + "/ready", self.model_ready)
+            application.router.add_get(prefix + "/config", self.model_config)
+            application.router.add_post(prefix + "/infer", self.infer)
+        application.router.add_get("/v2/health/live", self.live)
+        application.router.add_get("/v2/health/ready", self.ready)
+        application.router.add_get("/v2", self.server_metadata)
+        application.router.add_post("/model/{target}", self.mindspore)
+        application.router.add_get("/metrics", self.metrics)
+
+    async def live(self, request: Any) -> Any:
         return reply({"live": True})
 
-    async def ready(request: Any) -> Any:
-        return reply({"ready": main.ready}, 200 if main.ready else 503)
+    async def ready(self, request: Any) -> Any:
+        return reply({"ready": self.main.ready}, 200 if self.main.ready else 503)
 
-    async def server_metadata(request: Any) -> Any:
+    async def server_metadata(self, request: Any) -> Any:
         return reply({"name": "dinb", "version": __version__,
                       "extensions": ["binary_tensor_data", "generate"]})
 
-    async def model_metadata(request: Any) -> Any:
+    async def model_metadata(self, request: Any) -> Any:
         try:
-            servable, method, model = model_of(request)
-            return reply(protocol.metadata(servable, method, model))
+            return reply(protocol.metadata(*self.model_of(request)))
         except DinbError as e:
             return failure(e)
 
-    async def model_ready(request: Any) -> Any:
+    async def model_ready(self, request: Any) -> Any:
         try:
-            servable, _, _ = model_of(request)
+            servable, _, _ = self.model_of(request)
         except DinbError as e:
             return failure(e)
-        ok = servable.ready and not main.stopping
+        ok = servable.ready and not self.main.stopping
         return reply({"ready": ok}, 200 if ok else 503)
 
-    async def model_config(request: Any) -> Any:
+    async def model_config(self, request: Any) -> Any:
         try:
-            servable, method, model = model_of(request)
+            servable, method, model = self.model_of(request)
             meta = protocol.metadata(servable, method, model)
         except DinbError as e:
             return failure(e)
         batch = servable.batcher.max_batch if servable.spec.model.with_batch_dim else 0
-        return reply(
-            {
-                "name": model,
-                "platform": "dinb",
-                "max_batch_size": batch,
-                "input": [
-                    {"name": t["name"], "data_type": "TYPE_" + t["datatype"], "dims": t["shape"]}
-                    for t in meta["inputs"]
-                ],
-                "output": [
-                    {"name": t["name"], "data_type": "TYPE_" + t["datatype"], "dims": t["shape"]}
-                    for t in meta["outputs"]
-                ],
-            }
-        )
+        return reply({"name": model, "platform": "dinb", "max_batch_size": batch,
+                      "input": tensor_config(meta["inputs"]), "output": tensor_config(meta["outputs"])})
 
-    async def infer(request: Any) -> Any:
+    async def infer(self, request: Any) -> Any:
         model = request.match_info["model"]
         try:
-            servable, method, model = model_of(request)
+            servable, method, model = self.model_of(request)
             length = request.headers.get("Inference-Header-Content-Length")
             if length is not None and not length.isdigit():
                 raise RequestError(f"Inference-Header-Content-Length {length!r} is not a byte count")
-            inputs, req = protocol.parse_rest(await body_of(request), int(length) if length else None)
+            inputs, req = protocol.parse_rest(await self.body_of(request), int(length) if length else None)
         except DinbError as e:
-            main.count(model, "rest", e)
+            self.main.count(model, "rest", e)
             return failure(e)
         try:
-            outputs, compute_ms = await main.infer(servable, method, inputs, "rest", model)
+            outputs, compute_ms = await self.main.infer(servable, method, inputs, "rest", model)
             body, header_length = protocol.rest_response(model, servable.version, outputs, req, compute_ms)
         except DinbError as e:
             return failure(e)
         return reply(body, request=request, header_length=header_length)
 
-    async def generate_request(request: Any) -> tuple[Any, Any, Any, str]:
-        """The scheduler, the tokenizer and the queued request of a generate call."""
-        servable, _, model = model_of(request)
-        scheduler, codec = servable.generation()
+    async def mindspore(self, request: Any) -> Any:
+        """``POST /model/{servable}:{method}`` with ``{"instances": [...]}``."""
+        name, _, method = request.match_info["target"].partition(":")
         try:
-            body = protocol.loads(await body_of(request))
-        except ValueError as e:
-            raise RequestError(f"the body is not JSON ({e})") from None
-        if not isinstance(body, dict):
-            raise RequestError("the body must be a JSON object with text_input or input_ids")
-        unknown = sorted(set(body) - {"id", "text_input", "input_ids", "parameters"})
-        if unknown:
-            raise RequestError(f"unknown fields {unknown}; give text_input (or input_ids) and parameters")
-        params = body.get("parameters", {})
-        if not isinstance(params, dict):
-            raise RequestError("parameters must be a JSON object")
-        if ("text_input" in body) == ("input_ids" in body):
-            raise RequestError("give the prompt as text_input or as input_ids, one of the two")
-        if "text_input" in body:
-            if not isinstance(body["text_input"], str):
-                raise RequestError("text_input must be a string")
-            ids = codec.encode(body["text_input"])
-        else:
-            ids = body["input_ids"]
-            if not isinstance(ids, list):
-                raise RequestError("input_ids must be a list of token ids")
-        return scheduler, codec, scheduler.submit(ids, params), model
-
-    def generated(model: str, servable_version: int, codec: Any, ids: list[int],
-                  **extra: Any) -> dict[str, Any]:
-        return {"model_name": model, "model_version": str(servable_version), "text_output": codec.decode(ids),
-                "output_ids": ids, **extra}
-
-    async def generate(request: Any) -> Any:
-        try:
-            scheduler, codec, req, model = await generate_request(request)
-        except DinbError as e:
-            return failure(e)
-        ids: list[int] = []
-        try:
-            async for token in tokens_of(req):
-                ids.append(token)
-        except DinbError as e:
-            return failure(e)
-        except asyncio.CancelledError:
-            scheduler.cancel(req)
-            raise
-        version = model_of(request)[0].version
-        return reply(generated(model, version, codec, ids, finish_reason=req.finish_reason), request=request)
-
-    async def generate_stream(request: Any) -> Any:
-        try:
-            scheduler, codec, req, model = await generate_request(request)
-            version = model_of(request)[0].version
-        except DinbError as e:
-            return failure(e)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
-                                               "Cache-Control": "no-cache"})
-        ids: list[int] = []
-        try:
-            await response.prepare(request)
-            async for token in tokens_of(req):
-                before = codec.decode(ids)
-                ids.append(token)
-                event = generated(model, version, codec, [token], index=len(ids) - 1)
-                event["text_output"] = codec.decode(ids)[len(before):]
-                await response.write(f"data: {json.dumps(event)}\n\n".encode())
-            done = generated(model, version, codec, [], finish_reason=req.finish_reason)
-            done["text_output"] = ""
-            await response.write(f"data: {json.dumps(done)}\n\n".encode())
-        except DinbError as e:  # the status is sent already: the error is the last event
-            await response.write(f"data: {json.dumps({'error': str(e)})}\n\n".encode())
-        except (ConnectionResetError, asyncio.CancelledError):
-            scheduler.cancel(req)  # the client left: its slot is freed at the next step
-            raise
-        await response.write_eof()
-        return response
-
-    async def mindspore(request: Any) -> Any:
-        target = request.match_info["target"]
-        name, _, method = target.partition(":")
-        try:
-            servable, method = main.resolve(f"{name}.{method}" if method else name)
-            instances = protocol.parse_instances(await body_of(request))
+            servable, method = self.main.resolve(f"{name}.{method}" if method else name)
+            instances = protocol.parse_instances(await self.body_of(request))
             ins, _ = servable.io(servable.method(method))
             dtypes = {t["name"]: t["dtype"] for t in ins}
-            batched = servable.spec.model.with_batch_dim
-            results = []
-            label = f"{servable.name}.{method}"
-            requests = [
-                {k: protocol.cast(k, v, dtypes.get(k, str(v.dtype))) for k, v in inst.items()}
-                for inst in instances
-            ]
-            if batched:  # each instance is one sample: stack them into one request of n rows
-                names = list(requests[0])
-                if any(list(r) != names for r in requests):
-                    raise RequestError("every instance must give the same inputs")
-                merged = {k: np.stack([r[k] for r in requests]) for k in names}
-                out, _ = await main.infer(servable, method, merged, "mindspore", label)
-                results = [{k: v[i] for k, v in out.items()} for i in range(len(requests))]
-            else:
-                for r in requests:
-                    results.append((await main.infer(servable, method, r, "mindspore", label))[0])
+            requests = [{k: protocol.cast(k, v, dtypes.get(k, str(v.dtype))) for k, v in inst.items()}
+                        for inst in instances]
+            results = await self._run_instances(servable, method, requests)
         except DinbError as e:
             return failure(e, ms_form=True)
         return reply(protocol.instances_response(results), request=request)
 
-    async def metrics(request: Any) -> Any:
-        body, content_type = main.metrics.exposition()
+    async def _run_instances(self, servable: Any, method: str,
+                             requests: list[dict[str, np.ndarray]]) -> list[dict[str, Any]]:
+        """Each instance's outputs: one request of n rows for a model with a batch axis (each
+        instance is one sample), else one request per instance."""
+        label = f"{servable.name}.{method}"
+        if not servable.spec.model.with_batch_dim:
+            return [(await self.main.infer(servable, method, r, "mindspore", label))[0] for r in requests]
+        names = list(requests[0])
+        if any(list(r) != names for r in requests):
+            raise RequestError("every instance must give the same inputs")
+        merged = {k: np.stack([r[k] for r in requests]) for k in names}
+        out, _ = await self.main.infer(servable, method, merged, "mindspore", label)
+        return [{k: v[i] for k, v in out.items()} for i in range(len(requests))]
+
+    async def metrics(self, request: Any) -> Any:
+        from aiohttp import web
+
+        body, content_type = self.main.metrics.exposition()
         return web.Response(body=body, headers={"Content-Type": content_type})
 
+
+def app(main: Main, max_body: int) -> Any:
+    """The aiohttp application: the v2 and MindSpore routes, and a decoder's generate routes."""
+    from aiohttp import web
+
+    from dinb.serving.rest_generate import GenerateApi
+
     application = web.Application(client_max_size=max_body)
-    for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
-        application.router.add_get(prefix, model_metadata)
-        application.router.add_get(prefix + "/ready", model_ready)
-        application.router.add_get(prefix + "/config", model_config)
-        application.router.add_post(prefix + "/infer", infer)
-        application.router.add_post(prefix + "/generate", generate)
-        application.router.add_post(prefix + "/generate_stream", generate_stream)
-    application.router.add_get("/v2/health/live", live)
-    application.router.add_get("/v2/health/ready", ready)
-    application.router.add_get("/v2", server_metadata)
-    application.router.add_post("/model/{target}", mindspore)
-    application.router.add_get("/metrics", metrics)
+    RestApi(main, max_body).add_routes(application)
+    GenerateApi(main, max_body).add_routes(application)
     return application
 
 

@@ -5,7 +5,7 @@ told otherwise). Each agent is one rank of one JAX job, already joined and loade
 
     agent  -> worker   register   {rank, world, job, pid, inputs, outputs}   then a heartbeat every 0.25 s
     worker -> agent    welcome
-    worker -> agents   infer      {id} + the arrays (the same to every rank, as the seeds do)
+    worker -> agents   infer      {id} + the arrays (the same to every rank, as MindSpore's examples do)
     agents -> worker   result     {id, outputs: [{shape, dtype, crc}], compute_ms} (+ rank 0's arrays)
     worker -> agents   gen_step   {id, prefill, decode}: a decoder's step (dinb.serving.generation)
     agents -> worker   result     {id, tokens: {slot: token}, compute_ms}
@@ -39,6 +39,11 @@ from dinb.serving.servable_key import ServableKeys, close_worker_context
 
 log = logging.getLogger("dinb.serving")
 HEARTBEAT_S = 0.25
+
+
+def agent_identity(job: Any, rank: Any) -> str:
+    """The name an agent goes by on the worker's socket and its local link: ``job/rank``."""
+    return f"{job}/{rank}"
 
 
 class Unavailable(DinbError):
@@ -269,9 +274,8 @@ class DistributedWorker:
             elif kind == "heartbeat":
                 self._heartbeat(header)
                 if self._agent(header) is None:  # this worker restarted under a running agent
-                    await self._send(
-                        f"{header.get('job')}/{header.get('rank')}".encode(), {"type": "register_again"}
-                    )
+                    identity = agent_identity(header.get("job"), header.get("rank"))
+                    await self._send(identity.encode(), {"type": "register_again"})
             elif kind == "result":
                 self._result(header, frames[1:])
             elif kind == "bye":
@@ -282,7 +286,7 @@ class DistributedWorker:
 
     def _linked_message(self, key: str, header: dict[str, Any], frames: list[Any]) -> None:
         """A message over an agent's local link: a result."""
-        if header.get("type") == "result" and f"{header.get('job')}/{header.get('rank')}" == key:
+        if header.get("type") == "result" and agent_identity(header.get("job"), header.get("rank")) == key:
             self._result(header, frames)
 
     def _agent(self, header: dict[str, Any]) -> Agent | None:

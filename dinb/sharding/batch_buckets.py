@@ -28,9 +28,9 @@ def program_name(batch: int) -> str:
     return f"{PREFIX}{batch}"
 
 
-def at_batch(shape: Sequence[int], batch: int) -> tuple[int, ...]:
-    """``shape`` with its first (batch) axis set to ``batch``."""
-    return (batch, *tuple(shape)[1:])
+def at_batch(shape: Sequence[int], batch: int | None) -> tuple[int, ...]:
+    """``shape`` with its first (batch) axis set to ``batch`` (None: ``shape`` as it is)."""
+    return tuple(shape) if batch is None else (batch, *tuple(shape)[1:])
 
 
 def divides(layouts: Sequence[Layout], shapes: Sequence[Sequence[int]], batch: int) -> bool:

@@ -46,7 +46,7 @@ GIB = 2**30
 
 
 def builtin_sources() -> dict[str, PlanSource]:
-    """The seeds' MatMul, the Megatron MLP, the deep MLP (for pipeline stages), the tiny adder (a
+    """MindSpore's MatMul example, the Megatron MLP, the deep MLP (for pipeline stages), the tiny adder (a
     decoder: its KV cache is shown beside the weights) and, when its weights package is
     installed, all-MiniLM-L6-v2, by name."""
     sources = {"matmul": PlanSource.from_model(MatMulNeg()), "mlp": PlanSource.from_model(MegatronMLP()),

@@ -1,6 +1,6 @@
 """Generation on the ranks: the KV cache on the devices, prefill and decode steps, the token loop.
 
-:class:`DecodeRun` holds what a decoder's export needs at run time (see
+:class:`DecoderRunner` holds what a decoder's export needs at run time (see
 :mod:`dinb.export.decode_programs`): the decode step and the prefill programs compiled with the cache
 *donated* (XLA writes the new keys and values into the cache's own buffers), and the cache
 itself, allocated once per rank with its layout. Every rank runs the same calls with the same
@@ -30,18 +30,25 @@ from dinb.errors import InputError, RankMismatchError
 from dinb.export.slicefile import SliceFile, TensorMeta
 from dinb.formats.safetensors import np_dtype
 from dinb.job import ranks
+from dinb.runtime.placement import place_params, xla_collectives
 from dinb.runtime.programs import deserialize
 from dinb.runtime.sampling import Sampler, SamplingParams
 from dinb.sharding.layout import Layout, one_mesh_shardings
 
 
-class DecodeRun:
+class DecoderRunner:
     """A decoder export's programs and KV cache on this process's ranks."""
 
-    def __init__(self, files: dict[int, SliceFile], job: ranks.Job, params: dict[str, Any]):
+    provider = "xla"
+    notice: str | None = None
+    gives_outputs = True
+
+    def __init__(self, files: dict[int, SliceFile], job: ranks.Job):
         first = next(iter(files.values()))
         gen = first.generation or {}
-        self.files, self.job, self.params = files, job, params
+        self.files, self.job = files, job
+        self.collectives = xla_collectives(job)
+        self.params, _ = place_params(files, job)
         self.slots, self.max_len = int(gen["slots"]), int(gen["max_len"])
         self.buckets = sorted(int(b) for b in gen["buckets"])
         self.cache_meta = TensorMeta.from_json(gen["cache"])
@@ -54,7 +61,7 @@ class DecodeRun:
          self._logits_sharding, self._step_logits_sharding) = one_mesh_shardings(
             [self.cache_meta.layout, slot_layout, whole, Layout(dm, [-1, -1]), Layout(dm, [-1, -1]),
              first.outputs[0].layout], job.devices)
-        self._p_shard = {n: a.sharding for n, a in params.items()}
+        self._p_shard = {n: a.sharding for n, a in self.params.items()}
         self._compiled: dict[Any, Any] = {}
         self.cache: Any = None
         self.timings: dict[str, float] = {}
@@ -93,8 +100,19 @@ class DecodeRun:
         self.timings[f"compile_{which}_s"] = time.perf_counter() - t0
         return self._compiled[which]
 
-    def compiled_text(self) -> str:
+    # ---- the runner's protocol ---------------------------------------------------------------------
+    def predict(self, inputs: Sequence[Any], micro_batches: int | None) -> list[np.ndarray]:
+        raise InputError("this is a decoder's export: it runs prefill and decode steps over a KV cache "
+                         "kept on the devices; call generate(prompt_ids, max_new_tokens) instead of predict")
+
+    def rank_outputs(self) -> dict[int, list[np.ndarray]]:
+        return {r: [] for r in self.files}
+
+    def describe(self) -> str:
         return str(self._compile(1).as_text())
+
+    def close(self) -> None:
+        self.cache, self.params, self._compiled = None, {}, {}
 
     def _array(self, a: np.ndarray, sharding: Any) -> Any:
         """``a`` (the same on every rank) as the program's input: numpy in one process, the
@@ -233,3 +251,38 @@ class DecodeRun:
             if on_token is not None:
                 on_token(row, token)
         return out[0] if single else out
+
+    # ---- what Model's generation methods call ------------------------------------------------
+    def stream(self, prompt_ids: Any, max_new_tokens: int, sampling: SamplingParams,
+               stop_ids: Sequence[int] = ()) -> Iterator[int]:
+        """The new tokens of one prompt as they are picked."""
+        prompts, single = self.prompts_of(prompt_ids)
+        if not single:
+            raise InputError("generate_stream takes one prompt (a list of token ids); use generate's "
+                             "on_token for several")
+        return (token for _, token in self.steps(prompts, max_new_tokens, sampling, stop_ids))
+
+    def prefill_logits(self, slot: int, prompt_ids: Sequence[int]) -> np.ndarray:
+        """``prompt_ids`` into sequence slot ``slot``; the logits after its last token."""
+        if not 0 <= slot < self.slots:
+            raise InputError(f"slot {slot}: the export has slots 0 .. {self.slots - 1}")
+        prompts, _ = self.prompts_of([list(prompt_ids)])
+        return self.prefill(slot, prompts[0])
+
+    def decode_logits(self, tokens: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+        """One decode step of ``tokens[s]`` at ``positions[s]`` in every slot; the logits."""
+        t, p = np.asarray(tokens), np.asarray(positions)
+        if t.shape != (self.slots,) or p.shape != (self.slots,):
+            raise InputError(f"decode_step takes one token and one position per slot, ({self.slots},) each; "
+                             f"got {list(t.shape)} and {list(p.shape)}")
+        if p.min() < 0 or p.max() >= self.max_len:
+            raise InputError(f"positions must lie in 0 .. {self.max_len - 1} (the cache's length)")
+        return self.decode(t, p)
+
+    def info(self) -> dict[str, Any]:
+        """``slots``, ``max_len``, prompt ``buckets``, ``vocab``, the KV ``cache`` (shape, dtype,
+        layout), the ``cache_bytes`` each local rank holds and the last generation's timings."""
+        return {"slots": self.slots, "max_len": self.max_len, "buckets": list(self.buckets),
+                "vocab": self.vocab, "cache": self.cache_meta, "cache_bytes": dict(self.cache_bytes),
+                "timings": dict(self.timings)}
+

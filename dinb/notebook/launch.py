@@ -1,11 +1,15 @@
 """How a cluster's engines are started: the ipyparallel launcher for ``mpi``, ``ssh``,
 ``slurm`` and ``local`` engines, their hosts, and where the controller listens.
+
+:class:`Launch` is the part of a :class:`~dinb.notebook.cluster.RankCluster` that knows this;
+it holds only the launch settings (and the hostfile it may write, removed by :meth:`Launch.close`).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +36,21 @@ def _mpi_launch_args(mpiexec: str, hostfile: str | None) -> list[str]:
     return ["-disable-auto-cleanup"] + (["-f", hostfile] if hostfile else [])
 
 
-class EngineLaunch:
-    """Where the engines and the controller go (a part of :class:`RankCluster`)."""
+@dataclass
+class Launch:
+    """Where ``n`` engines and the controller go (see :class:`~dinb.notebook.cluster.RankCluster`
+    for the meaning of each setting)."""
 
-    def _pick_controller_ip(self) -> str:
+    n: int
+    engines: str = "mpi"
+    hosts: list[str] | str | Path | None = None
+    controller_ip: str | None = None
+    mpi_args: list[str] = field(default_factory=list)
+    ssh_cmd: list[str] | None = None
+    warm: bool | None = None
+    hostfile: str | None = None  # the one this launch wrote for hosts=[...], if any
+
+    def controller_address(self) -> str:
         """Where the controller listens: the given address; loopback when every engine runs on
         this host; else this host's address on the route to the first other host."""
         if self.controller_ip:
@@ -47,13 +62,13 @@ class EngineLaunch:
                                    "pass controller_ip='ADDRESS of this host'")
             return source
         mine = addresses.local_addresses()
-        for host in self._host_list():
+        for host in self.host_list():
             ip = addresses.split_address(host, "hosts")[0]
             if not addresses.is_loopback(ip) and ip not in mine:
                 return addresses.own_address(ip)
         return addresses.LOOPBACK
 
-    def _host_list(self) -> list[str]:
+    def host_list(self) -> list[str]:
         if self.hosts is None:
             return []
         if isinstance(self.hosts, (str, Path)):
@@ -68,7 +83,7 @@ class EngineLaunch:
             return names
         return [str(h) for h in self.hosts]
 
-    def _uses_warm_start(self) -> bool:
+    def uses_warm_start(self) -> bool:
         """Whether the engines and the controller are forked from the warm factory
         (:mod:`dinb.notebook.warm_start`): ``warm=None`` takes it for local engines and for mpich's
         engines on this host."""
@@ -80,11 +95,11 @@ class EngineLaunch:
                                "engines, or MPI engines under mpich's mpiexec (not Open MPI's)")
         return fits
 
-    def _configure_launcher(self, config: Any) -> None:
+    def configure(self, config: Any) -> None:
         """ipyparallel's launcher configuration for ``engines`` and ``hosts``."""
         config.EngineLauncher.engine_args = [
             "--IPEngine.startup_command=import dinb.notebook.engine; dinb.notebook.engine.preload()"]
-        if self._uses_warm_start():
+        if self.uses_warm_start():
             from dinb.notebook.warm_start import factory
 
             warm = factory()
@@ -96,16 +111,22 @@ class EngineLaunch:
             config.MPILauncher.mpi_cmd = [mpiexec]
             hostfile = str(self.hosts) if isinstance(self.hosts, (str, Path)) else None
             if self.hosts and hostfile is None:
-                fd, self._hostfile = tempfile.mkstemp(prefix="dinb-hosts-", suffix=".txt")
+                fd, self.hostfile = tempfile.mkstemp(prefix="dinb-hosts-", suffix=".txt")
                 with os.fdopen(fd, "w") as f:
-                    f.write("".join(f"{h}\n" for h in self._host_list()))
-                hostfile = self._hostfile
+                    f.write("".join(f"{h}\n" for h in self.host_list()))
+                hostfile = self.hostfile
             config.MPILauncher.mpi_args = _mpi_launch_args(mpiexec, hostfile) + self.mpi_args
         elif self.engines == "ssh":
-            hosts = self._host_list()
+            hosts = self.host_list()
             counts = {h: 0 for h in hosts}
             for r in range(self.n):  # round robin, as a hostfile without counts
                 counts[hosts[r % len(hosts)]] += 1
             config.SSHEngineSetLauncher.engines = {h: c for h, c in counts.items() if c}
             if self.ssh_cmd:
                 config.SSHLauncher.ssh_cmd = list(self.ssh_cmd)
+
+    def close(self) -> None:
+        """Remove the hostfile this launch wrote."""
+        if self.hostfile is not None:
+            os.unlink(self.hostfile)
+            self.hostfile = None

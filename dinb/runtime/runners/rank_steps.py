@@ -11,11 +11,11 @@ collectives between them. For the Megatron MLP on ``n`` ranks::
 
 Two backends compile the runs of local steps:
 
-* :class:`JitRanks` (provider ``xla`` with ``collectives = mpi``): each run is one ``jax.jit``
+* :class:`MpiRunner` (provider ``xla`` with ``collectives = mpi``): each run is one ``jax.jit``
   program over the rank's own device; the all-reduce is ``mpi4py``'s ``Allreduce`` on host
   buffers. On CPU ranks that ``mpiexec`` started this replaces gloo's all-reduce inside the
   SPMD program, which costs 37x MPI's at 32 KiB (``benchmarks/collectives.py``).
-* :class:`~dinb.runtime.onnx_rank.OnnxRanks` (provider ``tensorrt``): each run as an ONNX model.
+* :class:`~dinb.runtime.runners.onnx.OnnxRunner` (provider ``tensorrt``): each run as an ONNX model.
 
 When all ranks are simulated in one process, the collectives are numpy over the local ranks.
 """
@@ -29,7 +29,11 @@ import numpy as np
 
 from dinb.errors import ProviderError
 from dinb.export.slicefile import SliceFile
+from dinb.job import ranks
 from dinb.models.rank_program import AllGather, AllReduce, Collective, Local, collect, run_locals
+from dinb.runtime.config import RuntimeConfig
+from dinb.runtime.inputs import InputCheck, one_stage
+from dinb.sharding.batch_buckets import at_batch
 
 #: one compiled run of local steps: the rank's values in, its values out
 Stage = Callable[[tuple[np.ndarray, ...]], tuple[np.ndarray, ...]]
@@ -110,51 +114,110 @@ def shapes_after(step: Collective, specs: tuple[Any, ...], world: int) -> tuple[
     return tuple(out)
 
 
+def mpi_applies(files: dict[int, SliceFile], job: ranks.Job, config: RuntimeConfig) -> bool:
+    """Whether CPU ranks of several processes run :class:`MpiRunner` (config ``collectives``).
+
+    ``mpi`` runs each rank's own program with ``mpi4py``'s collectives; it needs the ranks to be
+    MPI's processes, one rank each, and a per-rank program of the model for the export's
+    strategy. ``auto`` takes it where it can and the SPMD program (gloo) elsewhere; every rank
+    must choose alike, so the ranks compare their answers."""
+    wanted = config.collectives
+    if job.process_count == 1 or job.target != "cpu" or wanted == "gloo":
+        return False
+    first = next(iter(files.values()))
+    world = ranks.mpi_world()
+    reason = None
+    if world is None or world[1] != job.process_count or len(job.local_ranks) != 1:
+        reason = "the ranks are not MPI's processes (mpiexec or notebook engines='mpi')"
+    else:
+        try:
+            rank_program_of(first, job.world_size, "collectives = mpi")
+        except ProviderError as e:
+            reason = str(e)
+    if reason and wanted == "mpi":
+        raise ProviderError(f"collectives = mpi: {reason}; use collectives = gloo or auto")
+    return all(c == "mpi" for c in job.allgather("collectives", "gloo" if reason else "mpi"))
+
+
 class StepRanks:
     """The ranks this process hosts, each running its rank program (see the module doc), at the
     export's batch and at each of its batch buckets. Subclasses compile a run of local steps
-    (:meth:`_compile`)."""
+    (:meth:`_compile`) and name what runs them (``provider``, ``collectives``)."""
 
     what = "the per-rank program"  # for errors and describe()
     runs_on = "jit"
+    notice: str | None = None
+    gives_outputs = True
 
     def __init__(self, files: dict[int, SliceFile], world_size: int, process_count: int):
-        import jax
 
         first = next(iter(files.values()))
         self.model, self.strategy_name, self.program = rank_program_of(first, world_size, self.what)
         self.world_size = world_size
         self.comm = MpiCollectives(world_size, self.what) if process_count > 1 else None
         self.inputs, self.outputs = first.inputs, first.outputs
-        #: each local rank's compiled steps at each batch size (None: the export's own)
-        self.stages: dict[int, dict[int | None, list[Stage | Collective]]] = {}
-        for rank, sf in files.items():
-            self.stages[rank] = {}
-            for batch in first.batch_buckets or [None]:
-                shapes = [m.shape if batch is None else (batch, *m.shape[1:]) for m in self.inputs]
-                specs = tuple(jax.ShapeDtypeStruct(m.layout.slice_shape(s, m.name), m.dtype)
-                              for m, s in zip(self.inputs, shapes))
-                compiled: list[Stage | Collective] = []
-                for i, stage in enumerate(self.program.stages()):
-                    if isinstance(stage, list):
-                        name = f"{self.model.name}_rank{rank}_stage{i}" + (f"_batch{batch}" if batch else "")
-                        compiled.append(self._compile(stage, sf.params, specs, name, rank))
-                        specs = tuple(jax.eval_shape(_runner(stage, sf.params), *specs))
-                    else:
-                        compiled.append(stage)
-                        specs = shapes_after(stage, specs, world_size)
-                self.stages[rank][batch] = compiled
+        self.buckets: list[int] = first.batch_buckets
+        self.check = InputCheck(self.inputs, self.buckets)
+        #: at each batch size the export runs, each local rank's slices of every input
+        self.in_slices = {b: {r: [m.layout.slice_of(r, at_batch(m.shape, b), m.name) for m in self.inputs]
+                              for r in files} for b in self.buckets or [None]}
+        self._last: dict[int, tuple[np.ndarray, ...]] = {}
+        self.files = files
+        #: each local rank's compiled steps at each batch size (None: the export's own); a bucket's
+        #: steps are compiled the first time a batch of its size comes
+        self.stages: dict[int, dict[int | None, list[Stage | Collective]]] = {r: {} for r in files}
+        for rank in files:
+            self.steps_at(rank, self.buckets[-1] if self.buckets else None)
+
+    def steps_at(self, rank: int, batch: int | None) -> list[Stage | Collective]:
+        """Rank ``rank``'s compiled steps at ``batch`` rows."""
+        import jax
+
+        if batch in self.stages[rank]:
+            return self.stages[rank][batch]
+        params = self.files[rank].params
+        shapes = [at_batch(m.shape, batch) for m in self.inputs]
+        specs = tuple(jax.ShapeDtypeStruct(m.layout.slice_shape(s, m.name), m.dtype)
+                      for m, s in zip(self.inputs, shapes))
+        compiled: list[Stage | Collective] = []
+        for i, stage in enumerate(self.program.stages()):
+            if isinstance(stage, list):
+                name = f"{self.model.name}_rank{rank}_stage{i}" + (f"_batch{batch}" if batch else "")
+                compiled.append(self._compile(stage, params, specs, name, rank))
+                specs = tuple(jax.eval_shape(_runner(stage, params), *specs))
+            else:
+                compiled.append(stage)
+                specs = shapes_after(stage, specs, self.world_size)
+        self.stages[rank][batch] = compiled
+        return compiled
 
     def _compile(self, steps: Sequence[Local], params: dict[str, np.ndarray], specs: tuple[Any, ...],
                  name: str, rank: int) -> Stage:
         raise NotImplementedError
+
+    def predict(self, inputs: Sequence[Any], micro_batches: int | None) -> list[np.ndarray]:
+        """Every local rank's program on its slices of ``inputs``; the first local rank's outputs
+        (whole where replicated, its slice where the layout splits them)."""
+        one_stage(micro_batches)
+        arrays = self.check(inputs)
+        batch = arrays[0].shape[0] if self.buckets else None
+        self._last = {}
+        self._last = self.run({r: tuple(a[sl] for a, sl in zip(arrays, slices))
+                               for r, slices in self.in_slices[batch].items()}, batch)
+        return list(next(iter(self._last.values())))
+
+    def rank_outputs(self) -> dict[int, list[np.ndarray]]:
+        return {r: list(v) for r, v in self._last.items()}
+
+    def close(self) -> None:
+        self._last, self.stages = {}, {}
 
     def run(self, inputs_by_rank: dict[int, tuple[np.ndarray, ...]],
             batch: int | None = None) -> dict[int, tuple[np.ndarray, ...]]:
         """Every local rank's program (at ``batch`` rows, one of the export's batch buckets; None:
         the export's batch) on its input slices; the outputs of each local rank."""
         values = dict(inputs_by_rank)
-        steps = {r: by_batch[batch] for r, by_batch in self.stages.items()}
+        steps = {r: self.steps_at(r, batch) for r in self.stages}
         for i, step in enumerate(steps[next(iter(steps))]):
             if isinstance(step, (AllReduce, AllGather)):
                 values = self._collect(step, values)
@@ -190,12 +253,13 @@ def _runner(steps: Sequence[Local], params: dict[str, Any]) -> Callable[..., tup
     return run
 
 
-class JitRanks(StepRanks):
+class MpiRunner(StepRanks):
     """Runs of local steps as ``jax.jit`` programs on each rank's own device (the parameters
     placed there once), collectives over MPI."""
 
     what = "collectives = mpi"
     runs_on = "xla"
+    provider, collectives = "xla", "mpi"
 
     def __init__(self, files: dict[int, SliceFile], world_size: int, process_count: int,
                  devices: dict[int, Any]):

@@ -12,7 +12,7 @@ Sends do not wait for the receiver, so stage ``s`` starts micro-batch ``m + 1`` 
 ``s + 1`` works on ``m``: GPipe's schedule falls out of the data dependencies (see
 :mod:`dinb.sharding.pipeline` for the bubble). Every computation is timed (``events``), on the wall clock
 shared by the processes of one machine, so the schedule that actually ran can be drawn and its
-bubble measured. The links between stages are in :mod:`dinb.runtime.stage_link`.
+bubble measured. The links between stages are in :mod:`dinb.runtime.runners.stage_link`.
 """
 
 from __future__ import annotations
@@ -28,14 +28,19 @@ from dinb.errors import InputError, RankMismatchError
 from dinb.export.slicefile import SliceFile, TensorMeta
 from dinb.job import ranks
 from dinb.runtime.config import RuntimeConfig
+from dinb.runtime.inputs import InputCheck
+from dinb.runtime.placement import xla_collectives
 from dinb.runtime.programs import deserialize
-from dinb.runtime.stage_link import LocalLink, MpiLink, Shard, XlaLink, choose_transfer
+from dinb.runtime.runners.stage_link import LocalLink, MpiLink, Shard, XlaLink, choose_transfer
 from dinb.sharding.layout import one_mesh_shardings
 from dinb.sharding.pipeline import StageEvent
 
 
-class PipelineRun:
+class PipelineRunner:
     """The stages this process hosts, compiled, and the link to the stages next to them."""
+
+    provider = "xla"
+    notice: str | None = None
 
     def __init__(self, files: dict[int, SliceFile], job: ranks.Job, config: RuntimeConfig):
         first = next(iter(files.values()))
@@ -50,6 +55,7 @@ class PipelineRun:
                      for s in self.local_stages}
         self.inputs = first.inputs
         self.outputs = first.outputs
+        self.check = InputCheck(self.inputs, [])
         self.check_micro(config.micro_batches, "the config's micro_batches")
         self.transfer = choose_transfer(config.stage_transfer, job.process_count, job.process_index,
                                         job.target)
@@ -70,6 +76,20 @@ class PipelineRun:
         self.events: list[StageEvent] = []
         self._last: list[list[Any]] = []  # the last stage's outputs, per micro-batch
         self.last_micro_batches = 1
+        self.collectives = "none within a stage" if self.t == 1 and job.process_count > 1 \
+            else xla_collectives(job)
+
+    def info(self) -> dict[str, Any]:
+        """``stages``, ``stage_ranks``, the ``micro_batches`` counts exported, the stages this
+        process hosts, the ``transfer`` between stages and each local stage's ``layers``."""
+        return {"stages": self.stages, "stage_ranks": self.t, "micro_batches": list(self.micro_counts),
+                "local_stages": list(self.local_stages), "transfer": self.transfer,
+                "layers": {s: list(self.meta[s]["layers"]) for s in self.local_stages}}
+
+    def close(self) -> None:
+        self._last, self._params, self._compiled = [], {}, {}
+        if self.transfer == "local":
+            self._pool.shutdown(wait=False)
 
     # ---- who does what -----------------------------------------------------------------------
     @property
@@ -142,10 +162,12 @@ class PipelineRun:
         return self._compiled[(stage, m)]
 
     # ---- run ---------------------------------------------------------------------------------
-    def predict(self, arrays: Sequence[np.ndarray] | None, m: int) -> list[np.ndarray]:
-        """One predict in ``m`` micro-batches; the outputs when this process hosts the last stage
-        (else ``[]``). ``arrays`` are the whole batch's inputs (needed by the first stage only)."""
-        self.check_micro(m)
+    def predict(self, inputs: Sequence[Any], micro_batches: int | None) -> list[np.ndarray]:
+        """One predict in ``micro_batches`` micro-batches (None: the config's); the outputs when
+        this process hosts the last stage (else ``[]``). ``inputs`` are the whole batch's (needed
+        by the first stage only: the others may pass ``[]``)."""
+        m = self.check_micro(self.config.micro_batches if micro_batches is None else micro_batches)
+        arrays = self.check(inputs) if self.takes_inputs or len(inputs) else None
         for s in self.local_stages:
             self._compile(s, m)  # every rank of a stage compiles, before any stage starts
         micro_inputs: list[list[np.ndarray]] = []

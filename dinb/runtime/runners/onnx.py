@@ -1,14 +1,14 @@
 """The ``tensorrt`` provider: each rank's program as ONNX, run by ONNX Runtime, TensorRT first.
 
 The program comes from the model's :class:`~dinb.models.rank_program.RankProgram` for the
-export's strategy (:mod:`dinb.runtime.rank_steps`). Every run of local steps is converted by
+export's strategy (:mod:`dinb.runtime.runners.rank_steps`). Every run of local steps is converted by
 ``jax2onnx`` into one ONNX model whose constants are this rank's weight slices; every
 collective between them runs over MPI (or numpy, when all ranks are simulated in one process).
 
 ONNX Runtime runs each model with the first execution provider available of TensorRT (an engine
 built per rank and cached under ``~/.cache/dinb/tensorrt``), CUDA (target ``gpu``) and CPU.
-The one used is reported (:attr:`OnnxRanks.provider`), and a fallback from TensorRT is always
-announced (:attr:`OnnxRanks.notice`, also as a ``ProviderFallbackWarning``), never silent.
+The one used is reported (:attr:`OnnxRunner.provider`), and a fallback from TensorRT is always
+announced (:attr:`OnnxRunner.notice`, also as a ``ProviderFallbackWarning``), never silent.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 from dinb.errors import ProviderError, ProviderFallbackWarning
 from dinb.export.slicefile import SliceFile
 from dinb.models.rank_program import Local, run_locals
-from dinb.runtime.rank_steps import Stage, StepRanks
+from dinb.runtime.runners.rank_steps import Stage, StepRanks
 
 INSTALL = ("pip install 'dinb[onnx]' (onnxruntime and jax2onnx; for the GPU providers "
            "onnxruntime-gpu and NVIDIA TensorRT)")
@@ -79,7 +79,7 @@ def execution_providers(target: str, cache_dir: Path) -> tuple[list[Any], str | 
     return chosen, notice
 
 
-class OnnxRanks(StepRanks):
+class OnnxRunner(StepRanks):
     """The ranks this process hosts, each running its program as ONNX models (see module doc)."""
 
     what = "provider 'tensorrt'"
@@ -93,10 +93,12 @@ class OnnxRanks(StepRanks):
             raise ProviderError(f"{first.path}: the ONNX path runs float32 exports; {odd} are not "
                                 "float32. Export without --dtype, or use provider 'xla'.")
         self.providers, self.notice = execution_providers(target, cache_root() / "tensorrt" / first.export_id)
-        self.provider = ""
+        self.onnx_provider = ""  # the execution provider ONNX Runtime took
+        self.collectives = "mpi" if process_count > 1 else "in-process"
         super().__init__(files, world_size, process_count)  # refuses what it cannot run
+        self.provider = f"tensorrt: onnxruntime {self.onnx_provider}"
         if self.notice:  # announced once the program runs here
-            warnings.warn(self.notice, ProviderFallbackWarning, stacklevel=3)
+            warnings.warn(self.notice, ProviderFallbackWarning, stacklevel=4)
 
     def _compile(self, steps: Sequence[Local], params: dict[str, np.ndarray], specs: tuple[Any, ...],
                  name: str, rank: int) -> Stage:
@@ -114,7 +116,7 @@ class OnnxRanks(StepRanks):
         options = ort.SessionOptions()
         options.log_severity_level = 3
         session = ort.InferenceSession(proto.SerializeToString(), options, providers=self.providers)
-        self.provider = self.provider or session.get_providers()[0]
+        self.onnx_provider = self.onnx_provider or session.get_providers()[0]
 
         def stage(values: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
             return tuple(session.run(None, {f"v{j}": np.ascontiguousarray(v) for j, v in enumerate(values)}))
