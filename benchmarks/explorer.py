@@ -41,7 +41,7 @@ def main() -> None:
     from predict_overhead import machine, median_ms
 
     from dinb.explore.plan import StrategyPlan
-    from dinb.explore.xla_view import XlaViewer, _handle
+    from dinb.explore.xla_view import XlaViewer, handle_request
     from dinb.models import MegatronMLP
     from dinb.widgets import StrategyExplorer
 
@@ -60,7 +60,7 @@ def main() -> None:
     for n in (2, 4, 8):
         strategy = model.strategy(n)
         request = ("model", pickle.dumps(model), strategy.to_json(), inputs, params)
-        a = median_ms(lambda: _handle(request, devices[:n]), args.repeat)  # noqa: B023
+        a = median_ms(lambda: handle_request(request, devices[:n]), args.repeat)  # noqa: B023
         b = median_ms(lambda: viewer.compile_model(model, strategy, inputs, params), args.repeat)  # noqa: B023
 
         def away(cached: bool) -> None:

@@ -152,66 +152,74 @@ class DistributedCheckpoint:
 
     def _add_file(self, rank: int, path: Path) -> None:
         if path.suffix == SUFFIX:
-            f = DinbRankFile(path)
-            if f.rank != rank:
-                raise CheckpointError(
-                    f"{path} holds rank {f.rank}'s slices but is listed as rank {rank}; pass the files "
-                    "in rank order (or a directory of rank_{r}/ folders)"
-                )
-            if f.world_size != self.device_num:
-                raise CheckpointError(
-                    f"{path} was saved by a job of {f.world_size} ranks, the other files by "
-                    f"{self.device_num}; they belong to different checkpoints"
-                )
-            for name, stored in f.tensors.items():
-                box = f.box(name)
-                if self.strategy is not None and name in self.strategy:
-                    want = box_of(self.strategy, name, rank, f.full_shape(name))
-                    if want != box:
-                        puts = (f"puts {[list(b) for b in want]} on rank {rank}" if want is not None
-                                else f"places it in another stage{stage_note(self.strategy, name)}")
-                        raise CheckpointError(
-                            f"{path} (rank {rank}): parameter {name!r} holds the part "
-                            f"{[list(b) for b in box]} but the given strategy {puts}; the file was "
-                            "saved with another strategy"
-                        )
-                self._record(path, rank, name, f.full_shape(name), box, stored)
-            for name, text in f.strings.items():
-                self._add_string(path, rank, name, text)
+            self._add_dinb_file(rank, path)
         elif path.suffix == ".ckpt":
-            ck = MindSporeCheckpoint(path, verify=self.verify)
-            for name in ck.names:
-                if name in ck.strings:
-                    self._add_string(path, rank, name, ck.strings[name])
-                    continue
-                stored = ck.tensors[name]
-                item = item_of(self.strategy, name, len(stored.shape))
-                full = full_shape_of(item, stored.shape)
-                if self.strategy is not None and name in self.strategy and item.shape:
-                    full = tuple(item.shape)
-                try:
-                    held = box_of(self.strategy, name, rank, full)
-                except DinbError as e:
-                    raise CheckpointError(f"{path} (rank {rank}): parameter {name!r}: {e}") from None
-                if held is None:
-                    raise CheckpointError(
-                        f"{path} (rank {rank}): the file holds parameter {name!r}, which the strategy "
-                        f"places in another pipeline stage{stage_note(self.strategy, name)}; the "
-                        "strategy does not belong to this checkpoint"
-                    )
-                box = held
-                if box_shape(box) != stored.shape:
-                    raise CheckpointError(
-                        f"{path} (rank {rank}): parameter {name!r} has shape {list(stored.shape)} but "
-                        f"the strategy gives rank {rank} a slice of shape {list(box_shape(box))} of "
-                        f"{list(full)}; the strategy does not belong to this checkpoint"
-                    )
-                self._record(path, rank, name, full, box, stored)
+            self._add_ckpt_file(rank, path)
         else:
             raise CheckpointError(
                 f"{path}: unknown checkpoint file type; dinb reads its own {SUFFIX} files and "
                 "MindSpore .ckpt files"
             )
+
+    def _add_dinb_file(self, rank: int, path: Path) -> None:
+        """A dinb rank file: each tensor's box comes from the file, checked against the strategy."""
+        f = DinbRankFile(path)
+        if f.rank != rank:
+            raise CheckpointError(
+                f"{path} holds rank {f.rank}'s slices but is listed as rank {rank}; pass the files "
+                "in rank order (or a directory of rank_{r}/ folders)"
+            )
+        if f.world_size != self.device_num:
+            raise CheckpointError(
+                f"{path} was saved by a job of {f.world_size} ranks, the other files by "
+                f"{self.device_num}; they belong to different checkpoints"
+            )
+        for name, stored in f.tensors.items():
+            box = f.box(name)
+            if self.strategy is not None and name in self.strategy:
+                want = box_of(self.strategy, name, rank, f.full_shape(name))
+                if want != box:
+                    puts = (f"puts {[list(b) for b in want]} on rank {rank}" if want is not None
+                            else f"places it in another stage{stage_note(self.strategy, name)}")
+                    raise CheckpointError(
+                        f"{path} (rank {rank}): parameter {name!r} holds the part "
+                        f"{[list(b) for b in box]} but the given strategy {puts}; the file was "
+                        "saved with another strategy"
+                    )
+            self._record(path, rank, name, f.full_shape(name), box, stored)
+        for name, text in f.strings.items():
+            self._add_string(path, rank, name, text)
+
+    def _add_ckpt_file(self, rank: int, path: Path) -> None:
+        """A MindSpore .ckpt: each tensor's box comes from the strategy (the file holds none)."""
+        ck = MindSporeCheckpoint(path, verify=self.verify)
+        for name in ck.names:
+            if name in ck.strings:
+                self._add_string(path, rank, name, ck.strings[name])
+                continue
+            stored = ck.tensors[name]
+            item = item_of(self.strategy, name, len(stored.shape))
+            full = full_shape_of(item, stored.shape)
+            if self.strategy is not None and name in self.strategy and item.shape:
+                full = tuple(item.shape)
+            try:
+                held = box_of(self.strategy, name, rank, full)
+            except DinbError as e:
+                raise CheckpointError(f"{path} (rank {rank}): parameter {name!r}: {e}") from None
+            if held is None:
+                raise CheckpointError(
+                    f"{path} (rank {rank}): the file holds parameter {name!r}, which the strategy "
+                    f"places in another pipeline stage{stage_note(self.strategy, name)}; the "
+                    "strategy does not belong to this checkpoint"
+                )
+            box = held
+            if box_shape(box) != stored.shape:
+                raise CheckpointError(
+                    f"{path} (rank {rank}): parameter {name!r} has shape {list(stored.shape)} but "
+                    f"the strategy gives rank {rank} a slice of shape {list(box_shape(box))} of "
+                    f"{list(full)}; the strategy does not belong to this checkpoint"
+                )
+            self._record(path, rank, name, full, box, stored)
 
     def _add_string(self, path: Path, rank: int, name: str, text: str) -> None:
         if name in self.shapes:

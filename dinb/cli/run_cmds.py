@@ -44,8 +44,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     inputs = model.get_inputs()
     for t in inputs:
         t.set_data_from_numpy(make_input(args.input, t.shape, t.dtype, args.seed, t.name))
+    outputs, stats = _timed_predicts(model, inputs, args)
+    if args.save_outputs:
+        _save_outputs(model, outputs, Path(args.save_outputs))
+    gathered = job.allgather("report", json.dumps({"lines": _rank_report(model, outputs), "stats": stats}))
+    if job.process_index == 0:
+        _print_report(model, [json.loads(g) for g in gathered], args)
+    del model, inputs, outputs  # their device arrays hold the GPU client (see ranks.shutdown)
+    ranks.shutdown()
+    return 0
 
+
+def _timed_predicts(model: Any, inputs: list[Any],
+                    args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
+    """``--warmup`` then ``--repeat`` predicts: the last outputs, and this rank's median times."""
     times_predict, times_loop = [], []
+    outputs: list[Any] = []
     for i in range(args.warmup + args.repeat):
         t0 = time.perf_counter()
         outputs = model.predict(inputs, micro_batches=args.micro_batches)
@@ -58,20 +72,33 @@ def cmd_run(args: argparse.Namespace) -> int:
             _ = [o.get_data_to_numpy() for o in outputs]
             if i >= args.warmup:
                 times_loop.append(time.perf_counter() - t0)
+    return outputs, {
+        "predict_ms_median": 1e3 * statistics.median(times_predict) if times_predict else None,
+        "loop_ms_median": 1e3 * statistics.median(times_loop) if times_loop else None,
+        "load_s": model.timings["load_s"], "compile_s": model.timings["compile_s"],
+    }
 
-    rank_outputs = model.rank_outputs()
+
+def _first_output_rank(model: Any) -> int:
+    """The first rank holding outputs: rank 0, or the first rank of the last pipeline stage."""
     pipe = model.pipeline_info()
-    # the first rank holding outputs: rank 0, or the first rank of the last pipeline stage
-    first_out = job.world_size - pipe["stage_ranks"] if pipe else 0
-    if args.save_outputs:
-        out_dir = Path(args.save_outputs)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for rank, arrays in rank_outputs.items():
-            for out, data in zip(outputs, arrays):
-                np.save(out_dir / f"rank{rank}_{out.name}.npy", data)
-        if first_out in job.local_ranks:  # this rank's (whole) outputs, one file per output name
-            for out in outputs:
-                np.save(out_dir / f"{out.name}.npy", out.get_data_to_numpy())
+    return model.world_size - pipe["stage_ranks"] if pipe else 0
+
+
+def _save_outputs(model: Any, outputs: list[Any], out_dir: Path) -> None:
+    """``rank{r}_{name}.npy`` of every local rank, and ``{name}.npy`` from the first output rank."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for rank, arrays in model.rank_outputs().items():
+        for out, data in zip(outputs, arrays):
+            np.save(out_dir / f"rank{rank}_{out.name}.npy", data)
+    if _first_output_rank(model) in model.local_ranks:  # this rank's (whole) outputs, one file per name
+        for out in outputs:
+            np.save(out_dir / f"{out.name}.npy", out.get_data_to_numpy())
+
+
+def _rank_report(model: Any, outputs: list[Any]) -> list[str]:
+    """What each local rank prints: who it is, and MindSpore Lite's lines for every output."""
+    job, pipe, rank_outputs = model.job, model.pipeline_info(), model.rank_outputs()
     report: list[str] = []
     for rank in job.local_ranks:
         stage = ""
@@ -84,36 +111,29 @@ def cmd_run(args: argparse.Namespace) -> int:
             [o.get_data_to_numpy() for o in outputs]
         for out, data in zip(outputs, per_rank):
             report += ["  " + line for line in lite_sample_lines(out.name.rstrip(), data)]
-    stats = {
-        "predict_ms_median": 1e3 * statistics.median(times_predict) if times_predict else None,
-        "loop_ms_median": 1e3 * statistics.median(times_loop) if times_loop else None,
-        "load_s": model.timings["load_s"], "compile_s": model.timings["compile_s"],
-    }
-    gathered = job.allgather("report", json.dumps({"lines": report, "stats": stats}))
-    if job.process_index == 0:
-        notice = f" ({model.provider_notice})" if model.provider_notice else ""
-        print(f"provider: {model.provider}{notice}; collectives: {model.collectives}")
-        if job.process_count > 1:
-            print(job.describe_addresses())
-        if pipe:
-            m = args.micro_batches or model.config.micro_batches
-            print(f"pipeline: {pipe['stages']} stages x {pipe['stage_ranks']} ranks, {m} micro-batch(es), "
-                  f"activations over {pipe['transfer']}")
-        rank_stats = []
-        for g in gathered:
-            item = json.loads(g)
-            print("\n".join(item["lines"]), flush=True)
-            rank_stats.append(item["stats"])
-        if args.repeat > 1:
-            med = [s["predict_ms_median"] for s in rank_stats]
-            print(f"predict: median {max(med):.3f} ms over {args.repeat} calls (slowest rank)")
-        if args.timings_json:
-            Path(args.timings_json).write_text(json.dumps(
-                {"world_size": job.world_size, "processes": job.process_count, "ranks": rank_stats},
-                indent=2))
-    del model, inputs, outputs  # their device arrays hold the GPU client (see ranks.shutdown)
-    ranks.shutdown()
-    return 0
+    return report
+
+
+def _print_report(model: Any, items: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """Rank 0 prints the provider, the ranks' reports and the times (``--timings-json`` too)."""
+    job, pipe = model.job, model.pipeline_info()
+    notice = f" ({model.provider_notice})" if model.provider_notice else ""
+    print(f"provider: {model.provider}{notice}; collectives: {model.collectives}")
+    if job.process_count > 1:
+        print(job.describe_addresses())
+    if pipe:
+        m = args.micro_batches or model.config.micro_batches
+        print(f"pipeline: {pipe['stages']} stages x {pipe['stage_ranks']} ranks, {m} micro-batch(es), "
+              f"activations over {pipe['transfer']}")
+    for item in items:
+        print("\n".join(item["lines"]), flush=True)
+    rank_stats = [item["stats"] for item in items]
+    if args.repeat > 1:
+        print(f"predict: median {max(s['predict_ms_median'] for s in rank_stats):.3f} ms over "
+              f"{args.repeat} calls (slowest rank)")
+    if args.timings_json:
+        Path(args.timings_json).write_text(json.dumps(
+            {"world_size": job.world_size, "processes": job.process_count, "ranks": rank_stats}, indent=2))
 
 
 def cmd_embed(args: argparse.Namespace) -> int:

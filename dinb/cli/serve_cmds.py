@@ -58,6 +58,29 @@ def cmd_serve_agent(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_servable(directory: Path, ranks: int, stages: int, ins: list[str], outs: list[str],
+                    batching: bool) -> None:
+    """A ``servable_config.py`` of one method, ``predict``, over the export's ranks and stages."""
+    directory.mkdir()
+    (directory / "servable_config.py").write_text(
+        "from dinb.serving import distributed, register\n\n"
+        f"model = distributed.declare_servable(rank_size={ranks}, stage_size={stages}, "
+        f"with_batch_dim={batching})\n\n\n"
+        f"@register.register_method(output_names={outs!r})\n"
+        f"def predict({', '.join(ins)}):\n"
+        f"    return register.add_stage(model, {', '.join(ins)}, outputs_count={len(outs)})\n")
+
+
+def _announce(args: argparse.Namespace, name: str, ranks: int, ins: list[str], outs: list[str],
+              generates: bool) -> None:
+    grpc = f"gRPC {args.grpc} and " if args.grpc != "none" else ""
+    print(f"serving {name} ({ranks} ranks, method predict: {ins} -> {outs}) on {grpc}"
+          f"REST http://{args.rest} (v2 model {name!r}); Ctrl-C stops", flush=True)
+    if generates:
+        print(f"it generates: POST http://{args.rest}/v2/models/{name}/generate and .../generate_stream "
+              f"with {{\"text_input\": ..., \"parameters\": {{\"max_tokens\": 16}}}}", flush=True)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """A one-method servable from an export: agents, the worker, REST and gRPC, until Ctrl-C."""
     import signal
@@ -80,15 +103,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())  # from here on, SIGTERM stops and cleans up
     servable_dir = Path(tempfile.mkdtemp(prefix="dinb-servable-"))
-    (servable_dir / name).mkdir()
-    (servable_dir / name / "servable_config.py").write_text(
-        "from dinb.serving import distributed, register\n\n"
-        f"model = distributed.declare_servable(rank_size={len(files)}, "
-        f"stage_size={meta.get('pipeline', {}).get('stages', 1)}, "
-        f"with_batch_dim={bool(args.batching)})\n\n\n"
-        f"@register.register_method(output_names={outs!r})\n"
-        f"def predict({', '.join(ins)}):\n"
-        f"    return register.add_stage(model, {', '.join(ins)}, outputs_count={len(outs)})\n")
+    _write_servable(servable_dir / name, len(files), meta.get("pipeline", {}).get("stages", 1), ins, outs,
+                    bool(args.batching))
     launcher = None
     try:
         key_file = args.key_file
@@ -105,12 +121,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.grpc != "none":
             server.start_grpc_server(args.grpc)
         server.start_restful_server(args.rest)
-        grpc = f"gRPC {args.grpc} and " if args.grpc != "none" else ""
-        print(f"serving {name} ({len(files)} ranks, method predict: {ins} -> {outs}) on {grpc}"
-              f"REST http://{args.rest} (v2 model {name!r}); Ctrl-C stops", flush=True)
-        if "generation" in meta:
-            print(f"it generates: POST http://{args.rest}/v2/models/{name}/generate and .../generate_stream "
-                  f"with {{\"text_input\": ..., \"parameters\": {{\"max_tokens\": 16}}}}", flush=True)
+        _announce(args, name, len(files), ins, outs, "generation" in meta)
         try:
             done.wait()
         except KeyboardInterrupt:

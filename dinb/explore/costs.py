@@ -44,7 +44,7 @@ class Transfer:
     seconds: float
 
 
-def _carry_bytes(values: Sequence[tuple[tuple[int, ...], str]], first_input: Layout | None, local: int,
+def carry_bytes(values: Sequence[tuple[tuple[int, ...], str]], first_input: Layout | None, local: int,
                  device_num: int) -> int:
     """Bytes of the activations one rank sends or receives (laid out as :func:`carry_layout`)."""
     from dinb.sharding.pipeline import carry_layout

@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dinb.sharding.layout import MapEntry
+from dinb.sharding.layout import MapEntry, entry_dims
 
 
 @dataclass(frozen=True)
@@ -59,18 +59,13 @@ def mesh_label(mesh: Sequence[int]) -> str:
 
 def entry_label(entry: MapEntry, mesh: Sequence[int]) -> str:
     """``—`` (whole), ``d0 ×4``, ``d1·d0 ×8``."""
-    dims = _dims(entry)
+    dims = entry_dims(entry)
     if not dims:
         return "—"
     k = len(mesh)
     return "·".join(f"d{d}" for d in dims) + f" ×{math.prod(mesh[k - 1 - d] for d in dims)}"
 
 
-def _dims(entry: MapEntry) -> tuple[int, ...]:
-    if isinstance(entry, tuple):
-        return entry
-    return () if entry == -1 else (entry,)
-
-
-def _entry(dims: Sequence[int]) -> MapEntry:
+def dims_entry(dims: Sequence[int]) -> MapEntry:
+    """The ``tensor_map`` entry that splits an axis over ``dims`` (the inverse of :func:`entry_dims`)."""
     return -1 if not dims else dims[0] if len(dims) == 1 else tuple(dims)

@@ -36,8 +36,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dinb.errors import DinbError
-from dinb.explore.costs import CostEstimate, RankBytes, Transfer, _carry_bytes
-from dinb.explore.mesh import AxisChoice, Tile, _dims, _entry, entry_label, mesh_choices, mesh_label
+from dinb.explore.costs import CostEstimate, RankBytes, Transfer, carry_bytes
+from dinb.explore.mesh import AxisChoice, Tile, dims_entry, entry_dims, entry_label, mesh_choices, mesh_label
 from dinb.explore.plan_source import CUSTOM, ROLES, PlanSource, TensorInfo
 from dinb.explore.xla_view import CompiledView
 from dinb.models.base import ModelDef
@@ -198,7 +198,7 @@ class StrategyPlan:
         for t in self.tensors:
             entries = []
             for a, e in enumerate(self.maps[t.name]):
-                dims = _dims(e)
+                dims = entry_dims(e)
                 parts = math.prod(mesh[k - 1 - d] for d in dims) if all(d < k for d in dims) else 0
                 if dims and (not parts or t.shape[a] % parts):
                     dropped.append(f"{t.name} axis {a}")
@@ -211,7 +211,7 @@ class StrategyPlan:
 
     def with_axis(self, name: str, axis: int, entry: MapEntry | Sequence[int]) -> StrategyPlan:
         """Split axis ``axis`` of tensor ``name`` by ``entry``; an invalid choice is an error."""
-        entry = _entry(tuple(entry)) if isinstance(entry, (list, tuple)) else int(entry)
+        entry = dims_entry(tuple(entry)) if isinstance(entry, (list, tuple)) else int(entry)
         for choice in self.axis_choices(name, axis):
             if choice.entry == entry:
                 if not choice.valid:
@@ -232,19 +232,19 @@ class StrategyPlan:
         t = self.tensor(name)
         k = len(self.mesh)
         size = t.shape[axis]
-        others = {d: a for a, e in enumerate(self.maps[name]) if a != axis for d in _dims(e)}
+        others = {d: a for a, e in enumerate(self.maps[name]) if a != axis for d in entry_dims(e)}
         dims_big_first = list(range(k - 1, -1, -1))
         options: list[tuple[int, ...]] = [()]
         for r in range(1, k + 1):
             options += [c for c in itertools.combinations(dims_big_first, r)
                         if all(self.mesh[k - 1 - d] > 1 for d in c)]
-        current = _dims(self.maps[name][axis])
+        current = entry_dims(self.maps[name][axis])
         if current not in options:
             options.append(current)
         choices = []
         for dims in options:
             parts = math.prod(self.mesh[k - 1 - d] for d in dims)
-            label = entry_label(_entry(dims), self.mesh)
+            label = entry_label(dims_entry(dims), self.mesh)
             reason = ""
             taken = [d for d in dims if d in others]
             if taken:
@@ -255,7 +255,7 @@ class StrategyPlan:
                 shown = ", ".join(map(str, divisors[:12])) + (", …" if len(divisors) > 12 else "")
                 reason = (f"{size} does not split into {parts} equal parts (part counts that divide "
                           f"{size}: {shown})")
-            choices.append(AxisChoice(_entry(dims), label, parts, not reason, reason))
+            choices.append(AxisChoice(dims_entry(dims), label, parts, not reason, reason))
         return choices
 
     def problems(self) -> list[str]:
@@ -306,9 +306,9 @@ class StrategyPlan:
                     replicated += nbytes
             if self.stages > 1 and views[0] is not None:
                 if stage > 0:
-                    sums["input"] += _carry_bytes(views[stage - 1].sends, first_input, local, t)
+                    sums["input"] += carry_bytes(views[stage - 1].sends, first_input, local, t)
                 if stage < self.stages - 1:
-                    sums["output"] += _carry_bytes(views[stage].sends, first_input, local, t)
+                    sums["output"] += carry_bytes(views[stage].sends, first_input, local, t)
             view = views[stage]
             rows.append(RankBytes(r, sums["parameter"], replicated, sums["input"], sums["output"],
                                   view.temp_bytes if view else 0, stage, sums["cache"]))
@@ -345,7 +345,7 @@ class StrategyPlan:
         first_input = next((self.layout(x.name) for x in self.tensors if x.role == "input"), None)
         out = []
         for s in range(self.stages - 1):
-            per_rank = _carry_bytes(views[s].sends, first_input, 0, t)
+            per_rank = carry_bytes(views[s].sends, first_input, 0, t)
             out.append(Transfer(s, tuple(views[s].sends), per_rank, t, per_rank / (link_gb_per_s * 1e9)))
         return out
 

@@ -228,7 +228,7 @@ def _compile(program: bytes, param_metas: dict[str, Any], input_metas: list[Any]
             "temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0))}
 
 
-def _handle(request: tuple, devices: list[Any]) -> dict[str, Any] | list[dict[str, Any]]:
+def handle_request(request: tuple, devices: list[Any]) -> dict[str, Any] | list[dict[str, Any]]:
     from dinb.export.distributed import build_program
     from dinb.export.slicefile import TensorMeta, read_program
     from dinb.export.stage_programs import build_stage_programs
@@ -282,7 +282,7 @@ def serve() -> None:
         except EOFError:
             return
         try:
-            reply: tuple[str, Any] = ("ok", _handle(request, all_devices[:device_count]))
+            reply: tuple[str, Any] = ("ok", handle_request(request, all_devices[:device_count]))
         except Exception as e:  # reported to the caller, who raises it with context
             reply = ("error", f"{type(e).__name__}: {e}")
         _send(stdout, reply)

@@ -49,7 +49,7 @@ def _unlink_mpi_shm(node: Any) -> None:
                 pass
 
 
-def _mpi_coordinator(choice: tuple[str, str] | None, multi_host: bool) -> str:
+def mpi_coordinator(choice: tuple[str, str] | None, multi_host: bool) -> str:
     """Rank 0 decides the coordinator's ``host:port`` and broadcasts it (or its error, so that
     every rank raises the same one instead of waiting for rank 0)."""
     from mpi4py import MPI

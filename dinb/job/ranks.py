@@ -27,7 +27,7 @@ from dinb.errors import DinbError, RankFailedError
 from dinb.job import addresses
 from dinb.job.addresses import free_port
 from dinb.job.launchers import GpuChoice, choose_gpu, host_gpu_count, slurm_coordinator, slurm_world
-from dinb.job.mpi_world import _mpi_coordinator, mpi_world
+from dinb.job.mpi_world import mpi_coordinator, mpi_world
 
 DEFAULT_INIT_TIMEOUT_S = 30
 DEFAULT_AGREE_TIMEOUT_S = 60
@@ -240,110 +240,149 @@ def init(
     global _job
     if target not in ("cpu", "gpu"):
         raise DinbError(f"target must be 'cpu' or 'gpu', got {target!r}")
-    if _job is not None and simulate is not None and _job.process_count == 1 and _job.target == target:
+    if _job is not None:
+        _job = _rejoin(_job, target, simulate, process_count, agree_timeout_s)
+        return _job
+    world = mpi_world() if process_count is None else None
+    who = _who(world, process_index, process_count, local_rank, local_size, coordinator,
+               coordinator_address, config_coordinator_address)
+    if simulate is not None and who.count > 1:
+        raise DinbError(
+            f"simulate={simulate} runs all ranks in one process, but this process is rank {who.index} of "
+            f"{who.count} launched processes; drop --simulate under mpiexec")
+    gpu = _configure(target, who, simulate, device_id)
+    own = addresses.LOOPBACK
+    if who.count > 1:
+        if who.coordinator is None:
+            if world is None:
+                raise DinbError("process_count > 1 without MPI needs coordinator='host:port'")
+            choice = addresses.coordinator_choice(coordinator_address, config_coordinator_address)
+            who.coordinator = mpi_coordinator(choice, multi_host=who.local_size < who.count)
+        own = _join(who, gpu, init_timeout_s)
+    _job = Job(who.index, who.count, target, simulate, _devices(simulate), agree_timeout_s, who.coordinator,
+               gpu=gpu)
+    _job.addresses = _job.allgather("address", own) if who.count > 1 else [own]
+    if gpu is not None and who.count > 1:
+        _check_distinct_gpus(_job)
+    return _job
+
+
+@dataclass
+class _Who:
+    """Which process this is: its index among ``count``, among ``local_size`` on its host, and
+    where the job's coordinator is (None: rank 0 picks it, under MPI)."""
+
+    index: int
+    count: int
+    local_rank: int
+    local_size: int
+    coordinator: str | None
+
+
+def _rejoin(job: Job, target: str, simulate: int | None, process_count: int | None,
+            agree_timeout_s: float) -> Job:
+    """The job of a second call: the same one, or a smaller simulated world on the first devices;
+    a different world is an error (JAX cannot leave and rejoin a job)."""
+    if simulate is not None and job.process_count == 1 and job.target == target:
         import jax
 
-        if simulate <= len(jax.devices()):  # a smaller simulated world reuses the first devices
-            devices = sorted(jax.devices(), key=lambda d: d.id)[:simulate]
-            _job = Job(0, 1, target, simulate, devices, agree_timeout_s)
-            return _job
+        if simulate <= len(jax.devices()):
+            return Job(0, 1, target, simulate, sorted(jax.devices(), key=lambda d: d.id)[:simulate],
+                       agree_timeout_s)
         raise DinbError(
-            f"this process has {len(jax.devices())} devices and cannot simulate {simulate} ranks; "
-            f"restart it (the kernel) and call dinb.init_ranks(simulate={simulate}) first"
-        )
-    if _job is not None:
-        want_count = process_count or _job.process_count
-        if (want_count, simulate, target) != (_job.process_count, _job.simulate, _job.target):
-            raise DinbError(
-                f"this process already joined a job as {_job.process_count} process(es), "
-                f"simulate={_job.simulate}, target={_job.target!r}; a different job needs a new "
-                "process (restart the kernel or the engines)"
-            )
-        return _job
+            f"this process has {len(jax.devices())} devices and cannot simulate {simulate} ranks; restart "
+            f"it (the kernel) and call dinb.init_ranks(simulate={simulate}) first")
+    wanted = (process_count or job.process_count, simulate, target)
+    if wanted != (job.process_count, job.simulate, job.target):
+        raise DinbError(
+            f"this process already joined a job as {job.process_count} process(es), simulate={job.simulate}, "
+            f"target={job.target!r}; a different job needs a new process (restart the kernel or the engines)")
+    return job
 
-    world = None
-    if process_count is None:
-        world = mpi_world()
-        slurm = slurm_world() if world is None else None
-        if world is not None:
-            process_index, process_count, local_rank, local_size = world
-        elif slurm is not None:  # srun without an MPI plugin: Slurm says who is who
-            process_index, process_count = slurm.rank, slurm.size
-            local_rank, local_size = slurm.local_rank, slurm.local_size
-            host, port = addresses.split_address(slurm_coordinator(), "Slurm's first host of the step")
-            choice = addresses.coordinator_choice(coordinator_address, config_coordinator_address)
-            if choice is not None:
-                chosen_host, chosen_port = addresses.split_address(*choice)
-                host, port = chosen_host, chosen_port or port
-            coordinator = f"{host}:{port}"
-        else:
-            process_index, process_count, local_rank, local_size = 0, 1, 0, 1
-    else:  # another launcher (notebook engines): it knows which ranks share a host
-        local_rank = (process_index or 0) if local_rank is None else local_rank
-        local_size = process_count if local_size is None else local_size
-    assert process_index is not None
-    if simulate is not None and process_count > 1:
-        raise DinbError(
-            f"simulate={simulate} runs all ranks in one process, but this process is rank "
-            f"{process_index} of {process_count} launched processes; drop --simulate under mpiexec"
-        )
+
+def _who(world: tuple[int, int, int, int] | None, process_index: int | None, process_count: int | None,
+         local_rank: int | None, local_size: int | None, coordinator: str | None,
+         coordinator_address: str | None, config_coordinator_address: str | None) -> _Who:
+    """This process's place in the job: from MPI, from Slurm (srun without an MPI plugin), from
+    the launcher that handed it in (notebook engines), or alone."""
+    if process_count is not None:  # another launcher: it knows which ranks share a host
+        index = process_index or 0
+        return _Who(index, process_count, index if local_rank is None else local_rank,
+                    process_count if local_size is None else local_size, coordinator)
+    if world is not None:
+        return _Who(*world, coordinator)
+    slurm = slurm_world()
+    if slurm is None:
+        return _Who(0, 1, 0, 1, None)
+    host, port = addresses.split_address(slurm_coordinator(), "Slurm's first host of the step")
+    choice = addresses.coordinator_choice(coordinator_address, config_coordinator_address)
+    if choice is not None:
+        chosen_host, chosen_port = addresses.split_address(*choice)
+        host, port = chosen_host, chosen_port or port
+    return _Who(slurm.rank, slurm.size, slurm.local_rank, slurm.local_size, f"{host}:{port}")
+
+
+def _configure(target: str, who: _Who, simulate: int | None, device_id: int | None) -> GpuChoice | None:
+    """The settings JAX reads when its backends start: the platform, the rank's share of the
+    cores or its GPU, the simulated devices, gloo and no preemption service between processes."""
     if _backends_initialized():
-        if process_count > 1:
-            raise DinbError(
-                "JAX was used in this process before dinb could join the job; call "
-                "dinb.init_ranks() (or build the Model) before any other JAX call"
-            )
+        if who.count > 1:
+            raise DinbError("JAX was used in this process before dinb could join the job; call "
+                            "dinb.init_ranks() (or build the Model) before any other JAX call")
     else:
         os.environ.setdefault("JAX_PLATFORMS", "cuda" if target == "gpu" else "cpu")
-        if target == "cpu" and process_count > 1:
-            _share_cores(local_rank, local_size)
-    gpu = choose_gpu(process_index, local_rank, device_id, gpu_count=host_gpu_count()) \
+        if target == "cpu" and who.count > 1:
+            _share_cores(who.local_rank, who.local_size)
+    gpu = choose_gpu(who.index, who.local_rank, device_id, gpu_count=host_gpu_count()) \
         if target == "gpu" else None
-
     import jax
 
     if gpu is not None and not _backends_initialized():
         jax.config.update("jax_cuda_visible_devices", str(gpu.index))
     if simulate is not None and not _backends_initialized():
         jax.config.update("jax_num_cpu_devices", int(simulate))
-    own = addresses.LOOPBACK
-    if process_count > 1:
+    if who.count > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.config.update("jax_enable_preemption_service", False)
-        if coordinator is None:
-            if world is None:
-                raise DinbError("process_count > 1 without MPI needs coordinator='host:port'")
-            choice = addresses.coordinator_choice(coordinator_address, config_coordinator_address)
-            coordinator = _mpi_coordinator(choice, multi_host=local_size < process_count)
-        own = addresses.own_address(coordinator.rpartition(":")[0])
-        if not _backends_initialized():
-            _gloo_listens_on(own)
-        if process_index != 0:
-            _wait_for_coordinator(coordinator, process_index, init_timeout_s, own)
-        jax.distributed.initialize(
-            coordinator_address=coordinator,
-            num_processes=process_count,
-            process_id=process_index,
-            # given, so that JAX's own cluster detection (Open MPI, Slurm) picks nothing for us
-            local_device_ids=[gpu.index if gpu is not None else 0],
-            coordinator_bind_address=coordinator if process_index == 0 else None,
-            initialization_timeout=init_timeout_s,
-            heartbeat_timeout_seconds=max(10, init_timeout_s),
-            shutdown_timeout_seconds=max(5, init_timeout_s),
-        )
+    return gpu
+
+
+def _join(who: _Who, gpu: GpuChoice | None, init_timeout_s: int) -> str:
+    """Join the JAX job at ``who.coordinator`` (rank 0 hosts it); this rank's own address."""
+    import jax
+
+    assert who.coordinator is not None
+    own = addresses.own_address(who.coordinator.rpartition(":")[0])
+    if not _backends_initialized():
+        _gloo_listens_on(own)
+    if who.index != 0:
+        _wait_for_coordinator(who.coordinator, who.index, init_timeout_s, own)
+    jax.distributed.initialize(
+        coordinator_address=who.coordinator,
+        num_processes=who.count,
+        process_id=who.index,
+        # given, so that JAX's own cluster detection (Open MPI, Slurm) picks nothing for us
+        local_device_ids=[gpu.index if gpu is not None else 0],
+        coordinator_bind_address=who.coordinator if who.index == 0 else None,
+        initialization_timeout=init_timeout_s,
+        heartbeat_timeout_seconds=max(10, init_timeout_s),
+        shutdown_timeout_seconds=max(5, init_timeout_s),
+    )
+    return own
+
+
+def _devices(simulate: int | None) -> list[Any]:
+    """The job's devices in rank order (the first ``simulate`` of this process's, simulated)."""
+    import jax
+
     devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     if simulate is not None and len(devices) > simulate:
         devices = devices[:simulate]
     if simulate is not None and len(devices) != simulate:
         raise DinbError(
-            f"asked to simulate {simulate} ranks but JAX has {len(devices)} devices; JAX was "
-            "initialised earlier in this process - restart it and call dinb.init_ranks first"
-        )
-    _job = Job(process_index, process_count, target, simulate, devices, agree_timeout_s, coordinator, gpu=gpu)
-    _job.addresses = _job.allgather("address", own) if process_count > 1 else [own]
-    if gpu is not None and process_count > 1:
-        _check_distinct_gpus(_job)
-    return _job
+            f"asked to simulate {simulate} ranks but JAX has {len(devices)} devices; JAX was initialised "
+            "earlier in this process - restart it and call dinb.init_ranks first")
+    return devices
 
 
 def current_job() -> Job | None:

@@ -98,48 +98,69 @@ class RankCluster:
 
     # ---- life cycle --------------------------------------------------------------------------
     def start(self) -> RankCluster:
+        """Start (or attach to) the engines, learn who each is, and have every one join the job."""
         t0 = time.perf_counter()
         marks = self.start_marks = {"start": time.time()}
+        if self.profile or self.connection_file:
+            self._attach()
+        else:
+            self._launch(marks)
+        marks["registered"] = time.time()
+        who = self._identify()
+        marks["identified"] = time.time()
+        self._join([w["host_key"] for w in who], who[0]["address"])
+        marks["joined"] = time.time()
+        self._connect_fast()
+        marks["ready"] = time.time()
+        self.start_seconds = time.perf_counter() - t0
+        return self
+
+    def _attach(self) -> None:
+        """Connect to running engines (``profile=`` or ``connection_file=``)."""
         import ipyparallel as ipp
 
-        if self.profile or self.connection_file:
-            if self.connection_file and not Path(self.connection_file).is_file():
-                raise ClusterError(f"connection file {self.connection_file} does not exist; it is the "
-                                   "controller's security/ipcontroller-client.json")
-            by: dict[str, Any] = {"profile": self.profile}
-            if self.profile and Path(self.profile).is_dir():  # a profile directory, not a name
-                by = {"profile_dir": self.profile}
-            if self.connection_file:
-                self._client = ipp.Client(self.connection_file, timeout=self.init_timeout_s)
-            else:
-                self._client = ipp.Client(**by, timeout=self.init_timeout_s)
-            self._client.wait_for_engines(self.n, timeout=self.init_timeout_s, interactive=False)
+        if self.connection_file and not Path(self.connection_file).is_file():
+            raise ClusterError(f"connection file {self.connection_file} does not exist; it is the "
+                               "controller's security/ipcontroller-client.json")
+        by: dict[str, Any] = {"profile": self.profile}
+        if self.profile and Path(self.profile).is_dir():  # a profile directory, not a name
+            by = {"profile_dir": self.profile}
+        if self.connection_file:
+            self._client = ipp.Client(self.connection_file, timeout=self.init_timeout_s)
         else:
-            controller = self.launch.controller_address()
-            where = {} if addresses.is_loopback(controller) else {
-                "controller_ip": controller, "controller_location": controller}
-            # The hub completes an engine's registration at its next heartbeat: every 3 s by
-            # default, which was most of the start (6.0 of 7.4 s for 2 engines). Beats every
-            # 0.1 s with 300 misses allowed keep the default's 30 s before an engine is dropped.
-            # The engines import JAX on a thread while they register, and start right after the
-            # controller (ipyparallel waits 1 s by default; the engines wait for its files anyway).
-            self._cluster = ipp.Cluster(
-                n=self.n, engines=self.engines, log_level=40, delay=0, **where,
-                controller_args=[f"--HeartMonitor.period={HEARTBEAT_MS}",
-                                 f"--HeartMonitor.max_heartmonitor_misses={HEARTBEAT_MISSES}"])
-            self.launch.configure(self._cluster.config)
-            self._cluster.start_controller_sync()
-            marks["controller"] = time.time()
-            self._cluster.start_engines_sync()
-            marks["engines launched"] = time.time()
-            self._client = self._cluster.connect_client_sync()
-            self._client.wait_for_engines(self.n, timeout=self.init_timeout_s, interactive=False)
-        marks["registered"] = time.time()
+            self._client = ipp.Client(**by, timeout=self.init_timeout_s)
+        self._client.wait_for_engines(self.n, timeout=self.init_timeout_s, interactive=False)
+
+    def _launch(self, marks: dict[str, float]) -> None:
+        """Start the controller and the engines (see :class:`~dinb.notebook.launch.Launch`)."""
+        import ipyparallel as ipp
+
+        controller = self.launch.controller_address()
+        where = {} if addresses.is_loopback(controller) else {
+            "controller_ip": controller, "controller_location": controller}
+        # The hub completes an engine's registration at its next heartbeat: every 3 s by default,
+        # which was most of the start (6.0 of 7.4 s for 2 engines). Beats every 0.1 s with 300
+        # misses allowed keep the default's 30 s before an engine is dropped. The engines import
+        # JAX on a thread while they register, and start right after the controller (ipyparallel
+        # waits 1 s by default; the engines wait for its files anyway).
+        self._cluster = ipp.Cluster(
+            n=self.n, engines=self.engines, log_level=40, delay=0, **where,
+            controller_args=[f"--HeartMonitor.period={HEARTBEAT_MS}",
+                             f"--HeartMonitor.max_heartmonitor_misses={HEARTBEAT_MISSES}"])
+        self.launch.configure(self._cluster.config)
+        self._cluster.start_controller_sync()
+        marks["controller"] = time.time()
+        self._cluster.start_engines_sync()
+        marks["engines launched"] = time.time()
+        self._client = self._cluster.connect_client_sync()
+        self._client.wait_for_engines(self.n, timeout=self.init_timeout_s, interactive=False)
+
+    def _identify(self) -> list[dict[str, Any]]:
+        """Ask every engine who it is; order them by MPI rank (engine ids are not trusted) and
+        make the calls that watch them."""
         ids = sorted(self._client.ids)[: self.n]
         controller_host = urlsplit(self._client._config["registration"]).hostname or addresses.LOOPBACK
-        client_host = addresses.own_address(controller_host)
-        who = self._client[ids].apply_sync(engine.identify, client_host)
-        marks["identified"] = time.time()
+        who = self._client[ids].apply_sync(engine.identify, addresses.own_address(controller_host))
         ranks = [w["mpi_rank"] if w["mpi_rank"] is not None and w["mpi_size"] == self.n else i
                  for i, w in enumerate(who)]
         if sorted(ranks) != list(range(self.n)):
@@ -156,13 +177,16 @@ class RankCluster:
         watch = DeathWatch([pid if local else None for pid, local in zip(self.pids, self.local)])
         self._calls = RankCalls(self._client, self.engine_of, self.pids, self.hostnames, self.local,
                                 self.timeout_s, watch)
-        keys = [w["host_key"] for w in who]
-        one_host = len(set(keys)) == 1
-        host0 = addresses.LOOPBACK if one_host else who[0]["address"]
+        return who
+
+    def _join(self, keys: list[str], address0: str) -> None:
+        """Every engine joins one JAX job, rank 0 hosting its coordinator (loopback on one host)."""
+        host0 = addresses.LOOPBACK if len(set(keys)) == 1 else address0
         port = self.calls.call(engine.free_port, (host0,), what="picking the coordinator's port",
                                timeout_s=15, ranks=[0])[0]
         self.coordinator = coordinator = f"{host0}:{port}"
         local_rank = [keys[:r].count(keys[r]) for r in range(self.n)]
+
         def join_args(r: int) -> tuple[Any, ...]:
             return (r, self.n, coordinator, self.devices, self.init_timeout_s, local_rank[r],
                     keys.count(keys[r]))
@@ -170,12 +194,6 @@ class RankCluster:
         joined = self.calls.call(engine.join, join_args, timeout_s=self.init_timeout_s + 15,
                                  what="joining the job")
         self.device_names = [j["device"] for j in joined]
-        marks["joined"] = time.time()
-        self._connect_fast()
-        marks["ready"] = time.time()
-        self.start_seconds = time.perf_counter() - t0
-        return self
-
 
     def _connect_fast(self) -> None:
         """Start every rank's predict socket (on its own address, CURVE off loopback), connect to

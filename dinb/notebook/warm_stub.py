@@ -18,6 +18,9 @@ NOTICE = "dinb: the warm engine factory"
 
 
 def main() -> int:
+    # One function on purpose: the stub is a few system calls in a fixed order, with the signal
+    # state (``child``, ``pending``) shared from the first line to the last; it must start in
+    # milliseconds under ``python -S`` and import nothing but the standard library.
     path, module, args = sys.argv[1], sys.argv[2], sys.argv[3:]
     fds = [0, 1, 2]
     if os.environ.get("PMI_FD", "").isdigit():

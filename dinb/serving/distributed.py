@@ -26,6 +26,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from dinb.errors import DinbError, SliceFileError
 from dinb.serving import register
@@ -103,6 +104,17 @@ def rank_table_devices(path: str | Path) -> int:
         raise ServableError(f"{path} is not a MindSpore rank table (server_list[].device[]): {e}") from None
 
 
+def _worker_keys(servable_dir: Path, distributed_address: str, key_file: str | Path | None) -> Any:
+    """The servable's keys where the worker listens off loopback (its key file, made when missing)."""
+    from dinb.job.addresses import is_loopback
+
+    if key_file is None and not is_loopback(distributed_address.rpartition(":")[0].strip("[]")):
+        key_file = make_key_file(servable_dir / "servable.key")
+        log.warning("servable %r listens off loopback at %s: its agents need the key file %s "
+                    "(key_file= / --key-file)", servable_dir.name, distributed_address, key_file)
+    return keys_for(distributed_address, key_file, f"servable {servable_dir.name!r}")
+
+
 def start_servable(
     servable_directory: str | Path,
     servable_name: str,
@@ -143,13 +155,7 @@ def start_servable(
                 f"{rank_table_json_file} lists {devices} devices but servable {servable_name!r} "
                 f"declares rank_size={spec.model.rank_size}"
             )
-    from dinb.job.addresses import is_loopback
-
-    if key_file is None and not is_loopback(distributed_address.rpartition(":")[0].strip("[]")):
-        key_file = make_key_file(Path(servable_directory) / servable_name / "servable.key")
-        log.warning("servable %r listens off loopback at %s: its agents need the key file %s "
-                    "(key_file= / --key-file)", servable_name, distributed_address, key_file)
-    keys = keys_for(distributed_address, key_file, f"servable {servable_name!r}")
+    keys = _worker_keys(Path(servable_directory) / servable_name, distributed_address, key_file)
     if handle_sigterm:
         stop_on_sigterm()
     Main.get().add_servable(
@@ -167,6 +173,28 @@ def start_servable(
 
 
 # ---- agents --------------------------------------------------------------------------------------
+def _agent_files(model_files: Sequence[str | Path], group_config_files: Sequence[str | Path] | None,
+                 rank_start: int | None) -> list[Path]:
+    """``startup_agents``' slice files, checked: one per rank, all of one job on this machine."""
+    files = [Path(f) for f in model_files]
+    missing = [str(f) for f in files if not f.is_file()]
+    if not files or missing:
+        raise SliceFileError(f"startup_agents needs one slice file per rank; missing: {missing or 'all'}")
+    if group_config_files is not None:
+        if len(group_config_files) != len(files):
+            raise DinbError(f"{len(group_config_files)} group_config_files for {len(files)} model_files")
+        gone = [str(g) for g in group_config_files if not Path(g).is_file()]
+        if gone:
+            raise DinbError(f"group config file(s) {gone} do not exist")
+    if rank_start not in (None, 0):
+        raise DinbError(
+            f"rank_start={rank_start}: startup_agents starts all ranks of one job on this machine; for "
+            "agents spread over several machines start them as one MPI job: mpiexec -f HOSTFILE -n N "
+            "python -m dinb serve-agent --distributed-address HOST:PORT --model-dir DIR --key-file KEY"
+        )
+    return files
+
+
 def startup_agents(
     distributed_address: str,
     model_files: Sequence[str | Path],
@@ -198,22 +226,7 @@ def startup_agents(
     :class:`AgentLauncher` runs them in the background. ``key_file``: the servable's key, needed
     when ``distributed_address`` is off loopback (the worker on another host).
     """
-    files = [Path(f) for f in model_files]
-    missing = [str(f) for f in files if not f.is_file()]
-    if not files or missing:
-        raise SliceFileError(f"startup_agents needs one slice file per rank; missing: {missing or 'all'}")
-    if group_config_files is not None:
-        if len(group_config_files) != len(files):
-            raise DinbError(f"{len(group_config_files)} group_config_files for {len(files)} model_files")
-        gone = [str(g) for g in group_config_files if not Path(g).is_file()]
-        if gone:
-            raise DinbError(f"group config file(s) {gone} do not exist")
-    if rank_start not in (None, 0):
-        raise DinbError(
-            f"rank_start={rank_start}: startup_agents starts all ranks of one job on this machine; for "
-            "agents spread over several machines start them as one MPI job: mpiexec -f HOSTFILE -n N "
-            "python -m dinb serve-agent --distributed-address HOST:PORT --model-dir DIR --key-file KEY"
-        )
+    files = _agent_files(model_files, group_config_files, rank_start)
     keys_for(distributed_address, key_file, "startup_agents")  # the key is there when one is needed
     if restart not in ("always", "never"):
         raise DinbError(f"restart must be 'always' or 'never', not {restart!r}")

@@ -85,7 +85,7 @@ class Layout:
         k = len(self.dev_matrix)
         used: list[int] = []
         for axis, entry in enumerate(self.tensor_map):
-            for dim in _dims(entry):
+            for dim in entry_dims(entry):
                 if not 0 <= dim < k:
                     raise LayoutError(
                         f"tensor_map[{axis}] = {dim} names device dimension {dim}, but dev_matrix "
@@ -115,12 +115,12 @@ class Layout:
 
     def parts(self, axis: int) -> int:
         """Into how many parts tensor axis ``axis`` is split."""
-        return math.prod(self.dim_size(d) for d in _dims(self.tensor_map[axis]))
+        return math.prod(self.dim_size(d) for d in entry_dims(self.tensor_map[axis]))
 
     @property
     def replica_dims(self) -> tuple[int, ...]:
         """Device dimensions that split no axis (ranks along them hold copies)."""
-        used = {d for e in self.tensor_map for d in _dims(e)}
+        used = {d for e in self.tensor_map for d in entry_dims(e)}
         return tuple(d for d in range(len(self.dev_matrix)) if d not in used)
 
     # ---- slices ------------------------------------------------------------------------------
@@ -165,7 +165,7 @@ class Layout:
         coord = self.coord(rank)
         k = len(self.dev_matrix)
         index = 0
-        for dim in _dims(self.tensor_map[axis]):
+        for dim in entry_dims(self.tensor_map[axis]):
             index = index * self.dim_size(dim) + coord[k - 1 - dim]
         return index
 
@@ -198,7 +198,7 @@ class Layout:
 
         entries: list[Any] = []
         for e in self.tensor_map:
-            dims = _dims(e)
+            dims = entry_dims(e)
             if not dims:
                 entries.append(None)
             elif isinstance(e, tuple):
@@ -298,7 +298,7 @@ class Layout:
             groups[k - 1 - i] = group
         entries: list[MapEntry] = []
         for e in self.tensor_map:
-            dims = tuple(d for j in _dims(e) for d in groups[j])
+            dims = tuple(d for j in entry_dims(e) for d in groups[j])
             entries.append(-1 if not dims else dims[0] if len(dims) == 1 else dims)
         return Layout(fine, entries)
 
@@ -335,7 +335,8 @@ def _normalize_entry(e: Any) -> MapEntry:
     return _as_int(e, "tensor_map entry")
 
 
-def _dims(e: MapEntry) -> tuple[int, ...]:
+def entry_dims(e: MapEntry) -> tuple[int, ...]:
+    """The device dimensions a ``tensor_map`` entry splits an axis over (``()`` when not split)."""
     if isinstance(e, tuple):
         return e
     return () if e == -1 else (e,)

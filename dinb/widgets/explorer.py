@@ -75,6 +75,30 @@ class StrategyExplorer(w.VBox):
         self.compiled: Any = None
         self._quiet = False
 
+        self._make_controls(key, max_devices, micro_batches, capacity_gib, link_gb_per_s, tflop_per_s)
+        self._make_views()
+        self._connect()
+        super().__init__([
+            w.HTML("<b>Strategy explorer</b>: how each tensor is split over the ranks, what every rank "
+                   "holds, and what the ranks must send each other"),
+            w.HBox([self.model_w, self.preset_w, self.devices_w, self.stages_w, self.mesh_w]),
+            w.HBox([self.capacity_w, self.link_w, self.tflops_w]),
+            self.notes_w,
+            self.legend_w,
+            self.tensors_w,
+            w.HTML("<b>Bytes per rank</b>"), self.bytes_w,
+            w.HTML("<b>Collectives XLA inserted</b> (compiled for simulated devices)"), self.collectives_w,
+            self.pipeline_w,
+            w.HBox([self.path_w, self.save_w, self.out_dir_w, self.export_w]),
+            self.status_w, self.progress_w,
+        ])
+        self.add_class("dinb-explorer")
+        self._render()
+
+    # ---- the widgets -------------------------------------------------------------------------
+    def _make_controls(self, key: str, max_devices: int, micro_batches: int, capacity_gib: float,
+                       link_gb_per_s: float, tflop_per_s: float) -> None:
+        """The choices: model, strategy, devices, mesh, stages, micro-batches and the machine."""
         style = {"description_width": "initial"}
         self.model_w = w.Dropdown(options=list(self.sources), value=key, description="model", style=style)
         self.preset_w = w.Dropdown(description="strategy", style=style)
@@ -98,6 +122,10 @@ class StrategyExplorer(w.VBox):
                             (self.capacity_w, "dinb-capacity"), (self.link_w, "dinb-link"),
                             (self.tflops_w, "dinb-tflops")):
             widget.add_class(cls)
+
+    def _make_views(self) -> None:
+        """What the explorer shows, and the save and export buttons."""
+        style = {"description_width": "initial"}
         self.notes_w = w.HTML()
         self.legend_w = w.HTML()
         columns = "repeat(auto-fill, minmax(480px, 1fr))"
@@ -114,6 +142,7 @@ class StrategyExplorer(w.VBox):
         self.save_w.add_class("dinb-save")
         self.export_w.add_class("dinb-export")
 
+    def _connect(self) -> None:
         self.model_w.observe(self._on_model, "value")
         self.preset_w.observe(self._on_preset, "value")
         self.devices_w.observe(self._on_devices, "value")
@@ -123,23 +152,6 @@ class StrategyExplorer(w.VBox):
             widget.observe(lambda _: self._render_numbers(), "value")
         self.save_w.on_click(lambda _: self._guard(self._save))
         self.export_w.on_click(lambda _: self._guard(self._export))
-
-        super().__init__([
-            w.HTML("<b>Strategy explorer</b>: how each tensor is split over the ranks, what every rank "
-                   "holds, and what the ranks must send each other"),
-            w.HBox([self.model_w, self.preset_w, self.devices_w, self.stages_w, self.mesh_w]),
-            w.HBox([self.capacity_w, self.link_w, self.tflops_w]),
-            self.notes_w,
-            self.legend_w,
-            self.tensors_w,
-            w.HTML("<b>Bytes per rank</b>"), self.bytes_w,
-            w.HTML("<b>Collectives XLA inserted</b> (compiled for simulated devices)"), self.collectives_w,
-            self.pipeline_w,
-            w.HBox([self.path_w, self.save_w, self.out_dir_w, self.export_w]),
-            self.status_w, self.progress_w,
-        ])
-        self.add_class("dinb-explorer")
-        self._render()
 
     # ---- sources -----------------------------------------------------------------------------
     @staticmethod
