@@ -3,6 +3,7 @@ temporary file of the session (this process's and every process it starts: ranks
 servers) goes into one folder of its own, which must hold nothing but pytest's own folders at
 the end; MPICH's shared-memory files in /dev/shm are counted before and after."""
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -10,8 +11,12 @@ import tempfile
 import pytest
 
 # a process the tests start may import this file too (to unpickle a test's model): it keeps the
-# session's folder
-SESSION_TMP = os.environ.get("DINB_TEST_SESSION_TMP") or tempfile.mkdtemp(prefix="dinb-tests-")
+# session's folder. The process that made the folder removes it when it exits, whether a session
+# ran or not (``pytest --collect-only`` runs none).
+SESSION_TMP = os.environ.get("DINB_TEST_SESSION_TMP") or ""
+if not SESSION_TMP:
+    SESSION_TMP = tempfile.mkdtemp(prefix="dinb-tests-")
+    atexit.register(shutil.rmtree, SESSION_TMP, ignore_errors=True)
 os.environ["DINB_TEST_SESSION_TMP"] = os.environ["TMPDIR"] = SESSION_TMP  # inherited by every process
 tempfile.tempdir = None  # gettempdir() reads TMPDIR again
 
