@@ -106,7 +106,7 @@ def test_each_rank_holds_its_own_heads_and_their_cache(decoder, weights, tmp_pat
     simulated(4)
     export(decoder, weights, tmp_path, 4)
     meta = read_meta(tmp_path / "llama1.dinb")
-    assert meta["format_version"] == 3 and meta["generation"]["buckets"] == [8, 16]
+    assert meta["format_version"] == 4 and meta["generation"]["buckets"] == [8, 16]
     assert meta["params"]["model.layers.0.self_attn.q_proj.weight"]["slice"] == [[64, 128], [0, 256]]
     assert meta["params"]["model.layers.0.self_attn.k_proj.weight"]["slice"] == [[0, 32], [0, 256]]
     full = int(np.prod(decoder.cache_shape())) * 4
@@ -172,7 +172,7 @@ def test_a_damaged_prefill_program_is_found(decoder, weights, tmp_path):
     data = bytearray(path.read_bytes())
     meta = read_meta(path)
     end = len(data) - 100  # the last tensor written is a program; flip a byte inside it
-    assert meta["programs"]["prefill_16"]["nbytes"] > 100
+    assert min(p["nbytes"] for p in meta["programs"].values()) > 100
     data[end] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(SliceFileError, match="fails its checksum"):

@@ -1,18 +1,22 @@
-"""A decoder's export: one decode-step program, one prefill program per prompt bucket, one cache.
+"""A decoder's export: its generation programs, traced over the strategy's layouts, and one cache.
 
 A model that generates (``model.generates``, such as :class:`dinb.models.llama.LlamaDecoder`)
-exports three kinds of thing besides its weight slices:
+exports, besides its weight slices (the programs are those of :mod:`dinb.models.decode_loop`):
 
-* ``decode(params, tokens (S,), positions (S,), cache) -> (logits (S, V), cache)``: the slice
-  file's main ``program``, the one step that runs once per generated token for all ``S``
-  sequence slots together;
-* ``prefill(params, ids (1, P), length (), slot (), cache) -> (logits (1, V), cache)``: one
-  program ``program/prefill_<P>`` per *bucket* ``P``: a prompt of ``n <= P`` tokens runs in the
-  smallest bucket that holds it, padded, so a few compiled shapes serve every prompt length;
-* the KV cache: an input and output of both, laid out by the strategy (key/value heads split or
-  replicated over the ranks, see the model), which the runtime allocates once on the devices
-  and *donates* to every call, so XLA updates it in place: a decode step writes one position of
-  every slot, never copies the cache.
+* ``program``: the decode step with its logits, ``(tokens (S,), positions (S,), cache) ->
+  (logits (S, V), cache)`` over the whole cache (``Model.decode_step``, the explorer's view);
+* ``program/decode_<k>_w<W>``: ``k`` decode steps in one call, tokens picked on the device, the
+  attention over the first ``W`` cache positions: one for each ``k`` of the model's
+  ``decode_steps`` and each window ``W`` of its ``windows`` (the runtime runs the smallest
+  window that holds every slot's next positions, so a step's cost follows the tokens in the
+  cache, by bucket);
+* ``program/prefill_<R>x<P>``: ``R`` prompts of up to ``P`` tokens at once (prompts that arrive
+  together: a ``generate`` of several, serving's joiners), for each pair of the model's
+  ``prefill_shapes``; exported on a machine with a CUDA GPU also ``.../prefill_<R>x<P>@cuda``,
+  the same with cuDNN's flash attention (CUDA only: the portable one runs on CPU and GPU);
+* the KV cache: an input and output of every program, laid out by the strategy (key/value heads
+  split or replicated over the ranks, see the model), which the runtime allocates once on the
+  devices and *donates* to every call, so XLA updates it in place.
 
 The cache of rank ``r`` takes ``prod(slice shape) * itemsize`` bytes: with ``L`` layers, ``S``
 slots, ``T`` positions, ``K`` key/value heads of ``dh`` over ``tp`` ranks it is
@@ -29,14 +33,60 @@ import numpy as np
 from dinb.export.slicefile import TensorMeta
 from dinb.export.tracing import trace_program
 from dinb.formats.safetensors import np_dtype
+from dinb.models.decode_loop import SAMPLING, STATE, STOPS, decode_program, prefill_program
 from dinb.sharding.layout import Layout
 from dinb.sharding.strategy import Strategy
+
+#: cuDNN's fused attention, which a ``@cuda`` prefill calls (outside jax.export's stable set)
+CUDNN_ATTENTION = "__cudnn$fmhaSoftmax"
 
 
 def cache_bytes(cache: TensorMeta, rank: int) -> int:
     """Bytes of the KV cache that ``rank`` holds."""
     shape = [s.stop - s.start for s in cache.layout.slice_of(rank, cache.shape, cache.name)]
     return int(np.prod(shape)) * np.dtype(np_dtype(cache.dtype)).itemsize
+
+
+def decode_name(steps: int, window: int) -> str:
+    return f"decode_{steps}_w{window}"
+
+
+def prefill_name(rows: int, bucket: int, platform: str | None = None) -> str:
+    return f"prefill_{rows}x{bucket}" + (f"@{platform}" if platform else "")
+
+
+def cudnn_here() -> bool:
+    """Whether this process can trace cuDNN's attention (a CUDA GPU and cuDNN are present)."""
+    import jax
+
+    try:
+        return bool(jax.devices("gpu")) and jax.devices("gpu")[0].platform == "gpu"
+    except RuntimeError:
+        return False
+
+
+class GenerationLayouts:
+    """The layouts of the programs' inputs and outputs under a strategy (the decode step's own
+    inputs give the slots' and the cache's)."""
+
+    def __init__(self, strategy: Strategy):
+        self.slot = strategy.inputs[0]
+        self.cache = strategy.inputs[2]
+        dm = self.cache.dev_matrix
+        slot_axis = self.slot.tensor_map[0]
+        self.whole1, self.whole2 = Layout(dm, [-1]), Layout(dm, [-1, -1])
+        self.per_slot = Layout(dm, [slot_axis, -1])  # (S, columns): the sampling and the stops
+
+    def state(self) -> list[Layout]:
+        return [self.slot] * len(STATE)
+
+    def sampling(self) -> list[Layout]:
+        return [self.per_slot] * (len(SAMPLING) + 1)
+
+
+def sampling_specs(slots: int) -> list[tuple[tuple[int, ...], str]]:
+    """``sampling_f``, ``sampling_i`` and ``stops`` of ``slots`` slots."""
+    return [((slots, cols), dtype) for _, cols, dtype in SAMPLING] + [((slots, STOPS), "int32")]
 
 
 def build_generation_programs(
@@ -46,46 +96,75 @@ def build_generation_programs(
     float_dtype: str,
     platforms: Sequence[str],
 ) -> tuple[dict[Any, bytes], dict[str, Any], list[TensorMeta], list[TensorMeta]]:
-    """Trace the decode step and every prefill bucket over ``strategy``'s layouts.
+    """Trace every generation program over ``strategy``'s layouts (see the module docstring).
 
-    Returns ``{1: decode, "prefill_<P>": prefill}``, the slice files' ``generation`` record, and
-    the decode step's input and output metadata (what ``Model.predict`` runs).
+    Returns ``{1: the decode step, name: program}``, the slice files' ``generation`` record, and
+    the decode step's input and output metadata (what ``Model.predict`` would run).
     """
-    layouts = {k: strategy[k] for k in param_specs}
-    n = strategy.device_num
-    cache_layout = strategy.inputs[2]
-    slot_layout = strategy.inputs[0]
-    cache_spec = (model.cache_shape(), float_dtype)
-    cache = TensorMeta("kv_cache", *cache_spec, cache_layout)
-    whole0 = Layout(cache_layout.dev_matrix, [])
-
-    def decode(params: dict[str, Any], tokens: Any, positions: Any, kv: Any) -> tuple[Any, Any]:
-        return model.decode(params, tokens, positions, kv)
-
-    dec_inputs = [((model.slots,), "int32"), ((model.slots,), "int32"), cache_spec]
-    dec_layouts = [slot_layout, slot_layout, cache_layout]
-    program, outs = trace_program(decode, param_specs, layouts, dec_inputs, dec_layouts,
+    trace = _Tracer(model, param_specs, strategy, float_dtype, platforms)
+    lay = trace.lay
+    step_in = [((model.slots,), "int32"), ((model.slots,), "int32"), trace.cache_spec]
+    step_lay = [lay.slot, lay.slot, lay.cache]
+    program, outs = trace_program(model.decode, param_specs, trace.layouts, step_in, step_lay,
                                   list(strategy.outputs), platforms, "the decode step")
     programs: dict[Any, bytes] = {1: program}
-    names = ("tokens", "positions", "kv_cache")
-    inputs = [TensorMeta(nm, s, d, lay) for nm, (s, d), lay in zip(names, dec_inputs, dec_layouts)]
-    outputs = [TensorMeta(nm, *o) for nm, o in zip(("logits", "kv_cache"), outs)]
-
-    def prefill(params: dict[str, Any], ids: Any, length: Any, slot: Any, kv: Any) -> tuple[Any, Any]:
-        return model.prefill(params, ids, length, slot, kv)
-
-    logits_layout = Layout(cache_layout.dev_matrix, [-1, -1])
-    pre_in = pre_out = None
-    for bucket in model.buckets:
-        specs = [((1, bucket), "int32"), ((), "int32"), ((), "int32"), cache_spec]
-        lays = [Layout(whole0.dev_matrix, [-1, -1]), whole0, whole0, cache_layout]
-        programs[f"prefill_{bucket}"], outs = trace_program(
-            prefill, param_specs, layouts, specs, lays, [logits_layout, cache_layout], platforms,
-            f"the prefill of {bucket} tokens")
-        pre_in = [TensorMeta(nm, s, d, lay).to_json() for nm, (s, d), lay
-                  in zip(("input_ids", "length", "slot", "kv_cache"), specs, lays)]
-        pre_out = [TensorMeta(nm, *o).to_json() for nm, o in zip(("logits", "kv_cache"), outs)]
+    for steps in model.decode_steps:
+        for window in model.windows:
+            programs[decode_name(steps, window)] = trace.decode(steps, window)
+    kernels = {"prefill": {p: "xla" for p in platforms}}
+    cuda = "cuda" in platforms and cudnn_here()
+    for rows, bucket in model.prefill_shapes():
+        programs[prefill_name(rows, bucket)] = trace.prefill(rows, bucket, "xla")
+        if cuda:
+            try:
+                programs[prefill_name(rows, bucket, "cuda")] = trace.prefill(rows, bucket, "cudnn")
+                kernels["prefill"]["cuda"] = "cudnn"
+            except Exception as e:  # noqa: BLE001 - cuDNN refused the shapes: the portable one serves
+                kernels["prefill"]["cuda"] = f"xla (cuDNN refused: {type(e).__name__}: {str(e)[:160]})"
+                cuda = False
+    cache = TensorMeta("kv_cache", *trace.cache_spec, lay.cache)
     record = {"slots": model.slots, "max_len": model.max_len, "buckets": list(model.buckets),
-              "cache": cache.to_json(), "cache_bytes": [cache_bytes(cache, r) for r in range(n)],
-              "prefill_inputs": pre_in, "prefill_outputs": pre_out}
+              "windows": list(model.windows), "decode_steps": list(model.decode_steps),
+              "prefill_shapes": [list(rp) for rp in model.prefill_shapes()], "stops": STOPS,
+              "kernels": kernels, "programs": sorted(str(k) for k in programs if k != 1),
+              "cache": cache.to_json(),
+              "cache_bytes": [cache_bytes(cache, r) for r in range(strategy.device_num)]}
+    inputs = [TensorMeta(n, s, d, la) for n, (s, d), la in zip(("tokens", "positions", "kv_cache"), step_in,
+                                                                 step_lay)]
+    outputs = [TensorMeta(n, *o) for n, o in zip(("logits", "kv_cache"), outs)]
     return programs, record, inputs, outputs
+
+
+class _Tracer:
+    """Traces the decode and prefill programs of one model under one strategy."""
+
+    def __init__(self, model: Any, param_specs: Mapping[str, tuple[tuple[int, ...], str]], strategy: Strategy,
+                 float_dtype: str, platforms: Sequence[str]):
+        self.model, self.param_specs, self.platforms = model, param_specs, platforms
+        self.layouts = {k: strategy[k] for k in param_specs}
+        self.lay = GenerationLayouts(strategy)
+        self.cache_spec = (model.cache_shape(), float_dtype)
+        self.state = [((model.slots,), "int32")] * len(STATE)
+
+    def decode(self, steps: int, window: int) -> bytes:
+        lay, slots = self.lay, self.model.slots
+        specs = [*self.state, ((slots,), "bool"), *sampling_specs(slots), self.cache_spec]
+        ins = [*lay.state(), lay.slot, *lay.sampling(), lay.cache]
+        outs = [lay.whole2, lay.whole2, *lay.state(), lay.cache]
+        program, _ = trace_program(decode_program(self.model, steps, window), self.param_specs, self.layouts,
+                                   specs, ins, outs, self.platforms, f"{steps} decode steps, window {window}")
+        return program
+
+    def prefill(self, rows: int, bucket: int, attention: str) -> bytes:
+        lay, slots = self.lay, self.model.slots
+        specs = [((rows, bucket), "int32"), *[((rows,), "int32")] * 3, *self.state, *sampling_specs(slots),
+                 self.cache_spec]
+        ins = [lay.whole2, lay.whole1, lay.whole1, lay.whole1, *lay.state(), *lay.sampling(), lay.cache]
+        outs = [lay.whole1, lay.whole1, lay.whole2, *lay.state(), lay.cache]
+        what = f"the prefill of {rows} prompt(s) of up to {bucket} tokens"
+        cudnn = attention == "cudnn"
+        program, _ = trace_program(prefill_program(self.model, attention), self.param_specs, self.layouts,
+                                   specs, ins, outs, ("cuda",) if cudnn else self.platforms,
+                                   what + (" (cuDNN)" if cudnn else ""),
+                                   custom_calls=(CUDNN_ATTENTION,) if cudnn else ())
+        return program

@@ -17,11 +17,12 @@ It is the analogue of MindSpore's ``Matmul0.mindir``. Format (plain safetensors,
   ``program/<M>``). Layouts then span one stage's ranks, and a rank's slice is that of rank
   ``rank % stage_ranks``. A checksum field names its algorithm: ``xxh3_64`` (format version 2,
   16 hex digits of XXH3-64, 29 GB/s) or ``sha256`` (version 1 files, 1.8 GB/s), both read;
-* in a decoder's export (format version 3) also ``generation``: the sequence ``slots``,
-  ``max_len``, the prompt ``buckets``, the KV ``cache`` (name, shape, dtype, layout) and the
-  prefill programs' ``prefill_inputs``/``prefill_outputs``. ``program`` is then the decode step
-  and ``program/prefill_<P>`` the prefill of a prompt of up to ``P`` tokens (see
-  :mod:`dinb.export.decode_programs`).
+* in a decoder's export (format version 4) also ``generation``: the sequence ``slots``,
+  ``max_len``, the prompt ``buckets``, the attention ``windows``, the ``decode_steps`` per call,
+  the ``prefill_shapes`` (rows, bucket), the end tokens per slot (``stops``), the ``kernels``
+  each platform's prefill uses, the names of its ``programs`` and the KV ``cache`` (name, shape,
+  dtype, layout). ``program`` is then the decode step with its logits, and ``program/<name>``
+  each generation program (see :mod:`dinb.export.decode_programs`).
 * in an export with batch buckets also ``batch_buckets`` (the batch sizes it has programs for,
   ascending, the largest being the inputs' own) and ``program/batch_<b>`` for each smaller
   one; ``program`` runs the largest (see :mod:`dinb.sharding.batch_buckets`).
@@ -50,9 +51,11 @@ from dinb.sharding.pipeline import MAX_MICRO_BATCHES
 
 FORMAT = "dinb-slice"
 FORMAT_VERSION = 2
-GENERATION_FORMAT_VERSION = 3  # files with a decoder's programs: an older reader refuses them
+GENERATION_FORMAT_VERSION = 4  # files with a decoder's programs: an older reader refuses them
 #: the checksum field of each format version (the field's name is its algorithm)
-DIGEST_FIELD = {1: "sha256", 2: "xxh3_64", 3: "xxh3_64"}
+DIGEST_FIELD = {1: "sha256", 2: "xxh3_64", 4: "xxh3_64"}
+#: the generation programs' names (see dinb.export.decode_programs)
+GENERATION_PROGRAM = re.compile(r"(decode_\d+_w\d+|prefill_\d+x\d+(@cuda)?)")
 SUFFIX = ".dinb"
 PROGRAM_KEY = "program"
 PARAM_PREFIX = "param/"
@@ -184,7 +187,7 @@ def _program_key(micro_batches: int | str) -> str:
 def _extra_programs(meta: dict[str, Any]) -> list[int | str]:
     """The programs a file holds besides ``program``: micro-batch counts or prefill names."""
     if "generation" in meta:
-        return [f"prefill_{b}" for b in meta["generation"]["buckets"]]
+        return list(meta["generation"]["programs"])
     if "batch_buckets" in meta:
         return [f"batch_{b}" for b in meta["batch_buckets"][:-1]]
     return [m for m in meta.get("pipeline", {}).get("micro_batches", [1]) if m != 1]
@@ -198,6 +201,10 @@ def _header(path: Path) -> tuple[st.Header, dict[str, Any]]:
     check = Fields(SliceFileError, str(path))
     meta = check.obj(check.json(header.metadata["dinb"], "the dinb metadata"), "the dinb metadata")
     version = meta.get("format_version")
+    if version == 3 and meta.get("format") == FORMAT:
+        raise SliceFileError(
+            f"{path}: a decoder export of an earlier dinb (format version 3, before tokens were picked on "
+            "the device); export it again with this dinb (python -m dinb export --model llama ...)")
     if meta.get("format") != FORMAT or type(version) is not int or version not in DIGEST_FIELD:
         raise SliceFileError(
             f"{path}: format {meta.get('format')!r} version {meta.get('format_version')!r}; this "
@@ -264,27 +271,27 @@ def _check_meta(check: Fields, meta: dict[str, Any], header: st.Header) -> None:
 
 
 def _check_generation(check: Fields, meta: dict[str, Any], world: int) -> None:
-    """The ``generation`` record: sizes, buckets and the cache's and prefill's tensors."""
+    """The ``generation`` record: sizes, buckets, windows, programs and the cache's tensor."""
     if "pipeline" in meta:
         check.fail("generation and pipeline stages in one file; a decoder export has one stage")
     gen = check.obj(meta["generation"], "generation")
-    for key in ("slots", "max_len"):
+    for key in ("slots", "max_len", "stops"):
         check.int(check.get(gen, key, "generation", int), f"generation.{key}", 1)
-    buckets = check.get(gen, "buckets", "generation", list)
-    for i, b in enumerate(buckets):
-        check.int(b, f"generation.buckets[{i}]", 1)
-        if b > gen["max_len"]:
-            check.fail(f"generation.buckets[{i}] = {b} is longer than max_len {gen['max_len']}")
-    if not buckets or len(set(buckets)) != len(buckets):
-        check.fail(f"generation.buckets {buckets} must list distinct prompt lengths")
+    for key in ("buckets", "windows", "decode_steps"):
+        values = check.get(gen, key, "generation", list)
+        for i, b in enumerate(values):
+            check.int(b, f"generation.{key}[{i}]", 1)
+            if key != "decode_steps" and b > gen["max_len"]:
+                check.fail(f"generation.{key}[{i}] = {b} is longer than max_len {gen['max_len']}")
+        if not values or len(set(values)) != len(values):
+            check.fail(f"generation.{key} {values} must list distinct numbers")
+    for i, name in enumerate(check.get(gen, "programs", "generation", list)):
+        if not isinstance(name, str) or not GENERATION_PROGRAM.fullmatch(name):
+            check.fail(f"generation.programs[{i}] {name!r} is not a generation program's name")
+    check.obj(check.get(gen, "kernels", "generation", dict), "generation.kernels")
     cache = check.obj(check.get(gen, "cache", "generation", dict), "generation.cache")
-    tensors = [(cache, "generation.cache")]
-    for role in ("prefill_inputs", "prefill_outputs"):
-        tensors += [(check.obj(d, f"generation.{role}[{i}]"), f"generation.{role}[{i}]")
-                    for i, d in enumerate(check.get(gen, role, "generation", list))]
-    for d, where in tensors:
-        check.get(d, "name", where, str)
-        _tensor_layout(check, d, where, world).check_shape(d["shape"], where)
+    check.get(cache, "name", "generation.cache", str)
+    _tensor_layout(check, cache, "generation.cache", world).check_shape(cache["shape"], "generation.cache")
 
 
 def _check_batch_buckets(check: Fields, meta: dict[str, Any]) -> None:

@@ -27,11 +27,14 @@ def trace_program(
     out_layouts: Sequence[Layout] | Any | None,
     platforms: Sequence[str] = DEFAULT_PLATFORMS,
     what: str = "the model",
+    custom_calls: Sequence[str] = (),
 ) -> tuple[bytes, list[tuple[tuple[int, ...], str, Layout]]]:
     """Serialize ``fn(params, *inputs) -> tuple`` as one SPMD program over an abstract mesh.
 
     ``out_layouts`` is a list, a function of the traced output shapes giving one, or None
-    (replicated outputs). Returns the program and each output's shape, dtype and layout.
+    (replicated outputs). ``custom_calls``: kernels outside ``jax.export``'s stable set that the
+    program may call (cuDNN's attention): such a program is read only by the JAX that wrote it,
+    which the slice files record. Returns the program and each output's shape, dtype and layout.
     """
     import jax
     from jax import export as jax_export
@@ -63,7 +66,8 @@ def trace_program(
         {k: jax.ShapeDtypeStruct(s, d, sharding=p_shard[k]) for k, (s, d) in param_specs.items()},
         *[jax.ShapeDtypeStruct(s, d, sharding=sh) for (s, d), sh in zip(input_specs, x_shard)],
     )
-    exported = jax_export.export(jitted, platforms=tuple(platforms))(*args)
+    checks = [jax_export.DisabledSafetyCheck.custom_call(c) for c in custom_calls]
+    exported = jax_export.export(jitted, platforms=tuple(platforms), disabled_checks=checks)(*args)
     return bytes(exported.serialize()), [
         (tuple(o.shape), str(np.dtype(o.dtype)), lay) for o, lay in zip(outs, out_layouts)]
 

@@ -13,17 +13,20 @@ PyTorch's ``Linear`` layout, ``y = x W^T``. One layer, pre-norm, no biases::
 after ``x = embed[ids]``; the logits are ``RMSNorm(x) Wlm^T`` (``Wlm`` is the embedding when the
 config ties them).
 
-**Two programs and a cache.** Generation is a prefill, once per prompt, then one decode step
-per token. Both read and write the KV cache, one array of shape ``(L, 2, S, K, T, dh)``: per
-layer, keys and values of ``S`` sequence *slots* for ``K`` heads at ``T`` positions. Every
-program takes the cache and gives it back (the runtime donates it, so it is updated in place):
+**Two computations and a cache.** Generation is a prefill, once per prompt, then one decode
+step per token. Both read and write the KV cache, one array of shape ``(L, 2, S, K, T, dh)``: per
+layer, keys and values of ``S`` sequence *slots* for ``K`` heads at ``T`` positions. Each takes
+the cache and gives it back (the runtime donates it, so it is updated in place):
 
-* ``prefill(params, ids (1, P), length (), slot (), cache) -> (logits (1, V), cache)``: the
-  prompt, padded to a bucket of ``P`` tokens, fills positions ``0 .. P-1`` of one slot; the
-  logits are those after its last real token, ``length - 1``;
-* ``decode(params, tokens (S,), positions (S,), cache) -> (logits (S, V), cache)``: one token
-  per slot at its own position (slots are independent sequences: continuous batching), the
-  keys at positions ``<= position`` attended.
+* ``prefill_rows(params, ids (R, P), lengths (R,), slots (R,), cache) -> (logits (R, V), cache)``:
+  ``R`` prompts, padded to a bucket of ``P`` tokens, fill positions ``0 .. P-1`` of their slots;
+  the logits are those after each one's last real token, ``length - 1``;
+* ``step(params, tokens (S,), positions (S,), active (S,), cache, W) -> (logits (S, V), cache)``:
+  one token per slot at its own position (slots are independent sequences: continuous
+  batching), the keys at positions ``<= position`` among the first ``W`` attended.
+
+:mod:`dinb.models.decode_loop` builds the programs an export holds from them: tokens picked on
+the device, several decode steps per call.
 
 **The split** (``megatron`` on ``tp`` ranks, Megatron-LM's, with vLLM's rule for the KV heads):
 query heads and the MLP's columns are split over ``tp`` ranks (``Wq, Wg, Wu`` by rows, ``Wo,
@@ -52,6 +55,9 @@ from dinb.models.base import ModelDef, TensorSpec, read_config_json
 from dinb.sharding.layout import Layout
 from dinb.sharding.strategy import Strategy
 
+DEFAULT_DECODE_STEPS = 8  # decode steps one call runs (the programs for 1 step are there too)
+WINDOWS = (128, 512, 2048, 8192, 32768)  # attention windows below max_len, each a decode program
+PREFILL_TOKENS = 4096  # the most tokens one prefill call holds (rows x bucket)
 CONFIG_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
                  "num_hidden_layers", "vocab_size", "max_position_embeddings", "rms_norm_eps",
                  "rope_theta", "tie_word_embeddings")
@@ -107,7 +113,8 @@ class LlamaDecoder(ModelDef):
 
     def __init__(self, model_dir: str | Path | None = None, config: dict[str, Any] | None = None,
                  slots: int = 4, max_len: int | None = None, buckets: Sequence[int] | None = None,
-                 tokenizer: str | None = None):
+                 tokenizer: str | None = None, decode_steps: int = DEFAULT_DECODE_STEPS,
+                 windows: Sequence[int] | None = None):
         self.model_dir = Path(model_dir) if model_dir else None
         if config is None:
             if self.model_dir is None:  # dinb's own trained decoder
@@ -130,6 +137,21 @@ class LlamaDecoder(ModelDef):
             raise DinbError(f"prompt buckets {bad} do not fit max_len {self.max_len}; give lengths 1 to "
                             f"{self.max_len}")
         self.tokenizer = tokenizer
+        if decode_steps < 1:
+            raise DinbError(f"decode_steps {decode_steps}: give the decode steps one call runs, 1 or more")
+        self.decode_steps = tuple(sorted({1, int(decode_steps)}))
+        default = [w for w in WINDOWS if w < self.max_len] + [self.max_len]
+        self.windows = tuple(sorted({int(w) for w in (windows or default)}))
+        if self.windows[-1] != self.max_len or self.windows[0] < 1:
+            raise DinbError(f"attention windows {list(self.windows)}: give lengths up to max_len "
+                            f"{self.max_len}, the largest equal to it")
+
+    def prefill_shapes(self) -> list[tuple[int, int]]:
+        """``(rows, bucket)`` of every prefill program: for each prompt bucket ``P``, 1, 4, 16, ...
+        rows and the slot count, as long as they hold at most :data:`PREFILL_TOKENS` tokens (or one
+        prompt); more prompts at once run in several calls."""
+        rows = sorted({r for r in (1, 4, 16, 64, 256) if r < self.slots} | {self.slots})
+        return [(r, p) for p in self.buckets for r in rows if r == 1 or r * p <= PREFILL_TOKENS]
 
     # ---- sizes ---------------------------------------------------------------------------------
     @property
@@ -255,45 +277,72 @@ class LlamaDecoder(ModelDef):
         head = p["model.embed_tokens.weight" if self.hf["tie_word_embeddings"] else "lm_head.weight"]
         return (self._rms(p["model.norm.weight"], x) @ head.T).astype(jnp.float32)
 
-    def prefill(self, params: dict[str, Any], ids: Any, length: Any, slot: Any,
-                cache: Any) -> tuple[Any, Any]:
-        """The prompt ``ids`` (1, P) into sequence slot ``slot``; logits after token ``length - 1``."""
-        import jax
-        import jax.numpy as jnp
+    def step(self, params: dict[str, Any], tokens: Any, positions: Any, active: Any, cache: Any,
+             window: int) -> tuple[Any, Any]:
+        """One token per slot: ``tokens`` (S,) at ``positions`` (S,); logits (S, V).
 
-        p_len = ids.shape[1]
-        pos = jnp.arange(p_len, dtype=jnp.int32)[None]
-        x = jnp.take(params["model.embed_tokens.weight"], ids, axis=0)
-        visible = (pos[0][None, :, None] >= pos[0][None, None, :])  # causal (1, P, P)
-        zero = jnp.zeros((), jnp.int32)
-        for i in range(self.layers):
-            pre = f"model.layers.{i}."
-            q, k, v = self._qkv(params, pre, x, pos)
-            k_t, v_t = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (1, K, P, dh)
-            new = jnp.stack([k_t, v_t])[None].astype(cache.dtype)  # (1, 2, 1, K, P, dh)
-            cache = jax.lax.dynamic_update_slice(cache, new, (i, zero, slot, zero, zero, zero))
-            a = self._attend(q, k_t, v_t, visible)
-            x = x + a @ params[f"{pre}self_attn.o_proj.weight"].T
-            x = self._mlp_block(params, pre, x)
-        last = jax.lax.dynamic_slice_in_dim(x, length - 1, 1, axis=1)[:, 0]
-        return self._logits(params, last), cache
-
-    def decode(self, params: dict[str, Any], tokens: Any, positions: Any, cache: Any) -> tuple[Any, Any]:
-        """One token per slot: ``tokens`` (S,) at ``positions`` (S,); logits (S, V)."""
+        Each active slot writes its key and value at its position; an inactive one (``active``
+        false) writes nothing (its position points past the cache, where a scatter drops it).
+        Attention reads the first ``window`` positions of every slot (a static slice: the
+        program's cost follows the window, not ``max_len``), the keys at positions ``<=
+        position`` visible."""
         import jax.numpy as jnp
 
         slots = jnp.arange(tokens.shape[0])
+        write = jnp.where(active, positions, self.max_len)
         x = jnp.take(params["model.embed_tokens.weight"], tokens, axis=0)[:, None]  # (S, 1, h)
-        visible = (jnp.arange(self.max_len)[None, None, :] <= positions[:, None, None])  # (S, 1, T)
+        visible = (jnp.arange(window)[None, None, :] <= positions[:, None, None])  # (S, 1, W)
         for i in range(self.layers):
             pre = f"model.layers.{i}."
             q, k, v = self._qkv(params, pre, x, positions[:, None])
-            cache = cache.at[i, 0, slots, :, positions].set(k[:, 0].astype(cache.dtype))
-            cache = cache.at[i, 1, slots, :, positions].set(v[:, 0].astype(cache.dtype))
-            a = self._attend(q, cache[i, 0], cache[i, 1], visible)
+            cache = cache.at[i, 0, slots, :, write].set(k[:, 0].astype(cache.dtype), mode="drop")
+            cache = cache.at[i, 1, slots, :, write].set(v[:, 0].astype(cache.dtype), mode="drop")
+            a = self._attend(q, cache[i, 0, :, :, :window], cache[i, 1, :, :, :window], visible)
             x = x + a @ params[f"{pre}self_attn.o_proj.weight"].T
             x = self._mlp_block(params, pre, x)
         return self._logits(params, x[:, 0]), cache
+
+    def prefill_rows(self, params: dict[str, Any], ids: Any, lengths: Any, slots: Any, cache: Any,
+                     attention: str = "xla") -> tuple[Any, Any]:
+        """Prompts ``ids`` (R, P), each padded to the bucket ``P``, into sequence slots ``slots``
+        (R,) of the cache (a slot past the last one: a padding row, written nowhere); the logits
+        (R, V) after each prompt's last token ``lengths - 1``. ``attention``: ``xla`` (einsum and
+        softmax, every platform) or ``cudnn`` (cuDNN's flash attention, CUDA only)."""
+        import jax.numpy as jnp
+
+        r, p_len = ids.shape
+        pos = jnp.arange(p_len, dtype=jnp.int32)[None]
+        x = jnp.take(params["model.embed_tokens.weight"], ids, axis=0)
+        causal = jnp.broadcast_to(pos[0][None, :, None] >= pos[0][None, None, :], (r, p_len, p_len))
+        for i in range(self.layers):
+            pre = f"model.layers.{i}."
+            q, k, v = self._qkv(params, pre, x, pos)
+            k_t, v_t = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (R, K, P, dh)
+            cache = cache.at[i, 0, slots, :, :p_len].set(k_t.astype(cache.dtype), mode="drop")
+            cache = cache.at[i, 1, slots, :, :p_len].set(v_t.astype(cache.dtype), mode="drop")
+            if attention == "cudnn":
+                a = self._flash(q, k, v)
+            else:
+                a = self._attend(q, k_t, v_t, causal)
+            x = x + a @ params[f"{pre}self_attn.o_proj.weight"].T
+            x = self._mlp_block(params, pre, x)
+        last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        return self._logits(params, last), cache
+
+    def _flash(self, q: Any, k: Any, v: Any) -> Any:
+        """Causal attention by cuDNN's fused kernel: ``q`` (R, P, K, G, dh), ``k``/``v`` (R, P, K, dh)."""
+        import jax
+
+        r, p_len = q.shape[:2]
+        out = jax.nn.dot_product_attention(q.reshape(r, p_len, self.heads, self.head_dim), k, v,
+                                           is_causal=True, implementation="cudnn")
+        return out.reshape(r, p_len, self.heads * self.head_dim)
+
+    def decode(self, params: dict[str, Any], tokens: Any, positions: Any, cache: Any) -> tuple[Any, Any]:
+        """One decode step of every slot over the whole cache; logits (S, V) (see :meth:`step`)."""
+        import jax.numpy as jnp
+
+        return self.step(params, tokens, positions, jnp.ones(tokens.shape, bool), cache, self.max_len)
 
     def apply(self, params: dict[str, Any], tokens: Any, positions: Any, cache: Any) -> Any:
         """The decode step (what ``predict``, the explorer and the plans run); see :meth:`decode`."""
@@ -336,6 +385,7 @@ class LlamaDecoder(ModelDef):
     def config(self) -> dict[str, Any]:
         return {"config": dict(self.hf), "slots": self.slots, "max_len": self.max_len,
                 "buckets": list(self.buckets), "tokenizer": self.tokenizer,
+                "decode_steps": max(self.decode_steps), "windows": list(self.windows),
                 "model_dir": str(self.model_dir) if self.model_dir else None}
 
     # ---- strategies ----------------------------------------------------------------------------

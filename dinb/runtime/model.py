@@ -27,11 +27,11 @@ import numpy as np
 from dinb.errors import DinbError, SliceFileError
 from dinb.export.slicefile import SliceFile, TensorMeta
 from dinb.job import ranks
+from dinb.models.sampling import SamplingParams
 from dinb.runtime.config import RuntimeConfig, load_config
 from dinb.runtime.context import Context, ModelType
 from dinb.runtime.loading import load_slice_files
 from dinb.runtime.runners import DecoderRunner, PipelineRunner, Runner, choose_runner
-from dinb.runtime.sampling import SamplingParams
 from dinb.runtime.tensor import Tensor
 from dinb.sharding.pipeline import StageEvent
 
@@ -159,18 +159,22 @@ class Model:
     # ---- generation (a decoder's export) -----------------------------------------------------
     def generate(self, prompt_ids: Any, max_new_tokens: int = 32, *, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_ids: Sequence[int] = (),
-                 on_token: Callable[[int, int], None] | None = None) -> list[int] | list[list[int]]:
+                 on_token: Callable[[int, int], None] | None = None, return_logprobs: bool = False) -> Any:
         """New tokens after a prompt (a list of token ids), or after each of a list of prompts
         (at most the export's sequence slots), from a decoder's export.
 
         Greedy when ``temperature`` is 0; else sampled (``top_k``, ``top_p``, see
-        :mod:`dinb.runtime.sampling`) with a generator per prompt seeded by ``seed``: the same
+        :mod:`dinb.models.sampling`) with a generator per prompt seeded by ``seed``: the same
         seed gives the same tokens on every rank count. A prompt stops after ``max_new_tokens``
         or after a token of ``stop_ids`` (which is kept). ``on_token(row, token)`` is called as
-        each token is picked (streaming). Every rank must make the same call.
+        each token is picked (streaming: the tokens come every few decode steps, as many as one
+        call of the decode program runs). The tokens are picked on the devices; with
+        ``return_logprobs`` each token's log-probability under the model comes back too, as
+        ``(tokens, logprobs)`` of the same nesting. Every rank must make the same call.
         """
         return self._decoder("generate").generate(
-            prompt_ids, max_new_tokens, SamplingParams(temperature, top_k, top_p, seed), stop_ids, on_token)
+            prompt_ids, max_new_tokens, SamplingParams(temperature, top_k, top_p, seed), stop_ids, on_token,
+            return_logprobs)
 
     def generate_stream(self, prompt_ids: Sequence[int], max_new_tokens: int = 32, **sampling: Any
                         ) -> Iterator[int]:
@@ -188,6 +192,13 @@ class Model:
         """Run one decode step: ``tokens[s]`` of every slot ``s`` at ``positions[s]``; returns the
         logits (slots, vocabulary). The cache is updated in place."""
         return self._decoder("decode_step").decode_logits(tokens, positions)
+
+    def serve_step(self, joins: Sequence[dict[str, Any]], active: Sequence[int]) -> dict[int, list[int]]:
+        """One step of continuous batching (what a serving agent runs): the requests in ``joins``
+        (``slot``, ``ids``, ``sampling`` (:class:`~dinb.models.sampling.SamplingParams`),
+        ``max_tokens``, ``stop_ids``) prefilled into their slots, then one call of the decode
+        program for them and the slots in ``active``; the tokens each slot got."""
+        return self._decoder("serve_step").serve_step(joins, active)
 
     def kv_cache(self, slot: int, length: int) -> np.ndarray:
         """The keys and values of slot ``slot`` at positions ``0 .. length-1``, gathered from every

@@ -103,7 +103,6 @@ class AgentLoop:
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
         self.link: Any = None  # the local link to the worker, once connected
-        self.samplers: dict[int, Any] = {}  # a decoder's: each slot's token picker
         self.registered = False
 
     def run(self) -> str:
@@ -172,7 +171,7 @@ class AgentLoop:
         """The reply frames to a request (``infer`` or ``gen_step``)."""
         if header.get("type") == "gen_step":
             try:
-                result = agent_step(self.model, self.samplers, header)
+                result = agent_step(self.model, header)
             except DinbError as e:
                 result = {"error": f"{type(e).__name__}: {e}"}
             return wire.pack({"type": "result", "id": header["id"], **self.me, **result})

@@ -4,14 +4,18 @@ A decoder's export has ``S`` sequence *slots*, one row each of the KV cache the 
 their devices (see :mod:`dinb.runtime.runners.decoder`). The :class:`GenerationScheduler` in the
 serving process runs one *step* at a time on every agent, the same message to each::
 
-    worker -> agents   gen_step  {prefill: [{slot, ids, sampling}], decode: {tokens, positions, active}}
-    agents -> worker   result    {tokens: {slot: token}, compute_ms}
+    worker -> agents   gen_step  {prefill: [{slot, ids, sampling, max_tokens, stop_ids}], active}
+    agents -> worker   result    {tokens: {slot: [token, ...]}, compute_ms}
 
-A step first prefills the requests that joined (each into a free slot; the agents pick its first
-token), then runs one decode step of every slot already generating. This is iteration-level
-scheduling (Orca's, vLLM's): a new request joins at the next step instead of waiting for the
+A step first prefills the requests that joined (all in one call where the export's prefill
+shapes allow; each into a free slot, its first token picked on the devices), then runs one call
+of the decode program: ``k`` decode steps of every slot still generating (``active``, and the
+joiners), the tokens picked on the devices. This is iteration-level scheduling (Orca's, vLLM's)
+at the granularity of a call: a new request joins at the next call instead of waiting for the
 batch to end, and a finished one (its end token, its ``max_tokens``, or its client gone) leaves
-its slot free for the next. When every slot is busy, up to ``max_waiting`` requests wait in
+its slot free for the next. ``k`` trades the first token's wait against throughput: a joiner
+waits at most one call of ``k`` steps, and every call's round trip to the agents is paid once
+per ``k`` tokens. When every slot is busy, up to ``max_waiting`` requests wait in
 order; one more gets :class:`Unavailable` (HTTP 503) at once. Every rank picks the same tokens
 (the logits are whole on each, the generators seeded alike), and the scheduler checks it.
 
@@ -28,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dinb.errors import DinbError, InputError
-from dinb.runtime.sampling import SamplingParams
+from dinb.models.sampling import SamplingParams
 from dinb.serving.worker import DistributedWorker, Unavailable
 
 log = logging.getLogger("dinb.serving")
@@ -46,8 +50,6 @@ class GenRequest:
     tokens: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     slot: int | None = None
     produced: int = 0
-    position: int = 0
-    last: int = 0
     finish_reason: str | None = None
     cancelled: bool = False
 
@@ -143,30 +145,25 @@ class GenerationScheduler:
             req = self.waiting.popleft()
             req.slot = self.free.pop(0)
             joining.append(req)
-        decoding = dict(self.active)
+        decoding = sorted(self.active)
         for req in joining:
             self.active[req.slot] = req
         if not self.active:
             return
-        tokens = [0] * self.slots
-        positions = [self.max_len - 1] * self.slots  # idle slots write a position no one reads yet
-        for slot, req in decoding.items():
-            tokens[slot], positions[slot] = req.last, req.position
-        header = {"prefill": [{"slot": r.slot, "ids": r.ids, "sampling": r.sampling.__dict__}
-                              for r in joining],
-                  "decode": {"tokens": tokens, "positions": positions, "active": sorted(decoding)}
-                  if decoding else None}
+        header = {"prefill": [{"slot": r.slot, "ids": r.ids, "sampling": r.sampling.__dict__,
+                               "max_tokens": r.max_tokens, "stop_ids": sorted(r.stop_ids)} for r in joining],
+                  "active": decoding}
         picked = await self.worker.step(header)
         self.steps += 1
-        for req in joining:
-            req.position = len(req.ids)
-            self._emit(req, picked[req.slot])
-        for slot, req in decoding.items():
-            req.position += 1
-            self._emit(req, picked[slot])
+        for slot, tokens in picked.items():
+            req = self.active.get(slot)
+            for token in tokens:
+                if req is None or req.finish_reason is not None:
+                    break
+                self._emit(req, token)
 
     def _emit(self, req: GenRequest, token: int) -> None:
-        req.last, req.produced = token, req.produced + 1
+        req.produced += 1
         req.tokens.put_nowait(token)
         if token in req.stop_ids:
             self._finish(req.slot, "stop")
@@ -201,19 +198,10 @@ async def tokens_of(req: GenRequest) -> Any:
         yield item
 
 
-def agent_step(model: Any, samplers: dict[int, Any], header: dict[str, Any]) -> dict[str, Any]:
-    """One generation step on an agent: the prefills, then the decode step; the picked tokens."""
-    from dinb.runtime.sampling import Sampler
-
+def agent_step(model: Any, header: dict[str, Any]) -> dict[str, Any]:
+    """One generation step on an agent (see the module docstring); the tokens of every slot."""
     t0 = time.perf_counter()
-    picked: dict[str, int] = {}
-    for p in header.get("prefill") or ():
-        slot = int(p["slot"])
-        samplers[slot] = Sampler(SamplingParams(**p["sampling"]))
-        picked[str(slot)] = samplers[slot].pick(model.prefill(slot, p["ids"]))
-    decode = header.get("decode")
-    if decode:
-        logits = model.decode_step(decode["tokens"], decode["positions"])
-        for slot in decode["active"]:
-            picked[str(slot)] = samplers[slot].pick(logits[slot])
-    return {"tokens": picked, "compute_ms": 1000 * (time.perf_counter() - t0)}
+    joins = [dict(p, sampling=SamplingParams(**p["sampling"])) for p in header.get("prefill") or ()]
+    tokens = model.serve_step(joins, [int(s) for s in header.get("active") or ()])
+    return {"tokens": {str(slot): picked for slot, picked in tokens.items()},
+            "compute_ms": 1000 * (time.perf_counter() - t0)}

@@ -201,8 +201,8 @@ class DistributedWorker:
         self.compute_ms = {r: float(h.get("compute_ms", 0.0)) for r, h in heads.items()}
         return data[self.roles.data_rank]  # views on that rank's reply frames, which they keep alive
 
-    async def step(self, header: dict[str, Any]) -> dict[int, int]:
-        """One generation step on every rank (see :mod:`dinb.serving.generation`): the token each
+    async def step(self, header: dict[str, Any]) -> dict[int, list[int]]:
+        """One generation step on every rank (see :mod:`dinb.serving.generation`): the tokens each
         slot got, checked to be the same on every rank."""
         replies = await self._call_all(lambda rank, rid: ({"type": "gen_step", "id": rid, **header}, ()))
         heads = {r: wire.header(f) for r, f in replies.items()}
@@ -215,7 +215,7 @@ class DistributedWorker:
         if any(p != picked[0] for p in picked):
             raise DinbError(f"servable {self.name!r}: the ranks picked different tokens")
         self.compute_ms = {r: float(h.get("compute_ms", 0.0)) for r, h in heads.items()}
-        return {int(s): int(t) for s, t in picked[0].items()}
+        return {int(s): [int(t) for t in tokens] for s, tokens in picked[0].items()}
 
     async def _call_all(self, message: Any) -> dict[int, Any]:
         """Send ``message(rank, id) -> (header, arrays)`` to every rank; their reply frames."""

@@ -1,43 +1,46 @@
-"""Generation on the ranks: the KV cache on the devices, prefill and decode steps, the token loop.
+"""The decoder runner: a decoder export's programs, its KV cache and the slots' state on the
+devices, and the host loop that keeps them busy.
 
-:class:`DecoderRunner` holds what a decoder's export needs at run time (see
-:mod:`dinb.export.decode_programs`): the decode step and the prefill programs compiled with the cache
-*donated* (XLA writes the new keys and values into the cache's own buffers), and the cache
-itself, allocated once per rank with its layout. Every rank runs the same calls with the same
-inputs; the logits come back whole on every rank, so every rank picks the same tokens.
+A generation of a batch of prompts (see :mod:`dinb.models.decode_loop` for the programs)::
 
-A generation of a batch of prompts::
+    first tokens = prefill(the prompts, in as few calls as the prefill shapes allow)
+    repeat:  queue decode_k(state, ...)        k tokens of every slot, picked on the device
+             read the call before it           the host reads while the devices run the next
+    until every slot has its tokens (its budget, or an end token)
 
-    for each prompt b:  logits_b = prefill(prompt_b padded to its bucket, slot b)   # fills slot b
-                        token_b = pick(logits_b)
-    repeat:             logits = decode(tokens, positions)     # one token of every slot at once
-                        token_b = pick(logits[b]); positions += 1
-
-A decode step costs the same whatever the positions: it reads every slot's whole cache
-(``max_len`` positions, masked beyond its own), so its time grows with the slots and the cache,
-and it runs two all-reduces per layer whatever the batch.
+Nothing waits between decode calls: the state a call needs comes from the call before, on the
+devices, and the host reads each call's k x S token ids while the next one runs. Each call runs
+the smallest attention window that holds every slot's positions for its k steps, so its cost
+follows the tokens in the cache, not ``max_len``. ``timings`` count only this loop's own time:
+what a caller does with each token (``on_token``, the consumer of ``stream``) is left out.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from dinb.errors import InputError, RankMismatchError
+from dinb.export.decode_programs import decode_name, prefill_name
 from dinb.export.slicefile import SliceFile, TensorMeta
 from dinb.formats.safetensors import np_dtype
 from dinb.job import ranks
-from dinb.runtime.placement import place_params, xla_collectives
+from dinb.models.decode_loop import STATE
+from dinb.models.sampling import SamplingParams, slot_arrays
+from dinb.runtime.placement import device_array, host_copy, place_params, xla_collectives
 from dinb.runtime.programs import deserialize
-from dinb.runtime.sampling import Sampler, SamplingParams
 from dinb.sharding.layout import Layout, one_mesh_shardings
+
+#: ``(row, token, log-probability)`` as each token is picked
+Picked = tuple[int, int, float]
 
 
 class DecoderRunner:
-    """A decoder export's programs and KV cache on this process's ranks."""
+    """A decoder export's programs, KV cache and slot state on this process's ranks."""
 
     provider = "xla"
     notice: str | None = None
@@ -46,59 +49,95 @@ class DecoderRunner:
     def __init__(self, files: dict[int, SliceFile], job: ranks.Job):
         first = next(iter(files.values()))
         gen = first.generation or {}
-        self.files, self.job = files, job
+        self.first, self.job = first, job
         self.collectives = xla_collectives(job)
         self.params, _ = place_params(files, job)
         self.slots, self.max_len = int(gen["slots"]), int(gen["max_len"])
         self.buckets = sorted(int(b) for b in gen["buckets"])
+        self.windows = sorted(int(w) for w in gen["windows"])
+        self.decode_steps = sorted(int(k) for k in gen["decode_steps"])
+        self.prefill_shapes = sorted((int(r), int(p)) for r, p in gen["prefill_shapes"])
+        self.stops_per_slot = int(gen["stops"])
+        self.kernels = dict(gen["kernels"])
+        self.programs_held = set(gen["programs"])
         self.cache_meta = TensorMeta.from_json(gen["cache"])
         self.cache_bytes = {r: int(gen["cache_bytes"][r]) for r in files}
         self.vocab = int(first.outputs[0].shape[-1])
-        dm = self.cache_meta.layout.dev_matrix
-        slot_layout = first.inputs[0].layout
-        whole = Layout(dm, [])
-        (self._cache_sharding, self._slot_sharding, self._whole, self._ids_sharding,
-         self._logits_sharding, self._step_logits_sharding) = one_mesh_shardings(
-            [self.cache_meta.layout, slot_layout, whole, Layout(dm, [-1, -1]), Layout(dm, [-1, -1]),
-             first.outputs[0].layout], job.devices)
-        self._p_shard = {n: a.sharding for n, a in self.params.items()}
+        self._shardings(first)
         self._compiled: dict[Any, Any] = {}
         self.cache: Any = None
+        self.state: tuple[Any, ...] | None = None  # tokens, positions, remaining, counts: (S,) each
+        self.sampling_f = np.zeros((self.slots, 2), np.float32)
+        self.sampling_i = np.zeros((self.slots, 3), np.int32)
+        self.stops = np.full((self.slots, self.stops_per_slot), -1, np.int32)
+        self.position_bound = np.zeros(self.slots, np.int64)  # each slot's next position, at most
+        self.left = np.zeros(self.slots, np.int64)  # tokens each slot may still pick, at most
         self.timings: dict[str, float] = {}
-        self._compile(1)
+        self.ran: set[str] = set()  # the generation programs that have run (windows, steps, shapes)
+        self.clock: Callable[[], float] = time.perf_counter  # the timings' clock
+
+    def _shardings(self, first: SliceFile) -> None:
+        dm = self.cache_meta.layout.dev_matrix
+        slot = first.inputs[0].layout
+        layouts = [self.cache_meta.layout, slot, Layout(dm, [slot.tensor_map[0], -1]), Layout(dm, [-1]),
+                   Layout(dm, [-1, -1]), first.outputs[0].layout]
+        (self._cache_sh, self._slot_sh, self._per_slot_sh, self._whole1, self._whole2,
+         self._logits_sh) = one_mesh_shardings(layouts, self.job.devices)
+        self._p_shard = {n: a.sharding for n, a in self.params.items()}
 
     # ---- programs --------------------------------------------------------------------------------
-    def _compile(self, which: int | str) -> Any:
-        """The decode step (``1``) or ``"prefill_<P>"``, compiled once, the cache donated."""
-        if which in self._compiled:
-            return self._compiled[which]
+    def _program(self, name: Any) -> Any:
+        """Program ``name`` (1: the decode step with logits), compiled the first time it runs,
+        with the cache (and the state) donated: XLA writes them in place."""
+        self.ran.add(str(name))
+        if name in self._compiled:
+            return self._compiled[name]
         import jax
 
-        first = next(iter(self.files.values()))
-        exported = deserialize(first, which, "the decode step" if which == 1 else f"the {which} program")
+        exported = deserialize(self.first, name, "the decode step" if name == 1 else f"the {name} program")
         if exported.nr_devices != self.job.world_size:
-            raise RankMismatchError(f"{first.path}: the program was exported for {exported.nr_devices} "
+            raise RankMismatchError(f"{self.first.path}: the program was exported for {exported.nr_devices} "
                                     f"devices but this job has {self.job.world_size}")
-        cache = jax.ShapeDtypeStruct(self.cache_meta.shape, self.cache_meta.dtype,
-                                     sharding=self._cache_sharding)
-        if which == 1:
-            ins = [self._slot_sharding, self._slot_sharding, self._cache_sharding]
-            structs = [jax.ShapeDtypeStruct((self.slots,), "int32", sharding=s) for s in ins[:2]] + [cache]
-            outs = (self._step_logits_sharding, self._cache_sharding)
-        else:
-            bucket = int(str(which).split("_")[1])
-            ins = [self._ids_sharding, self._whole, self._whole, self._cache_sharding]
-            structs = [jax.ShapeDtypeStruct((1, bucket), "int32", sharding=ins[0]),
-                       jax.ShapeDtypeStruct((), "int32", sharding=self._whole),
-                       jax.ShapeDtypeStruct((), "int32", sharding=self._whole), cache]
-            outs = (self._logits_sharding, self._cache_sharding)
-        donate = len(ins)  # the cache, the last argument after the parameters
+        ins, outs, donate = self._signature(str(name))
+        structs = [jax.ShapeDtypeStruct(aval.shape, aval.dtype, sharding=sh)
+                   for aval, sh in zip(exported.in_avals[len(self.params):], ins)]
         t0 = time.perf_counter()
-        jitted = jax.jit(exported.call, in_shardings=(self._p_shard, *ins), out_shardings=outs,
-                         donate_argnums=(donate,))
-        self._compiled[which] = jitted.lower(self.params, *structs).compile()
-        self.timings[f"compile_{which}_s"] = time.perf_counter() - t0
-        return self._compiled[which]
+        jitted = jax.jit(exported.call, in_shardings=(self._p_shard, *ins), out_shardings=tuple(outs),
+                         donate_argnums=donate)
+        self._compiled[name] = jitted.lower(self.params, *structs).compile()
+        self.timings[f"compile_{name}_s"] = time.perf_counter() - t0
+        return self._compiled[name]
+
+    def _signature(self, name: str) -> tuple[list[Any], list[Any], tuple[int, ...]]:
+        """In and out shardings of a program, and the arguments it donates (after the params)."""
+        state = [self._slot_sh] * len(STATE)
+        sampling = [self._per_slot_sh] * 3
+        if name.startswith("decode_"):
+            ins = [*state, self._slot_sh, *sampling, self._cache_sh]
+            return ins, [self._whole2, self._whole2, *state, self._cache_sh], (1, 2, 3, 4, len(ins))
+        if name.startswith("prefill_"):
+            ins = [self._whole2, self._whole1, self._whole1, self._whole1, *state, *sampling, self._cache_sh]
+            outs = [self._whole1, self._whole1, self._whole2, *state, self._cache_sh]
+            return ins, outs, (5, 6, 7, 8, len(ins))
+        return [self._slot_sh, self._slot_sh, self._cache_sh], [self._logits_sh, self._cache_sh], (3,)
+
+    def _array(self, a: np.ndarray, sharding: Any) -> Any:
+        return device_array(a, sharding, self.job)
+
+    def ensure_cache(self) -> None:
+        """Allocate the KV cache and the slots' state on the devices (zeros, once)."""
+        if self.cache is None:
+            import jax
+            import jax.numpy as jnp
+
+            shape, dtype = self.cache_meta.shape, np_dtype(self.cache_meta.dtype)
+            self.cache = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self._cache_sh)()
+        if self.state is None:
+            zeros = np.zeros(self.slots, np.int32)
+            self.state = tuple(self._array(zeros, self._slot_sh) for _ in STATE)
+
+    def _sampling_args(self) -> list[Any]:
+        return [self._array(a, self._per_slot_sh) for a in (self.sampling_f, self.sampling_i, self.stops)]
 
     # ---- the runner's protocol ---------------------------------------------------------------------
     def predict(self, inputs: Sequence[Any], micro_batches: int | None) -> list[np.ndarray]:
@@ -106,42 +145,88 @@ class DecoderRunner:
                          "kept on the devices; call generate(prompt_ids, max_new_tokens) instead of predict")
 
     def rank_outputs(self) -> dict[int, list[np.ndarray]]:
-        return {r: [] for r in self.files}
+        return {r: [] for r in self.job.local_ranks}
 
     def describe(self) -> str:
-        return str(self._compile(1).as_text())
+        return str(self._program(1).as_text())
 
     def close(self) -> None:
-        self.cache, self.params, self._compiled = None, {}, {}
+        self.cache, self.state, self.params, self._compiled = None, None, {}, {}
 
-    def _array(self, a: np.ndarray, sharding: Any) -> Any:
-        """``a`` (the same on every rank) as the program's input: numpy in one process, the
-        local shards of one global array across processes."""
-        if self.job.process_count == 1:
-            return a
-        import jax
+    # ---- the slots --------------------------------------------------------------------------------
+    def set_slot(self, slot: int, sampling: SamplingParams, row: int, stop_ids: Sequence[int]) -> None:
+        """How slot ``slot`` picks its tokens (``row``: the noise's stream for this seed)."""
+        if len(stop_ids) > self.stops_per_slot:
+            raise InputError(f"{len(stop_ids)} end tokens for one sequence; the export takes at most "
+                             f"{self.stops_per_slot}")
+        self.sampling_f[slot], self.sampling_i[slot] = slot_arrays(sampling, row)
+        self.stops[slot] = -1
+        self.stops[slot, :len(stop_ids)] = list(stop_ids)
 
-        where = sharding.addressable_devices_indices_map(a.shape)
-        shards = [jax.device_put(a[idx], d) for d, idx in where.items()]
-        return jax.make_array_from_single_device_arrays(a.shape, sharding, shards)
+    def prefill_slots(self, slots: Sequence[int], prompts: Sequence[np.ndarray], budgets: Sequence[int],
+                      want_logits: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Prompts into their slots, in as few calls as the prefill shapes allow; each slot's first
+        token and its log-probability (and the logits after each prompt, when asked)."""
+        self.ensure_cache()
+        tokens, logprobs, logits = [], [], []
+        start = 0
+        while start < len(prompts):
+            rows, bucket = self._prefill_shape(len(prompts) - start, max(map(len, prompts[start:])))
+            chunk = list(range(start, min(start + rows, len(prompts))))
+            ids = np.zeros((rows, bucket), np.int32)
+            lengths, budget = np.ones(rows, np.int32), np.ones(rows, np.int32)
+            where = np.full(rows, self.slots, np.int32)  # a padding row's slot: past the last one
+            for i, j in enumerate(chunk):
+                ids[i, :len(prompts[j])] = prompts[j]
+                lengths[i], where[i], budget[i] = len(prompts[j]), slots[j], budgets[j]
+            args = [self._array(ids, self._whole2),
+                    *(self._array(a, self._whole1) for a in (lengths, where, budget))]
+            out = self._program(self._prefill_program(rows, bucket))(
+                self.params, *args, *self.state, *self._sampling_args(), self.cache)
+            first, logprob, logit, *state, self.cache = out
+            self.state = tuple(state)
+            tokens.append(host_copy(first)[:len(chunk)])
+            logprobs.append(host_copy(logprob)[:len(chunk)])
+            if want_logits:
+                logits.append(host_copy(logit)[:len(chunk)])
+            start += len(chunk)
+        for slot, prompt, budget_left in zip(slots, prompts, budgets):
+            self.position_bound[slot], self.left[slot] = len(prompt), budget_left - 1
+        return (np.concatenate(tokens), np.concatenate(logprobs),
+                np.concatenate(logits) if want_logits else None)
 
-    @staticmethod
-    def _host(arr: Any) -> np.ndarray:
-        """The logits, whole on every rank: this process's first copy."""
-        if len(arr.sharding.device_set) == 1:
-            return np.asarray(arr)
-        return np.asarray(arr.addressable_data(0) if arr.is_fully_replicated else arr)
+    def _prefill_shape(self, count: int, longest: int) -> tuple[int, int]:
+        """The smallest bucket that holds ``longest`` tokens, with the fewest rows that hold
+        ``count`` prompts (else the most it has)."""
+        bucket = self.bucket_for(longest)
+        rows = [r for r, p in self.prefill_shapes if p == bucket]
+        return next((r for r in rows if r >= count), rows[-1]), bucket
 
-    def ensure_cache(self) -> None:
-        """Allocate the KV cache on the devices (zeros, once)."""
-        if self.cache is None:
-            import jax
-            import jax.numpy as jnp
+    def _prefill_program(self, rows: int, bucket: int) -> str:
+        cuda = prefill_name(rows, bucket, "cuda")
+        return cuda if self.job.target == "gpu" and cuda in self.programs_held else prefill_name(rows, bucket)
 
-            shape, dtype = self.cache_meta.shape, np_dtype(self.cache_meta.dtype)
-            self.cache = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self._cache_sharding)()
+    def decode_call(self, keep: np.ndarray, steps: int) -> tuple[Any, Any]:
+        """Queue one call of ``steps`` decode steps for the slots in ``keep``; its tokens and
+        log-probabilities (k, S) as device arrays (not read here)."""
+        live = keep & (self.left > 0)
+        reach = self.position_bound + np.minimum(steps, self.left)
+        window = next(w for w in self.windows if w >= int(reach[live].max(initial=1)))
+        out = self._program(decode_name(steps, window))(
+            self.params, *self.state, self._array(keep, self._slot_sh), *self._sampling_args(), self.cache)
+        tokens, logprobs, *state, self.cache = out
+        self.state = tuple(state)
+        grown = np.where(live, np.minimum(steps, self.left), 0)
+        self.position_bound += grown
+        self.left = np.where(keep, self.left - grown, 0)
+        return tokens, logprobs
 
-    # ---- steps -----------------------------------------------------------------------------------
+    def steps_for(self, keep: np.ndarray) -> int:
+        """Decode steps the next call runs: the most the export has, one each near the end."""
+        most = int(self.left[keep].max(initial=0))
+        return max(k for k in self.decode_steps if k == 1 or k <= most)
+
+    # ---- steps ---------------------------------------------------------------------------------
     def bucket_for(self, length: int) -> int:
         for b in self.buckets:
             if length <= b:
@@ -151,24 +236,19 @@ class DecoderRunner:
                          "for longer prompts")
 
     def prefill(self, slot: int, prompt: np.ndarray) -> np.ndarray:
-        """Fill ``slot`` with ``prompt``; the logits (V,) after its last token."""
-        self.ensure_cache()
-        bucket = self.bucket_for(len(prompt))
-        ids = np.zeros((1, bucket), np.int32)
-        ids[0, :len(prompt)] = prompt
-        fn = self._compile(f"prefill_{bucket}")
-        logits, self.cache = fn(self.params, self._array(ids, self._ids_sharding),
-                                self._array(np.int32(len(prompt)), self._whole),
-                                self._array(np.int32(slot), self._whole), self.cache)
-        return self._host(logits)[0]
+        """Fill ``slot`` with ``prompt`` (greedy); the logits (V,) after its last token."""
+        self.set_slot(slot, SamplingParams(), 0, ())
+        _, _, logits = self.prefill_slots([slot], [prompt], [1], want_logits=True)
+        assert logits is not None
+        return logits[0]
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """One decode step of every slot; the logits (S, V)."""
+        """One decode step of every slot over the whole cache; the logits (S, V)."""
         self.ensure_cache()
-        logits, self.cache = self._compile(1)(
-            self.params, self._array(tokens.astype(np.int32), self._slot_sharding),
-            self._array(positions.astype(np.int32), self._slot_sharding), self.cache)
-        return self._host(logits)
+        logits, self.cache = self._program(1)(
+            self.params, self._array(tokens.astype(np.int32), self._slot_sh),
+            self._array(positions.astype(np.int32), self._slot_sh), self.cache)
+        return host_copy(logits)
 
     def cache_slot(self, slot: int, length: int) -> np.ndarray:
         """Slot ``slot``'s keys and values at positions ``0 .. length-1`` as
@@ -200,57 +280,107 @@ class DecoderRunner:
             out.append(a.astype(np.int32))
         return out, single
 
-    def steps(self, prompts: Sequence[np.ndarray], max_new_tokens: int, sampling: SamplingParams,
-              stop_ids: Sequence[int] = ()) -> Iterator[tuple[int, int]]:
-        """``(row, token)`` as each token is picked, row by row within a step."""
+    def check_request(self, lengths: Sequence[int], max_new_tokens: Any) -> None:
+        """A clear error for a request the export cannot hold."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
                 or max_new_tokens < 1:
             raise InputError(f"max_new_tokens={max_new_tokens!r}: give a whole number >= 1")
-        longest = max(len(p) for p in prompts)
+        longest = max(lengths)
         self.bucket_for(longest)
         if longest + max_new_tokens - 1 > self.max_len:
             raise InputError(f"a prompt of {longest} tokens and {max_new_tokens} new tokens need "
-                             f"{longest + max_new_tokens - 1} cache positions; the export has "
-                             f"{self.max_len} (--max-len); ask for at most {self.max_len - longest + 1} "
-                             "new tokens")
+                             f"{longest + max_new_tokens - 1} cache positions; the export has {self.max_len} "
+                             f"(--max-len); ask for at most {self.max_len - longest + 1} new tokens")
+
+    def steps(self, prompts: Sequence[np.ndarray], max_new_tokens: int, sampling: SamplingParams,
+              stop_ids: Sequence[int] = ()) -> Iterator[Picked]:
+        """``(row, token, log-probability)`` as each token is picked, row by row within a step.
+        Prompt ``row`` takes sequence slot ``row``."""
+        self.check_request([len(p) for p in prompts], max_new_tokens)
+        clock = _Clock(self.clock)
+        rows = list(range(len(prompts)))
+        self.ensure_cache()
+        self.left[:] = 0
+        for row in rows:
+            self.set_slot(row, sampling, row, stop_ids)
+        first, logprobs, _ = self.prefill_slots(rows, prompts, [max_new_tokens] * len(rows))
+        self.timings["prefill_s"] = clock.busy()
         stops = {int(s) for s in stop_ids}
-        samplers = [Sampler(sampling, row) for row in range(len(prompts))]
-        tokens = np.zeros(self.slots, np.int32)
-        positions = np.zeros(self.slots, np.int32)
-        left = {}
-        t0 = time.perf_counter()
-        for row, prompt in enumerate(prompts):
-            tokens[row] = samplers[row].pick(self.prefill(row, prompt))
-            positions[row] = len(prompt)
-            left[row] = max_new_tokens
-        self.timings["prefill_s"] = time.perf_counter() - t0
-        t0, steps = time.perf_counter(), 0
-        while True:
-            for row in sorted(left):
-                yield row, int(tokens[row])
-                left[row] -= 1
-                if left[row] == 0 or int(tokens[row]) in stops:
-                    del left[row]
-            if not left:
-                break
-            logits = self.decode(tokens, positions)
-            steps += 1
-            greedy = logits.argmax(-1) if sampling.temperature == 0 else None  # one argmax for all
-            for row in left:
-                tokens[row] = greedy[row] if greedy is not None else samplers[row].pick(logits[row])
-                positions[row] += 1
-        self.timings["decode_s"] = time.perf_counter() - t0
-        self.timings["decode_steps"] = steps
+        for row in rows:
+            if int(first[row]) in stops:
+                self.left[row] = 0
+        for row in rows:
+            yield from clock.hand_over([(row, int(first[row]), float(logprobs[row]))])
+        keep = np.zeros(self.slots, bool)
+        keep[rows] = True
+        decoded = calls = 0
+        queued: deque[tuple[Any, Any]] = deque()
+        while self.left[keep].any() or queued:
+            if self.left[keep].any():
+                queued.append(self.decode_call(keep, self.steps_for(keep)))
+                calls += 1
+            if len(queued) > 1 or not self.left[keep].any():  # one call ahead of the one read
+                tokens, logprobs = (host_copy(a) for a in queued.popleft())
+                picked = [(row, int(t), float(lp)) for step_t, step_lp in zip(tokens, logprobs)
+                          for row, t, lp in zip(rows, step_t[rows], step_lp[rows]) if t >= 0]
+                decoded += int((tokens[:, rows] >= 0).any(axis=1).sum())
+                self._finished(picked, stops, keep)
+                yield from clock.hand_over(picked)
+        self.timings.update(decode_s=clock.busy(), decode_steps=decoded, decode_calls=calls)
+
+    def _finished(self, picked: list[Picked], stops: set[int], keep: np.ndarray) -> None:
+        """Slots whose end token came need no more calls (the devices stopped them already)."""
+        for row, token, _ in picked:
+            if token in stops:
+                self.left[row] = 0
+                keep[row] = False
 
     def generate(self, prompt_ids: Any, max_new_tokens: int, sampling: SamplingParams,
-                 stop_ids: Sequence[int] = (), on_token: Callable[[int, int], None] | None = None) -> Any:
+                 stop_ids: Sequence[int] = (), on_token: Callable[[int, int], None] | None = None,
+                 return_logprobs: bool = False) -> Any:
         prompts, single = self.prompts_of(prompt_ids)
         out: list[list[int]] = [[] for _ in prompts]
-        for row, token in self.steps(prompts, max_new_tokens, sampling, stop_ids):
+        lps: list[list[float]] = [[] for _ in prompts]
+        for row, token, logprob in self.steps(prompts, max_new_tokens, sampling, stop_ids):
             out[row].append(token)
+            lps[row].append(logprob)
             if on_token is not None:
                 on_token(row, token)
-        return out[0] if single else out
+        tokens = out[0] if single else out
+        if return_logprobs:
+            return tokens, (lps[0] if single else lps)
+        return tokens
+
+    def serve_step(self, joins: Sequence[dict[str, Any]], active: Sequence[int]) -> dict[int, list[int]]:
+        """One step of continuous batching: the ``joins`` (each ``slot``, ``ids``, ``sampling``,
+        ``max_tokens``, ``stop_ids``) prefilled, then one decode call of the slots in ``active``
+        and the joiners; the tokens every slot got (a joiner's first one included). A slot left
+        out of ``active`` stops (its request finished or went away)."""
+        keep = np.zeros(self.slots, bool)
+        keep[list(active)] = True
+        self.left[~keep] = 0
+        out: dict[int, list[int]] = {}
+        if joins:
+            prompts, _ = self.prompts_of([list(j["ids"]) for j in joins])
+            for j, prompt in zip(joins, prompts):
+                self.check_request([len(prompt)], j["max_tokens"])
+                self.set_slot(int(j["slot"]), j["sampling"], 0, j.get("stop_ids", ()))
+            slots = [int(j["slot"]) for j in joins]
+            first, _, _ = self.prefill_slots(slots, prompts, [int(j["max_tokens"]) for j in joins])
+            for j, slot, token in zip(joins, slots, first):
+                out[slot] = [int(token)]
+                keep[slot] = True
+                if int(token) in set(j.get("stop_ids", ())):
+                    self.left[slot] = 0
+        if (keep & (self.left > 0)).any():
+            tokens, _ = (host_copy(a) for a in self.decode_call(keep, self.steps_for(keep)))
+            for slot in np.flatnonzero(keep):
+                got = [int(t) for t in tokens[:, slot] if t >= 0]
+                if got:
+                    out.setdefault(int(slot), []).extend(got)
+                    if got[-1] in self.stops[slot]:
+                        self.left[slot] = 0
+        return out
 
     # ---- what Model's generation methods call ------------------------------------------------
     def stream(self, prompt_ids: Any, max_new_tokens: int, sampling: SamplingParams,
@@ -260,7 +390,7 @@ class DecoderRunner:
         if not single:
             raise InputError("generate_stream takes one prompt (a list of token ids); use generate's "
                              "on_token for several")
-        return (token for _, token in self.steps(prompts, max_new_tokens, sampling, stop_ids))
+        return (token for _, token, _ in self.steps(prompts, max_new_tokens, sampling, stop_ids))
 
     def prefill_logits(self, slot: int, prompt_ids: Sequence[int]) -> np.ndarray:
         """``prompt_ids`` into sequence slot ``slot``; the logits after its last token."""
@@ -281,8 +411,30 @@ class DecoderRunner:
 
     def info(self) -> dict[str, Any]:
         """``slots``, ``max_len``, prompt ``buckets``, ``vocab``, the KV ``cache`` (shape, dtype,
-        layout), the ``cache_bytes`` each local rank holds and the last generation's timings."""
+        layout), the ``cache_bytes`` each local rank holds, the attention ``windows``, the
+        ``decode_steps`` per call, the prefill ``kernels`` and the last generation's timings."""
         return {"slots": self.slots, "max_len": self.max_len, "buckets": list(self.buckets),
                 "vocab": self.vocab, "cache": self.cache_meta, "cache_bytes": dict(self.cache_bytes),
-                "timings": dict(self.timings)}
+                "windows": list(self.windows), "decode_steps": list(self.decode_steps),
+                "kernels": dict(self.kernels), "stops": self.stops_per_slot, "timings": dict(self.timings)}
 
+
+class _Clock:
+    """The time a generator spends working, without the time its consumer holds each value."""
+
+    def __init__(self, now: Callable[[], float]) -> None:
+        self.now = now
+        self._since = now()
+        self._spent = 0.0
+
+    def busy(self) -> float:
+        """Working time since the last call."""
+        now = self.now()
+        spent, self._spent, self._since = self._spent + now - self._since, 0.0, now
+        return spent
+
+    def hand_over(self, items: list[Any]) -> Iterator[Any]:
+        for item in items:
+            self._spent += self.now() - self._since
+            yield item
+            self._since = self.now()

@@ -1,0 +1,101 @@
+"""A decoder's generation programs: prompts in, tokens out, the KV cache and the loop state on the
+devices between calls.
+
+Every sequence slot ``s`` of the ``S`` an export has carries four numbers, the *state*:
+``tokens[s]`` (the last token picked, fed to the next step), ``positions[s]`` (where that token
+goes in the cache), ``remaining[s]`` (tokens still to pick: 0 means the slot is idle) and
+``counts[s]`` (tokens picked so far: the sampling noise's counter). How each slot picks is the
+*sampling*: ``sampling_f`` (S, 2) its temperature and top-p, ``sampling_i`` (S, 3) its top-k,
+seed and row, ``stops`` (S, E) its end tokens (-1: none). Two programs move the state::
+
+    prefill(params, ids (R, P), lengths (R,), slots (R,), budgets (R,), state, sampling, cache)
+        -> first tokens (R,), their log-probabilities (R,), logits (R, V), state, cache
+    decode_k(params, state, keep (S,), sampling, cache)
+        -> tokens (k, S), log-probabilities (k, S), state, cache
+
+``prefill`` writes R prompts (a row whose slot is ``S`` is padding, written nowhere) and picks
+each one's first token; its slot then has ``budgets - 1`` tokens to go (none if the first is an
+end token). ``decode_k`` runs ``k`` decode steps in one call (``lax.fori_loop``), each slot with
+``remaining > 0`` picking one token a step; a slot stops by itself on an end token or when its
+budget is spent, then writes nothing more into the cache (its token is -1 in the output).
+``keep`` false ends a slot at once (a request cancelled). Per step and slot::
+
+    active = remaining > 0
+    logits = step(tokens, positions, active, cache, W)        attention over W positions
+    t = pick(logits, sampling, counts)                          dinb.models.sampling
+    out = t if active else -1;  positions += active;  counts += active
+    remaining = 0 if t in stops else remaining - 1              (while active)
+
+Only the tokens (k x S int32) cross to the host, and the next call can be queued before they are
+read: the state it needs is already on the devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from dinb.models.sampling import pick_tokens
+
+#: the state of the sequence slots, in the programs' order (each (S,) int32)
+STATE = ("tokens", "positions", "remaining", "counts")
+#: the sampling of the slots: name, columns, dtype
+SAMPLING = (("sampling_f", 2, "float32"), ("sampling_i", 3, "int32"))
+STOPS = 8  # end tokens a slot can have (generation_config's eos ids and the request's own)
+
+
+def decode_program(model: Any, steps: int, window: int) -> Callable[..., tuple[Any, ...]]:
+    """``decode_k`` (see the module docstring) for ``k = steps`` and an attention window of
+    ``window`` positions (the caller picks the window that holds every slot's last position)."""
+
+    def decode(params: dict[str, Any], tokens: Any, positions: Any, remaining: Any, counts: Any, keep: Any,
+               sampling_f: Any, sampling_i: Any, stops: Any, cache: Any) -> tuple[Any, ...]:
+        import jax
+        import jax.numpy as jnp
+
+        slots = tokens.shape[0]
+        remaining = jnp.where(keep, remaining, 0)
+
+        def one_step(j: Any, carry: tuple[Any, ...]) -> tuple[Any, ...]:
+            tokens, positions, remaining, counts, cache, out, logprobs = carry
+            active = remaining > 0
+            logits, cache = model.step(params, tokens, positions, active, cache, window)
+            picked, logprob = pick_tokens(logits, sampling_f, sampling_i, counts)
+            ends = jnp.any(picked[:, None] == stops, axis=-1)
+            out = out.at[j].set(jnp.where(active, picked, -1))
+            logprobs = logprobs.at[j].set(jnp.where(active, logprob, 0.0))
+            tokens = jnp.where(active, picked, tokens)
+            grow = active.astype(jnp.int32)
+            remaining = jnp.where(active & ~ends, remaining - 1, 0)
+            return tokens, positions + grow, remaining, counts + grow, cache, out, logprobs
+
+        carry = (tokens, positions, remaining, counts, cache, jnp.full((steps, slots), -1, jnp.int32),
+                 jnp.zeros((steps, slots), jnp.float32))
+        carry = one_step(0, carry) if steps == 1 else jax.lax.fori_loop(0, steps, one_step, carry)
+        tokens, positions, remaining, counts, cache, out, logprobs = carry
+        return out, logprobs, tokens, positions, remaining, counts, cache
+
+    return decode
+
+
+def prefill_program(model: Any, attention: str = "xla") -> Callable[..., tuple[Any, ...]]:
+    """``prefill`` (see the module docstring); ``attention``: ``xla`` or ``cudnn`` (see
+    :meth:`dinb.models.llama.LlamaDecoder.prefill_rows`). The shapes of ``ids`` fix ``R`` and
+    ``P``."""
+
+    def prefill(params: dict[str, Any], ids: Any, lengths: Any, slots: Any, budgets: Any, tokens: Any,
+                positions: Any, remaining: Any, counts: Any, sampling_f: Any, sampling_i: Any, stops: Any,
+                cache: Any) -> tuple[Any, ...]:
+        import jax.numpy as jnp
+
+        logits, cache = model.prefill_rows(params, ids, lengths, slots, cache, attention)
+        at = jnp.minimum(slots, tokens.shape[0] - 1)  # a padding row reads the last slot's sampling
+        first, logprob = pick_tokens(logits, sampling_f[at], sampling_i[at], jnp.zeros_like(slots))
+        ends = jnp.any(first[:, None] == stops[at], axis=-1)
+        tokens = tokens.at[slots].set(first, mode="drop")
+        positions = positions.at[slots].set(lengths, mode="drop")
+        remaining = remaining.at[slots].set(jnp.where(ends, 0, budgets - 1), mode="drop")
+        counts = counts.at[slots].set(1, mode="drop")
+        return first, logprob, logits, tokens, positions, remaining, counts, cache
+
+    return prefill
