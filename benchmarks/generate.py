@@ -1,24 +1,34 @@
-"""Time per output token: dinb's decoder beside plain JAX and Hugging Face transformers.
+"""Time per output token: dinb's decoder beside its memory floor, plain JAX and transformers.
 
-    python benchmarks/generate.py                          # CPU: the reference config, all cases
-    python benchmarks/generate.py --config 1b --target gpu --ranks 1,2 --batches 1,8,32
+    python benchmarks/generate.py                                   # CPU: the reference config
+    python benchmarks/generate.py --baseline a878130                # ... beside an earlier dinb
+    python benchmarks/generate.py --target gpu --configs 1b,3b      # one GPU: the floor table
 
 Every case generates ``--new-tokens`` greedy tokens after prompts of 16 random token ids, for a
-batch of 1, 8 and 32 prompts (the export's sequence slots), with the same random weights:
+batch of 1, 8 and 32 prompts (the export's sequence slots), with the same random weights. "Per
+token" is one decode step of the whole batch (each sequence gets one token); tokens per second
+count every sequence's tokens.
 
-  (a) dinb, 1 device                     python -m dinb generate --simulate 1 (or --target gpu)
-  (b) dinb, N virtual devices            python -m dinb generate --simulate N    (CPU only)
-  (c) dinb, N ranks under mpiexec        mpiexec -n N python -m dinb generate    (tp = N)
-  (j) plain JAX in one process           the model's own decode step, jitted with the same
-                                         shardings and the cache donated, the same host loop
-  (t) transformers' generate             benchmarks/generate_torch.py in the reference environment
+On the CPU (the reference config, float32), in one run:
 
-"Per token" is one decode step of the whole batch (each sequence gets one token): dinb's and
-JAX's are the decode loop's time over its steps; transformers' is ``(T(n) - T(1)) / (n - 1)``
-with ``T(n)`` the median time of ``generate`` for ``n`` new tokens (the prefill cancels). Tokens
-per second count every sequence's tokens. ``--config 1b`` is a Llama of about 1.2 billion
-parameters (hidden 2048, 16 layers, 32 query and 8 key/value heads, vocabulary 32000), bfloat16.
-Results go to ``benchmarks/results/generate[_gpu].json`` with the machine.
+  (a) dinb, 1 device                   python -m dinb generate --simulate 1
+  (b) dinb, N virtual devices          python -m dinb generate --simulate N
+  (c) dinb, N ranks under mpiexec      mpiexec -n N python -m dinb generate    (tp = N)
+  (a0) (b0) (c0) the same with the dinb of ``--baseline REV`` (a git revision, in a worktree)
+  (t) transformers' generate           benchmarks/generate_torch.py in the reference environment
+
+On one GPU (bfloat16, in-process, ``--configs``: ``1b`` is a Llama of 1.2 billion parameters,
+``3b`` Llama-3.2-3B's shape), in one run, for every batch and ``--max-lens``:
+
+  floor      (bytes of every weight + the keys and values in use, read once a step) / bandwidth,
+             over the device-to-device copy bandwidth measured in the run and over 4.8 TB/s
+  dinb       Model.generate on the export (its decode program, k steps a call)
+  jax loop   the model's own decode step over the whole cache in lax.fori_loop, argmax on the
+             device: plain JAX's strongest form
+  torch      transformers' generate (eager), ``(T(n) - T(1)) / (n - 1)``
+
+and a prefill row: a prompt of ``--prefill`` tokens against the bf16 matmul rate measured in the
+run (and the datasheet's 989 TFLOP/s). Results go to ``benchmarks/results/generate*.json``.
 """
 
 from __future__ import annotations
@@ -41,29 +51,39 @@ from predict_overhead import machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = 16
+DATASHEET_TBS, DATASHEET_TFLOPS = 4.8, 989.0  # H200 SXM: HBM3e bandwidth, dense bf16
+DEVICE = ["gpu"]  # what --target gpu runs on ("cpu" with --dry-run: the table's code on small shapes)
 CONFIGS: dict[str, dict[str, Any]] = {
     "reference": json.loads((ROOT / "tests" / "fixtures" / "llama" / "config.json").read_text()),
-    "1b": {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 32,
-           "num_key_value_heads": 8, "num_hidden_layers": 16, "vocab_size": 32000,
-           "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-           "tie_word_embeddings": False, "hidden_act": "silu"},
+    "1b": {
+        "model_type": "llama",
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "num_hidden_layers": 16,
+        "vocab_size": 32000,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+    },
+    "3b": {
+        "model_type": "llama",
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+        "num_hidden_layers": 28,
+        "vocab_size": 128256,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": True,
+        "hidden_act": "silu",
+    },
 }
-
-
-def write_weights(config: dict[str, Any], out: Path, seed: int = 0) -> Path:
-    """A checkpoint directory of random weights (config.json, model.safetensors)."""
-    from dinb.formats.safetensors import write_file
-    from dinb.models import LlamaDecoder
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dict(config, architectures=["LlamaForCausalLM"])))
-    model = LlamaDecoder(config=config)
-    rng = np.random.default_rng(seed)
-    params = {n: (np.ones(s, np.float32) if n.endswith("norm.weight")
-                  else rng.standard_normal(s, dtype=np.float32) / np.float32(np.sqrt(s[1])))
-              for n, s in model.param_shapes().items()}
-    write_file(out / "model.safetensors", params, {"format": "pt"})
-    return out
 
 
 def prompts(batch: int, vocab: int) -> list[list[int]]:
@@ -71,93 +91,35 @@ def prompts(batch: int, vocab: int) -> list[list[int]]:
     return [list(map(int, rng.integers(0, vocab, PROMPT))) for _ in range(batch)]
 
 
-def export(weights: Path, batch: int, ranks: int, new: int, dtype: str, out: Path) -> Path:
-    subprocess.run([sys.executable, "-m", "dinb", "export", "--model", "llama", "--weights", str(weights),
-                    "--ranks", str(ranks), "--slots", str(batch), "--max-len", str(PROMPT + new),
-                    "--buckets", str(PROMPT), "--dtype", dtype, "--out", str(out)], check=True,
-                   capture_output=True, text=True)
+def write_folder(config: dict[str, Any], params: dict[str, np.ndarray], out: Path) -> Path:
+    """A Hugging Face folder of the weights (config.json, model.safetensors)."""
+    from dinb.formats.safetensors import write_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dict(config, architectures=["LlamaForCausalLM"])))
+    write_file(out / "model.safetensors", params, {"format": "pt"})
     return out
 
 
-def dinb_case(kind: str, model_dir: Path, ids: list[list[int]], new: int, ranks: int, target: str,
-              repeat: int) -> float:
-    """ms per decode step, from ``dinb generate --json`` (the best of ``repeat`` runs, compiles
-    excluded)."""
-    from dinb.cli import launch
-
-    args = ["--model-dir", str(model_dir), "--max-new-tokens", str(new), "--json", "--target", target]
-    for row in ids:
-        args += ["--ids", ",".join(map(str, row))]
-    best = float("inf")
-    for _ in range(repeat):
-        if kind == "mpiexec":
-            proc = launch(ranks, args, timeout_s=900, command="generate")
-        else:
-            proc = subprocess.run([sys.executable, "-m", "dinb", "generate", *args,
-                                   *(["--simulate", str(ranks)] if target == "cpu" else [])],
-                                  capture_output=True, text=True, timeout=900)
-        if proc.returncode:
-            raise RuntimeError(f"dinb generate ({kind}, {ranks} ranks) failed:\n{proc.stderr[-3000:]}")
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        best = min(best, float(result["decode_ms_per_step"]))
-    return best
-
-
-def plain_jax(weights: Path, batch: int, ranks: int, new: int, dtype: str, target: str) -> float:
-    """The same decode step in plain JAX (one process, ``ranks`` devices), in a subprocess."""
-    cmd = [sys.executable, __file__, "--jax-worker", str(weights), "--batches", str(batch),
-           "--ranks", str(ranks), "--new-tokens", str(new), "--dtype", dtype]
-    env = dict(os.environ)
-    if target == "cpu":
-        env["JAX_PLATFORMS"] = "cpu"
-        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={ranks}"
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-    if proc.returncode:
-        raise RuntimeError(f"plain JAX failed:\n{proc.stderr[-3000:]}")
-    return float(proc.stdout.strip().splitlines()[-1])
-
-
-def jax_worker(weights: Path, batch: int, ranks: int, new: int, dtype: str) -> None:
+def random_params(config: dict[str, Any], dtype: str) -> dict[str, np.ndarray]:
+    """Random weights of the config's shapes (``N(0, 1/in)``, norms 1), made by JAX."""
     import jax
     import jax.numpy as jnp
 
     from dinb.formats.safetensors import np_dtype
     from dinb.models import LlamaDecoder
-    from dinb.models.llama import read_llama_config
-    from dinb.sharding.layout import one_mesh_shardings
 
-    model = LlamaDecoder(config=read_llama_config(weights / "config.json"), slots=batch,
-                         max_len=PROMPT + new, buckets=[PROMPT])
-    strategy = model.strategy(ranks)
-    names = list(model.param_shapes())
-    shard = one_mesh_shardings([strategy[n] for n in names] + list(strategy.inputs),
-                               sorted(jax.devices(), key=lambda d: d.id)[:ranks])
-    p_shard = dict(zip(names, shard))
-    slot_sh, cache_sh = shard[len(names)], shard[len(names) + 2]
-    whole = jax.sharding.NamedSharding(slot_sh.mesh, jax.sharding.PartitionSpec())
-    from dinb.checkpoint import load_checkpoint
-
-    dt = np_dtype(dtype)
-    params = {n: jax.device_put(np.asarray(a).astype(dt), p_shard[n])
-              for n, a in load_checkpoint(weights / "model.safetensors").items()}
-    decode = jax.jit(model.decode, out_shardings=(whole, cache_sh), donate_argnums=3)
-    prefill = jax.jit(model.prefill, out_shardings=(whole, cache_sh), donate_argnums=4)
-    cache = jax.jit(lambda: jnp.zeros(model.cache_shape(), dt), out_shardings=cache_sh)()
-    tokens = np.zeros(batch, np.int32)
-    positions = np.full(batch, PROMPT, np.int32)
-    best = float("inf")
-    for _ in range(3):
-        for row, ids in enumerate(prompts(batch, model.vocab)):
-            logits, cache = prefill(params, np.array([ids], np.int32), np.int32(PROMPT), np.int32(row), cache)
-            tokens[row] = int(np.asarray(logits)[0].argmax())
-        positions[:] = PROMPT
-        t0 = time.perf_counter()
-        for _ in range(new - 1):
-            logits, cache = decode(params, tokens, positions, cache)
-            tokens = np.asarray(logits).argmax(-1).astype(np.int32)
-            positions += 1
-        best = min(best, (time.perf_counter() - t0) * 1e3 / (new - 1))
-    print(best)
+    shapes = LlamaDecoder(config=config).param_shapes()
+    keys = jax.random.split(jax.random.key(0), len(shapes))
+    out = {}
+    for key, (name, shape) in zip(keys, shapes.items()):
+        if name.endswith("norm.weight"):
+            a = jnp.ones(shape, jnp.float32)
+        else:
+            a = jax.random.normal(key, shape, jnp.float32) / np.sqrt(shape[1])
+        out[name] = np.asarray(a.astype(jnp.bfloat16 if dtype == "bfloat16" else jnp.float32))
+        assert out[name].dtype == np_dtype(dtype)
+    return out
 
 
 def torch_case(weights: Path, batch: int, new: int, dtype: str, device: str, python: str) -> float | None:
@@ -165,83 +127,461 @@ def torch_case(weights: Path, batch: int, new: int, dtype: str, device: str, pyt
     if not Path(python).exists():
         print(f"no {python}: transformers' side skipped (make reference builds it)", file=sys.stderr)
         return None
-    script = str(ROOT / "benchmarks" / "generate_torch.py")
-    proc = subprocess.run([python, script, "--model-dir", str(weights),
-                           "--batch", str(batch), "--prompt", str(PROMPT), "--new-tokens", str(new),
-                           "--dtype", dtype, "--device", device],
-                          capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        [
+            python,
+            str(ROOT / "benchmarks" / "generate_torch.py"),
+            "--model-dir",
+            str(weights),
+            "--batch",
+            str(batch),
+            "--prompt",
+            str(PROMPT),
+            "--new-tokens",
+            str(new),
+            "--dtype",
+            dtype,
+            "--device",
+            device,
+            "--repeat",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     if proc.returncode:
         print(f"transformers' generate failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
         return None
     return float(json.loads(proc.stdout.strip().splitlines()[-1])["ms_per_token"])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="reference", help="reference, 1b, or a config.json")
-    parser.add_argument("--batches", default="1,8,32")
-    parser.add_argument("--ranks", default="2", help="rank counts for (b), (c) and (j): 2 or 1,2,4")
-    parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
-    parser.add_argument("--target", default="cpu", choices=["cpu", "gpu"])
-    parser.add_argument("--repeat", type=int, default=2, help="runs of each dinb case (the best counts)")
-    parser.add_argument("--torch-python", default=str(ROOT / ".venv-ref" / "bin" / "python"))
-    parser.add_argument("--jax-worker", type=Path, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    dtype = args.dtype or ("bfloat16" if args.target == "gpu" else "float32")
-    batches = [int(b) for b in args.batches.split(",")]
-    rank_counts = [int(r) for r in args.ranks.split(",")]
-    if args.jax_worker is not None:
-        jax_worker(args.jax_worker, batches[0], rank_counts[0], args.new_tokens, dtype)
-        return
-    config = CONFIGS.get(args.config) or json.loads(Path(args.config).read_text())
+# ---- one GPU -----------------------------------------------------------------------------------------
+def copy_bandwidth() -> float:
+    """Bytes per second of a 4 GiB device-to-device pass (read + write)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(1), (1 << 30,), jnp.float32)
+    f = jax.jit(lambda x: x * 1.0001)
+    return 2 * a.nbytes / best_s(lambda: f(a))
+
+
+def matmul_peak() -> float:
+    """FLOP per second of an 8192^3 bf16 matrix product."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(2), (8192, 8192), jnp.bfloat16)
+    f = jax.jit(lambda x: x @ x)
+    return 2 * 8192**3 / best_s(lambda: f(a))
+
+
+def best_s(fn: Any, repeat: int = 5) -> float:
+    import jax
+
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def weight_bytes(decoder: Any, itemsize: int) -> int:
+    """Bytes of the weights one decode step reads: every matrix once, one row of the embedding."""
+    total = 0
+    for name, shape in decoder.param_shapes().items():
+        n = int(np.prod(shape))
+        if name == "model.embed_tokens.weight" and not decoder.hf["tie_word_embeddings"]:
+            n = shape[1] * decoder.slots  # the rows looked up, not the table
+        total += n * itemsize
+    return total
+
+
+def kv_bytes_in_use(decoder: Any, batch: int, new: int, itemsize: int) -> float:
+    """Keys and values a step reads, on average over the generation (positions 16 .. 16 + new)."""
+    per_position = decoder.layers * 2 * decoder.kv_heads * decoder.head_dim * itemsize
+    return batch * per_position * (PROMPT + new / 2)
+
+
+def dinb_case(
+    decoder: Any, params: dict[str, np.ndarray], ids: list[list[int]], new: int, work: Path
+) -> dict[str, Any]:
+    """ms per decode step of Model.generate on a fresh export (the best of 3, compiles excluded)."""
+    from dinb import Context, Model, export_distributed
+
+    t0 = time.perf_counter()
+    export_distributed(decoder, params, decoder.strategy(1), decoder.example_inputs(), work, dtype="bfloat16")
+    export_s = time.perf_counter() - t0
+    model = Model()
+    model.build_from_file(work, context=Context(target=[DEVICE[0]]))
+    model.generate(ids, new)  # compiles the programs this generation runs
+    best = float("inf")
+    for _ in range(3):
+        model.generate(ids, new)
+        t = model.generation_info()["timings"]
+        best = min(best, 1e3 * t["decode_s"] / max(1, t["decode_steps"]))
+    windows = sorted({int(n.split("_w")[1]) for n in model.runner.ran if n.startswith("decode_")})
+    model.close()
+    shutil.rmtree(work, ignore_errors=True)
+    return {"dinb": best, "windows": windows, "export_s": export_s}
+
+
+def jax_loop(decoder: Any, params: dict[str, Any], ids: list[list[int]], new: int) -> float:
+    """ms per step of the model's own decode step over the whole cache in lax.fori_loop."""
+    import jax
+    import jax.numpy as jnp
+
+    prefill = jax.jit(decoder.prefill_rows, donate_argnums=4)
+    cache = jnp.zeros(decoder.cache_shape(), jnp.bfloat16)
+    rows = len(ids)
+    logits, cache = prefill(
+        params,
+        jnp.asarray(ids, jnp.int32),
+        jnp.full(rows, PROMPT, jnp.int32),
+        jnp.arange(rows, dtype=jnp.int32),
+        cache,
+    )
+    tokens = jnp.argmax(logits, -1).astype(jnp.int32)
+    positions = jnp.full(rows, PROMPT, jnp.int32)
+
+    def run(params: dict[str, Any], tokens: Any, positions: Any, cache: Any) -> tuple[Any, Any, Any]:
+        def body(_: int, c: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
+            tokens, positions, cache = c
+            logits, cache = decoder.decode(params, tokens, positions, cache)
+            return jnp.argmax(logits, -1).astype(jnp.int32), positions + 1, cache
+
+        return jax.lax.fori_loop(0, new - 1, body, (tokens, positions, cache))
+
+    loop = jax.jit(run, donate_argnums=3)
+    state = loop(params, tokens, positions, cache)  # compile and warm up
+    best = float("inf")
+    for _ in range(3):
+        jax.block_until_ready(state)
+        t0 = time.perf_counter()
+        state = jax.block_until_ready(loop(params, tokens, positions, state[2]))
+        best = min(best, (time.perf_counter() - t0) * 1e3 / (new - 1))
+    return best
+
+
+def prefill_row(
+    config: dict[str, Any], params: dict[str, np.ndarray], length: int, peak: float, work: Path
+) -> dict[str, Any]:
+    """A prompt of ``length`` tokens through Model.prefill (cuDNN's attention where exported)."""
+    from dinb import Context, Model, export_distributed
+    from dinb.models import LlamaDecoder
+
+    decoder = LlamaDecoder(config=config, slots=1, max_len=length, buckets=[length], decode_steps=1)
+    export_distributed(decoder, params, decoder.strategy(1), decoder.example_inputs(), work, dtype="bfloat16")
+    model = Model()
+    model.build_from_file(work, context=Context(target=[DEVICE[0]]))
+    ids = np.random.default_rng(3).integers(0, decoder.vocab, length)
+    s = best_s(lambda: model.prefill(0, ids), repeat=5)
+    kernel = model.generation_info()["kernels"]["prefill"].get("cuda", "xla")
+    model.close()
+    shutil.rmtree(work, ignore_errors=True)
+    h, f, dh = decoder.hf["hidden_size"], decoder.hf["intermediate_size"], decoder.head_dim
+    per_token = (
+        2
+        * decoder.layers
+        * (h * (decoder.heads + 2 * decoder.kv_heads) * dh + decoder.heads * dh * h + 3 * h * f)
+    )
+    flops = (
+        length * per_token + 2 * decoder.layers * length * length * decoder.heads * dh + 2 * decoder.vocab * h
+    )
+    return {
+        "tokens": length,
+        "ms": 1e3 * s,
+        "tflops": flops / s / 1e12,
+        "of_measured_peak": flops / s / peak,
+        "of_datasheet_peak": flops / s / (DATASHEET_TFLOPS * 1e12),
+        "attention": kernel,
+    }
+
+
+def gpu_main(args: argparse.Namespace) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    import dinb
+    from dinb.models import LlamaDecoder
+
+    dinb.init_ranks(DEVICE[0])
+    bw, peak = copy_bandwidth(), matmul_peak()
+    result: dict[str, Any] = {
+        "machine": dict(machine(), gpu=f"{jax.devices()[0].device_kind} ({len(jax.devices())})"),
+        "copy_bandwidth_TBs": bw / 1e12,
+        "matmul_TFLOPs": peak / 1e12,
+        "new_tokens": args.new_tokens,
+        "prompt": PROMPT,
+        "rows": [],
+        "prefill": [],
+    }
+    out = Path(args.out)
+    start = time.perf_counter()
+    names = args.configs.split(",")
+    prefill_config = "3b" if "3b" in names else names[-1]
     work = Path(tempfile.mkdtemp(prefix="dinb-bench-generate-"))
+    try:
+        for name in args.configs.split(","):
+            config = CONFIGS[name]
+            params = random_params(config, "bfloat16")
+            on_device = {k: jnp.asarray(v) for k, v in params.items()}
+            torch_dir = (
+                write_folder(config, params, work / f"{name}-hf") if args.torch_python != "none" else None
+            )
+            for max_len in [int(m) for m in args.max_lens.split(",")]:
+                for batch in [int(b) for b in args.batches.split(",")]:
+                    if time.perf_counter() - start > args.budget_s:
+                        result["rows"].append(
+                            {"config": name, "batch": batch, "max_len": max_len, "skipped": "time budget"}
+                        )
+                        continue
+                    decoder = LlamaDecoder(
+                        config=config, slots=batch, max_len=max_len, buckets=[PROMPT], prefill_rows=[batch]
+                    )
+                    ids = prompts(batch, decoder.vocab)
+                    floor = weight_bytes(decoder, 2) + kv_bytes_in_use(decoder, batch, args.new_tokens, 2)
+                    row = {
+                        "config": name,
+                        "batch": batch,
+                        "max_len": max_len,
+                        "floor_ms": floor / bw * 1e3,
+                        "floor_ms_datasheet": floor / (DATASHEET_TBS * 1e12) * 1e3,
+                    }
+                    row.update(dinb_case(decoder, params, ids, args.new_tokens, work / "export"))
+                    row["jax_loop"] = jax_loop(decoder, on_device, ids, args.new_tokens)
+                    row["torch"] = (
+                        torch_case(torch_dir, batch, args.new_tokens, "bfloat16", "cuda", args.torch_python)
+                        if torch_dir is not None and max_len == int(args.max_lens.split(",")[0])
+                        else None
+                    )
+                    result["rows"].append(row)
+                    print(json.dumps(row), flush=True)
+                    out.write_text(json.dumps(result, indent=1) + "\n")
+            if args.prefill and name == prefill_config:
+                row = prefill_row(config, params, args.prefill, peak, work / "prefill")
+                result["prefill"].append(dict(row, config=name))
+                print(json.dumps(result["prefill"][-1]), flush=True)
+                out.write_text(json.dumps(result, indent=1) + "\n")
+            del on_device, params
+            jax.clear_caches()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        result["seconds"] = time.perf_counter() - start
+        out.write_text(json.dumps(result, indent=1) + "\n")
+    print_gpu_table(result)
+
+
+def print_gpu_table(result: dict[str, Any]) -> None:
+    print(
+        f"\nms per decode step on {result['machine'].get('gpu')}; floor over the copy bandwidth measured "
+        f"({result['copy_bandwidth_TBs']:.2f} TB/s) and over {DATASHEET_TBS} TB/s"
+    )
+    print(
+        "config | batch | max_len | floor | floor 4.8 | dinb | x floor | x floor 4.8 | jax loop | "
+        "dinb/jax | torch"
+    )
+    for r in result["rows"]:
+        if "dinb" not in r:
+            continue
+        torch = f"{r['torch']:.2f}" if r.get("torch") else "-"
+        floor, sheet = r["floor_ms"], r["floor_ms_datasheet"]
+        print(
+            f"{r['config']} | {r['batch']} | {r['max_len']} | {floor:.3f} | {sheet:.3f} | "
+            f"{r['dinb']:.3f} | "
+            f"{r['dinb'] / floor:.2f} | {r['dinb'] / sheet:.2f} | {r['jax_loop']:.3f} | "
+            f"{r['dinb'] / r['jax_loop']:.2f} | {torch}"
+        )
+    for p in result["prefill"]:
+        print(
+            f"prefill {p['config']} {p['tokens']} tokens: {p['ms']:.2f} ms, {p['tflops']:.0f} TFLOP/s = "
+            f"{p['of_measured_peak']:.0%} of the measured {result['matmul_TFLOPs']:.0f}, "
+            f"{p['of_datasheet_peak']:.0%} of {DATASHEET_TFLOPS:.0f} (attention: {p['attention']})"
+        )
+
+
+# ---- the CPU ---------------------------------------------------------------------------------------
+def cli(args: list[str], pythonpath: Path | None, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    return subprocess.run(
+        [sys.executable, "-m", "dinb", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=pythonpath or ROOT,
+    )
+
+
+def cpu_export(weights: Path, batch: int, ranks: int, new: int, out: Path, source: Path | None) -> Path:
+    proc = cli(
+        [
+            "export",
+            "--model",
+            "llama",
+            "--weights",
+            str(weights),
+            "--ranks",
+            str(ranks),
+            "--slots",
+            str(batch),
+            "--max-len",
+            str(PROMPT + new),
+            "--buckets",
+            str(PROMPT),
+            "--out",
+            str(out),
+        ],
+        source,
+    )
+    if proc.returncode:
+        raise RuntimeError(f"export failed:\n{proc.stderr[-3000:]}")
+    return out
+
+
+def cpu_generate(
+    kind: str, model_dir: Path, ids: list[list[int]], new: int, ranks: int, source: Path | None, repeat: int
+) -> float:
+    """ms per decode step, from ``dinb generate --json`` (the best of ``repeat`` runs)."""
+    args = ["generate", "--model-dir", str(model_dir), "--max-new-tokens", str(new), "--json"]
+    for row in ids:
+        args += ["--ids", ",".join(map(str, row))]
+    best = float("inf")
+    for _ in range(repeat):
+        if kind == "mpiexec":
+            from dinb.cli import mpiexec_path
+
+            env = dict(os.environ, PYTHONPATH=str(source)) if source else dict(os.environ)
+            proc = subprocess.run(
+                [mpiexec_path(), "-n", str(ranks), sys.executable, "-m", "dinb", *args],
+                capture_output=True,
+                text=True,
+                timeout=900,
+                env=env,
+                cwd=source or ROOT,
+            )
+        else:
+            proc = cli([*args, "--simulate", str(ranks)], source)
+        if proc.returncode:
+            raise RuntimeError(f"dinb generate ({kind}, {ranks} ranks) failed:\n{proc.stderr[-3000:]}")
+        best = min(best, float(json.loads(proc.stdout.strip().splitlines()[-1])["decode_ms_per_step"]))
+    return best
+
+
+def baseline_tree(rev: str, work: Path) -> Path:
+    """A worktree of dinb at ``rev`` (removed with ``work``)."""
+    tree = work / f"dinb-{rev}"
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev],
+        check=True,
+        capture_output=True,
+    )
+    return tree
+
+
+def cpu_main(args: argparse.Namespace) -> None:
+    from dinb.formats.safetensors import np_dtype
+
+    config = CONFIGS[args.configs.split(",")[0]]
+    work = Path(tempfile.mkdtemp(prefix="dinb-bench-generate-"))
+    tree = None
     rows = []
     try:
-        weights = write_weights(config, work / "weights")
-        vocab = int(config["vocab_size"])
-        for b in batches:
-            ids = prompts(b, vocab)
+        from dinb.models import LlamaDecoder
+
+        params = {
+            k: v.astype(np_dtype("float32")) for k, v in LlamaDecoder(config=config).init_params(0).items()
+        }
+        weights = write_folder(config, params, work / "weights")
+        tree = baseline_tree(args.baseline, work) if args.baseline else None
+        n = args.ranks
+        for b in [int(x) for x in args.batches.split(",")]:
+            ids = prompts(b, int(config["vocab_size"]))
             row: dict[str, Any] = {"batch": b}
-            for n in sorted({1, *rank_counts}):
-                out = export(weights, b, n, args.new_tokens, dtype, work / f"b{b}_tp{n}")
-                if n == 1:
-                    row["dinb_1"] = dinb_case("simulate", out, ids, args.new_tokens, 1, args.target,
-                                              args.repeat)
-                else:
-                    if args.target == "cpu":
-                        row[f"dinb_sim{n}"] = dinb_case("simulate", out, ids, args.new_tokens, n, "cpu",
-                                                        args.repeat)
-                    row[f"dinb_mpi{n}"] = dinb_case("mpiexec", out, ids, args.new_tokens, n, args.target,
-                                                    args.repeat)
-                row[f"jax_{n}"] = plain_jax(weights, b, n, args.new_tokens, dtype, args.target)
-                shutil.rmtree(out, ignore_errors=True)
-            device = "cuda" if args.target == "gpu" else "cpu"
-            row["torch"] = torch_case(weights, b, args.new_tokens, dtype, device, args.torch_python)
+            for tag, source in (("", None), ("baseline_", tree)):
+                if tag and source is None:
+                    continue
+                one = cpu_export(weights, b, 1, args.new_tokens, work / f"{tag}b{b}_1", source)
+                row[f"{tag}dinb_1"] = cpu_generate(
+                    "simulate", one, ids, args.new_tokens, 1, source, args.repeat
+                )
+                split = cpu_export(weights, b, n, args.new_tokens, work / f"{tag}b{b}_{n}", source)
+                row[f"{tag}dinb_sim{n}"] = cpu_generate(
+                    "simulate", split, ids, args.new_tokens, n, source, args.repeat
+                )
+                row[f"{tag}dinb_mpi{n}"] = cpu_generate(
+                    "mpiexec", split, ids, args.new_tokens, n, source, args.repeat
+                )
+            row["torch"] = torch_case(weights, b, args.new_tokens, "float32", "cpu", args.torch_python)
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
+        if tree is not None:
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True
+            )
         shutil.rmtree(work, ignore_errors=True)
-    print_table(rows, rank_counts, args)
-    result = {"machine": machine(), "config": args.config, "dtype": dtype, "target": args.target,
-              "new_tokens": args.new_tokens, "prompt": PROMPT, "ms_per_token": rows}
-    name = f"generate_{args.target}_{args.config}.json" if args.target == "gpu" else "generate.json"
-    (ROOT / "benchmarks" / "results" / name).write_text(json.dumps(result, indent=1) + "\n")
-
-
-def print_table(rows: list[dict[str, Any]], rank_counts: list[int], args: argparse.Namespace) -> None:
     keys = [k for k in rows[0] if k != "batch"]
-    print(f"\nms per output token (one decode step of the batch), {args.config}, {args.target}; "
-          "tokens/s in brackets")
-    print("batch | " + " | ".join(keys) + " | dinb_1 / jax_1" +
-          "".join(f" | dinb_mpi{n} / jax_{n}" for n in rank_counts if n > 1))
+    print("\nms per output token (one decode step of the batch), reference config, CPU; tokens/s in brackets")
+    print("batch | " + " | ".join(keys) + (" | dinb_1 / baseline" if args.baseline else ""))
     for r in rows:
         cells = [f"{r[k]:.2f} ({r['batch'] * 1e3 / r[k]:.0f})" if r[k] else "-" for k in keys]
-        ratios = [f"{r['dinb_1'] / r['jax_1']:.2f}"] + [
-            f"{r[f'dinb_mpi{n}'] / r[f'jax_{n}']:.2f}" for n in rank_counts if n > 1]
-        print(f"{r['batch']} | " + " | ".join(cells) + " | " + " | ".join(ratios))
+        ratio = f" | {r['dinb_1'] / r['baseline_dinb_1']:.2f}" if args.baseline else ""
+        print(f"{r['batch']} | " + " | ".join(cells) + ratio)
     print(f"machine: {machine()}")
+    result = {
+        "machine": machine(),
+        "config": "reference",
+        "dtype": "float32",
+        "target": "cpu",
+        "baseline": args.baseline,
+        "new_tokens": args.new_tokens,
+        "prompt": PROMPT,
+        "ms_per_token": rows,
+    }
+    Path(args.out or ROOT / "benchmarks" / "results" / "generate.json").write_text(
+        json.dumps(result, indent=1) + "\n"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--target", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--configs", default=None, help="cpu: reference; gpu: 1b,3b")
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--max-lens", default="80,2048", help="gpu: the exports' max_len")
+    parser.add_argument("--ranks", type=int, default=2, help="cpu: ranks of (b) and (c)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="default: 48 on the CPU, 64 on a GPU")
+    parser.add_argument("--prefill", type=int, default=2048, help="gpu: the prefill row's prompt (0: none)")
+    parser.add_argument("--repeat", type=int, default=2, help="cpu: runs of each dinb case (the best counts)")
+    parser.add_argument("--baseline", default=None, help="cpu: a git revision of dinb to run beside")
+    parser.add_argument(
+        "--budget-s", type=float, default=1e9, help="gpu: start no case after this many seconds"
+    )
+    parser.add_argument("--torch-python", default=str(ROOT / ".venv-ref" / "bin" / "python"))
+    parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--dry-run", action="store_true", help="gpu: the same cases on the CPU (to check the code)"
+    )
+    args = parser.parse_args()
+    if args.target == "gpu":
+        if args.dry_run:
+            DEVICE[0] = "cpu"
+        args.configs = args.configs or "1b,3b"
+        args.new_tokens = args.new_tokens or 64
+        args.out = args.out or str(ROOT / "benchmarks" / "results" / "generate_gpu.json")
+        gpu_main(args)
+    else:
+        args.configs = args.configs or "reference"
+        args.new_tokens = args.new_tokens or 48
+        cpu_main(args)
 
 
 if __name__ == "__main__":

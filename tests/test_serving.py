@@ -701,7 +701,7 @@ def test_inputs_without_a_batch_axis_merge_only_when_equal(tmp_path):
         for x, s, f in zip(xs, scales, futures):
             np.testing.assert_allclose(f.result(timeout=60)[0]["y"], 2 * x[0] * s, rtol=1e-6)
         rows = Main.current().metrics.rows.labels("scaled")
-        runs = rows._sum.get(), sum(b.get() for b in rows.buckets_arg)  # rows run, model runs
+        runs = rows._sum.get(), sum(b.get() for b in rows._buckets)  # rows run, model runs
         # every row ran once; whether requests merged depends on when they arrived (a request that
         # finds the ranks idle runs at once), so the count is not asserted: that no run merged
         # across scales is what the values above check (2 * x * its own scale)

@@ -23,6 +23,10 @@ name, and what it saw:
   serve-cli         ``python -m dinb serve --target gpu``, called with tritonclient (HTTP, gRPC)
   serve-agents      ``startup_agents`` on GPUs; an agent killed, named (503), relaunched
   tensorrt          the tensorrt provider's per-rank ONNX programs under ``mpirun``
+  decoder-*         the reference decoder generating on n GPUs under ``mpirun``: float32 greedy
+                    tokens equal to Hugging Face's (``JAX_DEFAULT_MATMUL_PRECISION=highest``); in
+                    bfloat16 the prefill with cuDNN's attention (``@cuda`` programs) against the
+                    portable one (logits within 0.05 of their range, the same first tokens)
 
 Exit status 0 when every check passed. ``--json`` writes the machine, the GPUs, JAX's version and
 every check's outcome.
@@ -115,9 +119,10 @@ def export_all(n: int, work: Path) -> dict[str, object]:
     out["deep_params"] = deep.init_params(2)
     out["xd"] = np.random.default_rng(1).standard_normal((8, 256)).astype(np.float32)
     np.save(work / "xd.npy", out["xd"])
-    dinb.export_distributed(deep, out["deep_params"],
-                            dinb.infer_predict_layout(deep, out["xd"], device_num=n, pipeline_stages=2),
-                            [out["xd"]], work / "deep-pipe")
+    if n >= 2:  # 2 stages of n/2 ranks
+        dinb.export_distributed(deep, out["deep_params"],
+                                dinb.infer_predict_layout(deep, out["xd"], device_num=n, pipeline_stages=2),
+                                [out["xd"]], work / "deep-pipe")
     dinb.export_distributed(deep, out["deep_params"], deep.strategy(n), [out["xd"]], work / "deep-flat")
     return out
 
@@ -372,6 +377,67 @@ def check_serve_agents(n: int, work: Path, _: dict) -> str:
             f"({said!r}), relaunched and serving after {back - t0:.1f} s")
 
 
+DECODER_WORKER = """
+import json, sys
+import numpy as np
+from pathlib import Path
+import dinb
+from dinb import Context, Model
+job = dinb.init_ranks(sys.argv[5])
+ref = np.load(Path(sys.argv[2]) / "reference.npz")
+model = Model()
+model.build_from_file(sys.argv[1], context=Context(target=[sys.argv[5]]))
+steps = int(sys.argv[3])
+tokens = model.generate([list(ref["prompt_0"]), list(ref["prompt_1"])], steps)
+report = {"tokens": tokens, "kernels": model.generation_info()["kernels"]}
+if sys.argv[4] == "compare":
+    runner = model.runner
+    runner.programs_held = {p for p in runner.programs_held if not p.endswith("@cuda")}
+    portable = runner.prefill(0, ref["prompt_0"])
+    runner.programs_held = set(runner.first.generation["programs"])
+    cudnn = runner.prefill(0, ref["prompt_0"])
+    report["prefill_diff"] = float(np.abs(portable - cudnn).max() / (np.ptp(portable) + 1e-9))
+    report["argmax_equal"] = bool(portable.argmax() == cudnn.argmax())
+if job.process_index == 0:
+    print(json.dumps(report))
+del model
+dinb.shutdown_ranks()
+"""
+
+
+def check_decoder(n: int, work: Path, _: dict) -> str:
+    import dinb
+    from dinb.models import LlamaDecoder
+
+    fixture = ROOT / "tests" / "fixtures" / "llama"
+    ref = np.load(fixture / "reference.npz")
+    config = json.loads((fixture / "config.json").read_text())
+    steps = len(ref["tokens_0"])
+    decoder = LlamaDecoder(config=config, slots=2, max_len=48, buckets=[16])
+    weights = decoder.init_params(int(ref["seed"]))
+    script = work / "decoder_worker.py"
+    script.write_text(DECODER_WORKER)
+    details = []
+    for dtype, mode in (("float32", "tokens"), ("bfloat16", "compare")):
+        out = work / f"decoder-{dtype}"
+        dinb.export_distributed(decoder, weights, decoder.strategy(n), decoder.example_inputs(), out,
+                                dtype=dtype)
+        precise = {"JAX_DEFAULT_MATMUL_PRECISION": "highest"} if dtype == "float32" else None
+        proc = run([*mpirun(n), PY, str(script), str(out), str(fixture), str(steps), mode, TARGET],
+                   timeout=600, extra_env=precise)
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+        if mode == "tokens":
+            need(report["tokens"] == [list(map(int, ref["tokens_0"])), list(map(int, ref["tokens_1"]))],
+                 f"float32 tokens differ from Hugging Face's: {report['tokens'][0][:8]} ...")
+            details.append(f"float32 {steps} greedy tokens = Hugging Face's")
+        else:
+            need(report["argmax_equal"] and report["prefill_diff"] < 0.05,
+                 f"bfloat16 prefill: cuDNN against XLA {report}")
+            details.append(f"bfloat16 prefill kernels {report['kernels']['prefill']}, cuDNN vs XLA logits "
+                           f"{report['prefill_diff']:.4f} of their range, same argmax")
+    return "; ".join(details)
+
+
 def check_tensorrt(n: int, work: Path, _: dict) -> str:
     proc = dinb_run(mpirun(n), work / "matmul-contraction", "--provider", "tensorrt")
     need(proc.stdout.count(SEED) == n, f"{proc.stdout.count(SEED)} of {n} ranks printed -48")
@@ -423,6 +489,7 @@ def main() -> int:
             ("serve-cli", check_serve_cli, ()),
             ("serve-agents", check_serve_agents, ()),
             ("tensorrt", check_tensorrt, ()),
+            (f"decoder-tp{n}", check_decoder, ()),
         ]
         if args.only:
             checks = [c for c in checks if c[0].startswith(tuple(args.only.split(",")))]

@@ -5,11 +5,11 @@ exports, besides its weight slices (the programs are those of :mod:`dinb.models.
 
 * ``program``: the decode step with its logits, ``(tokens (S,), positions (S,), cache) ->
   (logits (S, V), cache)`` over the whole cache (``Model.decode_step``, the explorer's view);
-* ``program/decode_<k>_w<W>``: ``k`` decode steps in one call, tokens picked on the device, the
-  attention over the first ``W`` cache positions: one for each ``k`` of the model's
-  ``decode_steps`` and each window ``W`` of its ``windows`` (the runtime runs the smallest
-  window that holds every slot's next positions, so a step's cost follows the tokens in the
-  cache, by bucket);
+* ``program/decode_<k>_w<W>`` and ``..._sample``: ``k`` decode steps in one call, tokens picked
+  on the device (greedy, or by each slot's sampling), the attention over the first ``W`` cache
+  positions: one for each ``k`` of the model's ``decode_steps`` and each window ``W`` of its
+  ``windows`` (the runtime runs the smallest window that holds every slot's next positions, so
+  a step's cost follows the tokens in the cache, by bucket);
 * ``program/prefill_<R>x<P>``: ``R`` prompts of up to ``P`` tokens at once (prompts that arrive
   together: a ``generate`` of several, serving's joiners), for each pair of the model's
   ``prefill_shapes``; exported on a machine with a CUDA GPU also ``.../prefill_<R>x<P>@cuda``,
@@ -47,22 +47,25 @@ def cache_bytes(cache: TensorMeta, rank: int) -> int:
     return int(np.prod(shape)) * np.dtype(np_dtype(cache.dtype)).itemsize
 
 
-def decode_name(steps: int, window: int) -> str:
-    return f"decode_{steps}_w{window}"
+def decode_name(steps: int, window: int, sample: bool = False) -> str:
+    return f"decode_{steps}_w{window}" + ("_sample" if sample else "")
 
 
 def prefill_name(rows: int, bucket: int, platform: str | None = None) -> str:
     return f"prefill_{rows}x{bucket}" + (f"@{platform}" if platform else "")
 
 
-def cudnn_here() -> bool:
-    """Whether this process can trace cuDNN's attention (a CUDA GPU and cuDNN are present)."""
+def gpus_for(ranks: int) -> list[Any] | None:
+    """``ranks`` CUDA GPUs of this process, or None: cuDNN's attention is lowered for real
+    devices only (not over an abstract mesh), so the ``@cuda`` prefill programs are exported on
+    a machine with as many GPUs as the export has ranks."""
     import jax
 
     try:
-        return bool(jax.devices("gpu")) and jax.devices("gpu")[0].platform == "gpu"
+        found = [d for d in jax.devices("gpu") if d.platform == "gpu"]
     except RuntimeError:
-        return False
+        return None
+    return found[:ranks] if len(found) >= ranks else None
 
 
 class GenerationLayouts:
@@ -110,9 +113,10 @@ def build_generation_programs(
     programs: dict[Any, bytes] = {1: program}
     for steps in model.decode_steps:
         for window in model.windows:
-            programs[decode_name(steps, window)] = trace.decode(steps, window)
+            for sample in (False, True):
+                programs[decode_name(steps, window, sample)] = trace.decode(steps, window, sample)
     kernels = {"prefill": {p: "xla" for p in platforms}}
-    cuda = "cuda" in platforms and cudnn_here()
+    cuda = "cuda" in platforms and trace.gpus is not None
     for rows, bucket in model.prefill_shapes():
         programs[prefill_name(rows, bucket)] = trace.prefill(rows, bucket, "xla")
         if cuda:
@@ -145,14 +149,16 @@ class _Tracer:
         self.lay = GenerationLayouts(strategy)
         self.cache_spec = (model.cache_shape(), float_dtype)
         self.state = [((model.slots,), "int32")] * len(STATE)
+        self.gpus = gpus_for(strategy.device_num)
 
-    def decode(self, steps: int, window: int) -> bytes:
+    def decode(self, steps: int, window: int, sample: bool) -> bytes:
         lay, slots = self.lay, self.model.slots
         specs = [*self.state, ((slots,), "bool"), *sampling_specs(slots), self.cache_spec]
         ins = [*lay.state(), lay.slot, *lay.sampling(), lay.cache]
         outs = [lay.whole2, lay.whole2, *lay.state(), lay.cache]
-        program, _ = trace_program(decode_program(self.model, steps, window), self.param_specs, self.layouts,
-                                   specs, ins, outs, self.platforms, f"{steps} decode steps, window {window}")
+        program, _ = trace_program(decode_program(self.model, steps, window, sample), self.param_specs,
+                                   self.layouts, specs, ins, outs, self.platforms,
+                                   f"{steps} decode steps, window {window}{', sampling' if sample else ''}")
         return program
 
     def prefill(self, rows: int, bucket: int, attention: str) -> bytes:
@@ -166,5 +172,6 @@ class _Tracer:
         program, _ = trace_program(prefill_program(self.model, attention), self.param_specs, self.layouts,
                                    specs, ins, outs, ("cuda",) if cudnn else self.platforms,
                                    what + (" (cuDNN)" if cudnn else ""),
-                                   custom_calls=(CUDNN_ATTENTION,) if cudnn else ())
+                                   custom_calls=(CUDNN_ATTENTION,) if cudnn else (),
+                                   devices=self.gpus if cudnn else None)
         return program

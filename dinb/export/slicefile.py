@@ -55,7 +55,7 @@ GENERATION_FORMAT_VERSION = 4  # files with a decoder's programs: an older reade
 #: the checksum field of each format version (the field's name is its algorithm)
 DIGEST_FIELD = {1: "sha256", 2: "xxh3_64", 4: "xxh3_64"}
 #: the generation programs' names (see dinb.export.decode_programs)
-GENERATION_PROGRAM = re.compile(r"(decode_\d+_w\d+|prefill_\d+x\d+(@cuda)?)")
+GENERATION_PROGRAM = re.compile(r"(decode_\d+_w\d+(_sample)?|prefill_\d+x\d+(@cuda)?)")
 SUFFIX = ".dinb"
 PROGRAM_KEY = "program"
 PARAM_PREFIX = "param/"

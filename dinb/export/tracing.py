@@ -28,13 +28,16 @@ def trace_program(
     platforms: Sequence[str] = DEFAULT_PLATFORMS,
     what: str = "the model",
     custom_calls: Sequence[str] = (),
+    devices: Sequence[Any] | None = None,
 ) -> tuple[bytes, list[tuple[tuple[int, ...], str, Layout]]]:
     """Serialize ``fn(params, *inputs) -> tuple`` as one SPMD program over an abstract mesh.
 
     ``out_layouts`` is a list, a function of the traced output shapes giving one, or None
     (replicated outputs). ``custom_calls``: kernels outside ``jax.export``'s stable set that the
     program may call (cuDNN's attention): such a program is read only by the JAX that wrote it,
-    which the slice files record. Returns the program and each output's shape, dtype and layout.
+    which the slice files record. ``devices``: trace over a mesh of these real devices instead of
+    an abstract one (for kernels lowered only for present devices). Returns the program and each
+    output's shape, dtype and layout.
     """
     import jax
     from jax import export as jax_export
@@ -56,7 +59,8 @@ def trace_program(
         lay.check_shape(o.shape, f"output {i}")
 
     pnames = list(param_specs)
-    shardings = one_mesh_shardings([param_layouts[k] for k in pnames] + list(in_layouts) + out_layouts)
+    shardings = one_mesh_shardings([param_layouts[k] for k in pnames] + list(in_layouts) + out_layouts,
+                                   devices)
     p_shard = dict(zip(pnames, shardings))
     x_shard = shardings[len(pnames):len(pnames) + len(in_layouts)]
     o_shard = shardings[len(pnames) + len(in_layouts):]

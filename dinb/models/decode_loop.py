@@ -44,9 +44,11 @@ SAMPLING = (("sampling_f", 2, "float32"), ("sampling_i", 3, "int32"))
 STOPS = 8  # end tokens a slot can have (generation_config's eos ids and the request's own)
 
 
-def decode_program(model: Any, steps: int, window: int) -> Callable[..., tuple[Any, ...]]:
+def decode_program(model: Any, steps: int, window: int, sample: bool) -> Callable[..., tuple[Any, ...]]:
     """``decode_k`` (see the module docstring) for ``k = steps`` and an attention window of
-    ``window`` positions (the caller picks the window that holds every slot's last position)."""
+    ``window`` positions (the caller picks the window that holds every slot's last position);
+    ``sample`` false: every slot greedy (the caller picks this form when no slot samples: it has
+    no conditional, see :func:`~dinb.models.sampling.pick_tokens`)."""
 
     def decode(params: dict[str, Any], tokens: Any, positions: Any, remaining: Any, counts: Any, keep: Any,
                sampling_f: Any, sampling_i: Any, stops: Any, cache: Any) -> tuple[Any, ...]:
@@ -60,7 +62,8 @@ def decode_program(model: Any, steps: int, window: int) -> Callable[..., tuple[A
             tokens, positions, remaining, counts, cache, out, logprobs = carry
             active = remaining > 0
             logits, cache = model.step(params, tokens, positions, active, cache, window)
-            picked, logprob = pick_tokens(logits, sampling_f, sampling_i, counts)
+            picked, logprob = pick_tokens(logits, sampling_f, sampling_i, counts,
+                                          "sample" if sample else "greedy")
             ends = jnp.any(picked[:, None] == stops, axis=-1)
             out = out.at[j].set(jnp.where(active, picked, -1))
             logprobs = logprobs.at[j].set(jnp.where(active, logprob, 0.0))

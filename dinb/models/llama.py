@@ -114,7 +114,7 @@ class LlamaDecoder(ModelDef):
     def __init__(self, model_dir: str | Path | None = None, config: dict[str, Any] | None = None,
                  slots: int = 4, max_len: int | None = None, buckets: Sequence[int] | None = None,
                  tokenizer: str | None = None, decode_steps: int = DEFAULT_DECODE_STEPS,
-                 windows: Sequence[int] | None = None):
+                 windows: Sequence[int] | None = None, prefill_rows: Sequence[int] | None = None):
         self.model_dir = Path(model_dir) if model_dir else None
         if config is None:
             if self.model_dir is None:  # dinb's own trained decoder
@@ -145,13 +145,16 @@ class LlamaDecoder(ModelDef):
         if self.windows[-1] != self.max_len or self.windows[0] < 1:
             raise DinbError(f"attention windows {list(self.windows)}: give lengths up to max_len "
                             f"{self.max_len}, the largest equal to it")
+        rows = prefill_rows or [r for r in (1, 4, 16, 64, 256) if r < self.slots] + [self.slots]
+        self.row_counts = tuple(sorted({int(r) for r in rows} | {1}))  # the prefill programs' rows
+        if self.row_counts[-1] > self.slots:
+            raise DinbError(f"prefill rows {list(self.row_counts)}: give 1 to the {self.slots} slots")
 
     def prefill_shapes(self) -> list[tuple[int, int]]:
-        """``(rows, bucket)`` of every prefill program: for each prompt bucket ``P``, 1, 4, 16, ...
-        rows and the slot count, as long as they hold at most :data:`PREFILL_TOKENS` tokens (or one
-        prompt); more prompts at once run in several calls."""
-        rows = sorted({r for r in (1, 4, 16, 64, 256) if r < self.slots} | {self.slots})
-        return [(r, p) for p in self.buckets for r in rows if r == 1 or r * p <= PREFILL_TOKENS]
+        """``(rows, bucket)`` of every prefill program: for each prompt bucket ``P``, the
+        ``prefill_rows`` (default 1, 4, 16, ... and the slot count) that hold at most
+        :data:`PREFILL_TOKENS` tokens (or one prompt); more prompts at once run in several calls."""
+        return [(r, p) for p in self.buckets for r in self.row_counts if r == 1 or r * p <= PREFILL_TOKENS]
 
     # ---- sizes ---------------------------------------------------------------------------------
     @property
@@ -386,6 +389,7 @@ class LlamaDecoder(ModelDef):
         return {"config": dict(self.hf), "slots": self.slots, "max_len": self.max_len,
                 "buckets": list(self.buckets), "tokenizer": self.tokenizer,
                 "decode_steps": max(self.decode_steps), "windows": list(self.windows),
+                "prefill_rows": list(self.row_counts),
                 "model_dir": str(self.model_dir) if self.model_dir else None}
 
     # ---- strategies ----------------------------------------------------------------------------

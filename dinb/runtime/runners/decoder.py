@@ -212,7 +212,8 @@ class DecoderRunner:
         live = keep & (self.left > 0)
         reach = self.position_bound + np.minimum(steps, self.left)
         window = next(w for w in self.windows if w >= int(reach[live].max(initial=1)))
-        out = self._program(decode_name(steps, window))(
+        sample = bool((self.sampling_f[live, 0] > 0).any())
+        out = self._program(decode_name(steps, window, sample))(
             self.params, *self.state, self._array(keep, self._slot_sh), *self._sampling_args(), self.cache)
         tokens, logprobs, *state, self.cache = out
         self.state = tuple(state)
