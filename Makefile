@@ -39,8 +39,9 @@ test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest --nbval-lax notebooks
 
 # The Hugging Face reference environment: torch, transformers and sentence-transformers on CPU,
-# which dinb never imports. It regenerates tests/fixtures/minilm/reference.npz and
-# tests/fixtures/llama/reference.npz, and gives the MiniLM and generate benchmarks their torch side. Python 3.11: the CPU build of torch lies on disk for it.
+# which dinb never imports. It regenerates tests/fixtures/minilm/reference.npz,
+# tests/fixtures/llama/reference.npz and the decoder folders of tests/fixtures/hf, and gives the
+# MiniLM and generate benchmarks their torch side. Python 3.11: the CPU build of torch lies on disk for it.
 REF := .venv-ref
 REF_PYTHON ?= $(shell command -v python3.11 || command -v python3)
 
@@ -55,6 +56,7 @@ $(REF)/.installed:
 reference: $(REF)/.installed
 	HF_HUB_OFFLINE=1 $(REF)/bin/python tools/make_minilm_reference.py
 	HF_HUB_OFFLINE=1 $(REF)/bin/python tools/make_llama_reference.py
+	HF_HUB_OFFLINE=1 $(REF)/bin/python tools/make_hf_fixtures.py
 
 # The peer servers benchmarks/serving.py measures beside dinb: MLServer with the same JAX, in a
 # venv of its own (its pins differ from dinb's serving stack). Python 3.12: MLServer 1.7 wants < 3.13.

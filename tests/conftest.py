@@ -24,6 +24,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+jax.devices()  # the 8 devices exist from the start, whichever test asks for ranks first
 
 
 # ONNX Runtime's own first-launch marker (an empty file its usage collector writes once per

@@ -23,6 +23,7 @@ ranks instead of picking one.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -96,7 +97,9 @@ class DistributedCheckpoint:
     """The rank files of one checkpoint, indexed: which box of which tensor each rank holds.
 
     ``files`` are the rank files in rank order (dinb ``.safetensors`` or MindSpore ``.ckpt``), a
-    ``{rank: file}`` map holding only some ranks, or a directory of ``rank_{r}/`` folders.
+    ``{rank: file}`` map holding only some ranks, a directory of ``rank_{r}/`` folders, or a
+    Hugging Face folder as downloaded (``model.safetensors``, or the shards that
+    ``model.safetensors.index.json`` lists: one device's checkpoint, every tensor whole).
     ``strategy`` is the layout the files were saved with; dinb files record their own boxes (a
     strategy given anyway is checked against them); MindSpore files need it unless there is one
     file holding whole tensors.
@@ -110,7 +113,8 @@ class DistributedCheckpoint:
     ):
         self.strategy = as_strategy(strategy)
         self.verify = verify
-        by_rank = _resolve_files(files)
+        shards = hf_shards(Path(files)) if isinstance(files, (str, Path)) else None
+        by_rank = {0: shards[0]} if shards else _resolve_files(files)
         self.ranks = sorted(by_rank)
         self.device_num = self._check_rank_count(by_rank, isinstance(files, Mapping))
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -121,6 +125,8 @@ class DistributedCheckpoint:
         self._string_rank: dict[str, tuple[int, Path]] = {}  # whose copy self.strings holds
         for rank in self.ranks:
             self._add_file(rank, by_rank[rank])
+        for shard in (shards or [])[1:]:  # a sharded folder: every shard holds whole tensors
+            self._add_file(0, shard)
         self.bytes_read = 0
         self.reads: dict[int, int] = {}  # bytes read for each target rank loaded (load_rank)
 
@@ -258,6 +264,9 @@ class DistributedCheckpoint:
                     f"{path} (rank {rank}): parameter {name!r} is {stored.dtype}, other ranks' files "
                     f"hold {self.dtypes[name]}"
                 )
+        if rank in self._held.get(name, {}):
+            raise CheckpointError(f"{path}: tensor {name!r} is also in {self._held[name][rank][1].path}; "
+                                  "the folder mixes files of two checkpoints")
         self.shapes[name] = full
         self.dtypes[name] = stored.dtype
         self._order.setdefault(name)
@@ -414,6 +423,28 @@ def full_shape_of(item: ParamLayout, stored: tuple[int, ...]) -> tuple[int, ...]
     if full:
         full[0] *= opt_shard_size(item)
     return tuple(full)
+
+
+def hf_shards(root: Path) -> list[Path] | None:
+    """The weight files of a Hugging Face folder, or None when ``root`` is not one: the shards
+    ``model.safetensors.index.json`` maps the tensors to (each checked to exist), else
+    ``model.safetensors``."""
+    index = root / "model.safetensors.index.json"
+    if root.is_dir() and index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index} is not a safetensors index (a weight_map of tensor to "
+                                  f"file): {e}") from None
+        missing = [n for n in names if not (root / n).is_file()]
+        if missing or not names:
+            raise CheckpointError(f"{index} names shard(s) {missing or 'none'} that {root} does not "
+                                  "hold; the download is incomplete")
+        return [root / n for n in names]
+    if root.is_dir() and (root / "model.safetensors").is_file() and not any(root.glob("rank_*")):
+        return [root / "model.safetensors"]
+    return None
 
 
 def _resolve_files(files: Any) -> dict[int, Path]:

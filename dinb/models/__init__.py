@@ -11,12 +11,15 @@ from typing import Any
 from dinb.errors import DinbError
 from dinb.models.base import ModelDef, TensorSpec
 from dinb.models.bert import BertEncoder, minilm_dir
+from dinb.models.hf_config import FAMILIES
 from dinb.models.llama import LlamaDecoder
 from dinb.models.matmul import MatMulNeg, matmul_layouts
 from dinb.models.mlp import DeepMLP, MegatronMLP, deep_mlp_reference, mlp_reference
 
 MODELS: dict[str, type[ModelDef]] = {"matmul": MatMulNeg, "mlp": MegatronMLP, "mlp-deep": DeepMLP,
-                                     "minilm": BertEncoder, "llama": LlamaDecoder}
+                                     "minilm": BertEncoder, **dict.fromkeys(FAMILIES, LlamaDecoder)}
+#: the models that read a Hugging Face folder (``--weights DIR``)
+TAKES_WEIGHTS = ("minilm", *FAMILIES)
 
 
 def get_model(name: str, **kwargs: Any) -> ModelDef:
@@ -28,6 +31,6 @@ def get_model(name: str, **kwargs: Any) -> ModelDef:
     return cls(**kwargs)
 
 
-__all__ = ["MODELS", "BertEncoder", "DeepMLP", "LlamaDecoder", "MatMulNeg",
+__all__ = ["FAMILIES", "MODELS", "TAKES_WEIGHTS", "BertEncoder", "DeepMLP", "LlamaDecoder", "MatMulNeg",
            "MegatronMLP", "ModelDef", "TensorSpec", "get_model",
            "deep_mlp_reference", "matmul_layouts", "minilm_dir", "mlp_reference"]

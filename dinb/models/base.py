@@ -16,16 +16,18 @@ from dinb.models.rank_program import RankProgram
 from dinb.sharding.strategy import Strategy
 
 
-def read_config_json(path: Path, model_type: str, family: str) -> dict[str, Any]:
+def read_config_json(path: Path, model_type: str | None, family: str) -> dict[str, Any]:
     """A Hugging Face ``config.json``, checked to be a JSON object of ``model_type`` (a config
-    without the field is taken to be one); ``family`` names the checkpoint in the errors."""
+    without the field is taken to be one; None: any); ``family`` names the checkpoint in the
+    errors."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise DinbError(f"{path} does not exist; a {family} checkpoint directory holds config.json") from None
     except (OSError, ValueError) as e:
         raise DinbError(f"{path} is not a readable JSON config ({e})") from None
-    if not isinstance(data, dict) or data.get("model_type", model_type) != model_type:
+    if not isinstance(data, dict) or (model_type is not None and
+                                      data.get("model_type", model_type) != model_type):
         found = data.get("model_type") if isinstance(data, dict) else type(data).__name__
         raise DinbError(f"{path}: not a {family} config (model_type {found!r})")
     return data

@@ -51,60 +51,20 @@ from typing import Any
 import numpy as np
 
 from dinb.errors import DinbError, StrategyError
-from dinb.models.base import ModelDef, TensorSpec, read_config_json
+from dinb.models.base import ModelDef, TensorSpec
+from dinb.models.hf_config import decoder_config, read_decoder_config, rope_frequencies
+from dinb.models.text import generation_defaults as read_generation_defaults
 from dinb.sharding.layout import Layout
 from dinb.sharding.strategy import Strategy
 
 DEFAULT_DECODE_STEPS = 8  # decode steps one call runs (the programs for 1 step are there too)
 WINDOWS = (128, 512, 2048, 8192, 32768)  # attention windows below max_len, each a decode program
 PREFILL_TOKENS = 4096  # the most tokens one prefill call holds (rows x bucket)
-CONFIG_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-                 "num_hidden_layers", "vocab_size", "max_position_embeddings", "rms_norm_eps",
-                 "rope_theta", "tie_word_embeddings")
-
-
-def read_llama_config(path: Path) -> dict[str, Any]:
-    """The fields of a Hugging Face ``LlamaConfig`` (``config.json``) that this decoder uses."""
-    return llama_config(read_config_json(path, "llama", "Llama"), str(path))
-
-
-def llama_config(data: dict[str, Any], where: str = "config") -> dict[str, Any]:
-    """``data`` checked and completed with LlamaConfig's defaults."""
-    if data.get("model_type", "llama") != "llama":
-        raise DinbError(f"{where}: model_type {data.get('model_type')!r}; this decoder reads Llama configs")
-    for key, unsupported in (("hidden_act", lambda v: v != "silu"), ("attention_bias", bool),
-                             ("mlp_bias", bool), ("rope_scaling", lambda v: v is not None)):
-        if key in data and unsupported(data[key]):
-            raise DinbError(f"{where}: {key} = {data[key]!r} is not supported by this decoder (it "
-                            "implements silu, no biases and plain rotary positions)")
-    cfg = {"num_key_value_heads": data.get("num_attention_heads"), "rms_norm_eps": 1e-6,
-           "rope_theta": 10000.0, "tie_word_embeddings": False, "max_position_embeddings": 2048}
-    cfg.update({k: data[k] for k in CONFIG_FIELDS if k in data})
-    rope = data.get("rope_parameters")  # transformers 5 writes the rotary settings here
-    if isinstance(rope, dict):
-        if rope.get("rope_type", "default") != "default":
-            raise DinbError(f"{where}: rope_parameters.rope_type {rope.get('rope_type')!r} is not supported "
-                            "by this decoder (it implements plain rotary positions)")
-        cfg["rope_theta"] = rope.get("rope_theta", cfg["rope_theta"])
-    if data.get("eos_token_id") is not None:
-        eos = data["eos_token_id"]
-        cfg["eos_token_id"] = list(eos) if isinstance(eos, list) else [eos]
-    missing = [k for k in CONFIG_FIELDS if cfg.get(k) is None]
-    if missing:
-        raise DinbError(f"{where}: missing {missing}")
-    if cfg["hidden_size"] % cfg["num_attention_heads"] or \
-            cfg["num_attention_heads"] % cfg["num_key_value_heads"]:
-        raise DinbError(f"{where}: hidden_size {cfg['hidden_size']}, {cfg['num_attention_heads']} heads "
-                        f"and {cfg['num_key_value_heads']} key/value heads do not divide evenly")
-    if "head_dim" in data and data["head_dim"] != cfg["hidden_size"] // cfg["num_attention_heads"]:
-        raise DinbError(f"{where}: head_dim {data['head_dim']} other than hidden_size / heads")
-    return cfg
-
-
 class LlamaDecoder(ModelDef):
-    """The Llama architecture with a KV cache (see the module docstring). ``model_dir``: a Hugging
-    Face checkpoint directory (default: dinb's tiny adder); or ``config=`` (LlamaConfig's fields)
-    for random weights."""
+    """The Llama architecture with a KV cache (see the module docstring), and the families that
+    are configurations of it (Qwen2/2.5, Qwen3, Mistral: see :mod:`dinb.models.hf_config`; the
+    model takes its family's name). ``model_dir``: a Hugging Face folder as downloaded (default:
+    dinb's tiny adder); or ``config=`` (a ``config.json``'s fields) for random weights."""
 
     name = "llama"
     strategy_names = ("megatron", "batch", "replicated")
@@ -114,15 +74,20 @@ class LlamaDecoder(ModelDef):
     def __init__(self, model_dir: str | Path | None = None, config: dict[str, Any] | None = None,
                  slots: int = 4, max_len: int | None = None, buckets: Sequence[int] | None = None,
                  tokenizer: str | None = None, decode_steps: int = DEFAULT_DECODE_STEPS,
-                 windows: Sequence[int] | None = None, prefill_rows: Sequence[int] | None = None):
+                 windows: Sequence[int] | None = None, prefill_rows: Sequence[int] | None = None,
+                 generation_defaults: dict[str, Any] | None = None):
         self.model_dir = Path(model_dir) if model_dir else None
         if config is None:
             if self.model_dir is None:  # dinb's own trained decoder
                 from dinb.models.tiny_adder import adder_dir
 
                 self.model_dir = adder_dir()
-            config = read_llama_config(self.model_dir / "config.json")
-        self.hf = llama_config(dict(config))
+            config = read_decoder_config(self.model_dir / "config.json")
+        self.hf = decoder_config(dict(config))
+        self.name = self.hf["hf_family"]
+        #: generation_config.json's end tokens and default sampling (see dinb.models.text)
+        self.generation_defaults = (read_generation_defaults(self.model_dir) if generation_defaults is None
+                                    else dict(generation_defaults))
         self.slots = int(slots)
         self.max_len = int(max_len or min(128, self.hf["max_position_embeddings"]))
         if not 1 <= self.max_len <= self.hf["max_position_embeddings"]:
@@ -130,6 +95,11 @@ class LlamaDecoder(ModelDef):
                             "positions")
         if self.slots < 1:
             raise DinbError(f"slots {slots}: give at least 1 sequence slot")
+        window = self.hf.get("sliding_window")
+        if window is not None and self.max_len > window:
+            raise DinbError(f"max_len {self.max_len} is past the model's sliding_window of {window} "
+                            "positions, where its attention would look at the last window only, which "
+                            f"dinb does not compute; export with --max-len {window} or less")
         default = [b for b in (16, 64, 256) if b < self.max_len] + [self.max_len]
         self.buckets = tuple(sorted({int(b) for b in (buckets or default)}))
         bad = [b for b in self.buckets if not 1 <= b <= self.max_len]
@@ -171,11 +141,17 @@ class LlamaDecoder(ModelDef):
 
     @property
     def head_dim(self) -> int:
-        return int(self.hf["hidden_size"]) // self.heads
+        return int(self.hf["head_dim"])
 
     @property
     def vocab(self) -> int:
         return int(self.hf["vocab_size"])
+
+    @property
+    def end_tokens(self) -> tuple[int, ...]:
+        """The end-of-sequence ids of the config and of ``generation_config.json``."""
+        ids = list(self.hf.get("eos_token_id") or []) + list(self.generation_defaults.get("eos_token_id", []))
+        return tuple(dict.fromkeys(int(t) for t in ids))
 
     def cache_shape(self) -> tuple[int, ...]:
         """``(layers, 2, slots, kv_heads, max_len, head_dim)``: keys (0) and values (1)."""
@@ -198,6 +174,14 @@ class LlamaDecoder(ModelDef):
                 f"{p}mlp.up_proj.weight": (f, h),
                 f"{p}mlp.down_proj.weight": (h, f),
             })
+            if self.hf["qkv_bias"]:
+                shapes.update({f"{p}self_attn.q_proj.bias": (self.heads * dh,),
+                               f"{p}self_attn.k_proj.bias": (self.kv_heads * dh,),
+                               f"{p}self_attn.v_proj.bias": (self.kv_heads * dh,)})
+            if self.hf["o_bias"]:
+                shapes[f"{p}self_attn.o_proj.bias"] = (h,)
+            if self.hf["qk_norm"]:
+                shapes.update({f"{p}self_attn.q_norm.weight": (dh,), f"{p}self_attn.k_norm.weight": (dh,)})
         shapes["model.norm.weight"] = (h,)
         if not self.hf["tie_word_embeddings"]:
             shapes["lm_head.weight"] = (self.vocab, h)
@@ -213,14 +197,22 @@ class LlamaDecoder(ModelDef):
         for n, s in self.param_shapes().items():
             if n.endswith("norm.weight"):
                 out[n] = (1 + 0.1 * rng.standard_normal(s)).astype(np.float32)
+            elif n.endswith(".bias"):
+                out[n] = (0.1 * rng.standard_normal(s)).astype(np.float32)
             else:
                 out[n] = (rng.standard_normal(s) / np.sqrt(s[1])).astype(np.float32)
         return out
 
     def checkpoint(self) -> Path | None:
-        if self.model_dir is None or not (self.model_dir / "model.safetensors").is_file():
+        """The folder's weights: ``model.safetensors``, or the folder when its weights are sharded
+        (``model.safetensors.index.json``); None without weights."""
+        if self.model_dir is None:
             return None
-        return self.model_dir / "model.safetensors"
+        if (self.model_dir / "model.safetensors.index.json").is_file():
+            return self.model_dir
+        if (self.model_dir / "model.safetensors").is_file():
+            return self.model_dir / "model.safetensors"
+        return None
 
     # ---- the model -----------------------------------------------------------------------------
     def _rms(self, w: Any, x: Any) -> Any:
@@ -236,8 +228,7 @@ class LlamaDecoder(ModelDef):
         import jax.numpy as jnp
 
         dh = self.head_dim
-        inv = 1.0 / (self.hf["rope_theta"] ** (np.arange(0, dh, 2, dtype=np.float32) / dh))
-        angles = pos.astype(jnp.float32)[..., None] * inv  # (..., seq, dh/2)
+        angles = pos.astype(jnp.float32)[..., None] * rope_frequencies(self.hf)  # (..., seq, dh/2)
         cos = jnp.cos(jnp.concatenate([angles, angles], -1))[..., None, :].astype(x.dtype)
         sin = jnp.sin(jnp.concatenate([angles, angles], -1))[..., None, :].astype(x.dtype)
         half = dh // 2
@@ -245,15 +236,24 @@ class LlamaDecoder(ModelDef):
         return x * cos + rotated * sin
 
     def _qkv(self, p: dict[str, Any], pre: str, x: Any, pos: Any) -> tuple[Any, Any, Any]:
-        """``q`` (b, s, K, H/K, dh), ``k`` and ``v`` (b, s, K, dh), rotary applied."""
+        """``q`` (b, s, K, H/K, dh), ``k`` and ``v`` (b, s, K, dh): the projections (with their
+        biases, Qwen2's), each head's q and k normed (Qwen3's), the rotary embedding applied."""
         b, s, _ = x.shape
         h = self._rms(p[f"{pre}input_layernorm.weight"], x)
         k_, g, dh = self.kv_heads, self.heads // self.kv_heads, self.head_dim
-        q = (h @ p[f"{pre}self_attn.q_proj.weight"].T).reshape(b, s, self.heads, dh)
-        k = (h @ p[f"{pre}self_attn.k_proj.weight"].T).reshape(b, s, k_, dh)
-        v = (h @ p[f"{pre}self_attn.v_proj.weight"].T).reshape(b, s, k_, dh)
+        q, k, v = (self._linear(p, f"{pre}self_attn.{n}_proj", h) for n in "qkv")
+        q, k, v = q.reshape(b, s, self.heads, dh), k.reshape(b, s, k_, dh), v.reshape(b, s, k_, dh)
+        if self.hf["qk_norm"]:
+            q = self._rms(p[f"{pre}self_attn.q_norm.weight"], q)
+            k = self._rms(p[f"{pre}self_attn.k_norm.weight"], k)
         q, k = self._rope(q, pos), self._rope(k, pos)
         return q.reshape(b, s, k_, g, dh), k, v
+
+    @staticmethod
+    def _linear(p: dict[str, Any], name: str, x: Any) -> Any:
+        """``x W^T (+ b)``: PyTorch's ``Linear`` with the weight (and bias, where present) of ``name``."""
+        y = x @ p[f"{name}.weight"].T
+        return y + p[f"{name}.bias"] if f"{name}.bias" in p else y
 
     def _attend(self, q: Any, keys: Any, values: Any, visible: Any) -> Any:
         """``q`` (b, s, K, G, dh) over ``keys``/``values`` (b, K, t, dh); ``visible`` (b, s, t)."""
@@ -301,7 +301,7 @@ class LlamaDecoder(ModelDef):
             cache = cache.at[i, 0, slots, :, write].set(k[:, 0].astype(cache.dtype), mode="drop")
             cache = cache.at[i, 1, slots, :, write].set(v[:, 0].astype(cache.dtype), mode="drop")
             a = self._attend(q, cache[i, 0, :, :, :window], cache[i, 1, :, :, :window], visible)
-            x = x + a @ params[f"{pre}self_attn.o_proj.weight"].T
+            x = x + self._linear(params, f"{pre}self_attn.o_proj", a)
             x = self._mlp_block(params, pre, x)
         return self._logits(params, x[:, 0]), cache
 
@@ -327,7 +327,7 @@ class LlamaDecoder(ModelDef):
                 a = self._flash(q, k, v)
             else:
                 a = self._attend(q, k_t, v_t, causal)
-            x = x + a @ params[f"{pre}self_attn.o_proj.weight"].T
+            x = x + self._linear(params, f"{pre}self_attn.o_proj", a)
             x = self._mlp_block(params, pre, x)
         last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
         return self._logits(params, last), cache
@@ -364,7 +364,7 @@ class LlamaDecoder(ModelDef):
             pre = f"model.layers.{i}."
             q, k, v = self._qkv(params, pre, x, pos)
             a = self._attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), visible)
-            x = x + a @ params[f"{pre}self_attn.o_proj.weight"].T
+            x = x + self._linear(params, f"{pre}self_attn.o_proj", a)
             x = self._mlp_block(params, pre, x)
         return self._logits(params, x)
 
@@ -390,6 +390,7 @@ class LlamaDecoder(ModelDef):
                 "buckets": list(self.buckets), "tokenizer": self.tokenizer,
                 "decode_steps": max(self.decode_steps), "windows": list(self.windows),
                 "prefill_rows": list(self.row_counts),
+                "generation_defaults": dict(self.generation_defaults),
                 "model_dir": str(self.model_dir) if self.model_dir else None}
 
     # ---- strategies ----------------------------------------------------------------------------
@@ -434,22 +435,29 @@ class LlamaDecoder(ModelDef):
         params = {}
         vocab_axis = q_axis if self.vocab % n == 0 else -1  # a vocabulary that does not divide: whole
         for pname, shape in self.param_shapes().items():
-            if pname == "lm_head.weight":
-                tmap: list[Any] = [vocab_axis, -1]
-            elif any(part in pname for part in ("q_proj", "gate_proj", "up_proj")):
-                tmap = [q_axis, -1]
-            elif "k_proj" in pname or "v_proj" in pname:
-                tmap = [kv_axis, -1]
-            elif "o_proj" in pname or "down_proj" in pname:
-                tmap = [-1, q_axis]
-            else:
-                tmap = [-1] * len(shape)
-            params[pname] = Layout(dm, tmap)
+            params[pname] = Layout(dm, self._tensor_map(pname, len(shape), q_axis, kv_axis, vocab_axis))
         slot_axis = 0 if name == "batch" else -1
         cache = Layout(dm, [-1, -1, slot_axis, kv_axis, -1, -1])
         inputs = [Layout(dm, [slot_axis]), Layout(dm, [slot_axis]), cache]
         outputs = [Layout(dm, [-1, -1]), cache]  # logits whole on every rank: all pick alike
         return Strategy(params, inputs=inputs, outputs=outputs)
+
+    @staticmethod
+    def _tensor_map(name: str, ndim: int, q_axis: Any, kv_axis: Any, vocab_axis: Any) -> list[Any]:
+        """How parameter ``name`` splits: the q, gate and up rows (and q's bias) by query heads,
+        k and v rows (and biases) by key/value heads, o and down columns by query heads, the
+        logits head by vocabulary; norms, the embedding and o's bias whole."""
+        if name == "lm_head.weight":
+            return [vocab_axis, -1]
+        parts = name.split(".")
+        kind = next((k for k in ("q_proj", "gate_proj", "up_proj", "k_proj", "v_proj", "o_proj", "down_proj")
+                     if k in parts), None)
+        if kind is None or (ndim == 1 and kind == "o_proj"):
+            return [-1] * ndim
+        axis = kv_axis if kind in ("k_proj", "v_proj") else q_axis
+        if ndim == 1:
+            return [axis]
+        return [-1, axis] if kind in ("o_proj", "down_proj") else [axis, -1]
 
     def cache_layout(self, strategy: Strategy) -> Layout:
         """The KV cache's layout under ``strategy`` (the decode step's third input)."""

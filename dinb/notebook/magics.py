@@ -35,8 +35,9 @@ Subcommands (each is one call of dinb.notebook.cluster's Python API):
   %dinfer predict EXPR [EXPR ...] [--micro-batches M] [--timeout S]
         the same inputs (evaluated here) to every rank (the first stage's ranks, with pipeline
         stages), predict                                            current().predict(*arrays)
-  %dinfer generate "PROMPT" [--ids 1,5,9] [--max-new-tokens N] [--temperature T] [--top-k K]
-        [--top-p P] [--seed S]    a decoder's export: tokens printed as the ranks pick them
+  %dinfer generate "PROMPT" [--ids 1,5,9] [--chat] [--max-new-tokens N] [--temperature T]
+        [--top-k K] [--top-p P] [--seed S]    a decoder's export: tokens printed as the ranks pick
+        them (--chat: the prompt as a user's message through the model's chat template)
                                                    current().generate(ids, N, on_token=...)
   %dinfer outputs [REF_EXPR]   per-rank outputs of the last predict, one panel per rank
         (with a difference against REF_EXPR when given)    RankOutputs(current().outputs())
@@ -188,10 +189,11 @@ class DinferMagics(Magics):
     @argument("--ids", default=None, help="the prompt as token ids: 1,5,9")
     @argument("--max-new-tokens", type=int, default=None,
               help="default: as many as the cache holds after the prompt, at most 64")
-    @argument("--temperature", type=float, default=0.0)
-    @argument("--top-k", type=int, default=0)
-    @argument("--top-p", type=float, default=1.0)
+    @argument("--temperature", type=float, default=None, help="default: the model's generation_config")
+    @argument("--top-k", type=int, default=None)
+    @argument("--top-p", type=float, default=None)
     @argument("--seed", type=int, default=0)
+    @argument("--chat", action="store_true", help="the prompt is a user's message, through the chat template")
     @argument("--timeout", type=float, default=None)
     def _generate(self, line: str) -> None:
         """%dinfer generate "PROMPT" | --ids 1,5,9 [--max-new-tokens N] [--temperature T] ..."""
@@ -212,12 +214,15 @@ class DinferMagics(Magics):
         if (args.prompt is None) == (args.ids is None):
             raise DinbError("give the prompt as text or as --ids, one of the two: "
                             '%dinfer generate "123+456="')
-        ids = [int(v) for v in args.ids.split(",")] if args.ids else codec.encode(args.prompt)
+        if args.chat and args.prompt is not None:
+            ids = codec.encode_chat([{"role": "user", "content": args.prompt}])
+        else:
+            ids = [int(v) for v in args.ids.split(",")] if args.ids else codec.encode(args.prompt)
         print(args.prompt if args.prompt is not None else args.ids, end="", flush=True)
         count = args.max_new_tokens or default_new_tokens(meta["generation"]["max_len"], [len(ids)])
         tokens = c.generate(ids, count, timeout_s=args.timeout, on_token=TextStream(codec),
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            seed=args.seed, stop_ids=list(codec.stop_ids))
+                            seed=args.seed)
         ms = ms_per_step(c.last_generation["timings"])
         print(f"\n[{len(tokens)} tokens on {c.n} ranks; decode {ms:.1f} ms per token; every rank "
               "picked the same]")

@@ -27,7 +27,6 @@ import numpy as np
 from dinb.errors import DinbError, SliceFileError
 from dinb.export.slicefile import SliceFile, TensorMeta
 from dinb.job import ranks
-from dinb.models.sampling import SamplingParams
 from dinb.runtime.config import RuntimeConfig, load_config
 from dinb.runtime.context import Context, ModelType
 from dinb.runtime.loading import load_slice_files
@@ -157,31 +156,35 @@ class Model:
         return list(self._last)
 
     # ---- generation (a decoder's export) -----------------------------------------------------
-    def generate(self, prompt_ids: Any, max_new_tokens: int = 32, *, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_ids: Sequence[int] = (),
-                 on_token: Callable[[int, int], None] | None = None, return_logprobs: bool = False) -> Any:
+    def generate(self, prompt_ids: Any, max_new_tokens: int = 32, *, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                 stop_ids: Sequence[int] | None = None, on_token: Callable[[int, int], None] | None = None,
+                 return_logprobs: bool = False) -> Any:
         """New tokens after a prompt (a list of token ids), or after each of a list of prompts
         (at most the export's sequence slots), from a decoder's export.
 
         Greedy when ``temperature`` is 0; else sampled (``top_k``, ``top_p``, see
         :mod:`dinb.models.sampling`) with a generator per prompt seeded by ``seed``: the same
-        seed gives the same tokens on every rank count. A prompt stops after ``max_new_tokens``
-        or after a token of ``stop_ids`` (which is kept). ``on_token(row, token)`` is called as
+        seed gives the same tokens on every rank count. What is not given comes from the
+        model's ``generation_config.json`` (greedy without one). A prompt stops after
+        ``max_new_tokens`` or after a token of ``stop_ids`` (which is kept; default: the model's
+        end tokens, ``()`` for none). ``on_token(row, token)`` is called as
         each token is picked (streaming: the tokens come every few decode steps, as many as one
         call of the decode program runs). The tokens are picked on the devices; with
         ``return_logprobs`` each token's log-probability under the model comes back too, as
         ``(tokens, logprobs)`` of the same nesting. Every rank must make the same call.
         """
-        return self._decoder("generate").generate(
-            prompt_ids, max_new_tokens, SamplingParams(temperature, top_k, top_p, seed), stop_ids, on_token,
-            return_logprobs)
+        runner = self._decoder("generate")
+        return runner.generate(prompt_ids, max_new_tokens, runner.sampling(temperature, top_k, top_p, seed),
+                               runner.end_tokens if stop_ids is None else stop_ids, on_token, return_logprobs)
 
     def generate_stream(self, prompt_ids: Sequence[int], max_new_tokens: int = 32, **sampling: Any
                         ) -> Iterator[int]:
         """The new tokens of one prompt as they are picked (an iterator); ``generate``'s options."""
-        stop_ids = sampling.pop("stop_ids", ())
-        return self._decoder("generate_stream").stream(prompt_ids, max_new_tokens, SamplingParams(**sampling),
-                                                       stop_ids)
+        runner = self._decoder("generate_stream")
+        stop_ids = sampling.pop("stop_ids", None)
+        return runner.stream(prompt_ids, max_new_tokens, runner.sampling(**sampling),
+                             runner.end_tokens if stop_ids is None else stop_ids)
 
     def prefill(self, slot: int, prompt_ids: Sequence[int]) -> np.ndarray:
         """Run the prefill program: ``prompt_ids`` into sequence slot ``slot`` of the KV cache;

@@ -62,6 +62,7 @@ class GenerationScheduler:
         self.slots, self.max_len = int(info["slots"]), int(info["max_len"])
         self.buckets, self.vocab = list(info["buckets"]), int(info["vocab"])
         self.stop_ids = frozenset(int(t) for t in info.get("eos_token_id") or ())
+        self.defaults = dict(info.get("defaults") or {})  # generation_config.json's sampling
         self.max_waiting = max_waiting
         self.free = list(range(self.slots))
         self.active: dict[int, GenRequest] = {}
@@ -78,8 +79,9 @@ class GenerationScheduler:
         max_tokens = parameters.get("max_tokens", 16)
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise InputError(f"max_tokens={max_tokens!r}: give a whole number >= 1")
+        given = {k: parameters[k] for k in PARAMETERS[1:] if k in parameters}
         try:
-            sampling = SamplingParams(**{k: parameters[k] for k in PARAMETERS[1:] if k in parameters})
+            sampling = SamplingParams(**{**self.defaults, **given})
         except TypeError as e:
             raise InputError(f"parameters: {e}") from None
         if not ids or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab

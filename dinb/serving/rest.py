@@ -9,6 +9,8 @@
     POST /v2/models/{model}[/versions/{v}]/generate_stream   the same, one server-sent event per token
     POST /model/{servable}:{method}                   MindSpore Serving: {"instances": [...]}
     GET  /metrics                                     Prometheus
+    GET  /v1/models, POST /v1/completions, POST /v1/chat/completions   OpenAI's (a decoder; see
+                                                      dinb.serving.openai_api)
 
 Bad requests get 400 (404 for an unknown model) with ``{"error": message}``; a body over the
 size limit 413; a servable that cannot run (a dead rank, not ready) 503. gzip and deflate bodies
@@ -211,11 +213,13 @@ def app(main: Main, max_body: int) -> Any:
     """The aiohttp application: the v2 and MindSpore routes, and a decoder's generate routes."""
     from aiohttp import web
 
+    from dinb.serving.openai_api import OpenAiApi
     from dinb.serving.rest_generate import GenerateApi
 
     application = web.Application(client_max_size=max_body)
     RestApi(main, max_body).add_routes(application)
     GenerateApi(main, max_body).add_routes(application)
+    OpenAiApi(main, max_body).add_routes(application)
     return application
 
 

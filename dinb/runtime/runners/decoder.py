@@ -63,6 +63,10 @@ class DecoderRunner:
         self.cache_meta = TensorMeta.from_json(gen["cache"])
         self.cache_bytes = {r: int(gen["cache_bytes"][r]) for r in files}
         self.vocab = int(first.outputs[0].shape[-1])
+        config = first.meta.get("model_config") or {}
+        self.defaults = dict(config.get("generation_defaults") or {})  # generation_config.json's
+        ends = [*(config.get("config") or {}).get("eos_token_id", []), *self.defaults.get("eos_token_id", [])]
+        self.end_tokens = tuple(dict.fromkeys(int(t) for t in ends))
         self._shardings(first)
         self._compiled: dict[Any, Any] = {}
         self.cache: Any = None
@@ -383,6 +387,16 @@ class DecoderRunner:
                         self.left[slot] = 0
         return out
 
+    def sampling(self, temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 seed: int = 0) -> SamplingParams:
+        """How to pick: what the caller gives, else the export's ``generation_config.json``
+        defaults, else greedy."""
+        def pick(value: Any, key: str, default: Any) -> Any:
+            return value if value is not None else self.defaults.get(key, default)
+
+        return SamplingParams(pick(temperature, "temperature", 0.0), pick(top_k, "top_k", 0),
+                              pick(top_p, "top_p", 1.0), seed)
+
     # ---- what Model's generation methods call ------------------------------------------------
     def stream(self, prompt_ids: Any, max_new_tokens: int, sampling: SamplingParams,
                stop_ids: Sequence[int] = ()) -> Iterator[int]:
@@ -417,7 +431,9 @@ class DecoderRunner:
         return {"slots": self.slots, "max_len": self.max_len, "buckets": list(self.buckets),
                 "vocab": self.vocab, "cache": self.cache_meta, "cache_bytes": dict(self.cache_bytes),
                 "windows": list(self.windows), "decode_steps": list(self.decode_steps),
-                "kernels": dict(self.kernels), "stops": self.stops_per_slot, "timings": dict(self.timings)}
+                "kernels": dict(self.kernels), "stops": self.stops_per_slot,
+                "end_tokens": list(self.end_tokens), "defaults": dict(self.defaults),
+                "timings": dict(self.timings)}
 
 
 class _Clock:
