@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench reference clean
+.PHONY: demo test lab lint bench reference clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python -m dinb demo
+
+# the tutorials in JupyterLab, in the order of notebooks/00_start_here.ipynb
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks/00_start_here.ipynb
 
 # the browser test drives Debian's chromium; install it when it is missing
 CHROMIUM := /usr/bin/chromium

@@ -39,6 +39,7 @@ from dinb.job.ranks import init as init_ranks
 from dinb.job.ranks import shutdown as shutdown_ranks
 from dinb.models import DeepMLP, LlamaDecoder, MatMulNeg, MegatronMLP, ModelDef, TensorSpec, get_model
 from dinb.notebook.cluster import RankCluster, start_cluster
+from dinb.notebook.cluster import current as current_cluster
 from dinb.runtime import Context, Model, ModelType, Tensor
 from dinb.sharding.layout import Layout, common_dev_matrix
 from dinb.sharding.strategy import ParamLayout, Strategy, infer_predict_layout
@@ -50,6 +51,10 @@ def __getattr__(name: str) -> object:
         from dinb import widgets
 
         return getattr(widgets, name)
+    if name == "rank_side":  # a rank's own side, in a cell that runs on the ranks (%%dinfer)
+        from dinb.notebook import engine
+
+        return engine
     raise AttributeError(f"module 'dinb' has no attribute {name!r}")
 
 
@@ -64,6 +69,7 @@ __all__ = [
     "CheckpointError", "DistributedCheckpoint", "RankCluster", "build_searched_strategy",
     "load_distributed_checkpoint", "merge_sliced_parameter", "rank_list_for_transform",
     "load_checkpoint", "save_checkpoint", "save_distributed_checkpoint", "start_cluster",
+    "current_cluster",
     "transform_checkpoint_by_rank", "transform_checkpoints",
     "Context", "DinbError", "InputError", "Job", "Layout", "LayoutError", "MatMulNeg",
     "DeepMLP", "LlamaDecoder", "MegatronMLP", "Model", "ModelDef", "ModelType", "ParamLayout",
@@ -71,5 +77,5 @@ __all__ = [
     "RankFailedError", "RankMismatchError", "SliceFileError", "Strategy", "StrategyError",
     "Tensor", "TensorSpec", "__version__", "common_dev_matrix", "current_job",
     "export_distributed", "get_model", "infer_predict_layout", "init_ranks", "read_meta",
-    "read_slice_file", "shutdown_ranks", "StrategyPlan", "StrategyExplorer", "RankOutputs",
+    "read_slice_file", "shutdown_ranks", "StrategyPlan", "StrategyExplorer", "RankOutputs", "rank_side",
 ]

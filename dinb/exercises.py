@@ -1,6 +1,6 @@
 """The tutorials' exercises and their checks: each check says right or wrong, and why.
 
-Every notebook from 01 to 07 ends with exercises. A check works the answer out again with dinb's own
+Every notebook from 01 to 08 ends with exercises. A check works the answer out again with dinb's own
 functions (the strategy, the compiled program, the checkpoint's read plan, the pipeline schedule)
 and compares; its :class:`Verdict` explains the split behind the right answer, so a wrong answer
 teaches as much as a right one::
@@ -128,9 +128,9 @@ def _per_rank(values: dict[int, int]) -> str:
     return ", ".join(f"rank {r}: {b}" for r, b in sorted(values.items()))
 
 
-# ---- 03 · checkpoint resharding ----------------------------------------------------------------
+# ---- 04 · checkpoint resharding ----------------------------------------------------------------
 def most_source_files(rank: Any) -> Verdict:
-    """03: an MLP (d=48, ff=192) saved by 8 ranks and loaded by 3 under the Megatron split: which
+    """04: an MLP (d=48, ff=192) saved by 8 ranks and loaded by 3 under the Megatron split: which
     target rank reads from the most source files (worked out with ``read_plan``)."""
     from dinb.checkpoint import DistributedCheckpoint, save_distributed_checkpoint
     from dinb.models import MegatronMLP
@@ -153,9 +153,9 @@ def most_source_files(rank: Any) -> Verdict:
     return Verdict(rank == most, explain)
 
 
-# ---- 04 · the strategy explorer ----------------------------------------------------------------
+# ---- 03 · the strategy explorer ----------------------------------------------------------------
 def mlp_without_allreduce(plan: Any, at_most: float = 0.6) -> Verdict:
-    """04: a plan of the Megatron MLP in which every rank holds at most ``at_most`` of the
+    """03: a plan of the Megatron MLP in which every rank holds at most ``at_most`` of the
     parameters and XLA inserts no all-reduce."""
     from dinb.explore.plan import StrategyPlan
 
@@ -217,9 +217,9 @@ def _as_list(values: Any) -> list[Any]:
     return list(values) if isinstance(values, Iterable) else [values]
 
 
-# ---- 06 · serving -----------------------------------------------------------------------------------
+# ---- 08 · serving -----------------------------------------------------------------------------------
 def batch_bucket(buckets: Any, runs_at: Any, model_dir: str | Path, rows: int = 3) -> Verdict:
-    """06: the batch buckets of the export in ``model_dir``, and the bucket a lone request of
+    """08: the batch buckets of the export in ``model_dir``, and the bucket a lone request of
     ``rows`` rows runs at."""
     from dinb.export.slicefile import read_meta
     from dinb.sharding import batch_buckets
@@ -236,10 +236,10 @@ def batch_bucket(buckets: Any, runs_at: Any, model_dir: str | Path, rows: int = 
     return Verdict(right, explain)
 
 
-# ---- 07 · pipeline stages ---------------------------------------------------------------------------
+# ---- 06 · pipeline stages ---------------------------------------------------------------------------
 def smallest_micro_batches(micro_batches: Any, stages: int = 4, batch: int = 32,
                            bubble_below: float = 0.2) -> Verdict:
-    """07: the smallest micro-batch count that divides ``batch`` and brings GPipe's bubble
+    """06: the smallest micro-batch count that divides ``batch`` and brings GPipe's bubble
     ``(S-1)/(M+S-1)`` under ``bubble_below`` with ``stages`` stages."""
     from dinb.sharding.pipeline import bubble_fraction
 
@@ -261,6 +261,35 @@ def smallest_micro_batches(micro_batches: Any, stages: int = 4, batch: int = 32,
                          f"and {best} is the first count above that which divides {batch}.")
 
 
-__all__ = ["Verdict", "batch_bucket", "bytes_held", "minilm_tp_sizes", "mlp_without_allreduce",
-           "most_source_files", "no_allreduce_shard", "smallest_micro_batches", "w_replica_groups"]
+# ---- 07 · generation ---------------------------------------------------------------------------------
+def decode_windows(windows: Any, prompt_len: int = 120, new_tokens: int = 24,
+                   export_windows: tuple[int, ...] = (128, 512, 2048),
+                   decode_steps: tuple[int, ...] = (1, 8)) -> Verdict:
+    """07: the attention window of each decode call that generates ``new_tokens`` after a prompt
+    of ``prompt_len`` tokens, in order, for an export with ``export_windows`` and ``decode_steps``."""
+    from dinb.models.decode_loop import call_plan
+
+    if (missing := _unanswered(windows, "windows = [...]")) is not None:
+        return missing
+    plan = call_plan(prompt_len, new_tokens, export_windows, decode_steps)
+    want = [w for _, w in plan]
+    reach = [int(r) for r in np.cumsum([k for k, _ in plan]) + prompt_len]  # positions after each call
+    calls = ", ".join(f"{k} step{'s' * (k > 1)} to position {r - 1} -> {w}" for (k, w), r in zip(plan, reach))
+    got = [int(w) for w in _as_list(windows)]
+    if len(got) != len(want):
+        return Verdict(False, f"the prefill picks token 1 and {len(want)} decode calls pick the other "
+                              f"{new_tokens - 1} (the most steps a call has that the tokens left fill, "
+                              f"then 1 at a time), not {len(got)} calls.")
+    if got != want:
+        wrong = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+        return Verdict(False, f"call {wrong + 1} writes up to position {reach[wrong] - 1}, so it needs "
+                              f"the smallest window holding {reach[wrong]} positions: {want[wrong]}, "
+                              f"not {got[wrong]}.")
+    return Verdict(True, f"{calls}. A call attends over the smallest window that holds the last position "
+                         "it writes, so a short context reads a short cache.")
+
+
+__all__ = ["Verdict", "batch_bucket", "bytes_held", "decode_windows", "minilm_tp_sizes",
+           "mlp_without_allreduce", "most_source_files", "no_allreduce_shard", "smallest_micro_batches",
+           "w_replica_groups"]
 

@@ -2,7 +2,7 @@
 
 Every notebook is opened and run top to bottom; no cell may show an error, and every widget must
 render (not "Loading widget..." or "Error displaying widget"). Each widget's screenshot, and one
-of the whole notebook, go to ``build/test-artifacts`` (or ``$DINB_ARTIFACTS``). Notebook 04 is
+of the whole notebook, go to ``build/test-artifacts`` (or ``$DINB_ARTIFACTS``). Notebook 03 is
 also driven: its MLP explorer's device count goes from 2 to 4, and the tile grid and the bytes
 per rank must follow.
 """
@@ -23,7 +23,7 @@ import nbformat
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOK = ROOT / "notebooks" / "04_strategy_explorer.ipynb"
+NOTEBOOK = ROOT / "notebooks" / "03_strategy_explorer.ipynb"
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

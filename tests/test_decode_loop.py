@@ -10,7 +10,9 @@ from conftest import simulated
 
 from dinb import Model, export_distributed
 from dinb.cli import launch
+from dinb.export.decode_programs import decode_name
 from dinb.models import LlamaDecoder
+from dinb.models.decode_loop import call_plan
 from dinb.models.sampling import SamplingParams, pick_tokens, reference_probabilities
 
 FIXTURE = Path(__file__).parent / "fixtures" / "llama"
@@ -94,6 +96,18 @@ def test_the_attention_window_follows_the_positions_in_use(tmp_path):
     assert out == [list(REF["tokens_0"]), list(REF["tokens_1"])]
     windows = {n.split("_w")[1] for n in model.runner.ran if n.startswith("decode")}
     assert windows == {"32", "48"}
+
+
+def test_the_call_plan_is_the_calls_the_runtime_makes(tmp_path):
+    """``call_plan`` (what notebook 07's exercise asks for) names the programs that ran."""
+    decoder = LlamaDecoder(config=CONFIG, slots=1, max_len=48, buckets=[16], windows=[16, 32, 48])
+    model = loaded(decoder, tmp_path, 1)
+    prompt = list(REF["prompt_1"])  # 5 tokens: the first call of 8 reaches 13, the second 21
+    model.generate(prompt, 20, stop_ids=())
+    plan = call_plan(len(prompt), 20, decoder.windows, decoder.decode_steps)
+    assert [k for k, _ in plan].count(8) == 2 and {w for _, w in plan} == {16, 32}
+    assert {n for n in model.runner.ran if n.startswith("decode")} == {decode_name(k, w) for k, w in plan}
+    assert model.generation_info()["timings"]["decode_calls"] == len(plan)
 
 
 def test_log_probabilities_come_back_when_asked(tmp_path):

@@ -1,4 +1,4 @@
-"""The tutorials' exercises: every notebook from 01 to 07 ends with them, and each check tells a
+"""The tutorials' exercises: every notebook from 01 to 08 ends with them, and each check tells a
 right answer from a wrong one with the reason (the notebooks run the reference answers)."""
 
 import json
@@ -12,7 +12,7 @@ from dinb import exercises
 from dinb.explore.plan import StrategyPlan
 from dinb.models import MatMulNeg, MegatronMLP
 
-NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("0[1-7]_*.ipynb"))
+NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("0[1-8]_*.ipynb"))
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

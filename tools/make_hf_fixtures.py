@@ -57,7 +57,8 @@ FAMILIES = {
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 64}),
         "<|begin_of_text|>", ["<|end_of_text|>", "<|eot_id|>"],
-        "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+        "{{ bos_token }}{% for message in messages %}"
+        "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
         "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
         "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"),
     "qwen2": (transformers.Qwen2Config, dict(rope_theta=1000000.0, tie_word_embeddings=False),
@@ -108,8 +109,9 @@ def make(family: str, tok: Tokenizer) -> None:
             else:
                 p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
     model.to(torch.bfloat16).save_pretrained(out, max_shard_size="100KB")
-    transformers.GenerationConfig(eos_token_id=[ids[t] for t in eos], bos_token_id=ids.get(bos) if bos else None,
-                                  do_sample=True, temperature=0.7, top_p=0.8, top_k=20).save_pretrained(out)
+    transformers.GenerationConfig(eos_token_id=[ids[t] for t in eos],
+                                  bos_token_id=ids.get(bos) if bos else None, do_sample=True,
+                                  temperature=0.7, top_p=0.8, top_k=20).save_pretrained(out)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos[0],
                                                  pad_token=eos[-1], chat_template=template)
     fast.save_pretrained(out)

@@ -35,13 +35,13 @@ print(strategy)
 print(strategy.to_json()["parallel_layout_item"])"""),
     md("""Which slice of `W` does each rank hold? `tensor_map = [1, 0]` over `dev_matrix = [1, 2, 1]`:
 axis 0 of `W` follows device dimension 1 (size 2), axis 1 follows dimension 0 (size 1)."""),
-    code(CHECK + """from dinb.explore.plotting import describe_slices
+    code(CHECK + """from dinb.explore import describe_slices
 
 for name in ("contraction", "batch", "columns"):
     s = dinb.infer_predict_layout(net, x, device_num=2, strategy=name)
     print(name, "->", "; ".join(describe_slices(s["matmul_weight"], (96, 16), "W")))"""),
     code("""import matplotlib.pyplot as plt
-from dinb.explore.plotting import draw_layout
+from dinb.explore import draw_layout
 
 fig, axes = plt.subplots(1, 3, figsize=(9, 4.5))
 for ax, name in zip(axes, ("contraction", "batch", "columns")):

@@ -45,9 +45,9 @@ print(y[0, :5])"""),
     md("""## 3 · Look inside a rank
 
 `%%dinfer` runs the cell on every rank (in each engine's own namespace) and groups what each rank
-prints. `dinb.notebook.engine` is the rank's side: its rank, its loaded `Model`, its device."""),
+prints. `dinb.rank_side` is the rank's side: its rank, its loaded `Model`, its device."""),
     code("""%%dinfer
-""" + CHECK + """import dinb.notebook.engine as rank_side
+""" + CHECK + """from dinb import rank_side
 model = rank_side.model()
 own = model.rank_outputs()[rank_side.rank()][0]
 print(f"rank {rank_side.rank()} of {model.world_size} on {rank_side.status()['device']}: "
@@ -55,9 +55,19 @@ print(f"rank {rank_side.rank()} of {model.world_size} on {rank_side.status()['de
     md("""## 4 · When a rank fails
 
 A rank that dies (or hangs inside its own part) stops the whole SPMD job: the other ranks wait in
-the collective. dinb watches every call with a finite timeout and names the rank at fault, e.g.
-`rank(s) [1] died during predict ... Run %dinfer cluster restart`. `restart` gives fresh engines and
-reloads the model, and the notebook goes on."""),
+the collective. dinb watches every call with a finite timeout and names the rank at fault. Below,
+rank 1's engine is killed (`SIGKILL`, as the out-of-memory killer would), and the next predict
+fails with a `RankFailedError` naming it, well before any timeout: dinb sees the process gone."""),
+    code(CHECK + """import os
+import signal
+
+cluster = dinb.current_cluster()          # what %dinfer drives, as a Python object
+os.kill(cluster.pids[1], signal.SIGKILL)
+try:
+    cluster.predict(x)
+except dinb.RankFailedError as e:
+    print(f"RankFailedError, ranks {list(e.ranks)}:", str(e).split(" (")[0])   # the pid left out"""),
+    md("""`restart` gives fresh engines and reloads the model, and the notebook goes on."""),
     code(CHECK + """%dinfer cluster restart
 y = %dinfer predict x
 print(y[0, :3])"""),
@@ -65,12 +75,10 @@ print(y[0, :3])"""),
     *exercises(
         "The ranks are still running: the answer comes from them, not from this kernel.",
         ("""How many bytes of parameters does each rank hold? Ask the ranks themselves, as a dict
-`{rank: bytes}` (hint: `%%dinfer` or `cluster.current().execute(code)` runs code on every rank and
+`{rank: bytes}` (hint: `%%dinfer` or `dinb.current_cluster().execute(code)` runs code on every rank and
 returns what each printed; a rank's `Model` has `param_bytes()`). Does any byte sit on two ranks?""",
-         """from dinb.notebook import cluster
-
-printed = cluster.current().execute(
-    "import dinb.notebook.engine as rank_side\\n"
+         """printed = dinb.current_cluster().execute(
+    "from dinb import rank_side\\n"
     "print(sum(rank_side.model().param_bytes().values()))")
 held = {rank: int(text) for rank, text in printed.items()}""",
          """exercises.bytes_held(held, out_dir)"""),

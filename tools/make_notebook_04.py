@@ -1,139 +1,167 @@
-"""Writes notebooks/04_strategy_explorer.ipynb; ``--execute`` stores the outputs nbval compares."""
+"""Writes notebooks/04_checkpoint_resharding.ipynb (outputs are produced when nbval runs it)."""
 
 from nbtools import CHECK, code, exercises, md, write_notebook
 
-IGNORE = "# NBVAL_IGNORE_OUTPUT\n"
-
 cells = [
-    md("""# 04 · The strategy explorer: see the split, the memory and the traffic
+    md("""# 04 · Saved on 4 ranks, served on 2: resharding a checkpoint
 
-A strategy says, for every tensor, which device dimensions split which of its axes. Three things
-follow from it, and the explorer shows all three as you change it:
+A model trained with one layout and rank count must often be served with another. MindSpore's
+answer (`load_distributed_checkpoint`, `transform_checkpoints`) merges every parameter in host
+memory and cuts it again. dinb keeps MindSpore's API and files but **reads only what each target
+rank needs**: for every parameter it intersects the target rank's slice with each source slice
+and reads just those byte ranges.
 
-1. **the tiles**: which slice of each tensor sits on which rank (a colour per rank; a slice held
-   by several ranks, a *replica group*, shows all their colours along its bottom edge);
-2. **the bytes per rank**: parameters (and how much of that is a copy other ranks hold too),
-   inputs, outputs and XLA's workspace, against a device capacity;
-3. **the collectives**: what XLA inserted into the per-rank program, read from the program it
-   compiled for that many simulated devices (a helper process with virtual CPU devices, so no
-   cluster is needed), with a time estimate: bytes each rank sends over a link bandwidth, beside
-   the FLOPs over a compute rate.
+We train-shard a Megatron MLP over 4 ranks (2-way data parallel × 2-way tensor parallel, with a
+ZeRO-style optimizer shard), save one checkpoint file per rank, then load it for 2 ranks with the
+predict strategy and check the predictions against the single-device model."""),
+    code(CHECK + """import dinb
 
-Invalid choices (a split that does not divide an axis, a device dimension used twice) are greyed
-out with the reason. Nothing here sends tensor values to the browser: only shapes, slices and
-byte counts."""),
-    code("""import numpy as np
+job = dinb.init_ranks("cpu", simulate=2)   # the 2 serving ranks, simulated in this kernel
+print(f"{job.world_size} simulated ranks")"""),
+    md("""## 1 · The training strategy and the per-rank checkpoint
 
-import dinb
-from dinb.models import MatMulNeg, MegatronMLP
-from dinb.explore.plan import StrategyPlan
-from dinb.widgets import StrategyExplorer"""),
-    md("""## 1 · MindSpore's MatMul example, three ways
+`dev_matrix = [2, 2]`: device dimension 1 is data parallel, dimension 0 tensor parallel. `w1` is
+split by columns over dimension 0 and `w2` by rows; along the data-parallel dimension the ranks
+would hold copies, so the optimizer shard (`opt_weight_shard_size = 2`, ranks `step = 2` apart)
+splits each copy again by rows. Every rank ends up with a different quarter of `w1` and `w2`."""),
+    code(CHECK + """import numpy as np
+from dinb import Layout, ParamLayout, Strategy
+from dinb.models import MegatronMLP, mlp_reference
 
-`y = -(x @ W)` with `x` of shape (m, k) = (128, 96) and `W` (k, n) = (96, 16). Write an axis split
-over N ranks with a subscript, as in the scaling book's sharded-matmul cases:
-
-* **batch**: `x[m_N, k] · W[k, n] → y[m_N, n]`. Each rank multiplies its rows of `x` by the whole
-  `W`: no communication is needed to compute. MindSpore's example wants every rank to hold all of `y`, so
-  XLA adds one **all-gather** of `y` at the end.
-* **columns**: `x[m, k] · W[k, n_N] → y[m, n_N]`. Each rank holds all of `x` and its columns of
-  `W`; again no communication to compute, and an **all-gather** assembles `y`.
-* **contraction**: `x[m, k_N] · W[k_N, n] → y_r[m, n]`. Each rank holds a slice of the dimension
-  being summed over, so each computes a *partial sum* of the whole output:
-  `y = Σ_r x[:, k_r] · W[k_r, :]`. Adding them is an **all-reduce**; in a ring each rank sends
-  `2 (N-1)/N · |y|` bytes. This is the split MindSpore's example uses: it divides `W` (and `x`) but pays a
-  reduction of the full output.
-
-The plan below is what the explorer renders; printing it shows the same numbers as text."""),
-    code(CHECK + """for preset in ("batch", "columns", "contraction"):
-    plan = StrategyPlan.create(MatMulNeg(), 4, preset)
-    print(plan.summary())
-    print(plan.cost(plan.compile(), link_gb_per_s=100).collectives_summary())
-    print()"""),
-    md("""Beside the traffic, the estimate puts XLA's own count of each rank's FLOPs over a compute
-rate (the exact count differs a little between XLA versions, so this cell is not compared):"""),
-    code("""for preset in ("batch", "columns", "contraction"):
-    plan = StrategyPlan.create(MatMulNeg(), 4, preset)
-    print(preset, plan.cost(plan.compile(), link_gb_per_s=100, tflop_per_s=100).compute_summary())"""),
-    md("""Try it: switch the strategy, the device count (5 devices do not divide 96 or 128: the
-explorer falls back to whole tensors and greys those splits out), or click a split per axis."""),
-    code(IGNORE + """StrategyExplorer("matmul", devices=4, preset="contraction", capacity_gib=0.0001)"""),
-    md("""## 2 · The Megatron MLP at 2 and 4 ranks
-
-`y = gelu(x @ W1 + b1) @ W2 + b2`. Megatron splits `W1` by columns and `W2` by rows:
-`h[b, f_N] = gelu(x[b, d] · W1[d, f_N] + b1[f_N])` needs nothing from the other ranks (gelu acts
-element by element), then `h[b, f_N] · W2[f_N, d]` is a contraction over the split `f`, so one
-**all-reduce** of the (batch, d) output finishes the layer. Parameters per rank fall as 1/N
-(only `b2` is replicated); the all-reduce stays the size of the output, and each rank's share of
-it, `2 (N-1)/N`, *grows* with N."""),
-    code(CHECK + """for n in (2, 4):
-    plan = StrategyPlan.create(MegatronMLP(), n, "megatron")
-    print(plan.summary())
-    print(plan.cost(plan.compile(), link_gb_per_s=100).collectives_summary())
-    print()"""),
-    code("""for n in (2, 4):
-    plan = StrategyPlan.create(MegatronMLP(), n, "megatron")
-    print(n, "ranks:", plan.cost(plan.compile(), link_gb_per_s=100, tflop_per_s=100).compute_summary())"""),
-    code(IGNORE + """explorer = StrategyExplorer("mlp", devices=2, capacity_gib=0.02)
-explorer"""),
-    md("""## 3 · Two mesh axes: data and tensor parallel together
-
-Four devices as a 2 × 2 mesh (`d1=2 × d0=2`): keep Megatron's split on `d0` and split the batch
-of `x` over `d1`. Each weight slice is now held by two ranks (a replica group per `d1` row), the
-all-reduce runs within each `d0` group only, `{0,1}` and `{2,3}`, and an all-gather over `d1`
-assembles the output: `{0,2}` and `{1,3}`."""),
-    code(CHECK + """plan = (StrategyPlan.create(MegatronMLP(), 4, "megatron")
-        .with_mesh((2, 2))
-        .with_axis("x", 0, 1))
-print(plan.summary())
-print(plan.cost(plan.compile()).collectives_summary())"""),
-    md("""Invalid choices come with the reason. On 5 devices no axis of the MatMul divides:"""),
-    code(CHECK + """plan = StrategyPlan.create(MatMulNeg(), 5, "contraction")
-print(plan.notes[0].split(":")[0])
-for choice in plan.axis_choices("matmul_weight", 0):
-    print(f"{choice.label:>6}: {'ok' if choice.valid else choice.reason}")"""),
-    md("""## 4 · From the explorer to running ranks
-
-The explorer's strategy is an ordinary strategy file, and `export` writes one slice file per
-rank under it (with a progress bar). Here the 2-rank Megatron strategy runs on two simulated
-ranks in this kernel and `RankOutputs` shows what each rank returned, against numpy."""),
+net = MegatronMLP(d_model=64, d_ff=256, batch=4)
+params = net.init_params(seed=0)
+x = net.example_inputs(seed=1)[0]
+zero = dict(opt_weight_shard_step=2, opt_weight_shard_size=2)
+train = Strategy({
+    "w1": ParamLayout(Layout([2, 2], [-1, 0]), **zero),
+    "b1": ParamLayout(Layout([2, 2], [0])),
+    "w2": ParamLayout(Layout([2, 2], [0, -1]), **zero),
+    "b2": ParamLayout(Layout([2, 2], [-1])),
+})
+for name in train:
+    rec = train.item(name)
+    print(f"{name:3} {params[name].shape!s:11} {rec.layout}  opt shard {rec.opt_weight_shard_size}")"""),
+    md("""`save_distributed_checkpoint` writes what each rank holds (MindSpore's `integrated_save=False`), one
+`rank_{r}/` folder per rank like MindSpore, as plain safetensors with the layout, the part of the
+full tensor and a checksum per tile in the header, plus `strategy.json`."""),
     code(CHECK + """import tempfile
 from pathlib import Path
+from dinb.checkpoint import save_distributed_checkpoint
+from dinb.checkpoint import DinbRankFile
 
-job = dinb.init_ranks("cpu", simulate=2)  # before the first JAX call in this kernel (export traces)
 work = Path(tempfile.mkdtemp())
-path = explorer.save(work / "mlp_strategy.json")
-print(dinb.Strategy.load(path))"""),
-    code(IGNORE + """paths = explorer.export(work / "mlp")  # a slice file per rank, with a progress bar"""),
-    code(CHECK + """print([p.name for p in paths])"""),
-    code(IGNORE + """from dinb import Context, Model, ModelType
-from dinb.models import mlp_reference
-from dinb.widgets import RankOutputs
+paths = save_distributed_checkpoint(params, train, work / "train")
+for p in paths:
+    f = DinbRankFile(p)
+    parts = ", ".join(f"{n}{list(f.tensors[n].shape)}" for n in f.tensors)
+    print(p.relative_to(work), "->", parts)"""),
+    md("""## 2 · The predict strategy, and what each serving rank reads
 
+For 2 serving ranks, `infer_predict_layout` gives the Megatron split: `w1` by columns, `w2` by rows,
+one all-reduce. For each target rank, `read_plan` lists the source files and the parts of the full
+tensors it will read, without reading anything."""),
+    code(CHECK + """from dinb.checkpoint import DistributedCheckpoint
+
+predict = dinb.infer_predict_layout(net, x, device_num=2)
+ckpt = DistributedCheckpoint(work / "train")
+for rank in range(2):
+    plan = ckpt.read_plan(predict, rank)
+    total = sum(row["bytes"] for row in plan)
+    print(f"target rank {rank}: reads {total} bytes from source ranks "
+          f"{sorted({row['source_rank'] for row in plan})}")
+    for row in plan:
+        if row["param"] in ("w1", "w2"):
+            print(f"   {row['param']} from rank {row['source_rank']}: "
+                  f"part {row['part']} ({row['bytes']} bytes)")"""),
+    md("""The picture: source slices coloured by the rank that saved them (`s0`…`s3`), the target
+rank's slice outlined in red, and the part read from each source hatched. The `b1`/`b2` copies
+held by several ranks are read once."""),
+    code("""import matplotlib.pyplot as plt
+from dinb.checkpoint import param_box
+from dinb.explore import draw_reshard
+
+fig, axes = plt.subplots(1, 4, figsize=(12, 3.4))
+for ax, (name, rank) in zip(axes, [("w1", 0), ("w1", 1), ("w2", 0), ("w2", 1)]):
+    target = param_box(predict.item(name), rank, ckpt.shapes[name])
+    draw_reshard(ckpt.source_boxes(name), target, ckpt.shapes[name], f"{name} -> target rank {rank}", ax=ax)
+fig.tight_layout()"""),
+    md("""## 3 · Load for each serving rank
+
+`load_distributed_checkpoint(network, files, predict_strategy, rank=r)` returns rank *r*'s slices.
+The bytes read equal the bytes of the slices: no merge, replicas read once, every byte checked
+against its tile checksum."""),
+    code(CHECK + """from dinb.checkpoint import load_distributed_checkpoint
+
+for rank in range(2):
+    ckpt = DistributedCheckpoint(work / "train")
+    mine = ckpt.load_rank(predict, rank)
+    slice_bytes = sum(a.nbytes for a in mine.values())
+    exact = all(np.array_equal(mine[n], params[n][predict[n].slice_of(rank, params[n].shape)]) for n in mine)
+    print(f"rank {rank}: read {ckpt.bytes_read} bytes for {slice_bytes} bytes of slices; exact: {exact}")
+
+same = load_distributed_checkpoint(net, work / "train", predict, rank=1)
+print(sorted((n, a.shape) for n, a in same.items()))"""),
+    md("""## 4 · From the resharded checkpoint to slice files, and predict
+
+`export_distributed` takes the checkpoint itself: each rank's slice file is filled from the
+checkpoint rank by rank, so no whole tensor is ever held. Then the MindSpore-Lite-shaped runtime
+predicts on the 2 ranks."""),
+    code(CHECK + """from dinb import Context, Model, ModelType, export_distributed
+
+export_distributed(net, DistributedCheckpoint(work / "train"), predict, [x], work / "slices")
 model = Model()
-model.build_from_file(work / "mlp", ModelType.DINB, Context())
-x = MegatronMLP().example_inputs()[0]
-model.predict([x])
-view = RankOutputs.from_model(model, reference=mlp_reference(MegatronMLP().init_params(), x),
-                              rtol=1e-4, atol=1e-4)
-view"""),
-    code(CHECK + """print("all ranks agree:", view.agree)
-print("every rank within tolerance of numpy:", view.within_reference)"""),
+model.build_from_file(work / "slices", ModelType.DINB, Context(target=["cpu"]))
+(y,) = model.predict([x])
+ref = mlp_reference(params, x)
+print("output", y.shape, "matches the single-device model:",
+      bool(np.allclose(y.get_data_to_numpy(), ref, rtol=2e-4, atol=2e-4)))
+print("max |difference| < 1e-4:", bool(np.abs(y.get_data_to_numpy() - ref).max() < 1e-4))"""),
+    md("""## 5 · MindSpore's files
+
+dinb reads and writes MindSpore's own formats: `.ckpt` (protobuf records, optional CRC) and
+protobuf strategy files (any name not ending in `.json`). `transform_checkpoints` is the offline
+form of the load above, for every destination rank at once; the test suite checks it byte for byte
+against files MindSpore 2.10 made."""),
+    code(CHECK + """from dinb.checkpoint import build_searched_strategy, transform_checkpoints
+
+predict.save(work / "predict_strategy.ckpt")               # MindSpore's protobuf form
+out = transform_checkpoints(work / "train", work / "ms", "ckpt_", None,
+                            work / "predict_strategy.ckpt", output_format="ckpt")
+print([str(p.relative_to(work)) for p in out])
+back = load_distributed_checkpoint(None, out, None, train_strategy_filename=work / "predict_strategy.ckpt")
+print("whole again:", all(np.array_equal(back[n], params[n]) for n in params))
+print(build_searched_strategy(str(work / "predict_strategy.ckpt"))["w1"])"""),
+    md("""From the shell, the same job is
+
+```
+python -m dinb reshard train/ tp2/ --dst-strategy predict.json
+python -m dinb export --model mlp --checkpoint tp2/ --strategy-file predict.json --out slices/
+mpiexec -n 2 python -m dinb run --model-dir slices/
+```
+
+`benchmarks/reshard.py` measures the 8 → 2 case at 1 GiB: bytes read, peak memory and time
+against a raw read of the same bytes."""),
     *exercises(
-        "Megatron's split pays one all-reduce of the output per layer. Is there another way?",
-        ("""Find a plan of the Megatron MLP on **2** ranks in which every rank holds **at most 60%**
-of the parameters and XLA inserts **no all-reduce**. Start from a preset and change axes with
-`with_axis(name, axis, entry)` (`-1`: whole, `0`: split over device dimension d0), or click it in an
-explorer and look at its `plan`. What does XLA insert instead, and does it send more or less?""",
-         """plan = (StrategyPlan.create(MegatronMLP(), 2, "megatron")
-        .with_axis("w2", 0, -1)   # w2's rows (the contraction) whole again ...
-        .with_axis("w2", 1, 0))   # ... and its columns split instead
-print(plan.summary())""",
-         """exercises.mlp_without_allreduce(plan)"""),
+        "A checkpoint saved by **8** ranks is loaded by **3**: a case MindSpore handles by merging "
+        "everything first.",
+        ("""Take a Megatron MLP with `d_model=48, d_ff=192, batch=6`, save it under its Megatron
+strategy for 8 ranks, and plan its load under the Megatron strategy for 3 ranks. Which **target rank**
+reads `w1` from the most source files? Try to work it out on paper first (`w1`'s 192 columns), then
+with `read_plan`.""",
+         """net8 = MegatronMLP(d_model=48, d_ff=192, batch=6)
+x8 = net8.example_inputs()[0]
+save_distributed_checkpoint(net8.init_params(0), dinb.infer_predict_layout(net8, x8, device_num=8),
+                            work / "eight")
+eight = DistributedCheckpoint(work / "eight")
+three = dinb.infer_predict_layout(net8, x8, device_num=3)
+files = {r: {row["source_rank"] for row in eight.read_plan(three, r) if row["param"] == "w1"}
+         for r in range(3)}
+rank = max(files, key=lambda r: len(files[r]))""",
+         """exercises.most_source_files(rank)"""),
     ),
     code("""import shutil
 
 shutil.rmtree(work)  # the tutorial's files go with it"""),
 ]
 
-write_notebook(cells, "04_strategy_explorer.ipynb")
+write_notebook(cells, "04_checkpoint_resharding.ipynb")

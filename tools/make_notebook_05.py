@@ -95,7 +95,7 @@ print("one device:", emb_1.shape, "norms", np.linalg.norm(emb_1[:len(sentences)]
     code(CHECK + """%load_ext dinb
 %dinfer cluster start -n 2"""),
     code(IGNORE + """%dinfer load {work / "tp2"}"""),
-    code(CHECK + """result = dinb.notebook.cluster.current().predict(*inputs)
+    code(CHECK + """result = dinb.current_cluster().predict(*inputs)
 hidden_2, emb_2 = result.outputs
 print("ranks agree:", result.agree)
 print("max |2 ranks - 1 device| < 1e-5, embeddings:", bool(np.abs(emb_2 - emb_1).max() < 1e-5),
@@ -130,10 +130,9 @@ live on two processes.
 XLA compiles the 2-rank program (here in a helper process with virtual devices); the collectives
 it inserted are read from the compiled program. Each is one (8, 16, 384) float32 activation, 192
 KiB; in a ring each rank sends `2 (N-1)/N` of it."""),
-    code(CHECK + """from dinb.explore.plan import StrategyPlan
-from dinb.units import fmt_bytes
+    code(CHECK + """from dinb.units import fmt_bytes
 
-plan = StrategyPlan.create(encoder, 2, "megatron")
+plan = dinb.StrategyPlan.create(encoder, 2, "megatron")
 collectives = plan.compile().collectives
 print(f"{len(collectives)} collectives for {encoder.layers} layers")
 for i, c in enumerate(collectives):

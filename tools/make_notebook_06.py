@@ -1,244 +1,179 @@
-"""Writes notebooks/06_serving.ipynb; ``--execute`` stores the outputs nbval compares."""
+"""Writes notebooks/06_pipeline_stages.ipynb; ``--execute`` stores the outputs nbval compares."""
 
 from nbtools import CHECK, code, exercises, md, write_notebook
 
 IGNORE = "# NBVAL_IGNORE_OUTPUT\n"
 
 cells = [
-    md("""# 06 · Serving a model split over ranks
+    md("""# 06 · Pipeline stages: each group of ranks holds its own layers
 
-MindSpore Serving's distributed serving (MindSpore Serving's distributed example) has three parts: **Main**, the process clients
-talk to (REST and gRPC); a **Distributed Worker**, which the agents join and which runs every
-request on all of them; and one **Agent** per rank, holding that rank's slice. dinb keeps the
-names and the Python API (`distributed.declare_servable`, `register.register_method`,
-`register.add_stage`, `distributed.start_servable`, `server.start_grpc_server`, ...), and both
-servers speak the **Open Inference Protocol v2** (KServe v2 / Triton), so `tritonclient`, `curl`
-and any v2 client work unchanged.
+Tensor parallelism (notebooks 01-05) cuts **every layer** across the ranks, so the ranks talk
+inside every layer. Pipeline parallelism cuts the **stack of layers**: with `S` stages of `T` ranks
+each (`S x T` ranks in all), stage `s` holds only its own layers, split over its `T` ranks, and
+hands its activations to stage `s + 1`. This is MindSpore's `pipeline_stages` and the contract of its
+distributed-inference and serving documents: *each stage only loads its own stage's checkpoint files*, *the first stage receives
+the input, other stages receive no data, the last stage's ranks all return the same data*.
 
-Here this notebook's kernel is Main, and the agents are the notebook ranks of notebook 02: two
-ipyparallel engines under `mpiexec`, each loading its own slice file."""),
-    md("""## 1 · A servable: its model and its method
+A stage waits while the stages before it work: the **bubble**. Cutting the batch into `M`
+micro-batches lets the stages work on different micro-batches at once (GPipe), and the bubble
+shrinks to `(S - 1) / (M + S - 1)`."""),
+    md("""## 1 · Why stages: memory per rank against what the ranks send
 
-A servable is a folder holding `servable_config.py`, exactly as in MindSpore Serving. It declares a
-distributed model of 2 ranks, whose first input axis is the batch (so concurrent requests can be
-merged), and one method, `predict`, made of one stage: the model."""),
-    code(CHECK + """import tempfile
-from pathlib import Path
-
-import numpy as np
+The deep MLP (`mlp-deep`): 8 residual Megatron blocks, d=1024, ff=4096, batch 32. On 4 ranks,
+three ways: `1 x 4` (tensor parallel only), `2 x 2` and `4 x 1` (pipeline only). The explorer's
+plan compiles each stage's program for simulated devices and counts the bytes each rank holds
+and sends (collectives inside a stage, activations between stages)."""),
+    code(CHECK + """import numpy as np
 
 import dinb
-from dinb.models import MegatronMLP, mlp_reference
-from dinb.job.ranks import free_port
+from dinb.models import DeepMLP
 
-work = Path(tempfile.mkdtemp())
-(work / "mlp").mkdir()
-(work / "mlp" / "servable_config.py").write_text('''from dinb.serving import distributed, register
+job = dinb.init_ranks("cpu", simulate=4)  # before the first JAX call in this kernel (export traces)
 
-model = distributed.declare_servable(rank_size=2, stage_size=1, with_batch_dim=True)
+big = DeepMLP(d_model=1024, d_ff=4096, layers=8, batch=32)
+print(f"{'S x T':<7}{'params/rank':>13}{'collectives':>13}{'sent in them':>14}{'transfers':>11}{'sent':>10}")
+for stages in (1, 2, 4):
+    plan = dinb.StrategyPlan.create(big, 4).with_stages(stages)
+    views = plan.compile()
+    views = views if isinstance(views, list) else [views]
+    collectives = [c for c in views[0].collectives]  # stage 0's (every stage runs the same)
+    sent = sum(c.bytes_sent_per_rank for c in collectives)
+    moves = plan.transfers(views) if stages > 1 else []
+    params = plan.bytes_per_rank(views if stages > 1 else views[0])[0].parameters
+    print(f"{stages} x {4 // stages:<3}{params / 2**20:>10.1f} MiB{len(collectives):>13}"
+          f"{sent / 2**10:>10.0f} KiB{len(moves):>11}{sum(t.bytes_per_rank for t in moves) / 2**10:>6.0f} KiB")"""),
+    md("""Every layout holds a quarter of the weights per rank. Tensor parallelism pays for it with an
+all-reduce of the `(32, 1024)` activations in every block (a ring all-reduce sends
+`2 (T-1)/T` of the tensor per rank); four stages of one rank send the activations once per stage
+boundary, rank to rank, and need no collective at all. The price of stages is time: the bubble."""),
+    md("""## 2 · A strategy with stages
 
+`infer_predict_layout(..., pipeline_stages=S)` cuts the model's layers into `S` equal runs
+(`ModelDef.pipeline_layers()` says which parameters make a layer) and splits each stage's layers
+over its own ranks. On disk it is MindSpore's merged pipeline strategy: every parameter named
+`"{stage}-{name}"`. A stage count that does not divide the layers or the ranks is refused with
+the counts that would."""),
+    code(CHECK + """import json, tempfile
+from pathlib import Path
 
-@register.register_method(output_names=["y"])
-def predict(x):
-    y = register.add_stage(model, x, outputs_count=1)
-    return y
-''')
-print((work / "mlp" / "servable_config.py").read_text())"""),
-    md("""The model: the Megatron MLP (d=1024, ff=4096) exported for 2 ranks at batch 8, the most rows
-one run takes. A request may carry fewer rows; the server pads the merged batch to 8."""),
-    code(CHECK + """net = MegatronMLP(d_model=1024, d_ff=4096, batch=8)
+net = DeepMLP(d_model=256, d_ff=1024, layers=4, batch=8)
 params = net.init_params(0)
-paths = dinb.export_distributed(net, params, net.strategy(2), net.example_inputs(), work / "slices")
-print([p.name for p in paths])"""),
-    md("""## 2 · The agents: notebook ranks
+x = np.random.default_rng(0).standard_normal((8, 256)).astype(np.float32)
+strategy = dinb.infer_predict_layout(net, x, device_num=4, pipeline_stages=2)
+work = Path(tempfile.mkdtemp())
+saved = json.loads(strategy.save(work / "strategy.json").read_text())
+print("current_stage", saved["current_stage"], "| parameters:", list(saved["parallel_layout_item"])[:5], "...")
+for s in range(2):
+    print(f"stage {s}: ranks {list(strategy.stage_ranks(s))}, {len(strategy.stage_params(s))} parameters")
+try:
+    dinb.infer_predict_layout(net, x, device_num=4, pipeline_stages=3)
+except dinb.StrategyError as e:
+    print("StrategyError:", e)"""),
+    md("""## 3 · Export: each rank gets its stage only
 
-Each engine loads its own slice file, then serves it as the Agent of its rank: it connects to the
-Distributed Worker's address and waits for it. (`startup_agents` does the same with plain
-processes, and `mpiexec -n 2 python -m dinb serve-agent` with MPI ranks.)"""),
+One slice file per rank, holding only its stage's parameter slices and its stage's programs,
+one per micro-batch count (the program of a stage is compiled for the stage's own `T` ranks)."""),
+    code(CHECK + """paths = dinb.export_distributed(net, params, strategy, [x], work / "deep")
+for p in paths:
+    sf = dinb.read_slice_file(p)
+    pipe = sf.pipeline
+    print(f"{p.name}: stage {pipe['stage']}, layers {pipe['layers'][0]}..{pipe['layers'][1] - 1}, "
+          f"{len(sf.params)} parameter slices, {sum(a.nbytes for a in sf.params.values()) / 2**10:.0f} KiB, "
+          f"programs for {pipe['micro_batches']} micro-batches, sends {[v['shape'] for v in pipe['sends']]}")"""),
+    md("""## 4 · Run it: simulated ranks, micro-batches
+
+In this kernel, 4 virtual CPU devices play the 4 ranks; each stage runs in its own thread and
+hands its activations to the next through a queue. `predict(..., micro_batches=M)` cuts the batch
+into `M` micro-batches (MindSpore's default, and dinb's, is 1). The outputs equal one device's,
+for every `M`."""),
+    code(CHECK + """from dinb.models import deep_mlp_reference
+
+model = dinb.Model()
+model.build_from_file(work / "deep", dinb.ModelType.DINB, dinb.Context())
+reference = deep_mlp_reference(params, x, 4)
+for m in (1, 2, 4, 8):
+    y = model.predict([x], micro_batches=m)[0].get_data_to_numpy()
+    print(f"M={m}: equals one device (1e-5): {np.allclose(y, reference, atol=1e-5, rtol=1e-5)}")
+print({rank: len(outs) for rank, outs in model.rank_outputs().items()}, "outputs per rank")"""),
+    md("""Only the last stage's ranks give outputs; the per-rank viewer says so."""),
+    code(IGNORE + """dinb.RankOutputs.from_model(model, reference=reference)"""),
+    md("""## 5 · The schedule and its bubble
+
+GPipe's schedule: micro-batch `m` runs on stage `s` at tick `m + s`. Colours are micro-batches;
+the white is the bubble."""),
+    code(CHECK + """from dinb.widgets import SchedulePicture
+
+SchedulePicture(stages=4, micro_batches=1)"""),
+    code(CHECK + """SchedulePicture(stages=4, micro_batches=8)"""),
+    md("""Now measured: 4 stages of one rank each (`4 x 1`) of a larger deep MLP, each micro-batch's
+computation timed on its rank. Transfers between stages, stages of unequal speed, and this
+machine's cores (2 here, shared by all 4 simulated ranks) add to the formula's bubble."""),
+    code(IGNORE + """import time
+
+from dinb.sharding import bubble_fraction, measured_bubble
+
+deep = DeepMLP(d_model=512, d_ff=2048, layers=8, batch=32)
+xs = np.random.default_rng(1).standard_normal((32, 512)).astype(np.float32)
+four = dinb.infer_predict_layout(deep, xs, device_num=4, pipeline_stages=4)
+dinb.export_distributed(deep, deep.init_params(1), four, [xs], work / "four")
+staged = dinb.Model()
+staged.build_from_file(work / "four", dinb.ModelType.DINB, dinb.Context())
+print(f"{'M':>3}{'formula':>9}{'measured':>10}{'predict ms':>12}")
+for m in (1, 2, 4, 8):
+    staged.predict([xs], micro_batches=m)  # compile and warm up
+    t0 = time.perf_counter()
+    staged.predict([xs], micro_batches=m)
+    ms = (time.perf_counter() - t0) * 1e3
+    events = staged.timeline()
+    print(f"{m:>3}{bubble_fraction(4, m):>9.2f}{measured_bubble(events):>10.2f}{ms:>12.1f}")
+SchedulePicture(staged.timeline())"""),
+    md("""## 6 · Real ranks: four notebook engines
+
+The same export on 4 engines under `mpiexec` (2 stages x 2 ranks). `%dinfer predict` sends the
+input to the first stage's ranks only and takes one copy of the output from the last stage's,
+checking that they agree; the activations go from rank to rank over MPI."""),
     code(CHECK + """%load_ext dinb
-%dinfer cluster start -n 2"""),
-    code(IGNORE + """%dinfer load {work / "slices"}"""),
-    code(CHECK + """worker = f"127.0.0.1:{free_port()}"
-rest, grpc_address = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-dinb.notebook.cluster.current().serve(worker)
-print("the 2 ranks wait for the Distributed Worker")"""),
-    md("""## 3 · Main: start the servable, then the servers
+%dinfer cluster start -n 4"""),
+    code(IGNORE + """%dinfer load {work / "deep"}"""),
+    code(CHECK + """y = %dinfer predict x --micro-batches 4
+print("equals one device:", np.allclose(y, reference, atol=1e-5, rtol=1e-5))
+print({rank: len(outs) for rank, outs in dinb.current_cluster().outputs().per_rank.items()}, "outputs per rank")"""),
+    code(IGNORE + """%dinfer schedule"""),
+    code(CHECK + """%dinfer cluster stop"""),
+    md("""## 7 · Checkpoints: a stage reads its own parameters only
 
-`start_servable` returns once every rank has registered (`wait_agents_time_in_seconds=0` would
-wait without limit, saying every few seconds which ranks are missing)."""),
-    code(CHECK + """from dinb.serving import distributed, server
+A checkpoint saved by a `2 x 2` job (each rank saved its stage's slices) loads into a `4 x 1`
+predict job: each rank reads only the bytes of its own stage's parameters. MindSpore refuses a
+changed stage count; dinb's reads are planned per tensor box, so any stage count and split works."""),
+    code(CHECK + """train = dinb.infer_predict_layout(net, x, device_num=4, pipeline_stages=2)
+dinb.save_distributed_checkpoint(params, train, work / "ckpt")
+predict = dinb.infer_predict_layout(net, x, device_num=4, pipeline_stages=4)
+ckpt = dinb.DistributedCheckpoint(work / "ckpt")
+for rank in range(4):
+    slices = ckpt.load_rank(predict, rank)
+    print(f"rank {rank} (stage {predict.rank_stage(rank)}): {sorted({k.split('.')[0] for k in slices})}, "
+          f"{ckpt.reads[rank] / 2**10:.0f} KiB read from source ranks "
+          f"{sorted({row['source_rank'] for row in ckpt.read_plan(predict, rank)})}")"""),
+    md("""## 8 · Serving a pipelined export
 
-distributed.start_servable(work, "mlp", distributed_address=worker, wait_agents_time_in_seconds=60,
-                           handle_sigterm=False)
-server.start_grpc_server(grpc_address)
-server.start_restful_server(rest)
-print("serving: v2 model 'mlp' (and 'mlp.predict'), MindSpore form POST /model/mlp:predict")"""),
-    md("""## 4 · Three clients
-
-MindSpore Serving's `Client` (v2 over gRPC underneath): a list of instances in, a list of dicts
-out. Each instance is one sample, so the three go as one request of three rows."""),
-    code(CHECK + """from dinb.serving.client import Client
-
-x = np.random.default_rng(1).standard_normal((3, 1024)).astype(np.float32)
-client = Client(grpc_address, "mlp", "predict")
-result = client.infer([{"x": row} for row in x])
-y = np.stack([r["y"] for r in result])
-print(len(result), "results, each", result[0]["y"].shape, "; equal to numpy:",
-      np.allclose(y, mlp_reference(params, x), rtol=2e-4, atol=2e-4))"""),
-    md("""`tritonclient`, unchanged, over HTTP and over gRPC:"""),
-    code(CHECK + """import tritonclient.grpc as tgrpc
-import tritonclient.http as thttp
-
-for name, module, address in (("http", thttp, rest), ("grpc", tgrpc, grpc_address)):
-    c = module.InferenceServerClient(address)
-    inp = module.InferInput("x", list(x.shape), "FP32")
-    inp.set_data_from_numpy(x)
-    got = c.infer("mlp", [inp]).as_numpy("y")
-    print(f"tritonclient.{name}: model ready {c.is_model_ready('mlp')}, equal to numpy "
-          f"{np.allclose(got, mlp_reference(params, x), rtol=2e-4, atol=2e-4)}")"""),
-    md("""And plain HTTP, the v2 JSON body (what `curl -d @body.json .../v2/models/mlp/infer` sends):"""),
-    code(CHECK + """import json
-import urllib.request
-
-body = {"inputs": [{"name": "x", "shape": [1, 1024], "datatype": "FP32", "data": x[0].tolist()}]}
-request = urllib.request.Request(f"http://{rest}/v2/models/mlp/infer", data=json.dumps(body).encode())
-with urllib.request.urlopen(request) as response:
-    answer = json.load(response)
-out = answer["outputs"][0]
-print(out["name"], out["datatype"], out["shape"], "equal to numpy:",
-      np.allclose(out["data"], mlp_reference(params, x[:1]).ravel(), rtol=2e-4, atol=2e-4))"""),
-    md("""## 5 · Batching: latency against concurrency
-
-Concurrent requests of one row each. With batching, the worker merges the requests waiting
-(up to the export's 8 rows, after at most 2 ms) into one run of the model on both ranks, so
-throughput grows with concurrency while each run costs about the same. For comparison, a second
-servable of the same model exported for one row, without batching, served by two agent
-processes (`startup_agents`) in the background: every request is a run of its own."""),
-    code(IGNORE + """(work / "mlp1").mkdir()
-(work / "mlp1" / "servable_config.py").write_text(
-    (work / "mlp" / "servable_config.py").read_text().replace("with_batch_dim=True", "with_batch_dim=False"))
-one = MegatronMLP(d_model=1024, d_ff=4096, batch=1)
-files = dinb.export_distributed(one, params, one.strategy(2), one.example_inputs(), work / "slices1")
-worker1 = f"127.0.0.1:{free_port()}"
-launcher = distributed.startup_agents(worker1, files, agent_start_port=free_port(), log_dir=work / "logs",
-                                      block=False)
-distributed.start_servable(work, "mlp1", distributed_address=worker1, wait_agents_time_in_seconds=120,
-                           handle_sigterm=False)"""),
-    code(IGNORE + """import asyncio
-import time
-
-import aiohttp
-
-
-async def sweep(model, concurrency, n=64):
-    head = json.dumps({"inputs": [{"name": "x", "shape": [1, 1024], "datatype": "FP32",
-                                   "parameters": {"binary_data_size": 4096}}]}).encode()
-    latencies = []
-    async with aiohttp.ClientSession() as session:
-        async def one(i):
-            t = time.perf_counter()
-            async with session.post(f"http://{rest}/v2/models/{model}/infer", data=head + x[i % 3].tobytes(),
-                                    headers={"Inference-Header-Content-Length": str(len(head))}) as r:
-                await r.read()
-            latencies.append((time.perf_counter() - t) * 1e3)
-
-        t0 = time.perf_counter()
-        for start in range(0, n, concurrency):
-            await asyncio.gather(*(one(i) for i in range(start, min(n, start + concurrency))))
-        return float(np.median(latencies)), n / (time.perf_counter() - t0)
-
-
-levels = [1, 2, 4, 8, 16]
-curves = {}
-for model in ("mlp1", "mlp"):
-    curves[model] = [await sweep(model, c) for c in levels]
-    print(model, ["%.1f ms, %.0f req/s" % v for v in curves[model]])"""),
-    code(IGNORE + """import matplotlib.pyplot as plt
-
-fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-for model, label in (("mlp1", "batching off"), ("mlp", "batching on")):
-    left.plot(levels, [v[0] for v in curves[model]], "o-", label=label)
-    right.plot(levels, [v[1] for v in curves[model]], "o-", label=label)
-left.set(xlabel="concurrent requests", ylabel="median latency (ms)", xscale="log", title="latency")
-right.set(xlabel="concurrent requests", ylabel="requests per second", xscale="log", title="throughput")
-for ax in (left, right):
-    ax.set_xticks(levels, [str(c) for c in levels])
-    ax.legend()
-plt.tight_layout()
-plt.show()"""),
-    md("""## 6 · A rank dies
-
-Kill rank 1 of the background servable with SIGKILL. Its launcher sees the process exit and tells
-the worker at once: the model turns not ready (HTTP 503, gRPC `ModelReady` false), and requests
-fail with 503 naming the dead rank instead of hanging. The launcher then relaunches both ranks (a
-new JAX job), they register, and the servable is ready again; Main was never restarted."""),
-    code(IGNORE + """import os
-import signal
-
-
-def status():
-    try:
-        with urllib.request.urlopen(f"http://{rest}/v2/models/mlp1/ready", timeout=5) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-
-
-os.kill(launcher.pids[1], signal.SIGKILL)
-seen, t0 = [], time.perf_counter()
-while time.perf_counter() - t0 < 60:
-    seen.append(status())
-    if seen[-1] == 200 and 503 in seen:
-        break
-    time.sleep(0.1)
-print(f"statuses every 0.1 s: {seen[:3]} ... {seen[-3:]}")"""),
-    code(CHECK + """request = urllib.request.Request(f"http://{rest}/v2/models/mlp1/infer",
-                                 data=json.dumps(body).encode())
-with urllib.request.urlopen(request) as response:
-    back = json.load(response)["outputs"][0]["shape"]
-print("turned not ready (503):", 503 in seen, "; ready again (200):", seen[-1] == 200,
-      "; a request after it:", back)"""),
-    md("""While it was down, a request got an answer like this one:
-
-```
-HTTP 503 {"error": "servable 'mlp1': rank 1 died; rank(s) [0] ended with it; the servable is not ready until the agents are relaunched"}
-```
-
-The worker's Prometheus metrics count every request by model, protocol and status, the time
-requests waited in the queue, the rows of every model run (above 1 when requests were merged),
-and each rank's compute time:"""),
-    code(CHECK + """with urllib.request.urlopen(f"http://{rest}/metrics") as r:
-    metrics = r.read().decode()
-runs = [line for line in metrics.splitlines() if line.startswith("dinb_batch_rows_count")]
-rows = [line for line in metrics.splitlines() if line.startswith("dinb_batch_rows_sum")]
-merged = {line.split("{")[1].split("}")[0]: float(line.split()[-1]) for line in rows}
-count = {line.split("{")[1].split("}")[0]: float(line.split()[-1]) for line in runs}
-print("mlp: more rows than runs (requests were merged):",
-      merged['servable="mlp"'] > count['servable="mlp"'])
-print("mlp1: one row per run:", merged['servable="mlp1"'] == count['servable="mlp1"'])"""),
-    md("""## 7 · Stop
-
-`server.stop()` stops taking requests, lets the ones in flight finish, tells every agent to stop,
-and closes the servers."""),
-    code(CHECK + """server.stop()
-launcher.stop()
-%dinfer cluster stop"""),
+`distributed.declare_servable(rank_size=4, stage_size=2)` serves such an export (`python -m dinb
+serve --model-dir DIR` declares it from the export): the worker sends each request to the first
+stage's agents and answers with the last stage's outputs. The benchmark
+`benchmarks/pipeline.py` compares `4 x 1`, `2 x 2` and `1 x 4` on real ranks at 1-8 micro-batches."""),
     *exercises(
-        "The servable above pads every merged batch to the export's 8 rows. A lone request of 3 rows "
-        "pays for 8.",
-        ("""Export the same model again with `batch_buckets="auto"` (one program per batch size).
-Which buckets does the export hold (`dinb.read_meta(path)["batch_buckets"]`), and at which bucket
-does a lone request of 3 rows run?""",
-         """bucketed = dinb.export_distributed(net, params, net.strategy(2), net.example_inputs(),
-                                   work / "buckets", batch_buckets="auto")
-buckets = dinb.read_meta(bucketed[0])["batch_buckets"]
-runs_at = min(b for b in buckets if b >= 3)
-print(buckets, runs_at)""",
-         """exercises.batch_bucket(buckets, runs_at, work / "buckets")"""),
+        "The bubble shrinks as micro-batches grow; but a micro-batch count must cut the batch evenly.",
+        ("""With **4** stages and a batch of **32** rows, what is the smallest number of micro-batches
+`M` that divides the batch and brings the bubble under **20%**? Use the formula, then
+`dinb.sharding.bubble_fraction(stages, M)` to confirm.""",
+         """from dinb.sharding import bubble_fraction
+
+micro_batches = next(m for m in range(1, 33) if 32 % m == 0 and bubble_fraction(4, m) < 0.2)
+print(micro_batches, f"{bubble_fraction(4, micro_batches):.0%}")""",
+         """exercises.smallest_micro_batches(micro_batches)"""),
     ),
     code("""import shutil
 
 shutil.rmtree(work)  # the tutorial's files go with it"""),
 ]
 
-write_notebook(cells, "06_serving.ipynb")
+write_notebook(cells, "06_pipeline_stages.ipynb")

@@ -15,7 +15,9 @@ Layer: above the core (layouts, strategies) and the job (a rank's own index); be
 which it does not import, nor does the runtime import it.
 """
 
+from dinb.checkpoint.boxes import param_box
 from dinb.checkpoint.ckpt_file import MindSporeCheckpoint, write_ckpt
+from dinb.checkpoint.dinbfile import DinbRankFile
 from dinb.checkpoint.distributed import DistributedCheckpoint
 from dinb.checkpoint.mindspore_api import (
     build_searched_strategy,
@@ -30,7 +32,8 @@ from dinb.checkpoint.mindspore_api import (
 )
 
 __all__ = [
-    "DistributedCheckpoint", "MindSporeCheckpoint", "build_searched_strategy", "load_checkpoint",
+    "DinbRankFile", "DistributedCheckpoint", "MindSporeCheckpoint", "param_box", "build_searched_strategy",
+    "load_checkpoint",
     "load_distributed_checkpoint", "merge_sliced_parameter", "rank_list_for_transform",
     "save_checkpoint", "save_distributed_checkpoint", "transform_checkpoint_by_rank",
     "transform_checkpoints", "write_ckpt",

@@ -3,3 +3,7 @@
 compiled HLO), ``plotting`` (the pictures). Imports the core, export and checkpoints, never the
 runtime, serving or the notebook side; ``dinb.widgets`` draws what it computes.
 """
+
+from dinb.explore.plotting import describe_slices, draw_layout, draw_reshard
+
+__all__ = ["describe_slices", "draw_layout", "draw_reshard"]

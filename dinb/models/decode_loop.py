@@ -32,7 +32,7 @@ read: the state it needs is already on the devices.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from dinb.models.sampling import pick_tokens
@@ -102,3 +102,29 @@ def prefill_program(model: Any, attention: str = "xla") -> Callable[..., tuple[A
         return first, logprob, logits, tokens, positions, remaining, counts, cache
 
     return prefill
+
+
+def window_for(windows: Sequence[int], reach: int) -> int:
+    """The smallest of ``windows`` that holds ``reach`` positions: the attention window of a
+    call whose last step writes position ``reach - 1`` (the export's last window is max_len)."""
+    return next(w for w in sorted(windows) if w >= reach)
+
+
+def steps_for(decode_steps: Sequence[int], left: int) -> int:
+    """The decode steps of the next call when a slot has ``left`` tokens to pick: the most the
+    export has that ``left`` fills, else 1 (no step is run for nothing near the end)."""
+    return max(k for k in decode_steps if k == 1 or k <= left)
+
+
+def call_plan(prompt_len: int, new_tokens: int, windows: Sequence[int],
+              decode_steps: Sequence[int]) -> list[tuple[int, int]]:
+    """``(steps, window)`` of each decode call that generates ``new_tokens`` for one prompt of
+    ``prompt_len`` tokens with no end token met. The prefill picks the first token, so the
+    calls pick ``new_tokens - 1``; a call of k steps from position p attends over
+    ``window_for(windows, p + k)`` positions, so its cost follows the tokens in use."""
+    position, left, plan = prompt_len, new_tokens - 1, []
+    while left > 0:
+        k = steps_for(decode_steps, left)
+        plan.append((k, window_for(windows, position + k)))
+        position, left = position + k, left - k
+    return plan

@@ -129,6 +129,9 @@ def serve(address: str) -> None:
     listener.bind("\0" + address.removeprefix("@"))
     listener.listen(64)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # a kernel interrupt signals the kernel's process group: the cell stops, not this server
+    # (it goes with its parent; the engines it forks get the default handler back)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.stdout.write("listening\n")
     sys.stdout.flush()
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # the kernel reads that line only

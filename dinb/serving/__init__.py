@@ -12,6 +12,7 @@ Layer: above the runtime (agents run ``Model``) and the job; beside the explorer
 not know; only the notebook side and the CLI import it.
 """
 
+from dinb.job.addresses import free_port
 from dinb.serving import distributed, register, server
 
-__all__ = ["distributed", "register", "server"]
+__all__ = ["distributed", "free_port", "register", "server"]

@@ -6,3 +6,7 @@ MindSpore's ``dev_matrix`` + ``tensor_map`` and JAX's ``PartitionSpec``),
 :mod:`~dinb.sharding.pipeline` (which layers each stage holds, GPipe's schedule and its bubble)
 and :mod:`~dinb.sharding.batch_buckets` (the batch sizes an input layout can take).
 """
+
+from dinb.sharding.pipeline import bubble_fraction, measured_bubble
+
+__all__ = ["bubble_fraction", "measured_bubble"]

@@ -29,7 +29,7 @@ from dinb.export.decode_programs import decode_name, prefill_name
 from dinb.export.slicefile import SliceFile, TensorMeta
 from dinb.formats.safetensors import np_dtype
 from dinb.job import ranks
-from dinb.models.decode_loop import STATE
+from dinb.models.decode_loop import STATE, steps_for, window_for
 from dinb.models.sampling import SamplingParams, slot_arrays
 from dinb.runtime.placement import device_array, host_copy, place_params, xla_collectives
 from dinb.runtime.programs import deserialize
@@ -215,7 +215,7 @@ class DecoderRunner:
         log-probabilities (k, S) as device arrays (not read here)."""
         live = keep & (self.left > 0)
         reach = self.position_bound + np.minimum(steps, self.left)
-        window = next(w for w in self.windows if w >= int(reach[live].max(initial=1)))
+        window = window_for(self.windows, int(reach[live].max(initial=1)))
         sample = bool((self.sampling_f[live, 0] > 0).any())
         out = self._program(decode_name(steps, window, sample))(
             self.params, *self.state, self._array(keep, self._slot_sh), *self._sampling_args(), self.cache)
@@ -226,10 +226,9 @@ class DecoderRunner:
         self.left = np.where(keep, self.left - grown, 0)
         return tokens, logprobs
 
-    def steps_for(self, keep: np.ndarray) -> int:
+    def next_steps(self, keep: np.ndarray) -> int:
         """Decode steps the next call runs: the most the export has, one each near the end."""
-        most = int(self.left[keep].max(initial=0))
-        return max(k for k in self.decode_steps if k == 1 or k <= most)
+        return steps_for(self.decode_steps, int(self.left[keep].max(initial=0)))
 
     # ---- steps ---------------------------------------------------------------------------------
     def bucket_for(self, length: int) -> int:
@@ -322,7 +321,7 @@ class DecoderRunner:
         queued: deque[tuple[Any, Any]] = deque()
         while self.left[keep].any() or queued:
             if self.left[keep].any():
-                queued.append(self.decode_call(keep, self.steps_for(keep)))
+                queued.append(self.decode_call(keep, self.next_steps(keep)))
                 calls += 1
             if len(queued) > 1 or not self.left[keep].any():  # one call ahead of the one read
                 tokens, logprobs = (host_copy(a) for a in queued.popleft())
@@ -378,7 +377,7 @@ class DecoderRunner:
                 if int(token) in set(j.get("stop_ids", ())):
                     self.left[slot] = 0
         if (keep & (self.left > 0)).any():
-            tokens, _ = (host_copy(a) for a in self.decode_call(keep, self.steps_for(keep)))
+            tokens, _ = (host_copy(a) for a in self.decode_call(keep, self.next_steps(keep)))
             for slot in np.flatnonzero(keep):
                 got = [int(t) for t in tokens[:, slot] if t >= 0]
                 if got:
