@@ -256,12 +256,12 @@ def test_predict_before_build():
         Model().get_inputs()
 
 
-def test_the_readmes_config_example_loads_with_its_comments(tmp_path):
+def test_the_guides_config_example_loads_with_its_comments(tmp_path):
     from pathlib import Path
 
     from dinb.runtime.config import RuntimeConfig, load_config
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    block = readme.split("```ini\n", 1)[1].split("```", 1)[0]
+    guide = (Path(__file__).parent.parent / "docs" / "guide.md").read_text()
+    block = guide.split("```ini\n", 1)[1].split("```", 1)[0]
     (tmp_path / "run.ini").write_text(block)
     assert load_config(tmp_path / "run.ini") == RuntimeConfig()
