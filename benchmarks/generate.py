@@ -23,6 +23,8 @@ On one GPU (bfloat16, in-process, ``--configs``: ``1b`` is a Llama of 1.2 billio
   floor      (bytes of every weight + the keys and values in use, read once a step) / bandwidth,
              over the device-to-device copy bandwidth measured in the run and over 4.8 TB/s
   dinb       Model.generate on the export (its decode program, k steps a call)
+  paged      the same with a paged KV cache (``--cache-blocks``: blocks of 16 for what the
+             sequences hold, read through their block tables by XLA's gather)
   jax loop   the model's own decode step over the whole cache in lax.fori_loop, argmax on the
              device: plain JAX's strongest form
   torch      transformers' generate (eager), ``(T(n) - T(1)) / (n - 1)``
@@ -206,6 +208,19 @@ def kv_bytes_in_use(decoder: Any, batch: int, new: int, itemsize: int) -> float:
     return batch * per_position * (PROMPT + new / 2)
 
 
+def pool_blocks(batch: int, max_len: int, positions: int, block: int = 16) -> int:
+    """Blocks of a pool that holds ``batch`` sequences of ``positions`` positions (and at least
+    one of ``max_len``, as an export needs)."""
+    def blocks(n: int) -> int:
+        return -(-n // block)
+
+    return max(blocks(max_len), batch * blocks(positions))
+
+
+def cache_bytes(decoder: Any, itemsize: int) -> int:
+    return int(np.prod(decoder.cache_shape())) * itemsize
+
+
 def dinb_case(
     decoder: Any, params: dict[str, np.ndarray], ids: list[list[int]], new: int, work: Path
 ) -> dict[str, Any]:
@@ -352,6 +367,13 @@ def gpu_main(args: argparse.Namespace) -> None:
                         "floor_ms_datasheet": floor / (DATASHEET_TBS * 1e12) * 1e3,
                     }
                     row.update(dinb_case(decoder, params, ids, args.new_tokens, work / "export"))
+                    if args.paged:
+                        paged = LlamaDecoder(config=config, slots=batch, max_len=max_len, buckets=[PROMPT],
+                                             prefill_rows=[batch], cache_blocks=pool_blocks(
+                                                 batch, max_len, PROMPT + args.new_tokens - 1))
+                        case = dinb_case(paged, params, ids, args.new_tokens, work / "paged")
+                        row.update(paged=case["dinb"], paged_windows=case["windows"],
+                                   cache_MB=cache_bytes(decoder, 2) / 1e6, paged_cache_MB=cache_bytes(paged, 2) / 1e6)
                     row["jax_loop"] = jax_loop(decoder, on_device, ids, args.new_tokens)
                     row["torch"] = (
                         torch_case(torch_dir, batch, args.new_tokens, "bfloat16", "cuda", args.torch_python)
@@ -382,18 +404,20 @@ def print_gpu_table(result: dict[str, Any]) -> None:
     )
     print(
         "config | batch | max_len | floor | floor 4.8 | dinb | x floor | x floor 4.8 | jax loop | "
-        "dinb/jax | torch"
+        "dinb/jax | paged | paged/dinb | cache MB slots / paged | torch"
     )
     for r in result["rows"]:
         if "dinb" not in r:
             continue
         torch = f"{r['torch']:.2f}" if r.get("torch") else "-"
         floor, sheet = r["floor_ms"], r["floor_ms_datasheet"]
+        paged = (f"{r['paged']:.3f} | {r['paged'] / r['dinb']:.2f} | {r['cache_MB']:.0f} / {r['paged_cache_MB']:.0f}"
+                 if "paged" in r else "- | - | -")
         print(
             f"{r['config']} | {r['batch']} | {r['max_len']} | {floor:.3f} | {sheet:.3f} | "
             f"{r['dinb']:.3f} | "
             f"{r['dinb'] / floor:.2f} | {r['dinb'] / sheet:.2f} | {r['jax_loop']:.3f} | "
-            f"{r['dinb'] / r['jax_loop']:.2f} | {torch}"
+            f"{r['dinb'] / r['jax_loop']:.2f} | {paged} | {torch}"
         )
     for p in result["prefill"]:
         print(
@@ -565,6 +589,8 @@ def main() -> None:
     parser.add_argument(
         "--budget-s", type=float, default=1e9, help="gpu: start no case after this many seconds"
     )
+    parser.add_argument("--paged", action=argparse.BooleanOptionalAction, default=True,
+                        help="gpu: also each case with a paged KV cache")
     parser.add_argument("--torch-python", default=str(ROOT / ".venv-ref" / "bin" / "python"))
     parser.add_argument("--out", default=None)
     parser.add_argument(

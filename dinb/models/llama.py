@@ -53,6 +53,7 @@ import numpy as np
 from dinb.errors import DinbError, StrategyError
 from dinb.models.base import ModelDef, TensorSpec
 from dinb.models.hf_config import decoder_config, read_decoder_config, rope_frequencies
+from dinb.models.kv_cache import PagedCache, SlotCache
 from dinb.models.text import generation_defaults as read_generation_defaults
 from dinb.sharding.layout import Layout
 from dinb.sharding.strategy import Strategy
@@ -75,7 +76,8 @@ class LlamaDecoder(ModelDef):
                  slots: int = 4, max_len: int | None = None, buckets: Sequence[int] | None = None,
                  tokenizer: str | None = None, decode_steps: int = DEFAULT_DECODE_STEPS,
                  windows: Sequence[int] | None = None, prefill_rows: Sequence[int] | None = None,
-                 generation_defaults: dict[str, Any] | None = None):
+                 generation_defaults: dict[str, Any] | None = None, cache_blocks: int | None = None,
+                 block_size: int = 16):
         self.model_dir = Path(model_dir) if model_dir else None
         if config is None:
             if self.model_dir is None:  # dinb's own trained decoder
@@ -115,10 +117,39 @@ class LlamaDecoder(ModelDef):
         if self.windows[-1] != self.max_len or self.windows[0] < 1:
             raise DinbError(f"attention windows {list(self.windows)}: give lengths up to max_len "
                             f"{self.max_len}, the largest equal to it")
+        self.paged(cache_blocks, block_size)
         rows = prefill_rows or [r for r in (1, 4, 16, 64, 256) if r < self.slots] + [self.slots]
         self.row_counts = tuple(sorted({int(r) for r in rows} | {1}))  # the prefill programs' rows
         if self.row_counts[-1] > self.slots:
             raise DinbError(f"prefill rows {list(self.row_counts)}: give 1 to the {self.slots} slots")
+
+    def paged(self, cache_blocks: int | None, block_size: int) -> None:
+        """A paged cache of ``cache_blocks`` blocks of ``block_size`` positions (None: slots of
+        max_len positions); see :mod:`dinb.models.kv_cache`."""
+        self.cache_blocks = None if cache_blocks is None else int(cache_blocks)
+        self.block_size = int(block_size)
+        if self.cache_blocks is None:
+            return
+        if self.block_size < 1:
+            raise DinbError(f"block_size {block_size}: give the positions of a cache block, 1 or more")
+        need = -(-self.max_len // self.block_size)
+        if self.cache_blocks < need:
+            raise DinbError(f"cache_blocks {cache_blocks}: one sequence of max_len {self.max_len} takes "
+                            f"{need} blocks of {self.block_size}; give --cache-blocks {need} or more "
+                            "(or a smaller --max-len)")
+
+    @property
+    def table_width(self) -> int:
+        """Block table entries of one sequence slot: ``ceil(max_len / block_size)``."""
+        return -(-self.max_len // self.block_size)
+
+    def prefix_shapes(self) -> list[tuple[int, int]]:
+        """``(bucket, window)`` of the prefill programs for a prompt whose first blocks are cached
+        (a paged export): the rest of it, up to ``bucket`` tokens, attends over ``window``
+        positions of its blocks."""
+        if self.cache_blocks is None:
+            return []
+        return [(p, w) for p in self.buckets for w in self.windows if w >= p]
 
     def prefill_shapes(self) -> list[tuple[int, int]]:
         """``(rows, bucket)`` of every prefill program: for each prompt bucket ``P``, the
@@ -154,8 +185,15 @@ class LlamaDecoder(ModelDef):
         return tuple(dict.fromkeys(int(t) for t in ids))
 
     def cache_shape(self) -> tuple[int, ...]:
-        """``(layers, 2, slots, kv_heads, max_len, head_dim)``: keys (0) and values (1)."""
+        """``(layers, 2, slots, kv_heads, max_len, head_dim)``: keys (0) and values (1); paged:
+        ``(layers, 2, cache_blocks, kv_heads, block_size, head_dim)``."""
+        if self.cache_blocks is not None:
+            return (self.layers, 2, self.cache_blocks, self.kv_heads, self.block_size, self.head_dim)
         return (self.layers, 2, self.slots, self.kv_heads, self.max_len, self.head_dim)
+
+    def kv_store(self, tables: Any = None) -> SlotCache | PagedCache:
+        """How the programs reach the cache: by slot, or through the block ``tables``."""
+        return SlotCache(self.max_len) if tables is None else PagedCache(tables, self.block_size)
 
     # ---- parameters ----------------------------------------------------------------------------
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -281,55 +319,65 @@ class LlamaDecoder(ModelDef):
         return (self._rms(p["model.norm.weight"], x) @ head.T).astype(jnp.float32)
 
     def step(self, params: dict[str, Any], tokens: Any, positions: Any, active: Any, cache: Any,
-             window: int) -> tuple[Any, Any]:
+             window: int, tables: Any = None) -> tuple[Any, Any]:
         """One token per slot: ``tokens`` (S,) at ``positions`` (S,); logits (S, V).
 
         Each active slot writes its key and value at its position; an inactive one (``active``
         false) writes nothing (its position points past the cache, where a scatter drops it).
         Attention reads the first ``window`` positions of every slot (a static slice: the
         program's cost follows the window, not ``max_len``), the keys at positions ``<=
-        position`` visible."""
+        position`` visible. ``tables``: the slots' block tables of a paged cache."""
         import jax.numpy as jnp
 
-        slots = jnp.arange(tokens.shape[0])
-        write = jnp.where(active, positions, self.max_len)
+        kv = self.kv_store(tables)
         x = jnp.take(params["model.embed_tokens.weight"], tokens, axis=0)[:, None]  # (S, 1, h)
-        visible = (jnp.arange(window)[None, None, :] <= positions[:, None, None])  # (S, 1, W)
+        visible = (jnp.arange(kv.window(window))[None, None, :] <= positions[:, None, None])  # (S, 1, W)
         for i in range(self.layers):
             pre = f"model.layers.{i}."
             q, k, v = self._qkv(params, pre, x, positions[:, None])
-            cache = cache.at[i, 0, slots, :, write].set(k[:, 0].astype(cache.dtype), mode="drop")
-            cache = cache.at[i, 1, slots, :, write].set(v[:, 0].astype(cache.dtype), mode="drop")
-            a = self._attend(q, cache[i, 0, :, :, :window], cache[i, 1, :, :, :window], visible)
+            cache = kv.write_one(cache, i, k[:, 0], v[:, 0], positions, active)
+            a = self._attend(q, *kv.read(cache, i, window), visible)
             x = x + self._linear(params, f"{pre}self_attn.o_proj", a)
             x = self._mlp_block(params, pre, x)
         return self._logits(params, x[:, 0]), cache
 
     def prefill_rows(self, params: dict[str, Any], ids: Any, lengths: Any, slots: Any, cache: Any,
-                     attention: str = "xla") -> tuple[Any, Any]:
+                     attention: str = "xla", tables: Any = None, starts: Any = None,
+                     window: int | None = None) -> tuple[Any, Any]:
         """Prompts ``ids`` (R, P), each padded to the bucket ``P``, into sequence slots ``slots``
         (R,) of the cache (a slot past the last one: a padding row, written nowhere); the logits
         (R, V) after each prompt's last token ``lengths - 1``. ``attention``: ``xla`` (einsum and
-        softmax, every platform) or ``cudnn`` (cuDNN's flash attention, CUDA only)."""
+        softmax, every platform) or ``cudnn`` (cuDNN's flash attention, CUDA only).
+
+        A paged cache (``tables``, the slots' block tables) may hold each prompt's first
+        ``starts`` (R,) positions already (a cached prefix, whole blocks): ``ids`` are then the
+        rest, at positions ``starts + 0 .. P-1``, ``lengths`` the whole prompts', and attention
+        reads the first ``window`` positions of the rows' blocks."""
         import jax.numpy as jnp
 
+        kv = self.kv_store(tables)
         r, p_len = ids.shape
-        pos = jnp.arange(p_len, dtype=jnp.int32)[None]
+        offset = jnp.zeros((r,), jnp.int32) if starts is None else starts
+        pos = offset[:, None] + jnp.arange(p_len, dtype=jnp.int32)[None]  # (R, P)
         x = jnp.take(params["model.embed_tokens.weight"], ids, axis=0)
-        causal = jnp.broadcast_to(pos[0][None, :, None] >= pos[0][None, None, :], (r, p_len, p_len))
+        if starts is None:
+            causal = pos[:, :, None] >= pos[:, None, :]
+        else:
+            causal = jnp.arange(kv.window(window))[None, None, :] <= pos[:, :, None]  # (R, P, W')
         for i in range(self.layers):
             pre = f"model.layers.{i}."
             q, k, v = self._qkv(params, pre, x, pos)
             k_t, v_t = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (R, K, P, dh)
-            cache = cache.at[i, 0, slots, :, :p_len].set(k_t.astype(cache.dtype), mode="drop")
-            cache = cache.at[i, 1, slots, :, :p_len].set(v_t.astype(cache.dtype), mode="drop")
-            if attention == "cudnn":
+            cache = kv.write_prompts(cache, i, k_t, v_t, slots, offset)
+            if starts is not None:
+                a = self._attend(q, *kv.read_rows(cache, i, slots, window), causal)
+            elif attention == "cudnn":
                 a = self._flash(q, k, v)
             else:
                 a = self._attend(q, k_t, v_t, causal)
             x = x + self._linear(params, f"{pre}self_attn.o_proj", a)
             x = self._mlp_block(params, pre, x)
-        last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        last = jnp.take_along_axis(x, (lengths - offset - 1)[:, None, None], axis=1)[:, 0]
         return self._logits(params, last), cache
 
     def _flash(self, q: Any, k: Any, v: Any) -> Any:
@@ -341,15 +389,17 @@ class LlamaDecoder(ModelDef):
                                            is_causal=True, implementation="cudnn")
         return out.reshape(r, p_len, self.heads * self.head_dim)
 
-    def decode(self, params: dict[str, Any], tokens: Any, positions: Any, cache: Any) -> tuple[Any, Any]:
+    def decode(self, params: dict[str, Any], tokens: Any, positions: Any, cache: Any,
+               tables: Any = None) -> tuple[Any, Any]:
         """One decode step of every slot over the whole cache; logits (S, V) (see :meth:`step`)."""
         import jax.numpy as jnp
 
-        return self.step(params, tokens, positions, jnp.ones(tokens.shape, bool), cache, self.max_len)
+        return self.step(params, tokens, positions, jnp.ones(tokens.shape, bool), cache, self.max_len, tables)
 
-    def apply(self, params: dict[str, Any], tokens: Any, positions: Any, cache: Any) -> Any:
+    def apply(self, params: dict[str, Any], tokens: Any, positions: Any, cache: Any,
+              tables: Any = None) -> Any:
         """The decode step (what ``predict``, the explorer and the plans run); see :meth:`decode`."""
-        return self.decode(params, tokens, positions, cache)
+        return self.decode(params, tokens, positions, cache, tables)
 
     def forward(self, params: dict[str, Any], ids: Any) -> Any:
         """Logits of every position of ``ids`` (batch, seq), no cache: the plain forward pass
@@ -371,8 +421,11 @@ class LlamaDecoder(ModelDef):
     # ---- inputs and outputs ----------------------------------------------------------------------
     def input_specs(self) -> tuple[TensorSpec, ...]:
         """The decode step's inputs (the program ``predict`` runs; prefill has its own)."""
-        return (TensorSpec("tokens", (self.slots,), "int32"), TensorSpec("positions", (self.slots,), "int32"),
-                TensorSpec("kv_cache", self.cache_shape()))
+        specs = (TensorSpec("tokens", (self.slots,), "int32"),
+                 TensorSpec("positions", (self.slots,), "int32"), TensorSpec("kv_cache", self.cache_shape()))
+        if self.cache_blocks is None:
+            return specs
+        return (*specs, TensorSpec("block_tables", (self.slots, self.table_width), "int32"))
 
     def output_names(self) -> tuple[str, ...]:
         return ("logits", "kv_cache")
@@ -382,14 +435,19 @@ class LlamaDecoder(ModelDef):
 
     def example_inputs(self, seed: int = 0) -> list[np.ndarray]:
         rng = np.random.default_rng(seed)
-        return [rng.integers(0, self.vocab, self.slots).astype(np.int32), np.zeros(self.slots, np.int32),
-                np.zeros(self.cache_shape(), np.float32)]
+        inputs = [rng.integers(0, self.vocab, self.slots).astype(np.int32), np.zeros(self.slots, np.int32),
+                  np.zeros(self.cache_shape(), np.float32)]
+        if self.cache_blocks is not None:  # slot s in blocks s N .. s N + N - 1, where the pool has them
+            tables = np.arange(self.slots * self.table_width).reshape(self.slots, self.table_width)
+            inputs.append(np.where(tables < self.cache_blocks, tables, self.cache_blocks).astype(np.int32))
+        return inputs
 
     def config(self) -> dict[str, Any]:
         return {"config": dict(self.hf), "slots": self.slots, "max_len": self.max_len,
                 "buckets": list(self.buckets), "tokenizer": self.tokenizer,
                 "decode_steps": max(self.decode_steps), "windows": list(self.windows),
-                "prefill_rows": list(self.row_counts),
+                "prefill_rows": list(self.row_counts), "cache_blocks": self.cache_blocks,
+                "block_size": self.block_size,
                 "generation_defaults": dict(self.generation_defaults),
                 "model_dir": str(self.model_dir) if self.model_dir else None}
 
@@ -424,6 +482,10 @@ class LlamaDecoder(ModelDef):
 
     def _strategy(self, device_num: int, name: str, input_shapes: Sequence[tuple[int, ...]]) -> Strategy:
         n = device_num
+        if name == "batch" and self.cache_blocks is not None and n > 1:
+            raise StrategyError(f"batch on {n} ranks with a paged cache: the pool of blocks is one for all "
+                                "sequences, split by key/value heads; use --strategy megatron or replicated, "
+                                "or a cache of slots (no --cache-blocks)")
         if name == "batch" and self.slots % n:
             sizes = [d for d in range(1, self.slots + 1) if self.slots % d == 0]
             raise StrategyError(f"batch on {n} ranks: {self.slots} sequence slots do not split into {n} "
@@ -439,6 +501,8 @@ class LlamaDecoder(ModelDef):
         slot_axis = 0 if name == "batch" else -1
         cache = Layout(dm, [-1, -1, slot_axis, kv_axis, -1, -1])
         inputs = [Layout(dm, [slot_axis]), Layout(dm, [slot_axis]), cache]
+        if self.cache_blocks is not None:
+            inputs.append(Layout(dm, [-1, -1]))  # the block tables: whole on every rank
         outputs = [Layout(dm, [-1, -1]), cache]  # logits whole on every rank: all pick alike
         return Strategy(params, inputs=inputs, outputs=outputs)
 

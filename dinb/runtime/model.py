@@ -27,6 +27,7 @@ import numpy as np
 from dinb.errors import DinbError, SliceFileError
 from dinb.export.slicefile import SliceFile, TensorMeta
 from dinb.job import ranks
+from dinb.runtime.block_pool import BlockPool
 from dinb.runtime.config import RuntimeConfig, load_config
 from dinb.runtime.context import Context, ModelType
 from dinb.runtime.loading import load_slice_files
@@ -208,9 +209,16 @@ class Model:
         rank: ``(layers, 2, kv_heads, length, head_dim)``."""
         return self._decoder("kv_cache").cache_slot(slot, length)
 
+    def block_pool(self) -> BlockPool | None:
+        """A paged cache's pool of blocks (which sequence holds which, the prefix cache): its
+        ``snapshot()`` is what :func:`dinb.explore.draw_block_pool` draws; None for a cache of
+        slots."""
+        return self._decoder("block_pool").pool
+
     def generation_info(self) -> dict[str, Any] | None:
         """A decoder's ``slots``, ``max_len``, prompt ``buckets``, ``vocab``, the KV ``cache`` (shape,
-        dtype, layout) and the ``cache_bytes`` each local rank holds; None for other exports."""
+        dtype, layout), the ``cache_bytes`` each local rank holds and, for a paged cache, its
+        pool's ``paged`` counts; None for other exports."""
         runner = self.runner
         return runner.info() if isinstance(runner, DecoderRunner) else None
 

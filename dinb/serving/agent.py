@@ -50,7 +50,9 @@ def generation_info(model: Any) -> dict[str, Any] | None:
     return {"slots": info["slots"], "max_len": info["max_len"], "buckets": info["buckets"],
             "vocab": info["vocab"], "model_dir": config.get("model_dir"), "eos_token_id": info["end_tokens"],
             "defaults": {k: v for k, v in info["defaults"].items() if k != "eos_token_id"},
-            "family": model.model_name}
+            "family": model.model_name,
+            "paged": None if info.get("paged") is None else
+            {k: info["paged"][k] for k in ("blocks", "block_size", "table_width")}}
 
 
 def serve(

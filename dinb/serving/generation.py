@@ -19,6 +19,14 @@ per ``k`` tokens. When every slot is busy, up to ``max_waiting`` requests wait i
 order; one more gets :class:`Unavailable` (HTTP 503) at once. Every rank picks the same tokens
 (the logits are whole on each, the generators seeded alike), and the scheduler checks it.
 
+With a paged KV cache (an export with ``--cache-blocks``) the scheduler also holds the pool's
+blocks (:class:`~dinb.runtime.block_pool.BlockPool`, one for the job: the agents get each
+joiner's block table in the step message, ``{..., table, start}``, ``start`` the prompt
+positions its shared prefix blocks hold already). A request joins when a slot is free *and* the
+pool has the blocks of its whole budget (``len(ids) + max_tokens - 1`` positions, less the
+shared prefix); until then it waits in order. A request that the empty pool could not hold gets
+400 with the sizes.
+
 A rank that dies fails every request in flight with the worker's 503 naming it, as infer does.
 """
 
@@ -33,6 +41,7 @@ from typing import Any
 
 from dinb.errors import DinbError, InputError
 from dinb.models.sampling import SamplingParams
+from dinb.runtime.block_pool import BlockPool
 from dinb.serving.worker import DistributedWorker, Unavailable
 
 log = logging.getLogger("dinb.serving")
@@ -57,8 +66,11 @@ class GenRequest:
 class GenerationScheduler:
     """The slots of one decoder servable and the step loop that fills them."""
 
-    def __init__(self, worker: DistributedWorker, info: dict[str, Any], max_waiting: int = 64):
-        self.worker = worker
+    def __init__(self, worker: DistributedWorker, info: dict[str, Any], max_waiting: int = 64,
+                 metrics: Any = None, servable: str = ""):
+        self.worker, self.metrics, self.servable = worker, metrics, servable
+        paged = info.get("paged")
+        self.pool = BlockPool(int(paged["blocks"]), int(paged["block_size"])) if paged else None
         self.slots, self.max_len = int(info["slots"]), int(info["max_len"])
         self.buckets, self.vocab = list(info["buckets"]), int(info["vocab"])
         self.stop_ids = frozenset(int(t) for t in info.get("eos_token_id") or ())
@@ -94,6 +106,9 @@ class GenerationScheduler:
             raise InputError(f"a prompt of {len(ids)} tokens and max_tokens {max_tokens} need "
                              f"{len(ids) + max_tokens - 1} cache positions; the model has {self.max_len}: "
                              f"ask for at most {self.max_len - len(ids) + 1} tokens")
+        if self.pool is not None:
+            self.pool.check_fits(len(ids) + max_tokens - 1, f"a prompt of {len(ids)} tokens and max_tokens "
+                                 f"{max_tokens}")
         if not self.worker.ready:
             raise Unavailable(self.worker.why_unavailable())
         if not self.free and len(self.waiting) >= self.max_waiting:
@@ -142,27 +157,39 @@ class GenerationScheduler:
         for slot, req in list(self.active.items()):
             if req.cancelled:
                 self._finish(slot, "cancelled")
-        joining = []
+        joining, places = [], []
         while self.free and self.waiting:
-            req = self.waiting.popleft()
+            req = self.waiting[0]
+            budget = len(req.ids) + req.max_tokens - 1
+            place = self.pool.admit(self.free[0], req.ids, budget) if self.pool else None
+            if self.pool is not None and place is None:
+                break  # it waits for blocks, and those behind it wait in their order
+            self.waiting.popleft()
             req.slot = self.free.pop(0)
             joining.append(req)
+            places.append({} if place is None else {"table": place.table, "start": place.cached_tokens})
         decoding = sorted(self.active)
         for req in joining:
             self.active[req.slot] = req
         if not self.active:
             return
         header = {"prefill": [{"slot": r.slot, "ids": r.ids, "sampling": r.sampling.__dict__,
-                               "max_tokens": r.max_tokens, "stop_ids": sorted(r.stop_ids)} for r in joining],
+                               "max_tokens": r.max_tokens, "stop_ids": sorted(r.stop_ids), **place}
+                              for r, place in zip(joining, places)],
                   "active": decoding}
         picked = await self.worker.step(header)
         self.steps += 1
+        if self.pool is not None:
+            for req in joining:
+                self.pool.prefilled(req.slot)
         for slot, tokens in picked.items():
             req = self.active.get(slot)
             for token in tokens:
                 if req is None or req.finish_reason is not None:
                     break
                 self._emit(req, token)
+        if self.pool is not None and self.metrics is not None:
+            self.metrics.kv_cache(self.servable, self.pool.stats(), len(self.waiting))
 
     def _emit(self, req: GenRequest, token: int) -> None:
         req.produced += 1
@@ -180,6 +207,8 @@ class GenerationScheduler:
         req.tokens.put_nowait(None)
         self.free.append(slot)
         self.free.sort()
+        if self.pool is not None:
+            self.pool.release(slot)
 
     def _fail_all(self, error: Exception) -> None:
         for req in [*self.active.values(), *self.waiting]:
@@ -187,6 +216,9 @@ class GenerationScheduler:
         self.free = list(range(self.slots))
         self.active.clear()
         self.waiting.clear()
+        if self.pool is not None:
+            for slot in range(self.slots):
+                self.pool.release(slot)
 
 
 async def tokens_of(req: GenRequest) -> Any:

@@ -257,7 +257,8 @@ class Servable:
             from dinb.models.text import token_codec
 
             info = agent.generation
-            self.scheduler = GenerationScheduler(self.worker, info, max_waiting=self.batcher.max_queue)
+            self.scheduler = GenerationScheduler(self.worker, info, max_waiting=self.batcher.max_queue,
+                                                 metrics=self.batcher.metrics, servable=self.spec.name)
             self._codec = token_codec(info.get("model_dir"), {"eos_token_id": info.get("eos_token_id")})
         return self.scheduler, self._codec
 

@@ -5,7 +5,11 @@
 ``dinb_batch_rows{servable}`` (rows per model run: above 1 when requests were merged),
 ``dinb_batch_runs_total{servable, bucket}`` (model runs by the batch size they ran at: the
 smallest batch bucket holding the merged rows) and
-``dinb_rank_compute_seconds{servable, rank}`` (``Model.predict`` inside each agent). Each
+``dinb_rank_compute_seconds{servable, rank}`` (``Model.predict`` inside each agent); for a decoder
+with a paged KV cache ``dinb_kv_blocks{servable, state}`` (blocks ``in_use``, ``free``, and
+``cached``: free but holding a prefix that a new prompt can share),
+``dinb_prefix_cache_blocks_total{servable, result}`` (prompt blocks looked up: ``hit`` or
+``miss``) and ``dinb_kv_waiting_requests{servable}`` (requests waiting for blocks or slots). Each
 serving process has its own registry, so tests and notebooks can start several.
 """
 
@@ -18,7 +22,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
 
 class Metrics:
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -61,6 +65,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.kv_blocks = Gauge("dinb_kv_blocks", "Blocks of the paged KV cache (in_use, free, cached)",
+                               ["servable", "state"], registry=self.registry)
+        self.prefix = Counter("dinb_prefix_cache_blocks", "Prompt blocks looked up in the prefix cache",
+                              ["servable", "result"], registry=self.registry)
+        self.kv_waiting = Gauge("dinb_kv_waiting_requests", "Requests waiting for cache blocks or a slot",
+                                ["servable"], registry=self.registry)
+        self._seen: dict[str, tuple[int, int]] = {}  # prefix hits and lookups already counted
 
         self._children: dict[tuple[Any, ...], Any] = {}
 
@@ -87,6 +98,17 @@ class Metrics:
             self._child(self.runs, servable, str(bucket)).inc()
         for rank, ms in compute_ms.items():
             self._child(self.compute, servable, str(rank)).observe(ms / 1e3)
+
+    def kv_cache(self, servable: str, stats: dict[str, int], waiting: int) -> None:
+        """A paged cache's blocks after a generation step (``BlockPool.stats``)."""
+        for state in ("in_use", "free", "cached"):
+            self._child(self.kv_blocks, servable, state).set(stats[state])
+        hits, queries = self._seen.get(servable, (0, 0))
+        self._child(self.prefix, servable, "hit").inc(stats["prefix_hits"] - hits)
+        self._child(self.prefix, servable, "miss").inc(stats["prefix_queries"] - stats["prefix_hits"]
+                                                        - (queries - hits))
+        self._seen[servable] = (stats["prefix_hits"], stats["prefix_queries"])
+        self._child(self.kv_waiting, servable).set(waiting)
 
     def exposition(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

@@ -31,6 +31,7 @@ from dinb.formats.safetensors import np_dtype
 from dinb.job import ranks
 from dinb.models.decode_loop import STATE, steps_for, window_for
 from dinb.models.sampling import SamplingParams, slot_arrays
+from dinb.runtime.block_pool import BlockPool, blocks_for
 from dinb.runtime.placement import device_array, host_copy, place_params, xla_collectives
 from dinb.runtime.programs import deserialize
 from dinb.sharding.layout import Layout, one_mesh_shardings
@@ -62,6 +63,12 @@ class DecoderRunner:
         self.programs_held = set(gen["programs"])
         self.cache_meta = TensorMeta.from_json(gen["cache"])
         self.cache_bytes = {r: int(gen["cache_bytes"][r]) for r in files}
+        paged = gen.get("paged")
+        #: a paged cache's blocks (None: slots of max_len positions); see dinb.runtime.block_pool
+        self.pool = BlockPool(int(paged["blocks"]), int(paged["block_size"])) if paged else None
+        self.prefix_shapes = sorted((int(p), int(w)) for p, w in paged["prefix_shapes"]) if paged else []
+        width = int(paged["table_width"]) if paged else 0
+        self.tables = np.full((self.slots, width), self.pool.blocks if self.pool else 0, np.int32)
         self.vocab = int(first.outputs[0].shape[-1])
         config = first.meta.get("model_config") or {}
         self.defaults = dict(config.get("generation_defaults") or {})  # generation_config.json's
@@ -116,14 +123,18 @@ class DecoderRunner:
         """In and out shardings of a program, and the arguments it donates (after the params)."""
         state = [self._slot_sh] * len(STATE)
         sampling = [self._per_slot_sh] * 3
+        tables = [self._whole2] if self.pool else []  # the block tables follow the cache
         if name.startswith("decode_"):
-            ins = [*state, self._slot_sh, *sampling, self._cache_sh]
-            return ins, [self._whole2, self._whole2, *state, self._cache_sh], (1, 2, 3, 4, len(ins))
+            ins = [*state, self._slot_sh, *sampling, self._cache_sh, *tables]
+            return ins, [self._whole2, self._whole2, *state, self._cache_sh], (1, 2, 3, 4, 9)
         if name.startswith("prefill_"):
-            ins = [self._whole2, self._whole1, self._whole1, self._whole1, *state, *sampling, self._cache_sh]
+            starts = [self._whole1] if "_w" in name else []
+            ins = [self._whole2, self._whole1, self._whole1, self._whole1, *state, *sampling, self._cache_sh,
+                   *tables, *starts]
             outs = [self._whole1, self._whole1, self._whole2, *state, self._cache_sh]
-            return ins, outs, (5, 6, 7, 8, len(ins))
-        return [self._slot_sh, self._slot_sh, self._cache_sh], [self._logits_sh, self._cache_sh], (3,)
+            return ins, outs, (5, 6, 7, 8, 12)
+        return [self._slot_sh, self._slot_sh, self._cache_sh, *tables], [self._logits_sh, self._cache_sh], \
+            (3,)
 
     def _array(self, a: np.ndarray, sharding: Any) -> Any:
         return device_array(a, sharding, self.job)
@@ -142,6 +153,10 @@ class DecoderRunner:
 
     def _sampling_args(self) -> list[Any]:
         return [self._array(a, self._per_slot_sh) for a in (self.sampling_f, self.sampling_i, self.stops)]
+
+    def _tables_args(self) -> list[Any]:
+        """The block tables (S, N), for the programs of a paged cache (none otherwise)."""
+        return [self._array(self.tables, self._whole2)] if self.pool else []
 
     # ---- the runner's protocol ---------------------------------------------------------------------
     def predict(self, inputs: Sequence[Any], micro_batches: int | None) -> list[np.ndarray]:
@@ -168,36 +183,68 @@ class DecoderRunner:
         self.stops[slot, :len(stop_ids)] = list(stop_ids)
 
     def prefill_slots(self, slots: Sequence[int], prompts: Sequence[np.ndarray], budgets: Sequence[int],
-                      want_logits: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+                      want_logits: bool = False, starts: Sequence[int] | None = None,
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Prompts into their slots, in as few calls as the prefill shapes allow; each slot's first
-        token and its log-probability (and the logits after each prompt, when asked)."""
+        token and its log-probability (and the logits after each prompt, when asked). ``starts``
+        (a paged cache): the positions of each prompt already in its blocks (a cached prefix),
+        whose prompt then runs alone, over the rest."""
         self.ensure_cache()
-        tokens, logprobs, logits = [], [], []
+        starts = list(starts or [0] * len(prompts))
+        fresh = [i for i, st in enumerate(starts) if st == 0]
+        got: dict[int, tuple[Any, Any, Any]] = {}
+        for chunk, out in self._prefill_fresh(fresh, slots, prompts, budgets, want_logits):
+            got.update(zip(chunk, out))
+        for i in (i for i, st in enumerate(starts) if st > 0):
+            got[i] = self._prefill_prefixed(slots[i], prompts[i], budgets[i], starts[i], want_logits)
+        for slot, prompt, budget_left in zip(slots, prompts, budgets):
+            self.position_bound[slot], self.left[slot] = len(prompt), budget_left - 1
+        order = [got[i] for i in range(len(prompts))]
+        return (np.array([o[0] for o in order], np.int32), np.array([o[1] for o in order], np.float32),
+                np.stack([o[2] for o in order]) if want_logits else None)
+
+    def _prefill_fresh(self, which: list[int], slots: Sequence[int], prompts: Sequence[np.ndarray],
+                       budgets: Sequence[int], want_logits: bool) -> Iterator[tuple[list[int], list[Any]]]:
+        """Prompts ``which`` from their first token, as many a call as a prefill shape holds."""
         start = 0
-        while start < len(prompts):
-            rows, bucket = self._prefill_shape(len(prompts) - start, max(map(len, prompts[start:])))
-            chunk = list(range(start, min(start + rows, len(prompts))))
+        while start < len(which):
+            longest = max(len(prompts[j]) for j in which[start:])
+            rows, bucket = self._prefill_shape(len(which) - start, longest)
+            chunk = which[start:start + rows]
             ids = np.zeros((rows, bucket), np.int32)
             lengths, budget = np.ones(rows, np.int32), np.ones(rows, np.int32)
             where = np.full(rows, self.slots, np.int32)  # a padding row's slot: past the last one
             for i, j in enumerate(chunk):
                 ids[i, :len(prompts[j])] = prompts[j]
                 lengths[i], where[i], budget[i] = len(prompts[j]), slots[j], budgets[j]
-            args = [self._array(ids, self._whole2),
-                    *(self._array(a, self._whole1) for a in (lengths, where, budget))]
-            out = self._program(self._prefill_program(rows, bucket))(
-                self.params, *args, *self.state, *self._sampling_args(), self.cache)
-            first, logprob, logit, *state, self.cache = out
-            self.state = tuple(state)
-            tokens.append(host_copy(first)[:len(chunk)])
-            logprobs.append(host_copy(logprob)[:len(chunk)])
-            if want_logits:
-                logits.append(host_copy(logit)[:len(chunk)])
+            first, logprob, logit = self._run_prefill(self._prefill_program(rows, bucket), ids,
+                                                      [lengths, where, budget], [], want_logits)
+            yield chunk, [(first[i], logprob[i], logit[i] if want_logits else None)
+                          for i in range(len(chunk))]
             start += len(chunk)
-        for slot, prompt, budget_left in zip(slots, prompts, budgets):
-            self.position_bound[slot], self.left[slot] = len(prompt), budget_left - 1
-        return (np.concatenate(tokens), np.concatenate(logprobs),
-                np.concatenate(logits) if want_logits else None)
+
+    def _prefill_prefixed(self, slot: int, prompt: np.ndarray, budget: int, start: int,
+                          want_logits: bool) -> tuple[Any, Any, Any]:
+        """One prompt whose first ``start`` positions are cached: the rest, over its blocks."""
+        rest = len(prompt) - start
+        bucket = self.bucket_for(rest)
+        window = window_for([w for p, w in self.prefix_shapes if p == bucket], len(prompt))
+        ids = np.zeros((1, bucket), np.int32)
+        ids[0, :rest] = prompt[start:]
+        first, logprob, logit = self._run_prefill(
+            prefill_name(1, bucket, window=window), ids,
+            [np.array([len(prompt)], np.int32), np.array([slot], np.int32), np.array([budget], np.int32)],
+            [self._array(np.array([start], np.int32), self._whole1)], want_logits)
+        return first[0], logprob[0], logit[0] if want_logits else None
+
+    def _run_prefill(self, name: str, ids: np.ndarray, rows: list[np.ndarray], extra: list[Any],
+                     want_logits: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        args = [self._array(ids, self._whole2), *(self._array(a, self._whole1) for a in rows)]
+        out = self._program(name)(self.params, *args, *self.state, *self._sampling_args(), self.cache,
+                                  *self._tables_args(), *extra)
+        first, logprob, logit, *state, self.cache = out
+        self.state = tuple(state)
+        return host_copy(first), host_copy(logprob), host_copy(logit) if want_logits else None
 
     def _prefill_shape(self, count: int, longest: int) -> tuple[int, int]:
         """The smallest bucket that holds ``longest`` tokens, with the fewest rows that hold
@@ -218,7 +265,8 @@ class DecoderRunner:
         window = window_for(self.windows, int(reach[live].max(initial=1)))
         sample = bool((self.sampling_f[live, 0] > 0).any())
         out = self._program(decode_name(steps, window, sample))(
-            self.params, *self.state, self._array(keep, self._slot_sh), *self._sampling_args(), self.cache)
+            self.params, *self.state, self._array(keep, self._slot_sh), *self._sampling_args(), self.cache,
+            *self._tables_args())
         tokens, logprobs, *state, self.cache = out
         self.state = tuple(state)
         grown = np.where(live, np.minimum(steps, self.left), 0)
@@ -242,7 +290,12 @@ class DecoderRunner:
     def prefill(self, slot: int, prompt: np.ndarray) -> np.ndarray:
         """Fill ``slot`` with ``prompt`` (greedy); the logits (V,) after its last token."""
         self.set_slot(slot, SamplingParams(), 0, ())
-        _, _, logits = self.prefill_slots([slot], [prompt], [1], want_logits=True)
+        start = self.hold_blocks(slot, prompt, self.max_len)
+        if start is None:
+            need = blocks_for(self.max_len, self.pool.block_size) if self.pool else 0
+            raise InputError(f"slot {slot}: the cache's pool has no {need} free blocks for it; free slots "
+                             "first (a new generate frees them all)")
+        _, _, logits = self.prefill_slots([slot], [prompt], [1], want_logits=True, starts=[start])
         assert logits is not None
         return logits[0]
 
@@ -251,7 +304,7 @@ class DecoderRunner:
         self.ensure_cache()
         logits, self.cache = self._program(1)(
             self.params, self._array(tokens.astype(np.int32), self._slot_sh),
-            self._array(positions.astype(np.int32), self._slot_sh), self.cache)
+            self._array(positions.astype(np.int32), self._slot_sh), self.cache, *self._tables_args())
         return host_copy(logits)
 
     def cache_slot(self, slot: int, length: int) -> np.ndarray:
@@ -262,7 +315,13 @@ class DecoderRunner:
         if not self.cache.is_fully_addressable:
             raise InputError("kv_cache gathers the whole cache, which one process holds only when it hosts "
                              "every rank (--simulate N); under mpiexec each rank holds its own heads")
-        return np.asarray(self.cache)[:, :, slot, :, :length]
+        cache = np.asarray(self.cache)
+        if self.pool is None:
+            return cache[:, :, slot, :, :length]
+        b = self.pool.block_size
+        blocks = cache[:, :, np.minimum(self.tables[slot, :blocks_for(length, b)], self.pool.blocks - 1)]
+        layers, two, n, heads, _, dh = blocks.shape  # (L, 2, n, K, b, dh): its blocks in order
+        return blocks.transpose(0, 1, 3, 2, 4, 5).reshape(layers, two, heads, n * b, dh)[:, :, :, :length]
 
     # ---- the token loop ---------------------------------------------------------------------------
     def prompts_of(self, prompt_ids: Any) -> tuple[list[np.ndarray], bool]:
@@ -295,42 +354,102 @@ class DecoderRunner:
             raise InputError(f"a prompt of {longest} tokens and {max_new_tokens} new tokens need "
                              f"{longest + max_new_tokens - 1} cache positions; the export has {self.max_len} "
                              f"(--max-len); ask for at most {self.max_len - longest + 1} new tokens")
+        if self.pool is not None:
+            self.pool.check_fits(longest + max_new_tokens - 1,
+                                 f"a prompt of {longest} tokens and {max_new_tokens} new tokens")
 
     def steps(self, prompts: Sequence[np.ndarray], max_new_tokens: int, sampling: SamplingParams,
               stop_ids: Sequence[int] = ()) -> Iterator[Picked]:
         """``(row, token, log-probability)`` as each token is picked, row by row within a step.
-        Prompt ``row`` takes sequence slot ``row``."""
+        Prompt ``row`` takes sequence slot ``row``. With a paged cache a prompt joins when the
+        pool has the blocks of its budget (see :mod:`dinb.runtime.block_pool`); until then it
+        waits, and joins the decode calls of the others once their blocks come back."""
         self.check_request([len(p) for p in prompts], max_new_tokens)
         clock = _Clock(self.clock)
         rows = list(range(len(prompts)))
         self.ensure_cache()
         self.left[:] = 0
+        self.release_slots(range(self.slots))
         for row in rows:
             self.set_slot(row, sampling, row, stop_ids)
-        first, logprobs, _ = self.prefill_slots(rows, prompts, [max_new_tokens] * len(rows))
-        self.timings["prefill_s"] = clock.busy()
         stops = {int(s) for s in stop_ids}
-        for row in rows:
-            if int(first[row]) in stops:
+        waiting, keep = deque(rows), np.zeros(self.slots, bool)
+        try:
+            first = self._join(waiting, prompts, max_new_tokens, stops, keep)
+            self.timings["prefill_s"] = clock.busy()
+            yield from clock.hand_over(first)
+            decoded = calls = 0
+            queued: deque[tuple[Any, Any]] = deque()
+            while self.left[keep].any() or queued or waiting:
+                if self.left[keep].any():
+                    queued.append(self.decode_call(keep, self.next_steps(keep)))
+                    calls += 1
+                if len(queued) > 1 or (queued and not self.left[keep].any()):  # one call ahead of the read
+                    tokens, logprobs = (host_copy(a) for a in queued.popleft())
+                    picked = [(row, int(t), float(lp)) for step_t, step_lp in zip(tokens, logprobs)
+                              for row, t, lp in zip(rows, step_t[rows], step_lp[rows]) if t >= 0]
+                    decoded += int((tokens[:, rows] >= 0).any(axis=1).sum())
+                    self._finished(picked, stops, keep)
+                    yield from clock.hand_over(picked)
+                if waiting:
+                    self.release_slots([r for r in rows if self.left[r] == 0 and r not in waiting])
+                    joined = self._join(waiting, prompts, max_new_tokens, stops, keep)
+                    if not joined and not queued and not self.left[keep].any():
+                        raise InputError(f"the cache's pool cannot hold prompt {waiting[0]} even alone")
+                    yield from clock.hand_over(joined)
+            self.timings.update(decode_s=clock.busy(), decode_steps=decoded, decode_calls=calls)
+        finally:
+            self.release_slots(rows)
+
+    def _join(self, waiting: deque[int], prompts: Sequence[np.ndarray], max_new_tokens: int, stops: set[int],
+              keep: np.ndarray) -> list[Picked]:
+        """Prefill the waiting rows that the cache holds now (all of them, without a pool);
+        their first tokens."""
+        joiners, starts = [], []
+        while waiting:
+            row = waiting[0]
+            start = self.hold_blocks(row, prompts[row], len(prompts[row]) + max_new_tokens - 1)
+            if start is None:
+                break
+            joiners.append(waiting.popleft())
+            starts.append(start)
+        if not joiners:
+            return []
+        first, logprobs, _ = self.prefill_slots(joiners, [prompts[r] for r in joiners],
+                                                [max_new_tokens] * len(joiners), starts=starts)
+        if self.pool is not None:
+            for row in joiners:
+                self.pool.prefilled(row)
+        for row, token in zip(joiners, first):
+            keep[row] = True
+            if int(token) in stops:
                 self.left[row] = 0
-        for row in rows:
-            yield from clock.hand_over([(row, int(first[row]), float(logprobs[row]))])
-        keep = np.zeros(self.slots, bool)
-        keep[rows] = True
-        decoded = calls = 0
-        queued: deque[tuple[Any, Any]] = deque()
-        while self.left[keep].any() or queued:
-            if self.left[keep].any():
-                queued.append(self.decode_call(keep, self.next_steps(keep)))
-                calls += 1
-            if len(queued) > 1 or not self.left[keep].any():  # one call ahead of the one read
-                tokens, logprobs = (host_copy(a) for a in queued.popleft())
-                picked = [(row, int(t), float(lp)) for step_t, step_lp in zip(tokens, logprobs)
-                          for row, t, lp in zip(rows, step_t[rows], step_lp[rows]) if t >= 0]
-                decoded += int((tokens[:, rows] >= 0).any(axis=1).sum())
-                self._finished(picked, stops, keep)
-                yield from clock.hand_over(picked)
-        self.timings.update(decode_s=clock.busy(), decode_steps=decoded, decode_calls=calls)
+        return [(row, int(t), float(lp)) for row, t, lp in zip(joiners, first, logprobs)]
+
+    def hold_blocks(self, slot: int, prompt: Sequence[int], positions: int) -> int | None:
+        """Slot ``slot``'s blocks for ``positions`` positions from the pool (its table set); the
+        prompt positions already cached there, or None when the pool cannot give them now.
+        Without a pool: 0 (a slot holds its max_len positions)."""
+        if self.pool is None:
+            return 0
+        self.release_slots([slot])
+        admitted = self.pool.admit(slot, [int(t) for t in prompt], positions)
+        if admitted is None:
+            return None
+        self.set_table(slot, admitted.table)
+        return admitted.cached_tokens
+
+    def set_table(self, slot: int, table: Sequence[int]) -> None:
+        """Slot ``slot``'s block table (entries past it: the pool's size, where writes drop)."""
+        if self.pool is not None:
+            self.tables[slot] = self.pool.blocks
+            self.tables[slot, :len(table)] = table
+
+    def release_slots(self, slots: Any) -> None:
+        """The slots' blocks go back to the pool (nothing without one)."""
+        if self.pool is not None:
+            for slot in slots:
+                self.pool.release(int(slot))
 
     def _finished(self, picked: list[Picked], stops: set[int], keep: np.ndarray) -> None:
         """Slots whose end token came need no more calls (the devices stopped them already)."""
@@ -357,9 +476,11 @@ class DecoderRunner:
 
     def serve_step(self, joins: Sequence[dict[str, Any]], active: Sequence[int]) -> dict[int, list[int]]:
         """One step of continuous batching: the ``joins`` (each ``slot``, ``ids``, ``sampling``,
-        ``max_tokens``, ``stop_ids``) prefilled, then one decode call of the slots in ``active``
-        and the joiners; the tokens every slot got (a joiner's first one included). A slot left
-        out of ``active`` stops (its request finished or went away)."""
+        ``max_tokens``, ``stop_ids``; with a paged cache also the ``table`` of blocks the
+        scheduler's pool gave it and the ``start`` positions cached there) prefilled, then one
+        decode call of the slots in ``active`` and the joiners; the tokens every slot got (a
+        joiner's first one included). A slot left out of ``active`` stops (its request finished
+        or went away)."""
         keep = np.zeros(self.slots, bool)
         keep[list(active)] = True
         self.left[~keep] = 0
@@ -369,8 +490,13 @@ class DecoderRunner:
             for j, prompt in zip(joins, prompts):
                 self.check_request([len(prompt)], j["max_tokens"])
                 self.set_slot(int(j["slot"]), j["sampling"], 0, j.get("stop_ids", ()))
+                if self.pool is not None and "table" not in j:
+                    raise InputError("a join into a paged cache needs the block table that the scheduler's "
+                                     "pool gave it")
+                self.set_table(int(j["slot"]), j.get("table", ()))
             slots = [int(j["slot"]) for j in joins]
-            first, _, _ = self.prefill_slots(slots, prompts, [int(j["max_tokens"]) for j in joins])
+            first, _, _ = self.prefill_slots(slots, prompts, [int(j["max_tokens"]) for j in joins],
+                                             starts=[int(j.get("start", 0)) for j in joins])
             for j, slot, token in zip(joins, slots, first):
                 out[slot] = [int(token)]
                 keep[slot] = True
@@ -431,6 +557,8 @@ class DecoderRunner:
                 "vocab": self.vocab, "cache": self.cache_meta, "cache_bytes": dict(self.cache_bytes),
                 "windows": list(self.windows), "decode_steps": list(self.decode_steps),
                 "kernels": dict(self.kernels), "stops": self.stops_per_slot,
+                "paged": None if self.pool is None else {**self.pool.stats(),
+                                                         "table_width": int(self.tables.shape[1])},
                 "end_tokens": list(self.end_tokens), "defaults": dict(self.defaults),
                 "timings": dict(self.timings)}
 
