@@ -221,6 +221,22 @@ def cache_bytes(decoder: Any, itemsize: int) -> int:
     return int(np.prod(decoder.cache_shape())) * itemsize
 
 
+def paged_case(
+    config: dict[str, Any], decoder: Any, params: dict[str, np.ndarray], ids: list[list[int]], new: int,
+    work: Path,
+) -> dict[str, Any]:
+    """:func:`dinb_case` for ``decoder``'s sizes with a paged cache of blocks of 16 for what
+    the sequences hold, and both caches' bytes (bfloat16)."""
+    from dinb.models import LlamaDecoder
+
+    blocks = pool_blocks(decoder.slots, decoder.max_len, PROMPT + new - 1)
+    paged = LlamaDecoder(config=config, slots=decoder.slots, max_len=decoder.max_len,
+                         buckets=[PROMPT], prefill_rows=[decoder.slots], cache_blocks=blocks)
+    case = dinb_case(paged, params, ids, new, work)
+    return {"paged": case["dinb"], "paged_windows": case["windows"],
+            "cache_MB": cache_bytes(decoder, 2) / 1e6, "paged_cache_MB": cache_bytes(paged, 2) / 1e6}
+
+
 def dinb_case(
     decoder: Any, params: dict[str, np.ndarray], ids: list[list[int]], new: int, work: Path
 ) -> dict[str, Any]:
@@ -368,12 +384,7 @@ def gpu_main(args: argparse.Namespace) -> None:
                     }
                     row.update(dinb_case(decoder, params, ids, args.new_tokens, work / "export"))
                     if args.paged:
-                        paged = LlamaDecoder(config=config, slots=batch, max_len=max_len, buckets=[PROMPT],
-                                             prefill_rows=[batch], cache_blocks=pool_blocks(
-                                                 batch, max_len, PROMPT + args.new_tokens - 1))
-                        case = dinb_case(paged, params, ids, args.new_tokens, work / "paged")
-                        row.update(paged=case["dinb"], paged_windows=case["windows"],
-                                   cache_MB=cache_bytes(decoder, 2) / 1e6, paged_cache_MB=cache_bytes(paged, 2) / 1e6)
+                        row.update(paged_case(config, decoder, params, ids, args.new_tokens, work / "paged"))
                     row["jax_loop"] = jax_loop(decoder, on_device, ids, args.new_tokens)
                     row["torch"] = (
                         torch_case(torch_dir, batch, args.new_tokens, "bfloat16", "cuda", args.torch_python)
@@ -411,8 +422,10 @@ def print_gpu_table(result: dict[str, Any]) -> None:
             continue
         torch = f"{r['torch']:.2f}" if r.get("torch") else "-"
         floor, sheet = r["floor_ms"], r["floor_ms_datasheet"]
-        paged = (f"{r['paged']:.3f} | {r['paged'] / r['dinb']:.2f} | {r['cache_MB']:.0f} / {r['paged_cache_MB']:.0f}"
-                 if "paged" in r else "- | - | -")
+        paged = "- | - | -"
+        if "paged" in r:
+            paged = (f"{r['paged']:.3f} | {r['paged'] / r['dinb']:.2f} | "
+                     f"{r['cache_MB']:.0f} / {r['paged_cache_MB']:.0f}")
         print(
             f"{r['config']} | {r['batch']} | {r['max_len']} | {floor:.3f} | {sheet:.3f} | "
             f"{r['dinb']:.3f} | "

@@ -18,6 +18,11 @@ exports, besides its weight slices (the programs are those of :mod:`dinb.models.
   split or replicated over the ranks, see the model), which the runtime allocates once on the
   devices and *donates* to every call, so XLA updates it in place.
 
+A paged export (``cache_blocks``: see :mod:`dinb.models.kv_cache`) has the same programs, each
+taking the slots' block tables ``(S, N)`` after the cache, and ``program/prefill_1x<P>_w<W>``
+for the rest of a prompt whose first blocks are cached (``starts`` after the tables): its
+``P``-token bucket attends over ``W`` positions of its blocks.
+
 The cache of rank ``r`` takes ``prod(slice shape) * itemsize`` bytes: with ``L`` layers, ``S``
 slots, ``T`` positions, ``K`` key/value heads of ``dh`` over ``tp`` ranks it is
 ``L * 2 * S * (K / tp or 1) * T * dh`` elements per rank.

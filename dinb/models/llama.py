@@ -25,6 +25,9 @@ the cache and gives it back (the runtime donates it, so it is updated in place):
   one token per slot at its own position (slots are independent sequences: continuous
   batching), the keys at positions ``<= position`` among the first ``W`` attended.
 
+With ``cache_blocks`` the cache is a pool of blocks, ``(L, 2, B, K, b, dh)``, and both take the
+slots' block tables (:mod:`dinb.models.kv_cache`: how a position maps to a block).
+
 :mod:`dinb.models.decode_loop` builds the programs an export holds from them: tokens picked on
 the device, several decode steps per call.
 
