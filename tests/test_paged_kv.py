@@ -235,3 +235,15 @@ def test_the_command_line_exports_a_paged_cache_and_generates_from_it(tmp_path):
     gen = dinb_cli("generate", "--model-dir", str(tmp_path), "--simulate", "2", "--json", q, "123+046=")
     assert gen.returncode == 0, gen.stderr
     assert json.loads(gen.stdout.strip().splitlines()[-1])["texts"][0] == want
+
+
+def test_prefill_and_decode_by_hand_read_the_same_cache_through_the_blocks(tmp_path):
+    slots, paged = decoders(blocks=12)
+    a, b = loaded(slots, tmp_path / "slots", 2), loaded(paged, tmp_path / "paged", 2)
+    np.testing.assert_allclose(b.prefill(1, PROMPT), a.prefill(1, PROMPT), atol=1e-4)
+    tokens, positions = np.array([0, int(REF["tokens_0"][0])]), np.array([0, len(PROMPT)])
+    np.testing.assert_allclose(b.decode_step(tokens, positions)[1], a.decode_step(tokens, positions)[1],
+                               atol=1e-4)
+    assert b.block_pool().stats()["in_use"] == 6  # slot 1 holds max_len's blocks until a generate
+    b.generate(PROMPT, 2)
+    assert b.block_pool().stats()["in_use"] == 0
