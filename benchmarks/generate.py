@@ -13,7 +13,9 @@ On the CPU (the reference config, float32), in one run:
 
   (a) dinb, 1 device                   python -m dinb generate --simulate 1
   (b) dinb, N virtual devices          python -m dinb generate --simulate N
-  (c) dinb, N ranks under mpiexec      mpiexec -n N python -m dinb generate    (tp = N)
+  (c) dinb, N ranks under mpiexec      mpiexec -n N python -m dinb generate    (tp = N): each
+                                       rank's own steps, MPI's all-reduce between them
+  (c-gloo) the same ranks running the SPMD program, its collectives over gloo
   (a0) (b0) (c0) the same with the dinb of ``--baseline REV`` (a git revision, in a worktree)
   (t) transformers' generate           benchmarks/generate_torch.py in the reference environment
 
@@ -482,10 +484,13 @@ def cpu_export(weights: Path, batch: int, ranks: int, new: int, out: Path, sourc
 
 
 def cpu_generate(
-    kind: str, model_dir: Path, ids: list[list[int]], new: int, ranks: int, source: Path | None, repeat: int
+    kind: str, model_dir: Path, ids: list[list[int]], new: int, ranks: int, source: Path | None, repeat: int,
+    config_file: Path | None = None,
 ) -> float:
     """ms per decode step, from ``dinb generate --json`` (the best of ``repeat`` runs)."""
     args = ["generate", "--model-dir", str(model_dir), "--max-new-tokens", str(new), "--json"]
+    if config_file is not None:
+        args += ["--config-file", str(config_file)]
     for row in ids:
         args += ["--ids", ",".join(map(str, row))]
     best = float("inf")
@@ -535,6 +540,8 @@ def cpu_main(args: argparse.Namespace) -> None:
             k: v.astype(np_dtype("float32")) for k, v in LlamaDecoder(config=config).init_params(0).items()
         }
         weights = write_folder(config, params, work / "weights")
+        gloo = work / "gloo.ini"
+        gloo.write_text("[runtime]\ncollectives = gloo\n")
         tree = baseline_tree(args.baseline, work) if args.baseline else None
         n = args.ranks
         for b in [int(x) for x in args.batches.split(",")]:
@@ -554,6 +561,10 @@ def cpu_main(args: argparse.Namespace) -> None:
                 row[f"{tag}dinb_mpi{n}"] = cpu_generate(
                     "mpiexec", split, ids, args.new_tokens, n, source, args.repeat
                 )
+                if not tag:  # the same ranks with the SPMD program's gloo collectives
+                    row[f"dinb_mpi{n}_gloo"] = cpu_generate(
+                        "mpiexec", split, ids, args.new_tokens, n, source, args.repeat, gloo
+                    )
             row["torch"] = torch_case(weights, b, args.new_tokens, "float32", "cpu", args.torch_python)
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -567,7 +578,7 @@ def cpu_main(args: argparse.Namespace) -> None:
     print("\nms per output token (one decode step of the batch), reference config, CPU; tokens/s in brackets")
     print("batch | " + " | ".join(keys) + (" | dinb_1 / baseline" if args.baseline else ""))
     for r in rows:
-        cells = [f"{r[k]:.2f} ({r['batch'] * 1e3 / r[k]:.0f})" if r[k] else "-" for k in keys]
+        cells = [f"{r[k]:.2f} ({r['batch'] * 1e3 / r[k]:.0f})" if r.get(k) else "-" for k in keys]
         ratio = f" | {r['dinb_1'] / r['baseline_dinb_1']:.2f}" if args.baseline else ""
         print(f"{r['batch']} | " + " | ".join(cells) + ratio)
     print(f"machine: {machine()}")

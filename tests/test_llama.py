@@ -216,7 +216,7 @@ def test_generate_streams_on_two_mpiexec_ranks(tmp_path):
     proc = launch(2, ["--model-dir", str(tmp_path), "123+456="], command="generate", timeout_s=240)
     assert proc.returncode == 0, proc.stderr
     assert "123+456=0579\n" in proc.stdout
-    assert "collectives gloo" in proc.stdout and "every rank generated the same tokens: True" in proc.stdout
+    assert "collectives mpi" in proc.stdout and "every rank generated the same tokens: True" in proc.stdout
 
 
 @pytest.mark.mpi

@@ -156,7 +156,7 @@ def test_paged_tokens_are_the_same_on_two_mpiexec_ranks(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     slots, _ = decoders(blocks=7)
     want = loaded(slots, tmp_path / "slots", 1).generate([LONG[:30], LONG[1:31]], 18)
-    assert result["tokens"] == want and result["same_on_every_rank"]
+    assert result["tokens"] == want and result["same_on_every_rank"] and result["collectives"] == "mpi"
 
 
 # ---- served --------------------------------------------------------------------------------------

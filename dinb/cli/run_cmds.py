@@ -209,7 +209,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     job = ranks.init(args.target, simulate=args.simulate, init_timeout_s=args.init_timeout,
                      coordinator_address=args.coordinator_address)
     model = Model()
-    model.build_from_file(export, ModelType.DINB, Context(target=[args.target]))
+    model.build_from_file(export, ModelType.DINB, Context(target=[args.target]), args.config_file)
     talk = job.process_index == 0 and not args.json
     single = len(prompts) == 1
     info = model.generation_info()
@@ -233,7 +233,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if job.process_index == 0:
         if args.json:
             print(json.dumps({"tokens": rows, "texts": texts, "ranks": job.world_size,
-                              "same_on_every_rank": len(set(crcs)) == 1,
+                              "collectives": model.collectives, "same_on_every_rank": len(set(crcs)) == 1,
                               "prefill_s": timings.get("prefill_s"),
                               "decode_ms_per_step": per_token_ms}))
         else:
@@ -346,6 +346,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: the export's)")
     p.add_argument("--init-timeout", type=int, default=30)
     p.add_argument("--json", action="store_true", help="print one JSON object (tokens, texts, timings)")
+    p.add_argument("--config-file", default=None, help=".ini with [runtime] options (collectives = gloo ...)")
     coordinator_option(p)
     p.set_defaults(func=cmd_generate)
 

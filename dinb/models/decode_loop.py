@@ -62,17 +62,11 @@ def decode_program(model: Any, steps: int, window: int, sample: bool) -> Callabl
 
         def one_step(j: Any, carry: tuple[Any, ...]) -> tuple[Any, ...]:
             tokens, positions, remaining, counts, cache, out, logprobs = carry
-            active = remaining > 0
-            logits, cache = model.step(params, tokens, positions, active, cache, window, tables)
-            picked, logprob = pick_tokens(logits, sampling_f, sampling_i, counts,
-                                          "sample" if sample else "greedy")
-            ends = jnp.any(picked[:, None] == stops, axis=-1)
-            out = out.at[j].set(jnp.where(active, picked, -1))
-            logprobs = logprobs.at[j].set(jnp.where(active, logprob, 0.0))
-            tokens = jnp.where(active, picked, tokens)
-            grow = active.astype(jnp.int32)
-            remaining = jnp.where(active & ~ends, remaining - 1, 0)
-            return tokens, positions + grow, remaining, counts + grow, cache, out, logprobs
+            logits, cache = model.step(params, tokens, positions, remaining > 0, cache, window, tables)
+            state = (tokens, positions, remaining, counts)
+            tokens, positions, remaining, counts, out, logprobs = advance(
+                j, logits, state, out, logprobs, sampling_f, sampling_i, stops, sample)
+            return tokens, positions, remaining, counts, cache, out, logprobs
 
         carry = (tokens, positions, remaining, counts, cache, jnp.full((steps, slots), -1, jnp.int32),
                  jnp.zeros((steps, slots), jnp.float32))
@@ -81,6 +75,41 @@ def decode_program(model: Any, steps: int, window: int, sample: bool) -> Callabl
         return out, logprobs, tokens, positions, remaining, counts, cache
 
     return decode
+
+
+def advance(j: Any, logits: Any, state: tuple[Any, ...], out: Any, logprobs: Any, sampling_f: Any,
+            sampling_i: Any, stops: Any, sample: bool) -> tuple[Any, ...]:
+    """Decode step ``j``'s tokens picked from its ``logits`` (S, V), written into ``out`` and
+    ``logprobs`` (k, S), and the slots' state moved on (see the module docstring)."""
+    import jax.numpy as jnp
+
+    tokens, positions, remaining, counts = state
+    active = remaining > 0
+    picked, logprob = pick_tokens(logits, sampling_f, sampling_i, counts, "sample" if sample else "greedy")
+    ends = jnp.any(picked[:, None] == stops, axis=-1)
+    out = out.at[j].set(jnp.where(active, picked, -1))
+    logprobs = logprobs.at[j].set(jnp.where(active, logprob, 0.0))
+    tokens = jnp.where(active, picked, tokens)
+    grow = active.astype(jnp.int32)
+    remaining = jnp.where(active & ~ends, remaining - 1, 0)
+    return tokens, positions + grow, remaining, counts + grow, out, logprobs
+
+
+def first_tokens(logits: Any, lengths: Any, slots: Any, budgets: Any, state: tuple[Any, ...],
+                 sampling_f: Any, sampling_i: Any, stops: Any) -> tuple[Any, ...]:
+    """The prefilled rows' first tokens picked from their ``logits`` (R, V), their
+    log-probabilities, and the state of their slots set (see the module docstring)."""
+    import jax.numpy as jnp
+
+    tokens, positions, remaining, counts = state
+    at = jnp.minimum(slots, tokens.shape[0] - 1)  # a padding row reads the last slot's sampling
+    first, logprob = pick_tokens(logits, sampling_f[at], sampling_i[at], jnp.zeros_like(slots))
+    ends = jnp.any(first[:, None] == stops[at], axis=-1)
+    tokens = tokens.at[slots].set(first, mode="drop")
+    positions = positions.at[slots].set(lengths, mode="drop")
+    remaining = remaining.at[slots].set(jnp.where(ends, 0, budgets - 1), mode="drop")
+    counts = counts.at[slots].set(1, mode="drop")
+    return first, logprob, tokens, positions, remaining, counts
 
 
 def prefill_program(model: Any, attention: str = "xla",
@@ -94,18 +123,13 @@ def prefill_program(model: Any, attention: str = "xla",
     def prefill(params: dict[str, Any], ids: Any, lengths: Any, slots: Any, budgets: Any, tokens: Any,
                 positions: Any, remaining: Any, counts: Any, sampling_f: Any, sampling_i: Any, stops: Any,
                 cache: Any, tables: Any = None, starts: Any = None) -> tuple[Any, ...]:
-        import jax.numpy as jnp
 
         logits, cache = model.prefill_rows(params, ids, lengths, slots, cache, attention, tables, starts,
                                            window)
-        at = jnp.minimum(slots, tokens.shape[0] - 1)  # a padding row reads the last slot's sampling
-        first, logprob = pick_tokens(logits, sampling_f[at], sampling_i[at], jnp.zeros_like(slots))
-        ends = jnp.any(first[:, None] == stops[at], axis=-1)
-        tokens = tokens.at[slots].set(first, mode="drop")
-        positions = positions.at[slots].set(lengths, mode="drop")
-        remaining = remaining.at[slots].set(jnp.where(ends, 0, budgets - 1), mode="drop")
-        counts = counts.at[slots].set(1, mode="drop")
-        return first, logprob, logits, tokens, positions, remaining, counts, cache
+        state = (tokens, positions, remaining, counts)
+        first, logprob, *state = first_tokens(logits, lengths, slots, budgets, state, sampling_f, sampling_i,
+                                              stops)
+        return first, logprob, logits, *state, cache
 
     return prefill
 

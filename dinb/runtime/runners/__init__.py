@@ -7,7 +7,8 @@ runner                            runs
 :class:`MpiRunner`                each rank's own program, MPI's all-reduce (CPU ranks of mpiexec)
 :class:`OnnxRunner`               each rank's own program as ONNX models (provider ``tensorrt``)
 :class:`PipelineRunner`           pipeline stages, each on its own ranks, micro-batches in GPipe order
-:class:`DecoderRunner`            a decoder: prefill and decode programs over a KV cache
+:class:`DecoderRunner`            a decoder: prefill and decode programs over a KV cache (on CPU
+                                  ranks of mpiexec each rank's own steps, MPI between them)
 ================================  ==============================================================
 
 Every runner answers the same small protocol (:class:`Runner`), holds only its own state, and
@@ -27,6 +28,7 @@ from dinb.export.slicefile import SliceFile
 from dinb.job import ranks
 from dinb.runtime.config import RuntimeConfig
 from dinb.runtime.runners.decoder import DecoderRunner
+from dinb.runtime.runners.decoder_mpi import mpi_decoder_applies
 from dinb.runtime.runners.onnx import OnnxRunner
 from dinb.runtime.runners.pipeline import PipelineRunner
 from dinb.runtime.runners.rank_steps import MpiRunner, mpi_applies
@@ -69,7 +71,7 @@ def choose_runner(files: dict[int, SliceFile], job: ranks.Job, provider: str,
                                 "runs one-stage exports of the built-in models")
         if first.pipeline is not None:
             return PipelineRunner(files, job, config)
-        return DecoderRunner(files, job)
+        return DecoderRunner(files, job, mpi=mpi_decoder_applies(files, job, config))
     if provider == "tensorrt":
         return OnnxRunner(files, job.world_size, job.process_count, job.target)
     if mpi_applies(files, job, config):

@@ -34,6 +34,7 @@ from dinb.models.sampling import SamplingParams, slot_arrays
 from dinb.runtime.block_pool import BlockPool, blocks_for
 from dinb.runtime.placement import device_array, host_copy, place_params, xla_collectives
 from dinb.runtime.programs import deserialize
+from dinb.runtime.runners.decoder_mpi import MpiDecoderPrograms
 from dinb.sharding.layout import Layout, one_mesh_shardings
 
 #: ``(row, token, log-probability)`` as each token is picked
@@ -47,12 +48,16 @@ class DecoderRunner:
     notice: str | None = None
     gives_outputs = True
 
-    def __init__(self, files: dict[int, SliceFile], job: ranks.Job):
+    def __init__(self, files: dict[int, SliceFile], job: ranks.Job, mpi: bool = False):
         first = next(iter(files.values()))
         gen = first.generation or {}
         self.first, self.job = first, job
-        self.collectives = xla_collectives(job)
-        self.params, _ = place_params(files, job)
+        #: each rank's own steps with MPI between them (CPU ranks of mpiexec), else None: the SPMD
+        #: programs of the export
+        self.mpi = MpiDecoderPrograms(first, job.local_ranks[0], job.world_size,
+                                      job.device_of(job.local_ranks[0])) if mpi else None
+        self.collectives = "mpi" if mpi else xla_collectives(job)
+        self.params = self.mpi.params if self.mpi else place_params(files, job)[0]
         self.slots, self.max_len = int(gen["slots"]), int(gen["max_len"])
         self.buckets = sorted(int(b) for b in gen["buckets"])
         self.windows = sorted(int(w) for w in gen["windows"])
@@ -101,6 +106,8 @@ class DecoderRunner:
         """Program ``name`` (1: the decode step with logits), compiled the first time it runs,
         with the cache (and the state) donated: XLA writes them in place."""
         self.ran.add(str(name))
+        if self.mpi is not None:
+            return self.mpi.program(name)
         if name in self._compiled:
             return self._compiled[name]
         import jax
@@ -137,10 +144,12 @@ class DecoderRunner:
             (3,)
 
     def _array(self, a: np.ndarray, sharding: Any) -> Any:
-        return device_array(a, sharding, self.job)
+        return a if self.mpi is not None else device_array(a, sharding, self.job)
 
     def ensure_cache(self) -> None:
         """Allocate the KV cache and the slots' state on the devices (zeros, once)."""
+        if self.cache is None and self.mpi is not None:
+            self.cache = self.mpi.zeros_cache()
         if self.cache is None:
             import jax
             import jax.numpy as jnp
@@ -167,7 +176,7 @@ class DecoderRunner:
         return {r: [] for r in self.job.local_ranks}
 
     def describe(self) -> str:
-        return str(self._program(1).as_text())
+        return self.mpi.describe() if self.mpi is not None else str(self._program(1).as_text())
 
     def close(self) -> None:
         self.cache, self.state, self.params, self._compiled = None, None, {}, {}
@@ -312,7 +321,7 @@ class DecoderRunner:
         ``(layers, 2, kv_heads, length, head_dim)`` (gathered in one process; for tests and
         pictures)."""
         self.ensure_cache()
-        if not self.cache.is_fully_addressable:
+        if self.mpi is not None or not self.cache.is_fully_addressable:
             raise InputError("kv_cache gathers the whole cache, which one process holds only when it hosts "
                              "every rank (--simulate N); under mpiexec each rank holds its own heads")
         cache = np.asarray(self.cache)
