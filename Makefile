@@ -94,6 +94,7 @@ bench: $(STAMP) $(REF)/.installed $(PEERS)/.installed $(PYTRITON)/.installed
 	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/secure_socket.py
 	$(BIN)/python benchmarks/generate.py
+	$(BIN)/python benchmarks/paged.py
 
 clean:
 	rm -rf $(VENV) $(REF) $(PEERS) $(PYTRITON) build *.egg-info
