@@ -27,9 +27,9 @@ from dinb.errors import DinbError
 from dinb.models.text import check_messages
 from dinb.serving import protocol
 from dinb.serving.generation import GenRequest, tokens_of
+from dinb.serving.http_replies import http_status, read_body, reply
 from dinb.serving.inference import RequestError
 from dinb.serving.main import Main
-from dinb.serving.rest import http_status, read_body, reply
 
 #: request fields each route reads (anything else is a 400, so a typo is not silently ignored)
 COMMON = {

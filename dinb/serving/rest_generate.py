@@ -17,9 +17,9 @@ from typing import Any
 from dinb.errors import DinbError
 from dinb.serving import protocol
 from dinb.serving.generation import tokens_of
+from dinb.serving.http_replies import failure, read_body, reply
 from dinb.serving.inference import RequestError
 from dinb.serving.main import Main
-from dinb.serving.rest import failure, read_body, reply
 
 
 def generated(model: str, servable_version: int, codec: Any, ids: list[int], **extra: Any) -> dict[str, Any]:
