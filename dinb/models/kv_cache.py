@@ -52,9 +52,6 @@ class SlotCache:
         cache = cache.at[layer, 0, slots, :, :p_len].set(k_t.astype(cache.dtype), mode="drop")
         return cache.at[layer, 1, slots, :, :p_len].set(v_t.astype(cache.dtype), mode="drop")
 
-    def read_rows(self, cache: Any, layer: int, slots: Any, window: int) -> tuple[Any, Any]:
-        raise NotImplementedError("a slot cache prefills from the prompt's own keys")
-
 
 class PagedCache:
     """``(L, 2, B, K, b, dh)`` and the slots' block tables ``(S, N)`` (see the module docstring)."""
