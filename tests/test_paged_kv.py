@@ -52,13 +52,22 @@ def test_a_sequence_takes_the_blocks_of_its_positions_and_gives_them_back():
     assert pool.admit("b", [5], 17) is None  # 5 blocks; 3 free: it waits
     b = pool.admit("b", [5], 12)
     assert b.table == [3, 4, 5] and pool.available == 0
-    np.testing.assert_array_equal(pool.table_array(["b", None, "a"], 4),
-                                  [[3, 4, 5, 6], [6, 6, 6, 6], [0, 1, 2, 6]])
     pool.release("a")
     assert pool.stats()["free"] == 3 and pool.admit("c", [7], 12).table == [0, 1, 2]
     with pytest.raises(InputError, match=r"needs 25 cache positions = 7 blocks of 4.*6 blocks \(24 "
                                          r"positions\).*--cache-blocks 7"):
         pool.check_fits(25)
+
+
+def test_sequences_grow_block_by_block_and_the_newest_is_preempted_when_the_pool_runs_out():
+    pool = BlockPool(6, 4, prefix_caching=False)
+    for name in "abc":
+        pool.admit(name, [1, 2, 3], 5)  # a prompt and its first call: 2 blocks each, the pool full
+    assert pool.available == 0 and pool.fits([("a", 8), ("b", 6)])  # within their blocks: nothing taken
+    assert not pool.fits([("a", 9)]) and not pool.grow("a", 9) and pool.seqs["a"].table == [0, 1]
+    assert pool.make_room([("a", 9), ("b", 13), ("c", 6)]) == ["c", "b"]  # c first, then b itself
+    assert pool.seqs["a"].table == [0, 1, 4] and set(pool.seqs) == {"a"} and pool.stats()["preemptions"] == 2
+    assert pool.make_room([("a", 24)]) == [] and len(pool.seqs["a"].table) == 6  # the oldest always goes on
 
 
 def test_prompts_share_their_cached_prefix_blocks_by_digest():
@@ -136,6 +145,27 @@ def test_a_sequence_that_does_not_fit_yet_waits_for_the_blocks_of_one_that_finis
         b.generate(LONG[:33], 17)
 
 
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_preempted_sequences_resume_with_the_tokens_they_would_have_had(tmp_path, ranks):
+    """3 sequences of up to 40 positions in 7 blocks of 8: they join with their prompts' blocks,
+    grow, and the newest is preempted when the pool runs out; it is prefilled again from its
+    prompt and tokens (past the largest bucket, 16: a bucket at a time) and goes on."""
+    kw = dict(config=CONFIG, slots=3, max_len=48, buckets=[16])
+    a = loaded(LlamaDecoder(**kw), tmp_path / "slots", ranks)
+    b = loaded(LlamaDecoder(**kw, cache_blocks=7, block_size=8), tmp_path / "paged", ranks)
+    prompts = [PROMPT, PROMPT[:5], PROMPT[2:9]]
+    assert b.generate(prompts, 30) == a.generate(prompts, 30)
+    first = b.generation_info()["paged"]
+    assert first["preemptions"] > 0 and first["in_use"] == 0
+    sampled = dict(temperature=0.9, top_k=50, top_p=0.9, seed=3)
+    streamed: list[tuple[int, int]] = []
+    got = b.generate(prompts, 30, on_token=lambda row, token: streamed.append((row, token)), **sampled)
+    assert got == a.generate(prompts, 30, **sampled)
+    assert b.generation_info()["paged"]["preemptions"] > first["preemptions"]
+    assert [[t for r, t in streamed if r == row] for row in range(3)] == got  # no token twice, none lost
+    assert {"prefill_1x16_w32", "prefill_1x16_w48"} & b.runner.ran  # a resumed prompt past 16 tokens
+
+
 def test_a_paged_export_refuses_what_it_cannot_hold():
     with pytest.raises(DinbError, match="takes 6 blocks of 8; give --cache-blocks 6 or more"):
         LlamaDecoder(config=CONFIG, slots=2, max_len=48, cache_blocks=5, block_size=8)
@@ -146,17 +176,20 @@ def test_a_paged_export_refuses_what_it_cannot_hold():
 
 @pytest.mark.mpi
 def test_paged_tokens_are_the_same_on_two_mpiexec_ranks(tmp_path):
-    _, paged = decoders(blocks=7)
+    """The preemption case above on 2 ranks of mpiexec: each rank runs the same pool."""
+    kw = dict(config=CONFIG, slots=3, max_len=48, buckets=[16])
+    paged = LlamaDecoder(**kw, cache_blocks=7, block_size=8)
     export_distributed(paged, paged.init_params(int(REF["seed"])), paged.strategy(2), paged.example_inputs(),
                        tmp_path)
-    ids = [a for p in (LONG[:30], LONG[1:31]) for a in ("--ids", ",".join(map(str, p)))]
-    proc = launch(2, ["--model-dir", str(tmp_path), *ids, "--max-new-tokens", "18", "--json"],
+    prompts = [PROMPT, PROMPT[:5], PROMPT[2:9]]
+    ids = [a for p in prompts for a in ("--ids", ",".join(map(str, p)))]
+    proc = launch(2, ["--model-dir", str(tmp_path), *ids, "--max-new-tokens", "30", "--json"],
                   command="generate", timeout_s=240)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    slots, _ = decoders(blocks=7)
-    want = loaded(slots, tmp_path / "slots", 1).generate([LONG[:30], LONG[1:31]], 18)
+    want = loaded(LlamaDecoder(**kw), tmp_path / "slots", 1).generate(prompts, 30)
     assert result["tokens"] == want and result["same_on_every_rank"] and result["collectives"] == "mpi"
+    assert result["paged"]["preemptions"] > 0
 
 
 # ---- served --------------------------------------------------------------------------------------
@@ -193,6 +226,34 @@ def test_a_served_paged_decoder_admits_by_blocks_shares_prefixes_and_reports_the
         answers = ["".join(e["text_output"] for e in run if "index" in e) for run in runs]
         assert answers == [a for _, a in qs]
         assert metric(server.rest, "dinb_kv_waiting_requests", "servable") == {"llama": 0.0}
+    finally:
+        server.stop()
+
+
+def test_a_served_paged_decoder_preempts_the_newest_sequence_and_resumes_it(tmp_path):
+    """10 blocks of 2 for 3 slots, one decode step a call: a question (8 tokens) joins with 5
+    blocks and grows to 6 for its 5 tokens, so two questions in flight outgrow the pool and the
+    newer is preempted, then resumed from its prompt and tokens: every answer is still right.
+    Rounds of 6 at once until one round had a preemption (each round has them unless the
+    requests never overlap)."""
+    model = LlamaDecoder(adder_dir(), slots=3, max_len=16, buckets=[8], cache_blocks=10, block_size=2,
+                         decode_steps=1)
+    export_distributed(model, DistributedCheckpoint(model.checkpoint()), model.strategy(2),
+                       model.example_inputs(), tmp_path)
+    server = Serve(tmp_path, batching=False)
+    try:
+        for round_ in range(5):
+            qs = questions()[6 * round_:6 * round_ + 6]
+            with ThreadPoolExecutor(6) as threads:
+                runs = list(threads.map(lambda qa: events(server.rest, "llama", {
+                    "text_input": qa[0], "parameters": {"max_tokens": 5}}), qs))
+            answers = ["".join(e["text_output"] for e in run if "index" in e) for run in runs]
+            assert answers == [a for _, a in qs]
+            if metric(server.rest, "dinb_kv_preemptions_total", "servable").get("llama", 0) > 0:
+                break
+        else:
+            pytest.fail("no preemption in 5 rounds of 6 requests at once")
+        assert metric(server.rest, "dinb_kv_blocks", "state")["in_use"] == 0
     finally:
         server.stop()
 

@@ -235,7 +235,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(json.dumps({"tokens": rows, "texts": texts, "ranks": job.world_size,
                               "collectives": model.collectives, "same_on_every_rank": len(set(crcs)) == 1,
                               "prefill_s": timings.get("prefill_s"),
-                              "decode_ms_per_step": per_token_ms}))
+                              "decode_ms_per_step": per_token_ms,
+                              "paged": model.generation_info()["paged"]}))
         else:
             if single:
                 print()

@@ -6,11 +6,16 @@ order: position ``p`` lies in block ``table[p // b]`` at offset ``p % b``. So a 
 ``n`` positions takes ``ceil(n / b)`` blocks, whatever the export's ``max_len``: the memory is
 set by the tokens held, and only each sequence's last block is part empty.
 
-Admission reserves the blocks of a sequence's whole budget, ``prompt + max_new_tokens - 1``
-positions, when it joins (the policy TensorRT-LLM calls *guaranteed no evict*): a sequence that
-is admitted never runs out of cache, so nothing is preempted or truncated, and a sequence that
-does not fit yet waits until one that holds blocks finishes. Blocks it did not use (an end
-token came early) go back when it finishes.
+Blocks are taken *as the tokens come* (vLLM's policy): a sequence joins when the pool has the
+blocks of its prompt and of its first decode call, and before each decode call every sequence
+in flight gets the blocks that the call's positions reach (:meth:`BlockPool.make_room`). When
+the pool runs out, the sequence that joined last is *preempted*: its blocks go back and it waits
+at the front of the queue, to be prefilled again from its prompt and the tokens it had picked
+(its cached prefix found again if it is still in the pool). The oldest sequence always goes on,
+so every admitted sequence finishes; only the last block of each sequence is part empty::
+
+    held = sum_s ceil(n_s / b) b  <  sum_s n_s + S b       S sequences, n_s positions each
+                                                          (those the next call writes included)
 
 **Prefix caching.** A full block of a prompt is named by a digest of its parent block's digest
 and its ``b`` tokens, so equal digests mean equal tokens at equal positions, all the way back to
@@ -71,7 +76,7 @@ class BlockPool:
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced: oldest first
         self.seqs: dict[Hashable, Admitted] = {}
         self.hits = self.queries = 0  # prefix blocks found, prefix blocks looked for
-        self.evictions = 0
+        self.evictions = self.preemptions = 0
 
     # ---- what can be held ----------------------------------------------------------------------
     def check_fits(self, positions: int, what: str = "a sequence") -> None:
@@ -117,8 +122,8 @@ class BlockPool:
 
     # ---- a sequence's life -------------------------------------------------------------------
     def admit(self, seq: Hashable, prompt: Sequence[int], positions: int) -> Admitted | None:
-        """Reserve the blocks of a sequence of ``positions`` positions that starts with
-        ``prompt`` (its cached prefix shared); None when they are not free now."""
+        """The blocks of a sequence's first ``positions`` positions (``prompt`` and what its first
+        decode call writes; its cached prefix shared); None when they are not free now."""
         if seq in self.seqs:
             raise InputError(f"sequence {seq!r} holds blocks already")
         if not self.can_admit(prompt, positions):
@@ -154,6 +159,37 @@ class BlockPool:
                 self.evictable[block] = None
         self.free.extend(b for b in admitted.table if self.refs[b] == 0 and b not in self.digest_of)
 
+    def grow(self, seq: Hashable, positions: int) -> bool:
+        """Blocks appended to the sequence's table until it holds ``positions`` positions; False
+        (and nothing taken) when the pool does not have them now."""
+        table = self.seqs[seq].table
+        more = blocks_for(positions, self.block_size) - len(table)
+        if more > self.available:
+            return False
+        table.extend(self._fresh() for _ in range(more))
+        return True
+
+    def fits(self, needs: Sequence[tuple[Hashable, int]]) -> bool:
+        """Whether every ``(sequence, positions)`` of ``needs`` can grow now, nobody preempted."""
+        more = sum(max(0, blocks_for(n, self.block_size) - len(self.seqs[s].table)) for s, n in needs)
+        return more <= self.available
+
+    def make_room(self, needs: Sequence[tuple[Hashable, int]]) -> list[Hashable]:
+        """Grow each ``(sequence, positions)`` of ``needs``, given oldest first; while the pool
+        cannot, the newest of them is preempted (released). The preempted, newest first."""
+        order, want = [seq for seq, _ in needs], dict(needs)
+        preempted: list[Hashable] = []
+        grown = 0
+        while grown < len(order):
+            if self.grow(order[grown], want[order[grown]]):
+                grown += 1
+                continue
+            victim = order.pop()  # the newest; the sequence that did not fit, when it is the newest
+            self.release(victim)
+            self.preemptions += 1
+            preempted.append(victim)
+        return preempted
+
     def _take(self, block: int) -> None:
         if self.refs[block] == 0:
             self.evictable.pop(block, None)
@@ -170,22 +206,13 @@ class BlockPool:
         return block
 
     # ---- what the programs and the pictures read -------------------------------------------------
-    def table_array(self, seqs: Sequence[Hashable | None], width: int) -> np.ndarray:
-        """Block tables ``(len(seqs), width)`` int32; entries past a table (and rows of None)
-        are ``blocks``, an index past the pool, where a write is dropped."""
-        out = np.full((len(seqs), width), self.blocks, np.int32)
-        for row, seq in enumerate(seqs):
-            if seq is not None:
-                table = self.seqs[seq].table
-                out[row, :len(table)] = table
-        return out
-
     def stats(self) -> dict[str, int]:
         """Blocks in use, free (evictable included), cached (evictable), prefix blocks hit and
-        looked for, evictions."""
+        looked for, evictions, preemptions."""
         return {"blocks": self.blocks, "block_size": self.block_size, "in_use": self.in_use,
                 "free": self.available, "cached": len(self.evictable), "prefix_hits": self.hits,
-                "prefix_queries": self.queries, "evictions": self.evictions}
+                "prefix_queries": self.queries, "evictions": self.evictions,
+                "preemptions": self.preemptions}
 
     def snapshot(self) -> dict[str, Any]:
         """The pool now, as plain data (what :mod:`dinb.explore.paged` draws): ``blocks``,

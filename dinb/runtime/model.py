@@ -197,12 +197,14 @@ class Model:
         logits (slots, vocabulary). The cache is updated in place."""
         return self._decoder("decode_step").decode_logits(tokens, positions)
 
-    def serve_step(self, joins: Sequence[dict[str, Any]], active: Sequence[int]) -> dict[int, list[int]]:
+    def serve_step(self, joins: Sequence[dict[str, Any]], active: Sequence[int],
+                   tables: Sequence[tuple[int, Sequence[int]]] = ()) -> dict[int, list[int]]:
         """One step of continuous batching (what a serving agent runs): the requests in ``joins``
         (``slot``, ``ids``, ``sampling`` (:class:`~dinb.models.sampling.SamplingParams`),
-        ``max_tokens``, ``stop_ids``) prefilled into their slots, then one call of the decode
-        program for them and the slots in ``active``; the tokens each slot got."""
-        return self._decoder("serve_step").serve_step(joins, active)
+        ``max_tokens``, ``stop_ids``; a paged cache's ``table``, ``start`` and ``resume``)
+        prefilled into their slots, then one call of the decode program for them and the slots
+        in ``active`` (``tables``: a paged cache's grown block tables); the tokens each slot got."""
+        return self._decoder("serve_step").serve_step(joins, active, tables)
 
     def kv_cache(self, slot: int, length: int) -> np.ndarray:
         """The keys and values of slot ``slot`` at positions ``0 .. length-1``, gathered from every

@@ -48,6 +48,7 @@ def generation_info(model: Any) -> dict[str, Any] | None:
         return None
     config = model.export_meta().get("model_config", {})
     return {"slots": info["slots"], "max_len": info["max_len"], "buckets": info["buckets"],
+            "decode_steps": info["decode_steps"],
             "vocab": info["vocab"], "model_dir": config.get("model_dir"), "eos_token_id": info["end_tokens"],
             "defaults": {k: v for k, v in info["defaults"].items() if k != "eos_token_id"},
             "family": model.model_name,

@@ -20,12 +20,16 @@ order; one more gets :class:`Unavailable` (HTTP 503) at once. Every rank picks t
 (the logits are whole on each, the generators seeded alike), and the scheduler checks it.
 
 With a paged KV cache (an export with ``--cache-blocks``) the scheduler also holds the pool's
-blocks (:class:`~dinb.runtime.block_pool.BlockPool`, one for the job: the agents get each
-joiner's block table in the step message, ``{..., table, start}``, ``start`` the prompt
-positions its shared prefix blocks hold already). A request joins when a slot is free *and* the
-pool has the blocks of its whole budget (``len(ids) + max_tokens - 1`` positions, less the
-shared prefix); until then it waits in order. A request that the empty pool could not hold gets
-400 with the sizes.
+blocks (:class:`~dinb.runtime.block_pool.BlockPool`, one for the job), taken as the tokens come:
+before each step every sequence in flight gets the blocks its decode call reaches (the grown
+tables go in the step message, ``tables: [[slot, table], ...]``), and when the pool runs out the
+newest sequence is *preempted*: it leaves its slot and blocks and waits at the front of the
+queue. A request joins when a slot is free *and* the pool has the blocks of its prompt and
+first call (``{..., table, start}`` in its join, ``start`` the prompt positions its shared
+prefix blocks hold already); a preempted one rejoins with its prompt and all but its last token
+as ``ids`` and ``resume: [last token, tokens picked]``, so it goes on with the same tokens (its
+stream sees no repeat and no gap). A request that the empty pool could not hold gets 400 with
+the sizes.
 
 A rank that dies fails every request in flight with the worker's 503 naming it, as infer does.
 """
@@ -59,6 +63,8 @@ class GenRequest:
     tokens: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     slot: int | None = None
     produced: int = 0
+    made: list[int] = field(default_factory=list)  # the tokens so far (what a preempted one resumes from)
+    joined: int = 0  # the step it last joined at: the newest in flight is preempted first
     finish_reason: str | None = None
     cancelled: bool = False
 
@@ -73,6 +79,7 @@ class GenerationScheduler:
         self.pool = BlockPool(int(paged["blocks"]), int(paged["block_size"])) if paged else None
         self.slots, self.max_len = int(info["slots"]), int(info["max_len"])
         self.buckets, self.vocab = list(info["buckets"]), int(info["vocab"])
+        self.call_steps = max(int(k) for k in info.get("decode_steps") or [1])  # the most a call runs
         self.stop_ids = frozenset(int(t) for t in info.get("eos_token_id") or ())
         self.defaults = dict(info.get("defaults") or {})  # generation_config.json's sampling
         self.max_waiting = max_waiting
@@ -157,26 +164,17 @@ class GenerationScheduler:
         for slot, req in list(self.active.items()):
             if req.cancelled:
                 self._finish(slot, "cancelled")
-        joining, places = [], []
-        while self.free and self.waiting:
-            req = self.waiting[0]
-            budget = len(req.ids) + req.max_tokens - 1
-            place = self.pool.admit(self.free[0], req.ids, budget) if self.pool else None
-            if self.pool is not None and place is None:
-                break  # it waits for blocks, and those behind it wait in their order
-            self.waiting.popleft()
-            req.slot = self.free.pop(0)
-            joining.append(req)
-            places.append({} if place is None else {"table": place.table, "start": place.cached_tokens})
+        tables = self._grow()
+        joining, places = self._admit()
         decoding = sorted(self.active)
         for req in joining:
             self.active[req.slot] = req
         if not self.active:
             return
-        header = {"prefill": [{"slot": r.slot, "ids": r.ids, "sampling": r.sampling.__dict__,
-                               "max_tokens": r.max_tokens, "stop_ids": sorted(r.stop_ids), **place}
-                              for r, place in zip(joining, places)],
-                  "active": decoding}
+        header = {"prefill": [{"slot": r.slot, "ids": place.pop("ids"), "sampling": r.sampling.__dict__,
+                               "max_tokens": r.max_tokens - max(r.produced, 1) + 1,
+                               "stop_ids": sorted(r.stop_ids), **place} for r, place in zip(joining, places)],
+                  "active": decoding, "tables": tables}
         picked = await self.worker.step(header)
         self.steps += 1
         if self.pool is not None:
@@ -191,8 +189,54 @@ class GenerationScheduler:
         if self.pool is not None and self.metrics is not None:
             self.metrics.kv_cache(self.servable, self.pool.stats(), len(self.waiting))
 
+    def _reach(self, req: GenRequest, text: int) -> int:
+        """Positions a sequence holds after its next call: ``text`` written, and up to a call's
+        steps more (its next token goes at ``text``)."""
+        return text + min(self.call_steps, req.max_tokens - max(req.produced, 1))
+
+    def _grow(self) -> list[list[Any]]:
+        """A paged cache: every active sequence's blocks for its next call, the newest preempted
+        while the pool is short (back to the queue's front); the grown tables, ``[slot, table]``."""
+        if self.pool is None or not self.active:
+            return []
+        order = sorted(self.active, key=lambda slot: (self.active[slot].joined, slot))
+        before = {slot: len(self.pool.seqs[slot].table) for slot in order}
+        needs = [(slot, self._reach(req, len(req.ids) + req.produced - 1))
+                 for slot, req in ((slot, self.active[slot]) for slot in order)]
+        for slot in self.pool.make_room(needs):  # newest first: the oldest ends up at the front
+            req = self.active.pop(slot)
+            req.slot = None
+            self.free.append(slot)
+            self.waiting.appendleft(req)
+        self.free.sort()
+        return [[slot, list(self.pool.seqs[slot].table)] for slot in sorted(self.active)
+                if len(self.pool.seqs[slot].table) != before[slot]]
+
+    def _admit(self) -> tuple[list[GenRequest], list[dict[str, Any]]]:
+        """The waiting requests that join at this step (a free slot, and with a paged cache the
+        blocks of their prompt and first call), in order; each one's ``ids`` and blocks."""
+        joining, places = [], []
+        while self.free and self.waiting:
+            req = self.waiting[0]
+            text = req.ids + req.made[:-1]
+            place: dict[str, Any] = {"ids": text}
+            if req.made:
+                place["resume"] = [req.made[-1], req.produced]
+            if self.pool is not None:
+                got = self.pool.admit(self.free[0], text, self._reach(req, len(text)))
+                if got is None:
+                    break  # it waits for blocks, and those behind it wait in their order
+                place.update(table=got.table, start=got.cached_tokens)
+            self.waiting.popleft()
+            req.slot = self.free.pop(0)
+            req.joined = self.steps
+            joining.append(req)
+            places.append(place)
+        return joining, places
+
     def _emit(self, req: GenRequest, token: int) -> None:
         req.produced += 1
+        req.made.append(token)
         req.tokens.put_nowait(token)
         if token in req.stop_ids:
             self._finish(req.slot, "stop")
@@ -236,6 +280,7 @@ def agent_step(model: Any, header: dict[str, Any]) -> dict[str, Any]:
     """One generation step on an agent (see the module docstring); the tokens of every slot."""
     t0 = time.perf_counter()
     joins = [dict(p, sampling=SamplingParams(**p["sampling"])) for p in header.get("prefill") or ()]
-    tokens = model.serve_step(joins, [int(s) for s in header.get("active") or ()])
+    tokens = model.serve_step(joins, [int(s) for s in header.get("active") or ()],
+                              [(int(slot), table) for slot, table in header.get("tables") or ()])
     return {"tokens": {str(slot): picked for slot, picked in tokens.items()},
             "compute_ms": 1000 * (time.perf_counter() - t0)}

@@ -9,7 +9,9 @@ smallest batch bucket holding the merged rows) and
 with a paged KV cache ``dinb_kv_blocks{servable, state}`` (blocks ``in_use``, ``free``, and
 ``cached``: free but holding a prefix that a new prompt can share),
 ``dinb_prefix_cache_blocks_total{servable, result}`` (prompt blocks looked up: ``hit`` or
-``miss``) and ``dinb_kv_waiting_requests{servable}`` (requests waiting for blocks or slots). Each
+``miss``), ``dinb_kv_preemptions_total{servable}`` (sequences preempted when the pool ran out,
+resumed later by recompute) and ``dinb_kv_waiting_requests{servable}`` (requests waiting for
+blocks or slots). Each
 serving process has its own registry, so tests and notebooks can start several.
 """
 
@@ -71,7 +73,9 @@ class Metrics:
                               ["servable", "result"], registry=self.registry)
         self.kv_waiting = Gauge("dinb_kv_waiting_requests", "Requests waiting for cache blocks or a slot",
                                 ["servable"], registry=self.registry)
-        self._seen: dict[str, tuple[int, int]] = {}  # prefix hits and lookups already counted
+        self.preemptions = Counter("dinb_kv_preemptions", "Sequences preempted when the KV cache's pool "
+                                   "ran out (resumed by recompute)", ["servable"], registry=self.registry)
+        self._seen: dict[str, tuple[int, int, int]] = {}  # prefix hits, lookups, preemptions counted
 
         self._children: dict[tuple[Any, ...], Any] = {}
 
@@ -103,11 +107,12 @@ class Metrics:
         """A paged cache's blocks after a generation step (``BlockPool.stats``)."""
         for state in ("in_use", "free", "cached"):
             self._child(self.kv_blocks, servable, state).set(stats[state])
-        hits, queries = self._seen.get(servable, (0, 0))
+        hits, queries, preempted = self._seen.get(servable, (0, 0, 0))
         self._child(self.prefix, servable, "hit").inc(stats["prefix_hits"] - hits)
         self._child(self.prefix, servable, "miss").inc(stats["prefix_queries"] - stats["prefix_hits"]
                                                         - (queries - hits))
-        self._seen[servable] = (stats["prefix_hits"], stats["prefix_queries"])
+        self._child(self.preemptions, servable).inc(stats["preemptions"] - preempted)
+        self._seen[servable] = (stats["prefix_hits"], stats["prefix_queries"], stats["preemptions"])
         self._child(self.kv_waiting, servable).set(waiting)
 
     def exposition(self) -> tuple[bytes, str]:

@@ -197,14 +197,16 @@ class DecoderRunner:
         """Prompts into their slots, in as few calls as the prefill shapes allow; each slot's first
         token and its log-probability (and the logits after each prompt, when asked). ``starts``
         (a paged cache): the positions of each prompt already in its blocks (a cached prefix),
-        whose prompt then runs alone, over the rest."""
+        whose prompt then runs alone, over the rest (so does a prompt longer than the largest
+        bucket: a resumed sequence's prompt and tokens)."""
         self.ensure_cache()
         starts = list(starts or [0] * len(prompts))
-        fresh = [i for i, st in enumerate(starts) if st == 0]
+        alone = [st > 0 or len(p) > self.buckets[-1] for st, p in zip(starts, prompts)]
         got: dict[int, tuple[Any, Any, Any]] = {}
+        fresh = [i for i, a in enumerate(alone) if not a]
         for chunk, out in self._prefill_fresh(fresh, slots, prompts, budgets, want_logits):
             got.update(zip(chunk, out))
-        for i in (i for i, st in enumerate(starts) if st > 0):
+        for i in (i for i, a in enumerate(alone) if a):
             got[i] = self._prefill_prefixed(slots[i], prompts[i], budgets[i], starts[i], want_logits)
         for slot, prompt, budget_left in zip(slots, prompts, budgets):
             self.position_bound[slot], self.left[slot] = len(prompt), budget_left - 1
@@ -234,17 +236,23 @@ class DecoderRunner:
 
     def _prefill_prefixed(self, slot: int, prompt: np.ndarray, budget: int, start: int,
                           want_logits: bool) -> tuple[Any, Any, Any]:
-        """One prompt whose first ``start`` positions are cached: the rest, over its blocks."""
-        rest = len(prompt) - start
-        bucket = self.bucket_for(rest)
-        window = window_for([w for p, w in self.prefix_shapes if p == bucket], len(prompt))
-        ids = np.zeros((1, bucket), np.int32)
-        ids[0, :rest] = prompt[start:]
-        first, logprob, logit = self._run_prefill(
-            prefill_name(1, bucket, window=window), ids,
-            [np.array([len(prompt)], np.int32), np.array([slot], np.int32), np.array([budget], np.int32)],
-            [self._array(np.array([start], np.int32), self._whole1)], want_logits)
-        return first[0], logprob[0], logit[0] if want_logits else None
+        """One prompt whose first ``start`` positions are in its blocks already: the rest, over
+        its blocks, a bucket at a time (chunks of the largest bucket, then the smallest that
+        holds what is left); the last chunk's first token."""
+        while True:
+            end = min(len(prompt), start + self.buckets[-1])
+            bucket = self.bucket_for(end - start)
+            window = window_for([w for p, w in self.prefix_shapes if p == bucket], end)
+            ids = np.zeros((1, bucket), np.int32)
+            ids[0, :end - start] = prompt[start:end]
+            last = end == len(prompt)
+            first, logprob, logit = self._run_prefill(
+                prefill_name(1, bucket, window=window), ids,
+                [np.array([end], np.int32), np.array([slot], np.int32), np.array([budget], np.int32)],
+                [self._array(np.array([start], np.int32), self._whole1)], want_logits and last)
+            if last:
+                return first[0], logprob[0], logit[0] if want_logits else None
+            start = end
 
     def _run_prefill(self, name: str, ids: np.ndarray, rows: list[np.ndarray], extra: list[Any],
                      want_logits: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -371,69 +379,139 @@ class DecoderRunner:
               stop_ids: Sequence[int] = ()) -> Iterator[Picked]:
         """``(row, token, log-probability)`` as each token is picked, row by row within a step.
         Prompt ``row`` takes sequence slot ``row``. With a paged cache a prompt joins when the
-        pool has the blocks of its budget (see :mod:`dinb.runtime.block_pool`); until then it
-        waits, and joins the decode calls of the others once their blocks come back."""
+        pool has the blocks of its prompt and first call, each call's blocks are taken before
+        it is queued, and when the pool runs out the newest sequence is preempted and later
+        resumed (see :mod:`dinb.runtime.block_pool`): its tokens are the same as if it had not
+        been, sampled ones included (its noise counter goes on where it stopped)."""
         self.check_request([len(p) for p in prompts], max_new_tokens)
         clock = _Clock(self.clock)
-        rows = list(range(len(prompts)))
+        run = _Run(prompts, max_new_tokens, {int(s) for s in stop_ids}, self.slots)
         self.ensure_cache()
         self.left[:] = 0
         self.release_slots(range(self.slots))
-        for row in rows:
+        for row in run.rows:
             self.set_slot(row, sampling, row, stop_ids)
-        stops = {int(s) for s in stop_ids}
-        waiting, keep = deque(rows), np.zeros(self.slots, bool)
         try:
-            first = self._join(waiting, prompts, max_new_tokens, stops, keep)
+            _, first = self._join(run)
             self.timings["prefill_s"] = clock.busy()
             yield from clock.hand_over(first)
             decoded = calls = 0
             queued: deque[tuple[Any, Any]] = deque()
-            while self.left[keep].any() or queued or waiting:
-                if self.left[keep].any():
-                    queued.append(self.decode_call(keep, self.next_steps(keep)))
-                    calls += 1
-                if len(queued) > 1 or (queued and not self.left[keep].any()):  # one call ahead of the read
-                    tokens, logprobs = (host_copy(a) for a in queued.popleft())
-                    picked = [(row, int(t), float(lp)) for step_t, step_lp in zip(tokens, logprobs)
-                              for row, t, lp in zip(rows, step_t[rows], step_lp[rows]) if t >= 0]
-                    decoded += int((tokens[:, rows] >= 0).any(axis=1).sum())
-                    self._finished(picked, stops, keep)
+            while self.left[run.keep].any() or queued or run.waiting:
+                self._release_done(run)
+                if self.left[run.keep].any():
+                    if not self._grow(run, self.next_steps(run.keep), preempt=False):
+                        while queued:  # the pool is short: read what is in flight, then preempt
+                            picked, got = self._read(queued.popleft(), run)
+                            decoded += got
+                            yield from clock.hand_over(picked)
+                        self._release_done(run)
+                        self._grow(run, self.next_steps(run.keep), preempt=True)
+                    if self.left[run.keep].any():
+                        queued.append(self.decode_call(run.keep, self.next_steps(run.keep)))
+                        calls += 1
+                if len(queued) > 1 or (queued and not self.left[run.keep].any()):  # one call ahead
+                    picked, got = self._read(queued.popleft(), run)
+                    decoded += got
                     yield from clock.hand_over(picked)
-                if waiting:
-                    self.release_slots([r for r in rows if self.left[r] == 0 and r not in waiting])
-                    joined = self._join(waiting, prompts, max_new_tokens, stops, keep)
-                    if not joined and not queued and not self.left[keep].any():
-                        raise InputError(f"the cache's pool cannot hold prompt {waiting[0]} even alone")
-                    yield from clock.hand_over(joined)
+                if run.waiting:
+                    self._release_done(run)
+                    joined, picked = self._join(run)
+                    if not joined and not queued and not self.left[run.keep].any():
+                        raise InputError(f"the cache's pool cannot hold prompt {run.waiting[0]} even alone")
+                    yield from clock.hand_over(picked)
             self.timings.update(decode_s=clock.busy(), decode_steps=decoded, decode_calls=calls)
         finally:
-            self.release_slots(rows)
+            self.release_slots(run.rows)
 
-    def _join(self, waiting: deque[int], prompts: Sequence[np.ndarray], max_new_tokens: int, stops: set[int],
-              keep: np.ndarray) -> list[Picked]:
-        """Prefill the waiting rows that the cache holds now (all of them, without a pool);
-        their first tokens."""
-        joiners, starts = [], []
-        while waiting:
-            row = waiting[0]
-            start = self.hold_blocks(row, prompts[row], len(prompts[row]) + max_new_tokens - 1)
+    def _read(self, call: tuple[Any, Any], run: _Run) -> tuple[list[Picked], int]:
+        """A decode call's tokens, read (it waits for the call); and its steps that picked any."""
+        tokens, logprobs = (host_copy(a) for a in call)
+        rows = run.rows
+        picked = [(row, int(t), float(lp)) for step_t, step_lp in zip(tokens, logprobs)
+                  for row, t, lp in zip(rows, step_t[rows], step_lp[rows]) if t >= 0]
+        for row, token, _ in picked:
+            run.made[row].append(token)
+            if token in run.stops:  # the devices stopped the slot already
+                self.left[row] = 0
+                run.keep[row] = False
+        return picked, int((tokens[:, rows] >= 0).any(axis=1).sum())
+
+    def _join(self, run: _Run) -> tuple[int, list[Picked]]:
+        """Prefill the waiting rows that the cache holds now (all of them, without a pool); how
+        many joined, and the first tokens of those that had none (a resumed row goes on from
+        the tokens it had: its prompt and all but its last token prefilled, its state set)."""
+        joiners, texts, starts, lefts = [], [], [], []
+        while run.waiting:
+            row = run.waiting[0]
+            made = run.made[row]
+            text = np.concatenate([run.prompts[row], np.asarray(made[:-1], np.int32)]) if made \
+                else run.prompts[row]
+            left = run.max_new - max(len(made), 1)  # tokens to pick after the prefill
+            start = self.hold_blocks(row, text, len(text) + min(self.decode_steps[-1], left))
             if start is None:
                 break
-            joiners.append(waiting.popleft())
+            joiners.append(run.waiting.popleft())
+            texts.append(text)
             starts.append(start)
+            lefts.append(left)
         if not joiners:
-            return []
-        first, logprobs, _ = self.prefill_slots(joiners, [prompts[r] for r in joiners],
-                                                [max_new_tokens] * len(joiners), starts=starts)
+            return 0, []
+        first, logprobs, _ = self.prefill_slots(joiners, texts, [n + 1 for n in lefts], starts=starts)
+        resumed = [row for row in joiners if run.made[row]]
+        if resumed:
+            self._resume(resumed, [run.made[r][-1] for r in resumed], [len(run.made[r]) for r in resumed],
+                         [lefts[joiners.index(r)] for r in resumed])
         if self.pool is not None:
             for row in joiners:
                 self.pool.prefilled(row)
-        for row, token in zip(joiners, first):
-            keep[row] = True
-            if int(token) in stops:
-                self.left[row] = 0
-        return [(row, int(t), float(lp)) for row, t, lp in zip(joiners, first, logprobs)]
+        picked = []
+        for row, token, logprob in zip(joiners, first, logprobs):
+            run.keep[row] = True
+            run.order.append(row)
+            if not run.made[row]:
+                run.made[row].append(int(token))
+                picked.append((row, int(token), float(logprob)))
+                if int(token) in run.stops:
+                    self.left[row] = 0
+        return len(joiners), picked
+
+    def _resume(self, slots: Sequence[int], tokens: Sequence[int], counts: Sequence[int],
+                lefts: Sequence[int]) -> None:
+        """Resumed sequences' state after their prefill: the last token they had picked is fed
+        next (the prefill's own pick is dropped), ``counts`` tokens picked (the noise's counter
+        goes on), ``lefts`` to pick."""
+        state = [np.array(a if self.mpi is not None else host_copy(a)) for a in self.state]
+        for column, values in ((0, tokens), (2, lefts), (3, counts)):
+            state[column][list(slots)] = values
+        self.state = tuple(self._array(a.astype(np.int32), self._slot_sh) for a in state)
+        self.left[list(slots)] = lefts
+
+    def _grow(self, run: _Run, steps: int, preempt: bool) -> bool:
+        """Blocks for the positions a call of ``steps`` steps reaches, for every row in flight;
+        False (nothing taken) when that needs a preemption and ``preempt`` is false. A row
+        preempted waits at the front of the queue."""
+        if self.pool is None:
+            return True
+        live = [r for r in run.order if run.keep[r] and self.left[r] > 0]
+        needs = [(r, int(self.position_bound[r] + min(steps, self.left[r]))) for r in live]
+        if not preempt and not self.pool.fits(needs):
+            return False
+        for row in self.pool.make_room(needs):
+            run.keep[row], self.left[row] = False, 0
+            run.order.remove(row)
+            run.waiting.appendleft(row)
+            self.set_table(row, ())
+        for row in run.order:
+            self.set_table(row, self.pool.seqs[row].table)
+        return True
+
+    def _release_done(self, run: _Run) -> None:
+        """Rows that have every token in their calls give their blocks back (a call still in
+        flight runs before any call that reuses them)."""
+        for row in [r for r in run.order if self.left[r] == 0]:
+            run.order.remove(row)
+            self.release_slots([row])
 
     def hold_blocks(self, slot: int, prompt: Sequence[int], positions: int) -> int | None:
         """Slot ``slot``'s blocks for ``positions`` positions from the pool (its table set); the
@@ -460,13 +538,6 @@ class DecoderRunner:
             for slot in slots:
                 self.pool.release(int(slot))
 
-    def _finished(self, picked: list[Picked], stops: set[int], keep: np.ndarray) -> None:
-        """Slots whose end token came need no more calls (the devices stopped them already)."""
-        for row, token, _ in picked:
-            if token in stops:
-                self.left[row] = 0
-                keep[row] = False
-
     def generate(self, prompt_ids: Any, max_new_tokens: int, sampling: SamplingParams,
                  stop_ids: Sequence[int] = (), on_token: Callable[[int, int], None] | None = None,
                  return_logprobs: bool = False) -> Any:
@@ -483,34 +554,24 @@ class DecoderRunner:
             return tokens, (lps[0] if single else lps)
         return tokens
 
-    def serve_step(self, joins: Sequence[dict[str, Any]], active: Sequence[int]) -> dict[int, list[int]]:
+    def serve_step(self, joins: Sequence[dict[str, Any]], active: Sequence[int],
+                   tables: Sequence[tuple[int, Sequence[int]]] = ()) -> dict[int, list[int]]:
         """One step of continuous batching: the ``joins`` (each ``slot``, ``ids``, ``sampling``,
         ``max_tokens``, ``stop_ids``; with a paged cache also the ``table`` of blocks the
-        scheduler's pool gave it and the ``start`` positions cached there) prefilled, then one
-        decode call of the slots in ``active`` and the joiners; the tokens every slot got (a
-        joiner's first one included). A slot left out of ``active`` stops (its request finished
-        or went away)."""
+        scheduler's pool gave it and the ``start`` positions cached there, and for a preempted
+        sequence that resumes, ``resume``: its last token and how many it had picked) prefilled,
+        then one decode call of the slots in ``active`` and the joiners, ``tables`` the grown
+        block tables ``(slot, table)`` of active slots; the tokens every slot got (a new
+        joiner's first one included). A slot left out of ``active`` stops (its request finished,
+        went away or was preempted)."""
         keep = np.zeros(self.slots, bool)
         keep[list(active)] = True
         self.left[~keep] = 0
+        for slot, table in tables:
+            self.set_table(int(slot), table)
         out: dict[int, list[int]] = {}
         if joins:
-            prompts, _ = self.prompts_of([list(j["ids"]) for j in joins])
-            for j, prompt in zip(joins, prompts):
-                self.check_request([len(prompt)], j["max_tokens"])
-                self.set_slot(int(j["slot"]), j["sampling"], 0, j.get("stop_ids", ()))
-                if self.pool is not None and "table" not in j:
-                    raise InputError("a join into a paged cache needs the block table that the scheduler's "
-                                     "pool gave it")
-                self.set_table(int(j["slot"]), j.get("table", ()))
-            slots = [int(j["slot"]) for j in joins]
-            first, _, _ = self.prefill_slots(slots, prompts, [int(j["max_tokens"]) for j in joins],
-                                             starts=[int(j.get("start", 0)) for j in joins])
-            for j, slot, token in zip(joins, slots, first):
-                out[slot] = [int(token)]
-                keep[slot] = True
-                if int(token) in set(j.get("stop_ids", ())):
-                    self.left[slot] = 0
+            self._serve_joins(joins, keep, out)
         if (keep & (self.left > 0)).any():
             tokens, _ = (host_copy(a) for a in self.decode_call(keep, self.next_steps(keep)))
             for slot in np.flatnonzero(keep):
@@ -520,6 +581,33 @@ class DecoderRunner:
                     if got[-1] in self.stops[slot]:
                         self.left[slot] = 0
         return out
+
+    def _serve_joins(self, joins: Sequence[dict[str, Any]], keep: np.ndarray,
+                     out: dict[int, list[int]]) -> None:
+        """A step's joiners prefilled (see :meth:`serve_step`); new ones' first tokens into ``out``."""
+        prompts, _ = self.prompts_of([list(j["ids"]) for j in joins])
+        for j, prompt in zip(joins, prompts):
+            if "resume" not in j:  # a resumed one's prompt holds its tokens: it may pass a bucket
+                self.check_request([len(prompt)], j["max_tokens"])
+            self.set_slot(int(j["slot"]), j["sampling"], 0, j.get("stop_ids", ()))
+            if self.pool is not None and "table" not in j:
+                raise InputError("a join into a paged cache needs the block table that the scheduler's "
+                                 "pool gave it")
+            self.set_table(int(j["slot"]), j.get("table", ()))
+        slots = [int(j["slot"]) for j in joins]
+        first, _, _ = self.prefill_slots(slots, prompts, [int(j["max_tokens"]) for j in joins],
+                                         starts=[int(j.get("start", 0)) for j in joins])
+        resumed = [(int(j["slot"]), j["resume"], int(j["max_tokens"]) - 1) for j in joins if "resume" in j]
+        if resumed:
+            self._resume([r[0] for r in resumed], [int(r[1][0]) for r in resumed],
+                         [int(r[1][1]) for r in resumed], [r[2] for r in resumed])
+        for j, slot, token in zip(joins, slots, first):
+            keep[slot] = True
+            if "resume" in j:
+                continue
+            out[slot] = [int(token)]
+            if int(token) in set(j.get("stop_ids", ())):
+                self.left[slot] = 0
 
     def sampling(self, temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  seed: int = 0) -> SamplingParams:
@@ -570,6 +658,19 @@ class DecoderRunner:
                                                          "table_width": int(self.tables.shape[1])},
                 "end_tokens": list(self.end_tokens), "defaults": dict(self.defaults),
                 "timings": dict(self.timings)}
+
+
+class _Run:
+    """One generation's rows: prompts, the queue, the rows in flight (oldest first), each row's
+    tokens so far (what a preempted row resumes from)."""
+
+    def __init__(self, prompts: Sequence[np.ndarray], max_new: int, stops: set[int], slots: int) -> None:
+        self.prompts, self.max_new, self.stops = prompts, max_new, stops
+        self.rows = list(range(len(prompts)))
+        self.waiting: deque[int] = deque(self.rows)
+        self.keep = np.zeros(slots, bool)
+        self.order: list[int] = []
+        self.made: dict[int, list[int]] = {row: [] for row in self.rows}
 
 
 class _Clock:
