@@ -5,14 +5,15 @@ first token's time with and without a cached prefix.
 
 Two parts, one run:
 
-* **memory** (the pool's own bookkeeping, no model): a fixed workload of mixed lengths (seed 0:
-  prompts of 16-512 tokens, outputs of 16-256) admitted first come first served, one token per
-  sequence a step, into (a) ``S`` slots of ``max_len`` 768 positions and (b) a pool of blocks of
-  16 holding the same positions, with the policy dinb runs (a sequence reserves its budget when
-  it joins). Per step: positions held, positions holding a token, sequences in flight; the
-  waste is ``1 - in use / held``, as vLLM counts it.
-  Beside it, the pool under vLLM's policy (blocks taken as tokens come, the newest sequence
-  preempted when none is free), which dinb does not run: what it would gain.
+* **memory** (the pool's own bookkeeping, ``dinb.runtime.block_pool``, no model): a fixed
+  workload of mixed lengths (seed 0: prompts of 16-512 tokens, outputs of 16-256) admitted first
+  come first served into (a) 8 slots of ``max_len`` 768 positions (the longest request; and 3
+  slots of 2048, a common context length, in the same memory) and (b) a pool of blocks of 16
+  holding the same positions, under two policies: the budget reserved when a sequence joins
+  (TensorRT-LLM's *guaranteed no evict*) and dinb's, blocks as the tokens come with the newest
+  sequence preempted when the pool is short (vLLM's), with decode calls of 1 and of 8 steps.
+  Per call: positions held, positions holding a token, sequences in flight; the waste is
+  ``1 - in use / held``, as vLLM counts it.
 * **time to first token** (the reference config, float32, on this machine): a 512-token prompt
   into an empty pool, then a 512-token prompt whose first 496 tokens are the first one's
   (31 blocks found, 16 tokens prefilled over a 512-position window), the best of 3 each.
@@ -26,6 +27,7 @@ import json
 import shutil
 import sys
 import tempfile
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -44,89 +46,81 @@ def workload(n: int = 200, seed: int = 0) -> list[tuple[list[int], int]]:
             for _ in range(n)]
 
 
-def simulate(requests: list[tuple[list[int], int]], paged: bool) -> dict[str, Any]:
-    """Steps of a first-come-first-served scheduler over ``requests``; what the cache held."""
-    from dinb.runtime.block_pool import BlockPool
-
-    positions = SLOTS * MAX_LEN
-    pool = BlockPool(positions // BLOCK, BLOCK, prefix_caching=False) if paged else None
-    waiting, live = list(range(len(requests))), {}
-    held_sum = used_sum = 0
-    waste, concurrent, steps = [], [], 0
+def simulate_slots(requests: list[tuple[list[int], int]], max_len: int = MAX_LEN) -> dict[str, Any]:
+    """Slots of ``max_len`` positions in ``SLOTS * MAX_LEN`` positions, first come first served,
+    a token a step."""
+    positions, waiting, live = SLOTS * MAX_LEN, list(range(len(requests))), {}
+    slots = positions // max_len
+    used_sum = steps = 0
+    waste, concurrent = [], []
     while waiting or live:
-        while waiting and (paged or len(live) < SLOTS):
+        while waiting and len(live) < slots:
             prompt, out = requests[waiting[0]]
-            if paged and pool.admit(waiting[0], prompt, len(prompt) + out - 1) is None:
-                break
             live[waiting.pop(0)] = [len(prompt), out - 1]  # positions written, tokens still to pick
-        used = sum(w for w, _ in live.values())
-        held = pool.in_use * BLOCK if paged else positions
-        held_sum, used_sum = held_sum + held, used_sum + used
-        waste.append(1 - used / held if held else 0.0)
-        concurrent.append(len(live))
-        steps += 1
         for r in list(live):
             live[r][0] += 1
             live[r][1] -= 1
-            if live[r][1] <= 0:
-                del live[r]
-                if paged:
-                    pool.release(r)
-    return {"steps": steps, "mean_waste": 1 - used_sum / held_sum, "max_waste": max(waste),
-            "mean_sequences": float(np.mean(concurrent)), "max_sequences": max(concurrent),
-            "positions": positions}
-
-
-def simulate_on_demand(requests: list[tuple[list[int], int]]) -> dict[str, Any]:
-    """The same pool with vLLM's policy, which dinb does not run (yet): a sequence joins when the
-    blocks of its prompt are free, takes a block each time it crosses a block's end, and when
-    none is free the newest sequence is preempted (its blocks freed, its prompt and tokens so
-    far prefilled again when it rejoins). Blocks counted, not allocated."""
-    blocks = SLOTS * MAX_LEN // BLOCK
-    free, live, order = blocks, {}, []  # live: request -> [positions written, tokens left, blocks]
-    waiting = [(r, len(p), out - 1) for r, (p, out) in enumerate(requests)]
-    held_sum = used_sum = preempted = steps = 0
-    concurrent, waste = [], []
-
-    def need(n: int) -> int:
-        return -(-n // BLOCK)
-
-    while waiting or live:
-        while waiting and need(waiting[0][1] + 1) <= free:
-            r, written, left = waiting.pop(0)
-            live[r] = [written, left, need(written + 1)]
-            free -= live[r][2]
-            order.append(r)
-        used = sum(v[0] for v in live.values())
-        held = (blocks - free) * BLOCK
-        held_sum, used_sum = held_sum + held, used_sum + used
-        waste.append(1 - used / held if held else 0.0)
+        used = sum(w for w, _ in live.values())
+        used_sum += used
+        waste.append(1 - used / positions)
         concurrent.append(len(live))
         steps += 1
-        for r in list(order):
-            if r not in live:
-                continue
-            v = live[r]
-            v[0], v[1] = v[0] + 1, v[1] - 1
-            if v[1] <= 0:
-                free += v[2]
-                del live[r]
-                order.remove(r)
-            elif need(v[0] + 1) > v[2]:
-                while free == 0:  # preempt the newest to give this one its block
-                    victim = order.pop()
-                    free += live[victim][2]
-                    waiting.insert(0, (victim, live[victim][0], live[victim][1]))
-                    del live[victim]
-                    preempted += 1
-                    if victim == r:
-                        break
-                if r in live:
-                    v[2] += 1
-                    free -= 1
+        for r in [r for r, (_, left) in live.items() if left <= 0]:
+            del live[r]
+    return {"steps": steps, "mean_waste": 1 - used_sum / (positions * steps), "max_waste": max(waste),
+            "mean_sequences": float(np.mean(concurrent)), "max_sequences": max(concurrent),
+            "positions": positions, "preemptions": 0, "recomputed_tokens": 0}
+
+
+def simulate_pool(requests: list[tuple[list[int], int]], call_steps: int, reserve: bool) -> dict[str, Any]:
+    """The same positions as a pool of blocks of ``BLOCK`` (``dinb.runtime.block_pool``'s own
+    bookkeeping), first come first served, decode calls of up to ``call_steps`` steps (the
+    runner's rule: ``steps_for``). ``reserve``: a sequence takes its whole budget when it joins;
+    else (dinb's policy) the blocks of its prompt and first call, then each call's blocks before
+    the call, the newest preempted when the pool is short and prefilled again when it rejoins
+    (past the blocks of its text still cached: prefix caching is on, as in dinb). Memory is
+    counted during each call: the blocks held (cached, unreferenced ones not counted), against
+    the positions written by its end."""
+    from dinb.models.decode_loop import steps_for
+    from dinb.runtime.block_pool import BlockPool
+
+    pool = BlockPool(SLOTS * MAX_LEN // BLOCK, BLOCK)
+    waiting = deque((r, 0) for r in range(len(requests)))  # (request, tokens it had picked)
+    live: dict[int, list[int]] = {}  # request -> [positions written, tokens still to pick]; oldest first
+    held_sum = used_sum = steps = recomputed = 0
+    waste, concurrent = [], []
+    while waiting or live:
+        while waiting:
+            r, made = waiting[0]
+            prompt, out = requests[r]
+            written, left = len(prompt) + max(made, 1) - 1, out - max(made, 1)
+            want = len(prompt) + out - 1 if reserve else written + min(call_steps, left)
+            text = prompt + [0] * (written - len(prompt))  # a resumed one: its prompt and tokens
+            got = pool.admit(r, text, want)
+            if got is None:
+                break
+            pool.prefilled(r)
+            waiting.popleft()
+            recomputed += written - got.cached_tokens if made else 0
+            live[r] = [written, left]
+        k = steps_for(sorted({1, call_steps}), max(left for _, left in live.values()))
+        if not reserve:
+            for r in pool.make_room([(r, w + min(k, left)) for r, (w, left) in live.items()]):
+                waiting.appendleft((r, requests[r][1] - live.pop(r)[1]))
+        for v in live.values():
+            step = min(k, v[1])
+            v[0], v[1] = v[0] + step, v[1] - step
+        held, used = pool.in_use * BLOCK, sum(w for w, _ in live.values())
+        held_sum, used_sum, steps = held_sum + held * k, used_sum + used * k, steps + k
+        waste.append(1 - used / held if held else 0.0)
+        concurrent.append(len(live))
+        for r in [r for r, (_, left) in live.items() if left <= 0]:
+            del live[r]
+            pool.release(r)
     return {"steps": steps, "mean_waste": 1 - used_sum / held_sum, "max_waste": max(waste),
             "mean_sequences": float(np.mean(concurrent)), "max_sequences": max(concurrent),
-            "preemptions": preempted, "positions": blocks * BLOCK}
+            "positions": pool.blocks * BLOCK, "preemptions": pool.preemptions,
+            "recomputed_tokens": recomputed}
 
 
 def first_token_times(work: Path) -> dict[str, float]:
@@ -157,28 +151,33 @@ def first_token_times(work: Path) -> dict[str, float]:
     return {"cold_ms": 1e3 * min(cold), "prefix_hit_ms": 1e3 * min(warm), "prefix_blocks_found": hits}
 
 
+CASES = (("slots", lambda r: simulate_slots(r)),
+         ("slots of max_len 2048 (3 in the same memory)", lambda r: simulate_slots(r, 2048)),
+         ("pool, budget reserved (no preemption)", lambda r: simulate_pool(r, 1, reserve=True)),
+         ("pool on demand, 1 step a call", lambda r: simulate_pool(r, 1, reserve=False)),
+         ("pool on demand, 8 steps a call (dinb)", lambda r: simulate_pool(r, 8, reserve=False)))
+
+
 def main() -> None:
     requests = workload()
     result: dict[str, Any] = {"machine": machine(), "block_size": BLOCK, "max_len": MAX_LEN, "slots": SLOTS,
                               "requests": len(requests)}
-    result["slots_cache"] = simulate(requests, paged=False)
-    result["paged_cache"] = simulate(requests, paged=True)
-    result["paged_on_demand"] = simulate_on_demand(requests)
+    result["cases"] = {name: run(requests) for name, run in CASES}
     work = Path(tempfile.mkdtemp(prefix="dinb-bench-paged-"))
     try:
         result["first_token"] = first_token_times(work / "export")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    s, p, t = result["slots_cache"], result["paged_cache"], result["first_token"]
+    cases, t = result["cases"], result["first_token"]
+    s = cases["slots"]
     print(f"{len(requests)} requests (prompts 16-512, outputs 16-256), cache of {s['positions']} positions")
-    print("cache | steps | mean waste | max waste | mean sequences | max sequences | preemptions")
-    rows = (("slots", s), ("paged (dinb: budget reserved)", p), ("paged on demand (vLLM's policy)",
-                                                                 result["paged_on_demand"]))
-    for name, r in rows:
+    print("cache | steps | mean waste | max waste | mean sequences (x slots) | max sequences | preemptions "
+          "| tokens prefilled again")
+    for name, r in cases.items():
+        gain = r["mean_sequences"] / s["mean_sequences"]
         print(f"{name} | {r['steps']} | {r['mean_waste']:.1%} | {r['max_waste']:.1%} | "
-              f"{r['mean_sequences']:.1f} | {r['max_sequences']} | {r.get('preemptions', 0)}")
-    print(f"paged / slots: {p['mean_sequences'] / s['mean_sequences']:.2f}x the sequences at once, "
-          f"{s['steps'] / p['steps']:.2f}x fewer steps")
+              f"{r['mean_sequences']:.1f} ({gain:.2f}x) | {r['max_sequences']} | {r['preemptions']} | "
+              f"{r['recomputed_tokens']}")
     print(f"first token of a 512-token prompt: {t['cold_ms']:.1f} ms; sharing 496 tokens: "
           f"{t['prefix_hit_ms']:.1f} ms ({t['prefix_hit_ms'] / t['cold_ms']:.2f}x)")
     print(f"machine: {result['machine']}")
