@@ -47,7 +47,7 @@ from dinb.version import __version__
 
 
 def __getattr__(name: str) -> object:
-    if name in ("StrategyExplorer", "RankOutputs", "SchedulePicture"):
+    if name in ("StrategyExplorer", "RankOutputs", "SchedulePicture", "PoolPicture"):
         from dinb import widgets
 
         return getattr(widgets, name)
@@ -77,5 +77,6 @@ __all__ = [
     "RankFailedError", "RankMismatchError", "SliceFileError", "Strategy", "StrategyError",
     "Tensor", "TensorSpec", "__version__", "common_dev_matrix", "current_job",
     "export_distributed", "get_model", "infer_predict_layout", "init_ranks", "read_meta",
-    "read_slice_file", "shutdown_ranks", "StrategyPlan", "StrategyExplorer", "RankOutputs", "rank_side",
+    "read_slice_file", "shutdown_ranks", "StrategyPlan", "StrategyExplorer", "RankOutputs", "PoolPicture",
+    "rank_side",
 ]

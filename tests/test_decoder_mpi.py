@@ -34,10 +34,12 @@ def exports(tmp_path_factory):
     """The reference config (8 query heads, 2 key/value heads, vocabulary 512) exported for 1, 2
     and 4 ranks, and the tokens of the one-device export."""
     root = tmp_path_factory.mktemp("decoder_mpi")
-    decoder = LlamaDecoder(config=CONFIG, slots=2, max_len=48, buckets=[16])
+    decoder = LlamaDecoder(config=CONFIG, slots=2, max_len=48, buckets=[16])  # a paged cache
+    slots = LlamaDecoder(config=CONFIG, slots=2, max_len=48, buckets=[16], cache="slots")  # what batch splits
     weights = decoder.init_params(int(REF["seed"]))
     for n, name in ((2, "megatron"), (4, "megatron"), (2, "replicated"), (2, "batch")):
-        export_distributed(decoder, weights, decoder.strategy(n, name), decoder.example_inputs(),
+        model = slots if name == "batch" else decoder
+        export_distributed(model, weights, model.strategy(n, name), model.example_inputs(),
                            root / f"{name}{n}")
     simulated(1)
     export_distributed(decoder, weights, decoder.strategy(1), decoder.example_inputs(), root / "one")

@@ -28,7 +28,9 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def decoder():
-    return LlamaDecoder(config=CONFIG, slots=2, max_len=48, buckets=[8, 16])
+    """The cache of slots, what ``batch`` splits and the pictures of the cache by position read
+    (the paged one: tests/test_paged_kv.py)."""
+    return LlamaDecoder(config=CONFIG, slots=2, max_len=48, buckets=[8, 16], cache="slots")
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from dinb.errors import DinbError, InputError, StrategyError
 from dinb.models import LlamaDecoder
 from dinb.models.tiny_adder import adder_dir, encode, questions
 from dinb.runtime.block_pool import BlockPool, block_digest
+from dinb.widgets.pictures import block_pool_svg
 
 FIXTURE = Path(__file__).parent / "fixtures" / "llama"
 REF = np.load(FIXTURE / "reference.npz")
@@ -41,7 +42,7 @@ def loaded(decoder, out, n) -> Model:
 def decoders(blocks: int, slots: int = 2):
     """The reference config with a cache of slots and the same with ``blocks`` blocks of 8."""
     kw = dict(config=CONFIG, slots=slots, max_len=48, buckets=[16, 48])
-    return LlamaDecoder(**kw), LlamaDecoder(**kw, cache_blocks=blocks, block_size=8)
+    return LlamaDecoder(**kw, cache="slots"), LlamaDecoder(**kw, cache_blocks=blocks, block_size=8)
 
 
 # ---- the pool ------------------------------------------------------------------------------------
@@ -151,7 +152,7 @@ def test_preempted_sequences_resume_with_the_tokens_they_would_have_had(tmp_path
     grow, and the newest is preempted when the pool runs out; it is prefilled again from its
     prompt and tokens (past the largest bucket, 16: a bucket at a time) and goes on."""
     kw = dict(config=CONFIG, slots=3, max_len=48, buckets=[16])
-    a = loaded(LlamaDecoder(**kw), tmp_path / "slots", ranks)
+    a = loaded(LlamaDecoder(**kw, cache="slots"), tmp_path / "slots", ranks)
     b = loaded(LlamaDecoder(**kw, cache_blocks=7, block_size=8), tmp_path / "paged", ranks)
     prompts = [PROMPT, PROMPT[:5], PROMPT[2:9]]
     assert b.generate(prompts, 30) == a.generate(prompts, 30)
@@ -187,7 +188,7 @@ def test_paged_tokens_are_the_same_on_two_mpiexec_ranks(tmp_path):
                   command="generate", timeout_s=240)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    want = loaded(LlamaDecoder(**kw), tmp_path / "slots", 1).generate(prompts, 30)
+    want = loaded(LlamaDecoder(**kw, cache="slots"), tmp_path / "slots", 1).generate(prompts, 30)
     assert result["tokens"] == want and result["same_on_every_rank"] and result["collectives"] == "mpi"
     assert result["paged"]["preemptions"] > 0
 
@@ -277,6 +278,34 @@ def test_the_pool_is_described_and_drawn_from_its_snapshot():
     ax = draw_block_pool(pool.snapshot())
     assert len(ax.patches) == 5 + 4  # the pool's blocks and the two tables' entries
     matplotlib.pyplot.close(ax.figure)
+
+
+def test_the_pool_picture_follows_a_generation_step_by_step(tmp_path):
+    from dinb import PoolPicture
+
+    model = LlamaDecoder(adder_dir(), slots=4, max_len=16, buckets=[8], cache_blocks=10, block_size=4)
+    simulated(1)
+    export_distributed(model, DistributedCheckpoint(model.checkpoint()), model.strategy(1),
+                       model.example_inputs(), tmp_path / "paged")
+    paged = Model()
+    paged.build_from_file(tmp_path / "paged")
+    picture = PoolPicture(paged)
+    four = [q for q, _ in questions()[:4]]
+    out = picture.follow([encode(q) for q in four], 5, stop_ids=[1])
+    assert out == paged.generate([encode(q) for q in four], 5, stop_ids=[1])
+    held = [int(re.search(r'data-held="(\d+)"', block_pool_svg(f)).group(1)) for f in picture.frames]
+    assert held[0] == 0 and max(held) >= 4 and held[-1] == 0  # the four's blocks, then all back
+    assert len(picture.frames) >= 5 and picture.slider.max == len(picture.frames) - 1
+    picture.slider.value = 2
+    assert picture.picture.value == block_pool_svg(picture.frames[2]) and "step 2" in picture.caption.value
+    simulated(1)
+    slots = LlamaDecoder(adder_dir(), slots=2, max_len=16, buckets=[8], cache="slots")
+    export_distributed(slots, DistributedCheckpoint(slots.checkpoint()), slots.strategy(1),
+                       slots.example_inputs(), tmp_path / "slots")
+    contiguous = Model()
+    contiguous.build_from_file(tmp_path / "slots")
+    with pytest.raises(InputError, match="not a pool of blocks"):
+        PoolPicture(contiguous)
 
 
 def test_the_command_line_exports_a_paged_cache_and_generates_from_it(tmp_path):

@@ -25,7 +25,7 @@ import dinb
 from dinb.models import LlamaDecoder
 from dinb.models.tiny_adder import adder_dir, decode, encode, questions
 
-adder = LlamaDecoder(adder_dir(), slots=4, max_len=16, buckets=[8])   # 4 sequences at once, 16 positions
+adder = LlamaDecoder(adder_dir(), slots=4, max_len=16, buckets=[8], cache="slots")   # 4 sequences, 16 positions
 print(f"{adder.layers} layers, hidden {adder.hf['hidden_size']}, {adder.heads} query heads sharing "
       f"{adder.kv_heads} key/value heads of {adder.head_dim} numbers, vocabulary {adder.vocab}")
 print(f"{sum(int(np.prod(s)) for s in adder.param_shapes().values())} parameters")
@@ -40,8 +40,10 @@ the matching columns of `W_o`, and its share of the MLP. Key/value heads are few
 * `tp` exceeds them (tp = 4): the ranks form a 2 × 2 grid and the two ranks of a row both hold
   the key/value head their query heads read, with its cache: the head is replicated, never split.
 
-The cache is `(layers, 2, slots, kv_heads, positions, head_dim)`; its size per rank is what limits
-how many sequences and how long a context a device can hold."""),
+The cache here is a cache of **slots** (`cache="slots"`), `(layers, 2, slots, kv_heads, positions,
+head_dim)`, the simplest picture of it; dinb's default, a pool of blocks, comes at the end of
+section 2. Its size per rank is what limits how many sequences and how long a context a device
+can hold."""),
     code(CHECK + """from dinb.units import fmt_bytes
 
 shapes = adder.param_shapes()
@@ -134,7 +136,8 @@ print("positions written per slot:", written, "= prompt + answer - 1:",
     md("""### A paged cache: memory by the tokens a sequence holds
 
 A cache of slots reserves `max_len` positions for every slot, used or not: 4 slots × 16 positions
-here, whatever the questions hold. A **paged** cache (vLLM's PagedAttention) is a pool of
+here, whatever the questions hold. A **paged** cache (vLLM's PagedAttention, and dinb's default
+for decoder exports) is a pool of
 **blocks** of a few positions; each sequence holds a **block table**, the blocks of its positions
 in order (position *p* lies in block `table[p // block_size]` at offset `p % block_size`), so it
 takes only the blocks of its own tokens. Prompts that begin alike share their full blocks: a
@@ -169,6 +172,21 @@ print("\\n".join(describe_block_pool(seen[0], per_rank)))
 print("prefix blocks found:", pooled.generation_info()["paged"]["prefix_hits"])"""),
     code("""# NBVAL_IGNORE_OUTPUT
 draw_block_pool(seen[0]);"""),
+    md("""The pool as a generation runs: `dinb.PoolPicture` redraws it at every decode step (blocks
+join a sequence as its tokens cross into them, go back when it ends, and a prompt's full blocks
+stay cached, grey, for the next prompt that begins the same way); the slider goes back over the
+steps. When the pool runs out, the sequence that joined last is *preempted*: its blocks go back,
+and it is prefilled again from its prompt and tokens when blocks are free, with the same tokens
+as if it had never stopped (`tests/test_paged_kv.py`)."""),
+    code("""# NBVAL_IGNORE_OUTPUT
+picture = dinb.PoolPicture(pooled)
+display(picture)
+next_four = [q for q, _ in questions()[4:8]]
+answers = picture.follow([encode(q) for q in next_four], 5, stop_ids=[1])"""),
+    code(CHECK + """for q, tokens in zip(next_four, answers):
+    print(q, decode(tokens))
+held = [f["blocks"] - len(f["free"]) - len(f["evictable"]) for f in picture.frames]
+print(f"{len(picture.frames)} pictures; blocks held at each: {held}")"""),
     md("""Three questions begin with `123+`, so they share the first block, the one the first question
 left in the pool (×3, and marked `*` in their tables); the rest of each prompt is prefilled into
 blocks of its own (the last prompt token is always computed again: its logits pick the first new

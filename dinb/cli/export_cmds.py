@@ -59,7 +59,7 @@ def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         from dinb.models.tiny_adder import adder_dir
 
         kw["model_dir"] = args.weights or adder_dir()
-        for key in ("slots", "max_len", "buckets", "decode_steps", "cache_blocks", "block_size"):
+        for key in ("slots", "max_len", "buckets", "decode_steps", "cache", "cache_blocks", "block_size"):
             if getattr(args, key) is not None:
                 kw[key] = getattr(args, key)
     return kw
@@ -122,11 +122,14 @@ def decoder_arguments(p: argparse.ArgumentParser) -> None:
                    help="decoders: decode steps one call of the decode program runs (default 8)")
     p.add_argument("--max-len", type=int, default=None,
                    help="decoders: the most positions (prompt and new tokens) one sequence takes")
+    p.add_argument("--cache", choices=["paged", "slots"], default=None,
+                   help="decoders: the KV cache, a pool of blocks that the sequences take as they need "
+                        "them, with prefix caching (paged, the default), or max-len positions per slot "
+                        "(slots: what --strategy batch splits)")
     p.add_argument("--cache-blocks", type=int, default=None,
-                   help="decoders: a paged KV cache of this many blocks, shared by the sequences as they "
-                        "need them, with prefix caching (default: slots x max-len positions)")
+                   help="decoders, paged cache: its blocks (default: as many positions as slots x max-len)")
     p.add_argument("--block-size", type=int, default=None,
-                   help="decoders with --cache-blocks: positions per block (default 16)")
+                   help="decoders, paged cache: positions per block (default 16)")
     p.add_argument("--buckets", type=counts_arg, default=None,
                    help="decoders: prompt lengths to compile a prefill for, e.g. 16,64")
 

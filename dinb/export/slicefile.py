@@ -235,7 +235,9 @@ def _check_meta(check: Fields, meta: dict[str, Any], header: st.Header) -> None:
     rank = check.int(check.get(meta, "rank", "metadata", int), "rank", 0)
     if rank >= world or world > MAX_DEVICES:
         check.fail(f"rank {rank} of a world of {world} ranks; the file is damaged")
-    check.obj(meta.get("model_config", {}), "model_config")
+    config = check.obj(meta.get("model_config", {}), "model_config")
+    if "cache_blocks" in config and "cache" not in config:  # a decoder exported before caches were named
+        config["cache"] = "slots" if config["cache_blocks"] is None else "paged"
     for i, p in enumerate(check.get(meta, "platforms", "metadata", list, [])):
         check.check(p, f"platforms[{i}]", str)
     span = _check_pipeline(check, meta, rank, world) if "pipeline" in meta else world

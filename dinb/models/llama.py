@@ -25,8 +25,9 @@ the cache and gives it back (the runtime donates it, so it is updated in place):
   one token per slot at its own position (slots are independent sequences: continuous
   batching), the keys at positions ``<= position`` among the first ``W`` attended.
 
-With ``cache_blocks`` the cache is a pool of blocks, ``(L, 2, B, K, b, dh)``, and both take the
-slots' block tables (:mod:`dinb.models.kv_cache`: how a position maps to a block).
+By default the cache is a pool of blocks, ``(L, 2, B, K, b, dh)``, and both take the slots'
+block tables (:mod:`dinb.models.kv_cache`: how a position maps to a block); ``cache="slots"``
+keeps ``max_len`` positions per slot, ``(L, 2, S, K, T, dh)`` (what ``batch`` splits).
 
 :mod:`dinb.models.decode_loop` builds the programs an export holds from them: tokens picked on
 the device, several decode steps per call.
@@ -79,8 +80,8 @@ class LlamaDecoder(ModelDef):
                  slots: int = 4, max_len: int | None = None, buckets: Sequence[int] | None = None,
                  tokenizer: str | None = None, decode_steps: int = DEFAULT_DECODE_STEPS,
                  windows: Sequence[int] | None = None, prefill_rows: Sequence[int] | None = None,
-                 generation_defaults: dict[str, Any] | None = None, cache_blocks: int | None = None,
-                 block_size: int = 16):
+                 generation_defaults: dict[str, Any] | None = None, cache: str = "paged",
+                 cache_blocks: int | None = None, block_size: int = 16):
         self.model_dir = Path(model_dir) if model_dir else None
         if config is None:
             if self.model_dir is None:  # dinb's own trained decoder
@@ -120,23 +121,29 @@ class LlamaDecoder(ModelDef):
         if self.windows[-1] != self.max_len or self.windows[0] < 1:
             raise DinbError(f"attention windows {list(self.windows)}: give lengths up to max_len "
                             f"{self.max_len}, the largest equal to it")
-        self.paged(cache_blocks, block_size)
+        self.paged(cache, cache_blocks, block_size)
         rows = prefill_rows or [r for r in (1, 4, 16, 64, 256) if r < self.slots] + [self.slots]
         self.row_counts = tuple(sorted({int(r) for r in rows} | {1}))  # the prefill programs' rows
         if self.row_counts[-1] > self.slots:
             raise DinbError(f"prefill rows {list(self.row_counts)}: give 1 to the {self.slots} slots")
 
-    def paged(self, cache_blocks: int | None, block_size: int) -> None:
-        """A paged cache of ``cache_blocks`` blocks of ``block_size`` positions (None: slots of
-        max_len positions); see :mod:`dinb.models.kv_cache`."""
-        self.cache_blocks = None if cache_blocks is None else int(cache_blocks)
+    def paged(self, cache: str, cache_blocks: int | None, block_size: int) -> None:
+        """The KV cache (see :mod:`dinb.models.kv_cache`): ``paged``, a pool of ``cache_blocks``
+        blocks of ``block_size`` positions (default: as many positions as ``slots x max_len``,
+        the memory of a cache of slots), or ``slots``, ``max_len`` positions per slot."""
+        if cache not in ("paged", "slots"):
+            raise DinbError(f"cache {cache!r}: give 'paged' (a pool of blocks) or 'slots' (max_len positions "
+                            "per sequence slot)")
+        if cache == "slots" and cache_blocks is not None:
+            raise DinbError(f"cache_blocks {cache_blocks} is the size of a paged cache; leave it out for a "
+                            "cache of slots, or ask for cache='paged' (--cache paged)")
         self.block_size = int(block_size)
-        if self.cache_blocks is None:
-            return
         if self.block_size < 1:
             raise DinbError(f"block_size {block_size}: give the positions of a cache block, 1 or more")
-        need = -(-self.max_len // self.block_size)
-        if self.cache_blocks < need:
+        self.cache_blocks = None if cache == "slots" else \
+            int(cache_blocks) if cache_blocks is not None else self.slots * self.table_width
+        need = self.table_width
+        if self.cache_blocks is not None and self.cache_blocks < need:
             raise DinbError(f"cache_blocks {cache_blocks}: one sequence of max_len {self.max_len} takes "
                             f"{need} blocks of {self.block_size}; give --cache-blocks {need} or more "
                             "(or a smaller --max-len)")
@@ -449,7 +456,8 @@ class LlamaDecoder(ModelDef):
         return {"config": dict(self.hf), "slots": self.slots, "max_len": self.max_len,
                 "buckets": list(self.buckets), "tokenizer": self.tokenizer,
                 "decode_steps": max(self.decode_steps), "windows": list(self.windows),
-                "prefill_rows": list(self.row_counts), "cache_blocks": self.cache_blocks,
+                "prefill_rows": list(self.row_counts),
+                "cache": "slots" if self.cache_blocks is None else "paged", "cache_blocks": self.cache_blocks,
                 "block_size": self.block_size,
                 "generation_defaults": dict(self.generation_defaults),
                 "model_dir": str(self.model_dir) if self.model_dir else None}
@@ -488,7 +496,7 @@ class LlamaDecoder(ModelDef):
         if name == "batch" and self.cache_blocks is not None and n > 1:
             raise StrategyError(f"batch on {n} ranks with a paged cache: the pool of blocks is one for all "
                                 "sequences, split by key/value heads; use --strategy megatron or replicated, "
-                                "or a cache of slots (no --cache-blocks)")
+                                "or a cache of slots (cache='slots', export --cache slots)")
         if name == "batch" and self.slots % n:
             sizes = [d for d in range(1, self.slots + 1) if self.slots % d == 0]
             raise StrategyError(f"batch on {n} ranks: {self.slots} sequence slots do not split into {n} "

@@ -39,6 +39,7 @@ def local_decoder(model: Any, tp: int) -> Any:
     local = LlamaDecoder(config=hf, slots=model.slots, max_len=model.max_len, buckets=model.buckets,
                          decode_steps=max(model.decode_steps), windows=model.windows,
                          prefill_rows=model.row_counts, generation_defaults=model.generation_defaults,
+                         cache="slots" if model.cache_blocks is None else "paged",
                          cache_blocks=model.cache_blocks, block_size=model.block_size)
     return local
 

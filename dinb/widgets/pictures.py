@@ -214,3 +214,44 @@ def schedule_svg(blocks: Sequence[tuple[int, int, float, float]], stages: int, w
                  f'<text x="{left + width / 2}" y="{axis_y}" font-size="10" text-anchor="middle">'
                  f'time; colour = micro-batch</text></svg>')
     return "".join(parts)
+
+
+def block_pool_svg(snapshot: dict, width: int = 560) -> str:
+    """A paged cache's pool (:meth:`~dinb.runtime.block_pool.BlockPool.snapshot`) as a row of
+    blocks: coloured by the sequence holding it (several holders, a shared prefix: striped, with
+    the count), grey cached, white free; under it each sequence's block table, its entries in
+    position order. ``data-*``: blocks, held, cached, free; each block its ``data-refs``."""
+    blocks, tables, refs = snapshot["blocks"], snapshot["tables"], snapshot["refs"]
+    free, cached = set(snapshot["free"]), set(snapshot["evictable"])
+    owner: dict[int, int] = {}
+    for i, table in enumerate(tables.values()):
+        for b in table:
+            owner.setdefault(b, i)
+    cell = max(8.0, min(28.0, (width - 60) / max(blocks, 1)))
+    height = 34 + 22 * len(tables)
+    held = blocks - len(free) - len(cached)
+    parts = [f'<svg class="dinb-pool" data-blocks="{blocks}" data-held="{held}" data-cached="{len(cached)}" '
+             f'data-free="{len(free)}" width="{60 + cell * blocks + 2:.0f}" height="{height}" '
+             'xmlns="http://www.w3.org/2000/svg" style="font:9px sans-serif">',
+             '<defs><pattern id="dinb-shared" width="4" height="4" patternUnits="userSpaceOnUse" '
+             'patternTransform="rotate(45)"><rect width="2" height="4" fill="#ffffff" opacity="0.6"/>'
+             '</pattern></defs>', '<text x="0" y="15">pool</text>']
+    for b in range(blocks):
+        x = 60 + cell * b
+        fill = rank_colour(owner[b]) if refs[b] else "#cccccc" if b in cached else "#ffffff"
+        parts.append(f'<rect class="dinb-block" data-block="{b}" data-refs="{refs[b]}" x="{x:.1f}" y="2" '
+                     f'width="{cell - 1:.1f}" height="20" fill="{fill}" stroke="#333" stroke-width="0.5"/>')
+        if refs[b] > 1:
+            parts.append(f'<rect x="{x:.1f}" y="2" width="{cell - 1:.1f}" height="20" '
+                         'fill="url(#dinb-shared)"/>'
+                         f'<text x="{x + cell / 2:.1f}" y="16" text-anchor="middle">×{refs[b]}</text>')
+    for i, (seq, table) in enumerate(tables.items()):
+        y = 30 + 22 * i
+        parts.append(f'<text x="0" y="{y + 12}" fill="{rank_colour(i)}">seq {html.escape(str(seq))}</text>')
+        for j, b in enumerate(table):
+            x = 60 + cell * j
+            parts.append(f'<rect x="{x:.1f}" y="{y}" width="{cell - 1:.1f}" height="16" fill="#ffffff" '
+                         f'stroke="{rank_colour(i)}"/><text x="{x + cell / 2:.1f}" y="{y + 12}" '
+                         f'text-anchor="middle">{b}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
