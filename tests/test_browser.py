@@ -225,3 +225,31 @@ def test_explorer_follows_the_device_count_in_jupyterlab(lab):
             "data-group-size", "4")
         explorer.screenshot(path=str(ARTIFACTS / "strategy_explorer_mlp_4_ranks.png"))
         page.screenshot(path=str(ARTIFACTS / "notebook_04_in_jupyterlab.png"), full_page=True)
+
+
+def test_the_pool_picture_goes_back_over_a_generation_in_jupyterlab(lab):
+    """Notebook 07's live picture of a paged cache: drawn empty after the generation, and the
+    slider brings back the step where three questions held 9 blocks."""
+    from playwright.sync_api import expect
+
+    url, token, root = lab
+    path = ROOT / "notebooks" / "07_generation.ipynb"
+    try:
+        with lab_page(path.stem) as page:
+            open_and_run(page, url, token, path.name)
+            picture = page.locator(".dinb-pool-picture").first
+            expect(picture.locator(".dinb-pool-caption")).to_contain_text("after", timeout=300_000)
+            pool = picture.locator("svg.dinb-pool")
+            expect(pool).to_have_attribute("data-held", "0")
+            expect(pool.locator("rect.dinb-block")).to_have_count(10)
+            picture.scroll_into_view_if_needed()
+            readout = picture.locator(".widget-readout")
+            readout.click()
+            page.keyboard.press("Control+A")
+            page.keyboard.type("1")
+            page.keyboard.press("Enter")
+            expect(picture.locator(".dinb-pool-caption")).to_contain_text("step 1", timeout=30_000)
+            expect(pool).to_have_attribute("data-held", "9")
+            picture.screenshot(path=str(ARTIFACTS / "pool_picture_step_1.png"))
+    finally:
+        shut_down_kernels(url, token)

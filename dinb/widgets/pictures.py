@@ -80,7 +80,8 @@ def tile_grid_svg(name: str, shape: Sequence[int], tiles: Sequence[Tile], device
             parts.append(f'<text x="{x + w / 2:.1f}" y="{y + h / 2 + 3:.1f}" font-size="10" '
                          f'text-anchor="middle" fill="#111">{label}</text>')
         parts.append("</g>")
-    parts.append("</svg>")
+    parts.append(f'<text x="0" y="{height - 2}" fill="#555">colour: the sequence holding a block '
+                 '(striped, b×n: shared by n), grey: cached, white: free</text></svg>')
     return "".join(parts)
 
 
@@ -228,10 +229,10 @@ def block_pool_svg(snapshot: dict, width: int = 560) -> str:
         for b in table:
             owner.setdefault(b, i)
     cell = max(8.0, min(28.0, (width - 60) / max(blocks, 1)))
-    height = 34 + 22 * len(tables)
+    height = 48 + 22 * len(tables)
     held = blocks - len(free) - len(cached)
     parts = [f'<svg class="dinb-pool" data-blocks="{blocks}" data-held="{held}" data-cached="{len(cached)}" '
-             f'data-free="{len(free)}" width="{60 + cell * blocks + 2:.0f}" height="{height}" '
+             f'data-free="{len(free)}" width="{max(60 + cell * blocks + 2, 460):.0f}" height="{height}" '
              'xmlns="http://www.w3.org/2000/svg" style="font:9px sans-serif">',
              '<defs><pattern id="dinb-shared" width="4" height="4" patternUnits="userSpaceOnUse" '
              'patternTransform="rotate(45)"><rect width="2" height="4" fill="#ffffff" opacity="0.6"/>'
@@ -241,10 +242,12 @@ def block_pool_svg(snapshot: dict, width: int = 560) -> str:
         fill = rank_colour(owner[b]) if refs[b] else "#cccccc" if b in cached else "#ffffff"
         parts.append(f'<rect class="dinb-block" data-block="{b}" data-refs="{refs[b]}" x="{x:.1f}" y="2" '
                      f'width="{cell - 1:.1f}" height="20" fill="{fill}" stroke="#333" stroke-width="0.5"/>')
+        label = str(b)
         if refs[b] > 1:
             parts.append(f'<rect x="{x:.1f}" y="2" width="{cell - 1:.1f}" height="20" '
-                         'fill="url(#dinb-shared)"/>'
-                         f'<text x="{x + cell / 2:.1f}" y="16" text-anchor="middle">×{refs[b]}</text>')
+                         'fill="url(#dinb-shared)"/>')
+            label = f"{b}×{refs[b]}"
+        parts.append(f'<text x="{x + cell / 2:.1f}" y="16" text-anchor="middle">{label}</text>')
     for i, (seq, table) in enumerate(tables.items()):
         y = 30 + 22 * i
         parts.append(f'<text x="0" y="{y + 12}" fill="{rank_colour(i)}">seq {html.escape(str(seq))}</text>')
@@ -253,5 +256,6 @@ def block_pool_svg(snapshot: dict, width: int = 560) -> str:
             parts.append(f'<rect x="{x:.1f}" y="{y}" width="{cell - 1:.1f}" height="16" fill="#ffffff" '
                          f'stroke="{rank_colour(i)}"/><text x="{x + cell / 2:.1f}" y="{y + 12}" '
                          f'text-anchor="middle">{b}</text>')
-    parts.append("</svg>")
+    parts.append(f'<text x="0" y="{height - 2}" fill="#555">colour: the sequence holding a block '
+                 '(striped, b×n: shared by n), grey: cached, white: free</text></svg>')
     return "".join(parts)
