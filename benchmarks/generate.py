@@ -24,7 +24,7 @@ On one GPU (bfloat16, in-process, ``--configs``: ``1b`` is a Llama of 1.2 billio
 
   floor      (bytes of every weight + the keys and values in use, read once a step) / bandwidth,
              over the device-to-device copy bandwidth measured in the run and over 4.8 TB/s
-  dinb       Model.generate on the export (its decode program, k steps a call)
+  dinb       Model.generate on an export with a cache of slots (its decode program, k steps a call)
   paged      the same with a paged KV cache (``--cache-blocks``: blocks of 16 for what the
              sequences hold, read through their block tables by XLA's gather)
   jax loop   the model's own decode step over the whole cache in lax.fori_loop, argmax on the
@@ -372,8 +372,9 @@ def gpu_main(args: argparse.Namespace) -> None:
                             {"config": name, "batch": batch, "max_len": max_len, "skipped": "time budget"}
                         )
                         continue
-                    decoder = LlamaDecoder(
-                        config=config, slots=batch, max_len=max_len, buckets=[PROMPT], prefill_rows=[batch]
+                    decoder = LlamaDecoder(  # the cache of slots: "paged" is the pool beside it
+                        config=config, slots=batch, max_len=max_len, buckets=[PROMPT], prefill_rows=[batch],
+                        cache="slots",
                     )
                     ids = prompts(batch, decoder.vocab)
                     floor = weight_bytes(decoder, 2) + kv_bytes_in_use(decoder, batch, args.new_tokens, 2)
