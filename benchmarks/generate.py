@@ -619,12 +619,14 @@ def main() -> None:
     parser.add_argument("--torch-python", default=str(ROOT / ".venv-ref" / "bin" / "python"))
     parser.add_argument("--out", default=None)
     parser.add_argument(
-        "--dry-run", action="store_true", help="gpu: the same cases on the CPU (to check the code)"
+        "--dry-run", action="store_true",
+        help="gpu: the same cases on the CPU (to check the code), written to a temporary file unless --out",
     )
     args = parser.parse_args()
     if args.target == "gpu":
-        if args.dry_run:
+        if args.dry_run:  # never over the stored GPU results
             DEVICE[0] = "cpu"
+            args.out = args.out or str(Path(tempfile.gettempdir()) / "dinb-generate-dry-run.json")
         args.configs = args.configs or "1b,3b"
         args.new_tokens = args.new_tokens or 64
         args.out = args.out or str(ROOT / "benchmarks" / "results" / "generate_gpu.json")

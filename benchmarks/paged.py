@@ -14,6 +14,9 @@ Two parts, one run:
   sequence preempted when the pool is short (vLLM's), with decode calls of 1 and of 8 steps.
   Per call: positions held, positions holding a token, sequences in flight; the waste is
   ``1 - in use / held``, as vLLM counts it.
+* **decode step** (the reference config, float32, on this machine): ms per step of 64 greedy
+  tokens after prompts of 16, for 1 and 8 sequences and max_len 128 and 512, an export with a
+  cache of slots beside the same with a pool of as many positions (the best of 3 each).
 * **time to first token** (the reference config, float32, on this machine): a 512-token prompt
   into an empty pool, then a 512-token prompt whose first 496 tokens are the first one's
   (31 blocks found, 16 tokens prefilled over a 512-position window), the best of 3 each.
@@ -158,6 +161,39 @@ CASES = (("slots", lambda r: simulate_slots(r)),
          ("pool on demand, 8 steps a call (dinb)", lambda r: simulate_pool(r, 8, reserve=False)))
 
 
+def decode_step_times(work: Path) -> list[dict[str, Any]]:
+    """ms per decode step, slots against paged at equal positions (see the module docstring)."""
+    import dinb
+    from dinb import Model, export_distributed
+    from dinb.models import LlamaDecoder
+
+    config = json.loads((ROOT / "tests" / "fixtures" / "llama" / "config.json").read_text())
+    config["max_position_embeddings"] = 512
+    dinb.init_ranks("cpu", simulate=1)
+    rng = np.random.default_rng(2)
+    rows = []
+    for max_len in (128, 512):
+        models = {}
+        for cache in ("slots", "paged"):
+            decoder = LlamaDecoder(config=config, slots=8, max_len=max_len, buckets=[16], cache=cache)
+            export_distributed(decoder, decoder.init_params(0), decoder.strategy(1), decoder.example_inputs(),
+                               work / f"{cache}{max_len}")
+            models[cache] = Model()
+            models[cache].build_from_file(work / f"{cache}{max_len}")
+        for batch in (1, 8):
+            prompts = [[int(t) for t in rng.integers(0, 200, 16)] for _ in range(batch)]
+            row: dict[str, Any] = {"max_len": max_len, "batch": batch}
+            for cache, model in models.items():
+                times = []
+                for _ in range(4):  # the first compiles
+                    model.generate(prompts, 64)
+                    t = model.generation_info()["timings"]
+                    times.append(1e3 * t["decode_s"] / t["decode_steps"])
+                row[f"{cache}_ms"] = min(times[1:])
+            rows.append(row)
+    return rows
+
+
 def main() -> None:
     requests = workload()
     result: dict[str, Any] = {"machine": machine(), "block_size": BLOCK, "max_len": MAX_LEN, "slots": SLOTS,
@@ -166,6 +202,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="dinb-bench-paged-"))
     try:
         result["first_token"] = first_token_times(work / "export")
+        result["decode_step"] = decode_step_times(work / "steps")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     cases, t = result["cases"], result["first_token"]
@@ -180,6 +217,10 @@ def main() -> None:
               f"{r['recomputed_tokens']}")
     print(f"first token of a 512-token prompt: {t['cold_ms']:.1f} ms; sharing 496 tokens: "
           f"{t['prefix_hit_ms']:.1f} ms ({t['prefix_hit_ms'] / t['cold_ms']:.2f}x)")
+    print("decode step (reference config, float32) | slots ms | paged ms | paged / slots")
+    for r in result["decode_step"]:
+        print(f"max_len {r['max_len']}, {r['batch']} sequences | {r['slots_ms']:.3f} | {r['paged_ms']:.3f} | "
+              f"{r['paged_ms'] / r['slots_ms']:.2f}")
     print(f"machine: {result['machine']}")
     (ROOT / "benchmarks" / "results" / "paged.json").write_text(json.dumps(result, indent=1) + "\n")
 

@@ -80,8 +80,7 @@ def tile_grid_svg(name: str, shape: Sequence[int], tiles: Sequence[Tile], device
             parts.append(f'<text x="{x + w / 2:.1f}" y="{y + h / 2 + 3:.1f}" font-size="10" '
                          f'text-anchor="middle" fill="#111">{label}</text>')
         parts.append("</g>")
-    parts.append(f'<text x="0" y="{height - 2}" fill="#555">colour: the sequence holding a block '
-                 '(striped, b×n: shared by n), grey: cached, white: free</text></svg>')
+    parts.append("</svg>")
     return "".join(parts)
 
 
