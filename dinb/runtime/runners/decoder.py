@@ -144,6 +144,10 @@ class DecoderRunner:
             (3,)
 
     def _array(self, a: np.ndarray, sharding: Any) -> Any:
+        """A copy of host array ``a`` for a program: the host goes on changing its own (the
+        block tables, ``keep``) while a queued call has yet to run, and on the CPU a device
+        array can share the host's memory."""
+        a = np.array(a)
         return a if self.mpi is not None else device_array(a, sharding, self.job)
 
     def ensure_cache(self) -> None:
