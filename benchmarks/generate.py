@@ -41,6 +41,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -622,6 +623,7 @@ def main() -> None:
         "--dry-run", action="store_true",
         help="gpu: the same cases on the CPU (to check the code), written to a temporary file unless --out",
     )
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still removes the work folder
     args = parser.parse_args()
     if args.target == "gpu":
         if args.dry_run:  # never over the stored GPU results

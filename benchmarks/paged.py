@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import sys
 import tempfile
 from collections import deque
@@ -195,6 +196,7 @@ def decode_step_times(work: Path) -> list[dict[str, Any]]:
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still removes the work folder
     requests = workload()
     result: dict[str, Any] = {"machine": machine(), "block_size": BLOCK, "max_len": MAX_LEN, "slots": SLOTS,
                               "requests": len(requests)}
