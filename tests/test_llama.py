@@ -149,8 +149,8 @@ def test_bad_requests_get_clear_errors(decoder, weights, tmp_path):
         decoder.strategy(3)
     with pytest.raises(StrategyError, match="rank counts that would: 1, 2"):
         decoder.strategy(4, "batch")
-    with pytest.raises(StrategyError, match="runs as one pipeline stage"):
-        decoder.strategy(4, pipeline_stages=2)
+    with pytest.raises(StrategyError, match="divide both the 4 layers and the 6 ranks: 1, 2"):
+        decoder.strategy(6, pipeline_stages=3)
     simulated(1)
     model = loaded(export(decoder, weights, tmp_path, 1))
     with pytest.raises(InputError, match="largest bucket \\(16 tokens\\)"):

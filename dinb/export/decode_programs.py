@@ -23,6 +23,12 @@ taking the slots' block tables ``(S, N)`` after the cache, and ``program/prefill
 for the rest of a prompt whose first blocks are cached (``starts`` after the tables): its
 ``P``-token bucket attends over ``W`` positions of its blocks.
 
+With pipeline stages (:mod:`dinb.models.decode_stages`) each rank's file holds its stage's
+parameters, ``program`` is its stage's decode step (activations in, activations or the logits
+out) and the cache is its stage's layers' (``generation.cache``); the generation programs are
+built when the export is loaded, from the model's own definition, as the per-rank steps of MPI
+ranks are (:mod:`dinb.runtime.runners.decoder_stages`).
+
 The cache of rank ``r`` takes ``prod(slice shape) * itemsize`` bytes: with ``L`` layers, ``S``
 slots, ``T`` positions, ``K`` key/value heads of ``dh`` over ``tp`` ranks it is
 ``L * 2 * S * (K / tp or 1) * T * dh`` elements per rank.
@@ -39,6 +45,7 @@ from dinb.export.slicefile import TensorMeta
 from dinb.export.tracing import trace_program
 from dinb.formats.safetensors import np_dtype
 from dinb.models.decode_loop import SAMPLING, STATE, STOPS, decode_program, prefill_program
+from dinb.models.decode_stages import stage_decode
 from dinb.sharding.layout import Layout
 from dinb.sharding.strategy import Strategy
 
@@ -151,6 +158,61 @@ def build_generation_programs(
     inputs = [TensorMeta(n, s, d, la) for n, (s, d), la in zip(names, step_in, step_lay)]
     outputs = [TensorMeta(n, *o) for n, o in zip(("logits", "kv_cache"), outs)]
     return programs, record, inputs, outputs
+
+
+def build_staged_generation(
+    model: Any,
+    param_specs: Mapping[str, tuple[tuple[int, ...], str]],
+    strategy: Strategy,
+    float_dtype: str,
+    platforms: Sequence[str],
+) -> tuple[list[dict[Any, bytes]], list[dict[str, Any]], dict[str, Any], list[TensorMeta], list[TensorMeta]]:
+    """A decoder over ``strategy``'s pipeline stages: each stage's decode step (its ``program``),
+    the ``pipeline`` record of each stage's files, the ``generation`` record (the cache: one
+    stage's layers) and the decode step's input and output metadata."""
+    from dinb.sharding.pipeline import stage_layer_ranges
+
+    ranges = stage_layer_ranges(model, strategy)
+    lay = GenerationLayouts(strategy)
+    per = ranges[0][1] - ranges[0][0]
+    shape = model.cache_shape()
+    cache = TensorMeta("kv_cache", (per, *shape[1:]), float_dtype, lay.cache)
+    tables = [((model.slots, model.table_width), "int32")] if model.cache_blocks is not None else []
+    carry = Layout(lay.cache.dev_matrix, [lay.slot.tensor_map[0], -1, -1])
+    slots, hidden = model.slots, int(model.hf["hidden_size"])
+    state = [((slots,), "int32")] * len(STATE)
+    tail = [*state, *sampling_specs(slots), (cache.shape, float_dtype), *tables]
+    tail_lay = [*lay.state(), *lay.sampling(), lay.cache, *[lay.whole2] * len(tables)]
+    programs, metas = [], []
+    for s, (a, b) in enumerate(ranges):
+        first, last = s == 0, s == len(ranges) - 1
+        x = ((slots,), "int32") if first else ((slots, 1, hidden), float_dtype)
+        names = strategy.stage_params(s)
+        out_lay = [lay.whole2 if last else carry, lay.cache]
+        program, _ = trace_program(stage_decode(model, range(a, b), first, last, model.max_len, None),
+                                   {k: param_specs[k] for k in names}, {k: strategy[k] for k in names},
+                                   [x, *tail], [lay.slot if first else carry, *tail_lay], out_lay, platforms,
+                                   f"the decode step of stage {s} (layers {a}..{b - 1})")
+        programs.append({1: program})
+        metas.append({"stages": len(ranges), "stage": s, "stage_ranks": strategy.stage_device_num,
+                      "layers": [a, b], "micro_batches": [1], "receives": [], "sends": []})
+    record = {"slots": model.slots, "max_len": model.max_len, "buckets": list(model.buckets),
+              "windows": list(model.windows), "decode_steps": list(model.decode_steps),
+              "prefill_shapes": [list(rp) for rp in model.prefill_shapes()], "stops": STOPS,
+              "kernels": {"prefill": {p: "xla" for p in platforms}}, "programs": [],
+              "cache": cache.to_json(),
+              "cache_bytes": [cache_bytes(cache, r % strategy.stage_device_num)
+                              for r in range(strategy.device_num)]}
+    if model.cache_blocks is not None:
+        record["paged"] = {"blocks": model.cache_blocks, "block_size": model.block_size,
+                           "table_width": model.table_width,
+                           "prefix_shapes": [list(pw) for pw in model.prefix_shapes()]}
+    names = ("tokens", "positions", "kv_cache", "block_tables")
+    specs = [((slots,), "int32"), ((slots,), "int32"), (cache.shape, float_dtype), *tables]
+    inputs = [TensorMeta(n, sh, d, la) for n, (sh, d), la in
+              zip(names, specs, [lay.slot, lay.slot, lay.cache, lay.whole2])]
+    outputs = [TensorMeta("logits", (slots, model.vocab), "float32", lay.whole2), cache]
+    return programs, metas, record, inputs, outputs
 
 
 class _Tracer:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from dinb.errors import DinbError, StrategyError
-from dinb.export.decode_programs import build_generation_programs
+from dinb.export.decode_programs import build_generation_programs, build_staged_generation
 from dinb.export.slicefile import SUFFIX, TensorMeta, parse_slice_file_name, slice_file_name, write_slice_file
 from dinb.export.stage_programs import build_stage_programs
 from dinb.export.tracing import DEFAULT_PLATFORMS, input_layouts, trace_program
@@ -119,14 +119,25 @@ class ParamSource:
             self.ckpt = None
             self.arrays = {k: np.asarray(v) for k, v in params.items()}
             self.specs = {k: (tuple(v.shape), str(v.dtype)) for k, v in self.arrays.items()}
+        #: parameters the strategy holds under a second name (a staged export's tied head), by source
+        self.copies = {copy: source for copy, source in model.tied_copies().items()
+                       if copy in strategy and copy not in self.specs and source in self.specs}
+        self.specs.update({copy: self.specs[source] for copy, source in self.copies.items()})
 
     def slices(self, rank: int, dtypes: Mapping[str, str]) -> dict[str, np.ndarray]:
         """Rank ``rank``'s slices of the parameters it holds, cast to ``dtypes``."""
         held = [k for k in self.specs if self.strategy.holds(k, rank)]
+        copies = [k for k in held if k in self.copies]
+        held = [k for k in held if k not in self.copies]
         if self.ckpt is not None:
             read = self.ckpt.load_rank(self.strategy, rank, held, show_progress=False)
+            whole = {k: self.ckpt.load_rank(None, 0, [self.copies[k]], show_progress=False)[self.copies[k]]
+                     for k in copies}
         else:
             read = {k: self.arrays[k][self.strategy.slice_of(k, rank, self.arrays[k].shape)] for k in held}
+            whole = {k: self.arrays[self.copies[k]] for k in copies}
+        read.update({k: np.asarray(a)[self.strategy.slice_of(k, rank, np.shape(a))]
+                     for k, a in whole.items()})
         return {k: v.astype(np_dtype(dtypes[k]), copy=False) for k, v in read.items()}
 
 
@@ -162,9 +173,11 @@ def trace_programs(model: ModelDef, param_specs: dict[str, Spec], strategy: Stra
         if batch_buckets not in (None, "auto"):
             raise StrategyError("batch buckets are for one-stage exports of models without a KV cache; "
                                 "a pipelined export has micro-batches, a decoder sequence slots")
+        if generates and strategy.pipeline_stages > 1:
+            per_stage, stage_meta, generation, in_meta, out_meta = build_staged_generation(
+                model, param_specs, strategy, dtype or weights_dtype(param_specs), platforms)
+            return Programs(per_stage, list(stage_meta), in_meta, out_meta, generation)
         if generates:
-            if strategy.pipeline_stages > 1:
-                raise StrategyError(f"model {model.name!r} generates; its export has one pipeline stage")
             programs, generation, in_meta, out_meta = build_generation_programs(
                 model, param_specs, strategy, dtype or weights_dtype(param_specs), platforms)
             return Programs([programs], [None], in_meta, out_meta, generation)

@@ -287,8 +287,6 @@ def _check_meta(check: Fields, meta: dict[str, Any], header: st.Header) -> None:
 
 def _check_generation(check: Fields, meta: dict[str, Any], world: int) -> None:
     """The ``generation`` record: sizes, buckets, windows, programs and the cache's tensor."""
-    if "pipeline" in meta:
-        check.fail("generation and pipeline stages in one file; a decoder export has one stage")
     gen = check.obj(meta["generation"], "generation")
     for key in ("slots", "max_len", "stops"):
         check.int(check.get(gen, key, "generation", int), f"generation.{key}", 1)

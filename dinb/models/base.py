@@ -113,6 +113,11 @@ class ModelDef(ABC):
         """
         raise StrategyError(f"model {self.name!r} is not a stack of layers; it runs as one stage")
 
+    def tied_copies(self) -> dict[str, str]:
+        """``{copy: source}``: parameters a staged strategy places in a second stage under a name
+        of their own, read from ``source`` (none by default)."""
+        return {}
+
     def stage_layers(self, stages: int) -> list[tuple[int, int]]:
         """``[(start, stop)]`` of each stage when ``stages`` stages share the layers equally."""
         count = self._layer_count(stages)

@@ -322,11 +322,76 @@ class LlamaDecoder(ModelDef):
         inner = jax.nn.silu(h @ p[f"{pre}mlp.gate_proj.weight"].T) * (h @ p[f"{pre}mlp.up_proj.weight"].T)
         return x + inner @ p[f"{pre}mlp.down_proj.weight"].T
 
-    def _logits(self, p: dict[str, Any], x: Any) -> Any:
+    def logits(self, p: dict[str, Any], x: Any) -> Any:
+        """``RMSNorm(x) Wlm^T`` in float32: the logits head, or the embedding where the config ties
+        them (a pipeline stage's copy of it is ``lm_head.weight``: see :meth:`pipeline_layers`)."""
         import jax.numpy as jnp
 
-        head = p["model.embed_tokens.weight" if self.hf["tie_word_embeddings"] else "lm_head.weight"]
+        head = p["lm_head.weight" if "lm_head.weight" in p else "model.embed_tokens.weight"]
         return (self._rms(p["model.norm.weight"], x) @ head.T).astype(jnp.float32)
+
+    @staticmethod
+    def embed(p: dict[str, Any], ids: Any) -> Any:
+        """The embedding's rows of token ``ids``."""
+        import jax.numpy as jnp
+
+        return jnp.take(p["model.embed_tokens.weight"], ids, axis=0)
+
+    def decode_layers(self, p: dict[str, Any], layers: range, x: Any, positions: Any, active: Any, cache: Any,
+                      window: int, tables: Any = None) -> tuple[Any, Any]:
+        """``layers`` of a decode step on ``x`` (S, 1, h), the cache holding those layers only
+        (layer ``i`` at ``i - layers.start``: a pipeline stage's cache; the whole model's for
+        ``range(L)``); see :meth:`step`."""
+        import jax.numpy as jnp
+
+        kv = self.kv_store(tables)
+        visible = (jnp.arange(kv.window(window))[None, None, :] <= positions[:, None, None])  # (S, 1, W)
+        for i in layers:
+            pre, at = f"model.layers.{i}.", i - layers.start
+            q, k, v = self._qkv(p, pre, x, positions[:, None])
+            cache = kv.write_one(cache, at, k[:, 0], v[:, 0], positions, active)
+            a = self._attend(q, *kv.read(cache, at, window), visible)
+            x = x + self._linear(p, f"{pre}self_attn.o_proj", a)
+            x = self._mlp_block(p, pre, x)
+        return x, cache
+
+    def prompt_layers(self, p: dict[str, Any], layers: range, x: Any, slots: Any, cache: Any,
+                      attention: str = "xla", tables: Any = None, starts: Any = None,
+                      window: int | None = None) -> tuple[Any, Any]:
+        """``layers`` of a prefill on ``x`` (R, P, h), the cache holding those layers only (see
+        :meth:`decode_layers` and :meth:`prefill_rows`)."""
+        import jax.numpy as jnp
+
+        kv = self.kv_store(tables)
+        r, p_len = x.shape[:2]
+        offset = jnp.zeros((r,), jnp.int32) if starts is None else starts
+        pos = offset[:, None] + jnp.arange(p_len, dtype=jnp.int32)[None]  # (R, P)
+        if starts is None:
+            causal = pos[:, :, None] >= pos[:, None, :]
+        else:
+            causal = jnp.arange(kv.window(window))[None, None, :] <= pos[:, :, None]  # (R, P, W')
+        for i in layers:
+            pre, at = f"model.layers.{i}.", i - layers.start
+            q, k, v = self._qkv(p, pre, x, pos)
+            k_t, v_t = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (R, K, P, dh)
+            cache = kv.write_prompts(cache, at, k_t, v_t, slots, offset)
+            if starts is not None:
+                a = self._attend(q, *kv.read_rows(cache, at, slots, window), causal)
+            elif attention == "cudnn":
+                a = self._flash(q, k, v)
+            else:
+                a = self._attend(q, k_t, v_t, causal)
+            x = x + self._linear(p, f"{pre}self_attn.o_proj", a)
+            x = self._mlp_block(p, pre, x)
+        return x, cache
+
+    @staticmethod
+    def last_tokens(x: Any, lengths: Any, starts: Any = None) -> Any:
+        """Each prompt's row of ``x`` (R, P, h) after its last token (``lengths - starts - 1``)."""
+        import jax.numpy as jnp
+
+        offset = jnp.zeros_like(lengths) if starts is None else starts
+        return jnp.take_along_axis(x, (lengths - offset - 1)[:, None, None], axis=1)[:, 0]
 
     def step(self, params: dict[str, Any], tokens: Any, positions: Any, active: Any, cache: Any,
              window: int, tables: Any = None) -> tuple[Any, Any]:
@@ -337,19 +402,9 @@ class LlamaDecoder(ModelDef):
         Attention reads the first ``window`` positions of every slot (a static slice: the
         program's cost follows the window, not ``max_len``), the keys at positions ``<=
         position`` visible. ``tables``: the slots' block tables of a paged cache."""
-        import jax.numpy as jnp
-
-        kv = self.kv_store(tables)
-        x = jnp.take(params["model.embed_tokens.weight"], tokens, axis=0)[:, None]  # (S, 1, h)
-        visible = (jnp.arange(kv.window(window))[None, None, :] <= positions[:, None, None])  # (S, 1, W)
-        for i in range(self.layers):
-            pre = f"model.layers.{i}."
-            q, k, v = self._qkv(params, pre, x, positions[:, None])
-            cache = kv.write_one(cache, i, k[:, 0], v[:, 0], positions, active)
-            a = self._attend(q, *kv.read(cache, i, window), visible)
-            x = x + self._linear(params, f"{pre}self_attn.o_proj", a)
-            x = self._mlp_block(params, pre, x)
-        return self._logits(params, x[:, 0]), cache
+        x = self.embed(params, tokens)[:, None]  # (S, 1, h)
+        x, cache = self.decode_layers(params, range(self.layers), x, positions, active, cache, window, tables)
+        return self.logits(params, x[:, 0]), cache
 
     def prefill_rows(self, params: dict[str, Any], ids: Any, lengths: Any, slots: Any, cache: Any,
                      attention: str = "xla", tables: Any = None, starts: Any = None,
@@ -363,32 +418,9 @@ class LlamaDecoder(ModelDef):
         ``starts`` (R,) positions already (a cached prefix, whole blocks): ``ids`` are then the
         rest, at positions ``starts + 0 .. P-1``, ``lengths`` the whole prompts', and attention
         reads the first ``window`` positions of the rows' blocks."""
-        import jax.numpy as jnp
-
-        kv = self.kv_store(tables)
-        r, p_len = ids.shape
-        offset = jnp.zeros((r,), jnp.int32) if starts is None else starts
-        pos = offset[:, None] + jnp.arange(p_len, dtype=jnp.int32)[None]  # (R, P)
-        x = jnp.take(params["model.embed_tokens.weight"], ids, axis=0)
-        if starts is None:
-            causal = pos[:, :, None] >= pos[:, None, :]
-        else:
-            causal = jnp.arange(kv.window(window))[None, None, :] <= pos[:, :, None]  # (R, P, W')
-        for i in range(self.layers):
-            pre = f"model.layers.{i}."
-            q, k, v = self._qkv(params, pre, x, pos)
-            k_t, v_t = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (R, K, P, dh)
-            cache = kv.write_prompts(cache, i, k_t, v_t, slots, offset)
-            if starts is not None:
-                a = self._attend(q, *kv.read_rows(cache, i, slots, window), causal)
-            elif attention == "cudnn":
-                a = self._flash(q, k, v)
-            else:
-                a = self._attend(q, k_t, v_t, causal)
-            x = x + self._linear(params, f"{pre}self_attn.o_proj", a)
-            x = self._mlp_block(params, pre, x)
-        last = jnp.take_along_axis(x, (lengths - offset - 1)[:, None, None], axis=1)[:, 0]
-        return self._logits(params, last), cache
+        x, cache = self.prompt_layers(params, range(self.layers), self.embed(params, ids), slots, cache,
+                                      attention, tables, starts, window)
+        return self.logits(params, self.last_tokens(x, lengths, starts)), cache
 
     def _flash(self, q: Any, k: Any, v: Any) -> Any:
         """Causal attention by cuDNN's fused kernel: ``q`` (R, P, K, G, dh), ``k``/``v`` (R, P, K, dh)."""
@@ -426,7 +458,7 @@ class LlamaDecoder(ModelDef):
             a = self._attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), visible)
             x = x + self._linear(params, f"{pre}self_attn.o_proj", a)
             x = self._mlp_block(params, pre, x)
-        return self._logits(params, x)
+        return self.logits(params, x)
 
     # ---- inputs and outputs ----------------------------------------------------------------------
     def input_specs(self) -> tuple[TensorSpec, ...]:
@@ -484,12 +516,28 @@ class LlamaDecoder(ModelDef):
             return [tp], 0, 0
         return [self.kv_heads, tp // self.kv_heads], (1, 0), 1
 
-    def _layer_count(self, stages: int) -> int:
-        raise StrategyError(
-            f"model {self.name!r} runs as one pipeline stage: its KV cache and its per-token programs are "
-            f"not split into {stages} stages; split it over ranks by heads (--strategy megatron) or by "
-            "sequences (--strategy batch) instead"
-        )
+    def pipeline_layers(self) -> list[list[str]]:
+        """Each layer's parameters, for pipeline stages: the embedding goes with the first layer,
+        the final norm and the logits head with the last. Where the config ties the head to the
+        embedding, the last stage holds a copy of it as ``lm_head.weight`` (see
+        :meth:`tied_copies`): both ends of the pipeline need it."""
+        names = list(self.param_shapes())
+        layers = [[n for n in names if n.startswith(f"model.layers.{i}.")] for i in range(self.layers)]
+        layers[0].insert(0, "model.embed_tokens.weight")
+        layers[-1] += ["model.norm.weight", "lm_head.weight"]
+        return layers
+
+    def tied_copies(self) -> dict[str, str]:
+        """``{copy: source}``: parameters a staged export holds that the checkpoint has under
+        another name (the tied logits head is the embedding)."""
+        return {"lm_head.weight": "model.embed_tokens.weight"} if self.hf["tie_word_embeddings"] else {}
+
+    def _staged(self, base: Strategy, stages: int) -> Strategy:
+        if self.hf["tie_word_embeddings"]:  # the last stage's copy, laid out as the embedding is
+            embed = base.item("model.embed_tokens.weight")
+            base = Strategy({**{n: base.item(n) for n in base}, "lm_head.weight": embed}, base.inputs,
+                            base.outputs)
+        return super()._staged(base, stages)
 
     def _strategy(self, device_num: int, name: str, input_shapes: Sequence[tuple[int, ...]]) -> Strategy:
         n = device_num

@@ -59,37 +59,55 @@ class RankModel:
         self.all_reduce = all_reduce if tp > 1 and all_reduce else (lambda x: x)
         self.all_gather = all_gather if self.vocab_split and all_gather else (lambda x: x)
 
-    def _layers(self, p: dict[str, Any], x: Any, cache: Any,
+    @staticmethod
+    def embed(p: dict[str, Any], ids: Any) -> Any:
+        import jax.numpy as jnp
+
+        return jnp.take(p["model.embed_tokens.weight"], ids, axis=0)
+
+    def logits(self, p: dict[str, Any], x: Any) -> Any:
+        """The whole logits: this rank's vocabulary rows, gathered."""
+        return self.all_gather(self.local.logits(p, x))
+
+    def last_tokens(self, x: Any, lengths: Any, starts: Any = None) -> Any:
+        return self.local.last_tokens(x, lengths, starts)
+
+    def _layers(self, p: dict[str, Any], layers: range, x: Any, cache: Any,
                 attend: Callable[[int, Any, Any], tuple[Any, Any]]) -> tuple[Any, Any]:
-        """Every layer: this rank's attention, its sum, this rank's MLP, its sum."""
-        for layer in range(self.layers):
+        """``layers``: this rank's attention, its sum, this rank's MLP, its sum."""
+        for layer in layers:
             partial, cache = attend(layer, x, cache)
             x, partial = self.mlp(p, layer, x, self.all_reduce(partial))
             x = x + self.all_reduce(partial)
         return x, cache
 
+    def decode_layers(self, p: dict[str, Any], layers: range, x: Any, positions: Any, active: Any, cache: Any,
+                      window: int, tables: Any = None) -> tuple[Any, Any]:
+        """:meth:`LlamaDecoder.decode_layers` on this rank (its heads, its cache of those layers)."""
+        return self._layers(p, layers, x, cache, lambda layer, x, cache: self.attention(
+            p, layer, x, positions, active, cache, window, tables, layer - layers.start))
+
+    def prompt_layers(self, p: dict[str, Any], layers: range, x: Any, slots: Any, cache: Any,
+                      attention: str = "xla", tables: Any = None, starts: Any = None,
+                      window: int | None = None) -> tuple[Any, Any]:
+        """:meth:`LlamaDecoder.prompt_layers` on this rank (XLA's attention)."""
+        return self._layers(p, layers, x, cache, lambda layer, x, cache: self.prompt_attention(
+            p, layer, x, slots, starts, cache, window, tables, layer - layers.start))
+
     def step(self, p: dict[str, Any], tokens: Any, positions: Any, active: Any, cache: Any, window: int,
              tables: Any = None) -> tuple[Any, Any]:
         """:meth:`LlamaDecoder.step` on this rank: the whole logits (S, V) and this rank's cache."""
-        import jax.numpy as jnp
-
-        x = jnp.take(p["model.embed_tokens.weight"], tokens, axis=0)[:, None]
-        x, cache = self._layers(p, x, cache, lambda layer, x, cache: self.attention(
-            p, layer, x, positions, active, cache, window, tables))
-        return self.all_gather(self.local._logits(p, x[:, 0])), cache
+        x = self.embed(p, tokens)[:, None]
+        x, cache = self.decode_layers(p, range(self.layers), x, positions, active, cache, window, tables)
+        return self.logits(p, x[:, 0]), cache
 
     def prefill_rows(self, p: dict[str, Any], ids: Any, lengths: Any, slots: Any, cache: Any,
                      attention: str = "xla", tables: Any = None, starts: Any = None,
                      window: int | None = None) -> tuple[Any, Any]:
         """:meth:`LlamaDecoder.prefill_rows` on this rank (XLA's attention)."""
-        import jax.numpy as jnp
-
-        x = jnp.take(p["model.embed_tokens.weight"], ids, axis=0)
-        x, cache = self._layers(p, x, cache, lambda layer, x, cache: self.prompt_attention(
-            p, layer, x, slots, starts, cache, window, tables))
-        offset = jnp.zeros_like(lengths) if starts is None else starts
-        last = jnp.take_along_axis(x, (lengths - offset - 1)[:, None, None], axis=1)[:, 0]
-        return self.all_gather(self.local._logits(p, last)), cache
+        x, cache = self.prompt_layers(p, range(self.layers), self.embed(p, ids), slots, cache, attention,
+                                      tables, starts, window)
+        return self.logits(p, self.last_tokens(x, lengths, starts)), cache
 
     def decode(self, p: dict[str, Any], tokens: Any, positions: Any, cache: Any,
                tables: Any = None) -> tuple[Any, Any]:
@@ -99,7 +117,7 @@ class RankModel:
         return self.step(p, tokens, positions, jnp.ones(tokens.shape, bool), cache, self.max_len, tables)
 
     def attention(self, p: dict[str, Any], layer: int, x: Any, positions: Any, active: Any, cache: Any,
-                  window: int, tables: Any) -> tuple[Any, Any]:
+                  window: int, tables: Any, at: int) -> tuple[Any, Any]:
         """Layer ``layer``'s attention on this rank's heads: its partial ``a_r Wo_r^T`` and the
         cache with this step's keys and values."""
         import jax.numpy as jnp
@@ -108,8 +126,8 @@ class RankModel:
         kv = m.kv_store(tables)
         visible = jnp.arange(kv.window(window))[None, None, :] <= positions[:, None, None]
         q, k, v = m._qkv(p, pre, x, positions[:, None])
-        cache = kv.write_one(cache, layer, k[:, 0], v[:, 0], positions, active)
-        a = m._attend(q, *kv.read(cache, layer, window), visible)
+        cache = kv.write_one(cache, at, k[:, 0], v[:, 0], positions, active)
+        a = m._attend(q, *kv.read(cache, at, window), visible)
         return a @ p[f"{pre}self_attn.o_proj.weight"].T, cache
 
     def mlp(self, p: dict[str, Any], layer: int, x: Any, attended: Any) -> tuple[Any, Any]:
@@ -125,7 +143,7 @@ class RankModel:
         return x, inner @ p[f"{pre}mlp.down_proj.weight"].T
 
     def prompt_attention(self, p: dict[str, Any], layer: int, x: Any, slots: Any, starts: Any, cache: Any,
-                         window: int | None, tables: Any) -> tuple[Any, Any]:
+                         window: int | None, tables: Any, at: int) -> tuple[Any, Any]:
         """Layer ``layer``'s attention of ``R`` prompts at positions ``starts + 0 .. P-1``
         (causal over their own keys, or through the blocks over ``window`` positions after a
         cached prefix); the partial and the cache."""
@@ -138,10 +156,10 @@ class RankModel:
         pos = offset[:, None] + jnp.arange(p_len, dtype=jnp.int32)[None]
         q, k, v = m._qkv(p, pre, x, pos)
         k_t, v_t = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        cache = kv.write_prompts(cache, layer, k_t, v_t, slots, offset)
+        cache = kv.write_prompts(cache, at, k_t, v_t, slots, offset)
         if starts is None:
             a = m._attend(q, k_t, v_t, pos[:, :, None] >= pos[:, None, :])
         else:
             visible = jnp.arange(kv.window(window))[None, None, :] <= pos[:, :, None]
-            a = m._attend(q, *kv.read_rows(cache, layer, slots, window), visible)
+            a = m._attend(q, *kv.read_rows(cache, at, slots, window), visible)
         return a @ p[f"{pre}self_attn.o_proj.weight"].T, cache

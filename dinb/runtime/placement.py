@@ -24,15 +24,17 @@ def xla_collectives(job: ranks.Job) -> str:
     return "in-process" if job.process_count == 1 else "nccl" if job.target == "gpu" else "gloo"
 
 
-def place_params(files: dict[int, SliceFile], job: ranks.Job,
-                 others: Sequence[Layout] = ()) -> tuple[dict[str, Any], list[Any]]:
+def place_params(files: dict[int, SliceFile], job: ranks.Job, others: Sequence[Layout] = (),
+                 devices: Sequence[Any] | None = None) -> tuple[dict[str, Any], list[Any]]:
     """Every parameter of ``files`` (the local ranks' slice files) as one global array, and the
-    shardings of ``others`` (inputs, outputs, a cache) on the same mesh."""
+    shardings of ``others`` (inputs, outputs, a cache) on the same mesh, over ``devices``
+    (default: the job's; a pipeline stage's own)."""
     import jax
 
     pmeta = next(iter(files.values())).param_meta()
     names = list(pmeta)
-    shardings = one_mesh_shardings([pmeta[n].layout for n in names] + list(others), job.devices)
+    shardings = one_mesh_shardings([pmeta[n].layout for n in names] + list(others),
+                                   job.devices if devices is None else devices)
     params = {
         n: jax.make_array_from_single_device_arrays(
             m.shape, s, [jax.device_put(sf.params[n], job.device_of(r)) for r, sf in files.items()])
@@ -53,6 +55,8 @@ def device_array(a: np.ndarray, sharding: Any, job: ranks.Job) -> Any:
 
 def host_copy(arr: Any) -> np.ndarray:
     """A replicated output as numpy: this process's first copy (no gather across processes)."""
+    if isinstance(arr, np.ndarray):  # (what MPI brought)
+        return arr
     if arr.is_fully_addressable:
         return np.asarray(arr)
     return np.asarray(arr.addressable_data(0))

@@ -69,9 +69,10 @@ def choose_runner(files: dict[int, SliceFile], job: ranks.Job, provider: str,
                 "a decoder's export"
             raise ProviderError(f"{first.path}: {what} runs on the xla provider; the tensorrt provider "
                                 "runs one-stage exports of the built-in models")
-        if first.pipeline is not None:
-            return PipelineRunner(files, job, config)
-        return DecoderRunner(files, job, mpi=mpi_decoder_applies(files, job, config))
+        if first.generation is not None:
+            mpi = first.pipeline is None and mpi_decoder_applies(files, job, config)
+            return DecoderRunner(files, job, mpi=mpi, stage_timeout_s=config.stage_timeout_s)
+        return PipelineRunner(files, job, config)
     if provider == "tensorrt":
         return OnnxRunner(files, job.world_size, job.process_count, job.target)
     if mpi_applies(files, job, config):

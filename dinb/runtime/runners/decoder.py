@@ -35,6 +35,7 @@ from dinb.runtime.block_pool import BlockPool, blocks_for
 from dinb.runtime.placement import device_array, host_copy, place_params, xla_collectives
 from dinb.runtime.programs import deserialize
 from dinb.runtime.runners.decoder_mpi import MpiDecoderPrograms
+from dinb.runtime.runners.decoder_stages import StagedDecoderPrograms
 from dinb.sharding.layout import Layout, one_mesh_shardings
 
 #: ``(row, token, log-probability)`` as each token is picked
@@ -48,16 +49,22 @@ class DecoderRunner:
     notice: str | None = None
     gives_outputs = True
 
-    def __init__(self, files: dict[int, SliceFile], job: ranks.Job, mpi: bool = False):
+    def __init__(self, files: dict[int, SliceFile], job: ranks.Job, mpi: bool = False,
+                 stage_timeout_s: float = 60.0):
         first = next(iter(files.values()))
         gen = first.generation or {}
         self.first, self.job = first, job
-        #: each rank's own steps with MPI between them (CPU ranks of mpiexec), else None: the SPMD
-        #: programs of the export
-        self.mpi = MpiDecoderPrograms(first, job.local_ranks[0], job.world_size,
-                                      job.device_of(job.local_ranks[0])) if mpi else None
-        self.collectives = "mpi" if mpi else xla_collectives(job)
-        self.params = self.mpi.params if self.mpi else place_params(files, job)[0]
+        #: the programs built at load from the model's definition: each rank's own steps with MPI
+        #: between them (CPU ranks of mpiexec), or passes through pipeline stages; else None: the
+        #: SPMD programs of the export
+        self.built: MpiDecoderPrograms | StagedDecoderPrograms | None = None
+        if first.pipeline is not None:
+            self.built = StagedDecoderPrograms(files, job, job.process_count > 1, stage_timeout_s)
+        elif mpi:
+            self.built = MpiDecoderPrograms(first, job.local_ranks[0], job.world_size,
+                                            job.device_of(job.local_ranks[0]))
+        self.collectives = "mpi" if job.process_count > 1 and self.built is not None else xla_collectives(job)
+        self.params = self.built.params if self.built else place_params(files, job)[0]
         self.slots, self.max_len = int(gen["slots"]), int(gen["max_len"])
         self.buckets = sorted(int(b) for b in gen["buckets"])
         self.windows = sorted(int(w) for w in gen["windows"])
@@ -93,6 +100,10 @@ class DecoderRunner:
         self.clock: Callable[[], float] = time.perf_counter  # the timings' clock
 
     def _shardings(self, first: SliceFile) -> None:
+        if self.built is not None:  # the built programs place their own arguments
+            (self._cache_sh, self._slot_sh, self._per_slot_sh, self._whole1, self._whole2,
+             self._logits_sh) = [None] * 6
+            return
         dm = self.cache_meta.layout.dev_matrix
         slot = first.inputs[0].layout
         layouts = [self.cache_meta.layout, slot, Layout(dm, [slot.tensor_map[0], -1]), Layout(dm, [-1]),
@@ -106,8 +117,8 @@ class DecoderRunner:
         """Program ``name`` (1: the decode step with logits), compiled the first time it runs,
         with the cache (and the state) donated: XLA writes them in place."""
         self.ran.add(str(name))
-        if self.mpi is not None:
-            return self.mpi.program(name)
+        if self.built is not None:
+            return self.built.program(name)
         if name in self._compiled:
             return self._compiled[name]
         import jax
@@ -148,12 +159,12 @@ class DecoderRunner:
         block tables, ``keep``) while a queued call has yet to run, and on the CPU a device
         array can share the host's memory."""
         a = np.array(a)
-        return a if self.mpi is not None else device_array(a, sharding, self.job)
+        return a if self.built is not None else device_array(a, sharding, self.job)
 
     def ensure_cache(self) -> None:
         """Allocate the KV cache and the slots' state on the devices (zeros, once)."""
-        if self.cache is None and self.mpi is not None:
-            self.cache = self.mpi.zeros_cache()
+        if self.cache is None and self.built is not None:
+            self.cache = self.built.zeros_cache()
         if self.cache is None:
             import jax
             import jax.numpy as jnp
@@ -180,7 +191,7 @@ class DecoderRunner:
         return {r: [] for r in self.job.local_ranks}
 
     def describe(self) -> str:
-        return self.mpi.describe() if self.mpi is not None else str(self._program(1).as_text())
+        return self.built.describe() if self.built is not None else str(self._program(1).as_text())
 
     def close(self) -> None:
         self.cache, self.state, self.params, self._compiled = None, None, {}, {}
@@ -333,10 +344,14 @@ class DecoderRunner:
         ``(layers, 2, kv_heads, length, head_dim)`` (gathered in one process; for tests and
         pictures)."""
         self.ensure_cache()
-        if self.mpi is not None or not self.cache.is_fully_addressable:
+        staged = isinstance(self.built, StagedDecoderPrograms)
+        if staged and self.built.link is None:
+            cache = self.built.whole_cache(self.cache)
+        elif self.built is not None or not self.cache.is_fully_addressable:
             raise InputError("kv_cache gathers the whole cache, which one process holds only when it hosts "
                              "every rank (--simulate N); under mpiexec each rank holds its own heads")
-        cache = np.asarray(self.cache)
+        else:
+            cache = np.asarray(self.cache)
         if self.pool is None:
             return cache[:, :, slot, :, :length]
         b = self.pool.block_size
@@ -485,7 +500,7 @@ class DecoderRunner:
         """Resumed sequences' state after their prefill: the last token they had picked is fed
         next (the prefill's own pick is dropped), ``counts`` tokens picked (the noise's counter
         goes on), ``lefts`` to pick."""
-        state = [np.array(a if self.mpi is not None else host_copy(a)) for a in self.state]
+        state = [np.array(host_copy(a) if hasattr(a, "sharding") else a) for a in self.state]
         for column, values in ((0, tokens), (2, lefts), (3, counts)):
             state[column][list(slots)] = values
         self.state = tuple(self._array(a.astype(np.int32), self._slot_sh) for a in state)
@@ -653,7 +668,8 @@ class DecoderRunner:
     def info(self) -> dict[str, Any]:
         """``slots``, ``max_len``, prompt ``buckets``, ``vocab``, the KV ``cache`` (shape, dtype,
         layout), the ``cache_bytes`` each local rank holds, the attention ``windows``, the
-        ``decode_steps`` per call, the prefill ``kernels`` and the last generation's timings."""
+        ``decode_steps`` per call, the prefill ``kernels``, the pipeline ``stages`` (None: one; see
+        :meth:`StagedDecoderPrograms.info`) and the last generation's timings."""
         return {"slots": self.slots, "max_len": self.max_len, "buckets": list(self.buckets),
                 "vocab": self.vocab, "cache": self.cache_meta, "cache_bytes": dict(self.cache_bytes),
                 "windows": list(self.windows), "decode_steps": list(self.decode_steps),
@@ -661,6 +677,7 @@ class DecoderRunner:
                 "paged": None if self.pool is None else {**self.pool.stats(),
                                                          "table_width": int(self.tables.shape[1])},
                 "end_tokens": list(self.end_tokens), "defaults": dict(self.defaults),
+                "stages": self.built.info() if isinstance(self.built, StagedDecoderPrograms) else None,
                 "timings": dict(self.timings)}
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from dinb.errors import ProviderError
+from dinb.errors import ProviderError, StrategyError
 from dinb.export.slicefile import SliceFile, TensorMeta
 from dinb.job import ranks
 from dinb.models.decode_loop import decode_program, prefill_program
@@ -44,7 +44,18 @@ def decoder_model(first: SliceFile) -> tuple[Any, str | None]:
     from dinb.models import get_model
 
     model = get_model(first.model, **first.meta.get("model_config", {}))
-    return model, model.strategy_name_of(strategy_of(first))
+    pipe = first.pipeline
+    if pipe is None:
+        return model, model.strategy_name_of(strategy_of(first))
+    stages = int(pipe["stages"])  # a stage's file: its parameters' layouts under the staged strategy
+    for name in model.strategy_names:
+        try:
+            known = model.strategy(stages * int(pipe["stage_ranks"]), name, pipeline_stages=stages)
+        except StrategyError:
+            continue
+        if all(n in known and known[n] == m.layout for n, m in first.param_meta().items()):
+            return model, name
+    return model, None
 
 
 def mpi_decoder_applies(files: dict[int, SliceFile], job: ranks.Job, config: RuntimeConfig) -> bool:
@@ -70,12 +81,14 @@ def mpi_decoder_applies(files: dict[int, SliceFile], job: ranks.Job, config: Run
 class MpiDecoderPrograms:
     """This rank's generation programs (see the module docstring), by the exported names."""
 
-    def __init__(self, file: SliceFile, rank: int, world_size: int, device: Any):
+    def __init__(self, file: SliceFile, rank: int, world_size: int, device: Any, comm: Any = None):
+        """``rank`` of ``world_size``: of the job, or of its pipeline stage (``comm``: the stage's
+        communicator)."""
         import jax
 
         model, name = decoder_model(file)
         tp = world_size if name == "megatron" else 1
-        self.comm = MpiCollectives(world_size, "a decoder's per-rank steps") if tp > 1 else None
+        self.comm = MpiCollectives(world_size, "a decoder's per-rank steps", comm) if tp > 1 else None
         self.model = RankModel(model, tp, self._all_reduce, self._all_gather)
         self.device = device
         self.params = {n: jax.device_put(v, device) for n, v in file.params.items()}
@@ -83,7 +96,7 @@ class MpiDecoderPrograms:
         self.cache_shape = tuple(cache.layout.slice_shape(cache.shape, cache.name))
         self.cache_dtype = cache.dtype
         self.vocab_order = None  # the ranks in the order of their vocabulary rows
-        if self.model.vocab_split:
+        if self.model.vocab_split and "lm_head.weight" in file.param_meta():  # (the last stage's)
             head = "lm_head.weight"
             meta = file.param_meta()[head]
             self.vocab_order = np.argsort([meta.layout.slice_of(r, meta.shape, head)[0].start

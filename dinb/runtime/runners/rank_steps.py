@@ -72,12 +72,12 @@ def strategy_of(sf: SliceFile) -> Any:
 class MpiCollectives:
     """Collectives between rank processes with mpi4py (the job's processes are MPI's world)."""
 
-    def __init__(self, world_size: int, what: str):
+    def __init__(self, world_size: int, what: str, comm: Any = None):
         try:
             from mpi4py import MPI
         except ImportError:
             raise ProviderError(f"{what} needs mpi4py for its collectives (pip install mpi4py)") from None
-        self.comm = MPI.COMM_WORLD
+        self.comm = MPI.COMM_WORLD if comm is None else comm  # or the ranks of one pipeline stage
         if self.comm.size != world_size:
             raise ProviderError(
                 f"{what} runs its collectives over MPI, but MPI's world has {self.comm.size} "
