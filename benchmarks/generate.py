@@ -16,6 +16,8 @@ On the CPU (the reference config, float32), in one run:
   (c) dinb, N ranks under mpiexec      mpiexec -n N python -m dinb generate    (tp = N): each
                                        rank's own steps, MPI's all-reduce between them
   (c-gloo) the same ranks running the SPMD program, its collectives over gloo
+  (s) (s-mpi) N pipeline stages of one rank each, simulated and under mpiexec (the activations
+       forward over MPI, the tokens broadcast back from the last stage every step)
   (a0) (b0) (c0) the same with the dinb of ``--baseline REV`` (a git revision, in a worktree)
   (t) transformers' generate           benchmarks/generate_torch.py in the reference environment
 
@@ -459,10 +461,13 @@ def cli(args: list[str], pythonpath: Path | None, timeout: float = 900) -> subpr
     )
 
 
-def cpu_export(weights: Path, batch: int, ranks: int, new: int, out: Path, source: Path | None) -> Path:
+def cpu_export(weights: Path, batch: int, ranks: int, new: int, out: Path, source: Path | None,
+               stages: int = 1) -> Path:
+    staged = ["--pipeline-stages", str(stages)] if stages > 1 else []
     proc = cli(
         [
             "export",
+            *staged,
             "--model",
             "llama",
             "--weights",
@@ -567,6 +572,14 @@ def cpu_main(args: argparse.Namespace) -> None:
                     row[f"dinb_mpi{n}_gloo"] = cpu_generate(
                         "mpiexec", split, ids, args.new_tokens, n, source, args.repeat, gloo
                     )
+                if not tag and args.stages:  # n pipeline stages of one rank each
+                    staged = cpu_export(weights, b, n, args.new_tokens, work / f"b{b}_{n}st", None, stages=n)
+                    row[f"dinb_sim{n}_stages"] = cpu_generate(
+                        "simulate", staged, ids, args.new_tokens, n, None, args.repeat
+                    )
+                    row[f"dinb_mpi{n}_stages"] = cpu_generate(
+                        "mpiexec", staged, ids, args.new_tokens, n, None, args.repeat
+                    )
             row["torch"] = torch_case(weights, b, args.new_tokens, "float32", "cpu", args.torch_python)
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -612,6 +625,8 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=2048, help="gpu: the prefill row's prompt (0: none)")
     parser.add_argument("--repeat", type=int, default=2, help="cpu: runs of each dinb case (the best counts)")
     parser.add_argument("--baseline", default=None, help="cpu: a git revision of dinb to run beside")
+    parser.add_argument("--stages", action=argparse.BooleanOptionalAction, default=True,
+                        help="cpu: also --ranks pipeline stages of one rank each (simulated, mpiexec)")
     parser.add_argument(
         "--budget-s", type=float, default=1e9, help="gpu: start no case after this many seconds"
     )
