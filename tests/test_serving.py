@@ -92,12 +92,20 @@ class Serve:
     """``python -m dinb serve`` on free ports: Main, the worker and the agents' launcher."""
 
     def __init__(self, model_dir, batching=True, extra=()):
-        self.rest, self.grpc, self.dist = (f"127.0.0.1:{free_port()}" for _ in range(3))
-        cmd = [PY, "-m", "dinb", "serve", "--model-dir", str(model_dir), "--rest", self.rest, "--grpc",
-               self.grpc, "--distributed-address", self.dist, *(["--batching"] if batching else []), *extra]
-        self.proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
-        wait_until(lambda: ready(self.rest), 120, f"the server at {self.rest}")
+        for attempt in range(2):  # a free port can be taken by another process before the server binds it
+            self.rest, self.grpc, self.dist = (f"127.0.0.1:{free_port()}" for _ in range(3))
+            cmd = [PY, "-m", "dinb", "serve", "--model-dir", str(model_dir), "--rest", self.rest, "--grpc",
+                   self.grpc, "--distributed-address", self.dist, *(["--batching"] if batching else []),
+                   *extra]
+            self.proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         text=True)
+            wait_until(lambda: self.proc.poll() is not None or ready(self.rest), 120,
+                       f"the server at {self.rest}")
+            if self.proc.poll() is None:
+                return
+            output = self.proc.stdout.read()
+            if attempt or "in use" not in output:
+                raise AssertionError(f"the server exited before it was ready:\n{output[-3000:]}")
 
     def agents(self):
         return agent_processes(self.proc.pid)
