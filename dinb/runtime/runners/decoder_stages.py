@@ -26,7 +26,6 @@ A rank that sends or receives nothing within ``stage_timeout_s`` is named
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -41,6 +40,7 @@ from dinb.models.decode_loop import SAMPLING, STOPS
 from dinb.models.decode_stages import stage_decode, stage_prefill
 from dinb.runtime.placement import place_params
 from dinb.runtime.runners.decoder_mpi import DECODE, PREFILL, MpiDecoderPrograms, decoder_model
+from dinb.runtime.runners.stage_link import poll_until
 from dinb.sharding.layout import Layout
 
 #: where a decode and a prefill program take the cache (after the params): it is donated
@@ -64,10 +64,8 @@ class StagedDecoderPrograms:
         self.local_stages = sorted(by_stage)
         self.layers = {s: range(*next(iter(fs.values())).pipeline["layers"]) for s, fs in by_stage.items()}
         self.cache_meta = TensorMeta.from_json(gen["cache"])
-        self.paged = "paged" in gen
         self.slots, self.vocab = int(gen["slots"]), int(first.outputs[0].shape[-1])
         self.hidden = int(self.model.hf["hidden_size"])
-        self.timeout_s = timeout_s
         self._jitted: dict[tuple[Any, ...], Any] = {}
         self.link: _StageLink | None = None
         if mpi:
@@ -295,11 +293,6 @@ class _StageLink:
         return out
 
     def _wait(self, req: Any, peer: int, message: Callable[[], str]) -> None:
-        deadline = time.monotonic() + self.timeout_s
-        pause = 0.0
-        while not req.Test():
-            if time.monotonic() > deadline:
-                raise RankFailedError(f"{message()} within {self.timeout_s:.0f} s; rank {peer} is dead or "
-                                      "stuck", (peer,))
-            time.sleep(pause)  # spin first, then short naps: a step's messages arrive in microseconds
-            pause = min(0.0002, pause + 0.00001)
+        if not poll_until(req.Test, self.timeout_s):
+            raise RankFailedError(f"{message()} within {self.timeout_s:.0f} s; rank {peer} is dead or stuck",
+                                  (peer,))

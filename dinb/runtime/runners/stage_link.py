@@ -179,19 +179,27 @@ class MpiLink:
         self._posted = {}
 
     def _wait(self, reqs: list[Any], message: Any, peer: int) -> None:
-        deadline = time.monotonic() + self.timeout_s
-        pause = 0.0
-        while not self.MPI.Request.Testall(reqs):
-            if time.monotonic() > deadline:
-                self.cancel()
-                for r in reqs:
-                    try:
-                        r.Cancel()
-                    except Exception:  # noqa: BLE001
-                        pass
-                raise RankFailedError(message(), (peer,))
-            time.sleep(pause)  # spin first, then short naps: activations usually arrive in us
-            pause = min(0.0002, pause + 0.00001)
+        if not poll_until(lambda: self.MPI.Request.Testall(reqs), self.timeout_s):
+            self.cancel()
+            for r in reqs:
+                try:
+                    r.Cancel()
+                except Exception:  # noqa: BLE001
+                    pass
+            raise RankFailedError(message(), (peer,))
+
+
+def poll_until(done: Any, timeout_s: float) -> bool:
+    """Whether ``done()`` came true within ``timeout_s``: an MPI request's ``Test``, polled by
+    spinning first, then in short naps (activations usually arrive in microseconds)."""
+    deadline = time.monotonic() + timeout_s
+    pause = 0.0
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(pause)
+        pause = min(0.0002, pause + 0.00001)
+    return True
 
 
 class XlaLink:
