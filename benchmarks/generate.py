@@ -236,7 +236,8 @@ def paged_case(
 
     blocks = pool_blocks(decoder.slots, decoder.max_len, PROMPT + new - 1)
     paged = LlamaDecoder(config=config, slots=decoder.slots, max_len=decoder.max_len,
-                         buckets=[PROMPT], prefill_rows=[decoder.slots], cache_blocks=blocks)
+                         buckets=[PROMPT], prefill_rows=[decoder.slots], cache_blocks=blocks,
+                         decode_steps=decoder.decode_steps)
     case = dinb_case(paged, params, ids, new, work)
     return {"paged": case["dinb"], "paged_windows": case["windows"],
             "cache_MB": cache_bytes(decoder, 2) / 1e6, "paged_cache_MB": cache_bytes(paged, 2) / 1e6}
@@ -343,6 +344,7 @@ def gpu_main(args: argparse.Namespace) -> None:
 
     import dinb
     from dinb.models import LlamaDecoder
+    from dinb.models.llama import powers_up_to
 
     dinb.init_ranks(DEVICE[0])
     bw, peak = copy_bandwidth(), matmul_peak()
@@ -352,6 +354,9 @@ def gpu_main(args: argparse.Namespace) -> None:
         "matmul_TFLOPs": peak / 1e12,
         "new_tokens": args.new_tokens,
         "prompt": PROMPT,
+        "decode_steps": (powers_up_to(args.decode_steps) if isinstance(args.decode_steps, int)
+                         else sorted({1, *args.decode_steps})),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "rows": [],
         "prefill": [],
     }
@@ -377,7 +382,7 @@ def gpu_main(args: argparse.Namespace) -> None:
                         continue
                     decoder = LlamaDecoder(  # the cache of slots: "paged" is the pool beside it
                         config=config, slots=batch, max_len=max_len, buckets=[PROMPT], prefill_rows=[batch],
-                        cache="slots",
+                        cache="slots", decode_steps=args.decode_steps,
                     )
                     ids = prompts(batch, decoder.vocab)
                     floor = weight_bytes(decoder, 2) + kv_bytes_in_use(decoder, batch, args.new_tokens, 2)
@@ -632,6 +637,9 @@ def main() -> None:
     )
     parser.add_argument("--paged", action=argparse.BooleanOptionalAction, default=True,
                         help="gpu: also each case with a paged KV cache")
+    parser.add_argument("--decode-steps", default=None,
+                        help="gpu: the decode steps a call can run: 8 (it and the powers of two below) "
+                             "or 1,8 (those alone)")
     parser.add_argument("--torch-python", default=str(ROOT / ".venv-ref" / "bin" / "python"))
     parser.add_argument("--out", default=None)
     parser.add_argument(
@@ -646,6 +654,12 @@ def main() -> None:
             args.out = args.out or str(Path(tempfile.gettempdir()) / "dinb-generate-dry-run.json")
         args.configs = args.configs or "1b,3b"
         args.new_tokens = args.new_tokens or 64
+        if args.decode_steps is None:
+            from dinb.models.llama import DEFAULT_DECODE_STEPS
+
+            args.decode_steps = str(DEFAULT_DECODE_STEPS)
+        steps = [int(k) for k in args.decode_steps.split(",")]  # one number: it and the powers of two below
+        args.decode_steps = steps if len(steps) > 1 else steps[0]
         args.out = args.out or str(ROOT / "benchmarks" / "results" / "generate_gpu.json")
         gpu_main(args)
     else:

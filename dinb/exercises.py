@@ -264,7 +264,7 @@ def smallest_micro_batches(micro_batches: Any, stages: int = 4, batch: int = 32,
 # ---- 07 · generation ---------------------------------------------------------------------------------
 def decode_windows(windows: Any, prompt_len: int = 120, new_tokens: int = 24,
                    export_windows: tuple[int, ...] = (128, 512, 2048),
-                   decode_steps: tuple[int, ...] = (1, 8)) -> Verdict:
+                   decode_steps: tuple[int, ...] = (1, 2, 4, 8)) -> Verdict:
     """07: the attention window of each decode call that generates ``new_tokens`` after a prompt
     of ``prompt_len`` tokens, in order, for an export with ``export_windows`` and ``decode_steps``."""
     from dinb.models.decode_loop import call_plan
@@ -278,8 +278,8 @@ def decode_windows(windows: Any, prompt_len: int = 120, new_tokens: int = 24,
     got = [int(w) for w in _as_list(windows)]
     if len(got) != len(want):
         return Verdict(False, f"the prefill picks token 1 and {len(want)} decode calls pick the other "
-                              f"{new_tokens - 1} (the most steps a call has that the tokens left fill, "
-                              f"then 1 at a time), not {len(got)} calls.")
+                              f"{new_tokens - 1} (each the most steps a call has that the tokens left "
+                              f"fill), not {len(got)} calls.")
     if got != want:
         wrong = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
         return Verdict(False, f"call {wrong + 1} writes up to position {reach[wrong] - 1}, so it needs "

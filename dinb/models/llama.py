@@ -62,9 +62,16 @@ from dinb.models.text import generation_defaults as read_generation_defaults
 from dinb.sharding.layout import Layout
 from dinb.sharding.strategy import Strategy
 
-DEFAULT_DECODE_STEPS = 8  # decode steps one call runs (the programs for 1 step are there too)
+DEFAULT_DECODE_STEPS = 8  # the most decode steps one call runs (the powers of two below it are there too)
 WINDOWS = (128, 512, 2048, 8192, 32768)  # attention windows below max_len, each a decode program
 PREFILL_TOKENS = 4096  # the most tokens one prefill call holds (rows x bucket)
+def powers_up_to(most: int) -> list[int]:
+    """The decode programs an export of ``decode_steps=most`` holds: ``most`` and the powers of
+    two below it, ``8 -> [1, 2, 4, 8]``. A generation's tail (fewer tokens left than ``most``)
+    then runs in at most log2(most) calls instead of one call per token."""
+    return sorted({most, *(1 << i for i in range(max(most, 1).bit_length()) if 1 << i < most)})
+
+
 class LlamaDecoder(ModelDef):
     """The Llama architecture with a KV cache (see the module docstring), and the families that
     are configurations of it (Qwen2/2.5, Qwen3, Mistral: see :mod:`dinb.models.hf_config`; the
@@ -78,7 +85,7 @@ class LlamaDecoder(ModelDef):
 
     def __init__(self, model_dir: str | Path | None = None, config: dict[str, Any] | None = None,
                  slots: int = 4, max_len: int | None = None, buckets: Sequence[int] | None = None,
-                 tokenizer: str | None = None, decode_steps: int = DEFAULT_DECODE_STEPS,
+                 tokenizer: str | None = None, decode_steps: int | Sequence[int] = DEFAULT_DECODE_STEPS,
                  windows: Sequence[int] | None = None, prefill_rows: Sequence[int] | None = None,
                  generation_defaults: dict[str, Any] | None = None, cache: str = "paged",
                  cache_blocks: int | None = None, block_size: int = 16):
@@ -113,9 +120,11 @@ class LlamaDecoder(ModelDef):
             raise DinbError(f"prompt buckets {bad} do not fit max_len {self.max_len}; give lengths 1 to "
                             f"{self.max_len}")
         self.tokenizer = tokenizer
-        if decode_steps < 1:
+        steps = (powers_up_to(int(decode_steps)) if isinstance(decode_steps, int)
+                 else [int(k) for k in decode_steps])
+        if not steps or min(steps) < 1:
             raise DinbError(f"decode_steps {decode_steps}: give the decode steps one call runs, 1 or more")
-        self.decode_steps = tuple(sorted({1, int(decode_steps)}))
+        self.decode_steps = tuple(sorted({1, *steps}))
         default = [w for w in WINDOWS if w < self.max_len] + [self.max_len]
         self.windows = tuple(sorted({int(w) for w in (windows or default)}))
         if self.windows[-1] != self.max_len or self.windows[0] < 1:
@@ -487,7 +496,7 @@ class LlamaDecoder(ModelDef):
     def config(self) -> dict[str, Any]:
         return {"config": dict(self.hf), "slots": self.slots, "max_len": self.max_len,
                 "buckets": list(self.buckets), "tokenizer": self.tokenizer,
-                "decode_steps": max(self.decode_steps), "windows": list(self.windows),
+                "decode_steps": list(self.decode_steps), "windows": list(self.windows),
                 "prefill_rows": list(self.row_counts),
                 "cache": "slots" if self.cache_blocks is None else "paged", "cache_blocks": self.cache_blocks,
                 "block_size": self.block_size,

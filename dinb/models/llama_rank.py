@@ -37,7 +37,7 @@ def local_decoder(model: Any, tp: int) -> Any:
     hf.update(num_attention_heads=model.heads // tp, num_key_value_heads=kv,
               intermediate_size=hf["intermediate_size"] // tp, head_dim=model.head_dim)
     local = LlamaDecoder(config=hf, slots=model.slots, max_len=model.max_len, buckets=model.buckets,
-                         decode_steps=max(model.decode_steps), windows=model.windows,
+                         decode_steps=model.decode_steps, windows=model.windows,
                          prefill_rows=model.row_counts, generation_defaults=model.generation_defaults,
                          cache="slots" if model.cache_blocks is None else "paged",
                          cache_blocks=model.cache_blocks, block_size=model.block_size)
