@@ -17,7 +17,10 @@ On the CPU (the reference config, float32), in one run:
                                        rank's own steps, MPI's all-reduce between them
   (c-gloo) the same ranks running the SPMD program, its collectives over gloo
   (s) (s-mpi) N pipeline stages of one rank each, simulated and under mpiexec (the activations
-       forward over MPI, the tokens broadcast back from the last stage every step)
+       forward over MPI, the tokens broadcast back from the last stage every step; on one host's
+       CPU every slot in one group), and (s-mpi-G) under mpiexec with the slots in one group a
+       stage, following each other through the stages (``decode_groups = N``); on a machine of
+       2N cores or more also 2 stages of N ranks each (2 x N), simulated and under mpiexec
   (a0) (b0) (c0) the same with the dinb of ``--baseline REV`` (a git revision, in a worktree)
   (t) transformers' generate           benchmarks/generate_torch.py in the reference environment
 
@@ -509,10 +512,11 @@ def cpu_generate(
     for _ in range(repeat):
         if kind == "mpiexec":
             from dinb.cli import mpiexec_path
+            from dinb.job.launchers import mpiexec_command
 
             env = dict(os.environ, PYTHONPATH=str(source)) if source else dict(os.environ)
             proc = subprocess.run(
-                [mpiexec_path(), "-n", str(ranks), sys.executable, "-m", "dinb", *args],
+                [*mpiexec_command(mpiexec_path(), ranks), sys.executable, "-m", "dinb", *args],
                 capture_output=True,
                 text=True,
                 timeout=900,
@@ -554,6 +558,8 @@ def cpu_main(args: argparse.Namespace) -> None:
         weights = write_folder(config, params, work / "weights")
         gloo = work / "gloo.ini"
         gloo.write_text("[runtime]\ncollectives = gloo\n")
+        groups = work / "groups.ini"
+        groups.write_text(f"[runtime]\ndecode_groups = {args.ranks}\n")
         tree = baseline_tree(args.baseline, work) if args.baseline else None
         n = args.ranks
         for b in [int(x) for x in args.batches.split(",")]:
@@ -585,6 +591,16 @@ def cpu_main(args: argparse.Namespace) -> None:
                     row[f"dinb_mpi{n}_stages"] = cpu_generate(
                         "mpiexec", staged, ids, args.new_tokens, n, None, args.repeat
                     )
+                    row[f"dinb_mpi{n}_stages_groups{n}"] = cpu_generate(  # one group of slots a stage
+                        "mpiexec", staged, ids, args.new_tokens, n, None, args.repeat, groups
+                    )
+                    if (os.cpu_count() or 1) >= 2 * n:  # 2 stages of n ranks, where the cores are
+                        grid = cpu_export(weights, b, 2 * n, args.new_tokens, work / f"b{b}_2x{n}", None,
+                                          stages=2)
+                        for kind, short in (("simulate", "sim"), ("mpiexec", "mpi")):
+                            row[f"dinb_{short}{2 * n}_2x{n}"] = cpu_generate(
+                                kind, grid, ids, args.new_tokens, 2 * n, None, args.repeat
+                            )
             row["torch"] = torch_case(weights, b, args.new_tokens, "float32", "cpu", args.torch_python)
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -3,6 +3,7 @@ the slots' state back from the last stage; simulated ranks and CPU ranks of mpie
 one-stage export and the Hugging Face reference."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,10 @@ from conftest import simulated
 
 from dinb import Model, export_distributed, read_meta
 from dinb.cli import launch
+from dinb.cli.common import mpiexec_path
 from dinb.models import LlamaDecoder
 from dinb.models.tiny_adder import questions
+from dinb.sharding import decode_busy_fraction, decode_schedule
 
 FIXTURE = Path(__file__).parent / "fixtures" / "llama"
 REF = np.load(FIXTURE / "reference.npz")
@@ -24,12 +27,14 @@ PROMPTS = [PROMPT, PROMPT[:5], PROMPT[2:9]]
 SAMPLED = dict(temperature=0.9, top_k=50, top_p=0.9, seed=3)
 
 
-def loaded(decoder, weights, out, n, stages=1) -> Model:
+def loaded(decoder, weights, out, n, stages=1, groups=0) -> Model:
     strategy = decoder.strategy(n, pipeline_stages=stages)
     export_distributed(decoder, weights, strategy, decoder.example_inputs(), out)
     simulated(n)
     model = Model()
-    model.build_from_file(out)
+    config = out / "run.ini"
+    config.write_text(f"[runtime]\ndecode_groups = {groups}\n")
+    model.build_from_file(out, config_file=config)
     return model
 
 
@@ -60,15 +65,35 @@ def test_each_stage_holds_its_layers_and_their_cache(one_stage, tmp_path):
 
 @pytest.mark.parametrize("n, stages", [(2, 2), (4, 2), (4, 4)])
 def test_staged_tokens_equal_the_one_stage_export_and_hugging_face(one_stage, tmp_path, n, stages):
-    """2 stages x 1 rank, 2 x 2 (megatron in each stage) and 4 x 1: the same greedy tokens (and
-    Hugging Face's), the same sampled ones for a seed, streamed in order."""
+    """2 stages x 1 rank, 2 x 2 (megatron in each stage) and 4 x 1, the slots in one group a
+    stage (3 for 4 stages: one a slot): the same greedy tokens (and Hugging Face's), the same
+    sampled ones for a seed, streamed in order."""
     decoder, weights, greedy, sampled = one_stage
-    model = loaded(decoder, weights, tmp_path, n, stages)
+    model = loaded(decoder, weights, tmp_path, n, stages, groups=stages)
     assert model.generate(PROMPTS, 20) == greedy
+    assert model.generation_info()["stages"]["groups"] == min(stages, len(PROMPTS))
     assert greedy[0][:12] == list(REF["tokens_0"][:12])
     streamed: list[tuple[int, int]] = []
     got = model.generate(PROMPTS, 20, on_token=lambda row, token: streamed.append((row, token)), **SAMPLED)
     assert got == sampled and [[t for r, t in streamed if r == row] for row in range(3)] == got
+
+
+@pytest.mark.parametrize("stages, groups", [(2, 1), (2, 2), (4, 4), (3, 2), (2, 3)])
+def test_the_decode_schedule_keeps_each_group_in_order_and_the_stages_busy(stages, groups):
+    """A group's pass follows its pass on the stage before and its previous step on the last
+    stage; a stage does one pass a tick; the busy share is the formula's."""
+    steps, at = 8, {}
+    ticks = decode_schedule(stages, groups, steps)
+    for tick, s, g, t in ticks:
+        at[s, g, t] = tick
+    assert len({(tick, s) for tick, s, _, _ in ticks}) == len(ticks) == stages * groups * steps
+    for (s, g, t), tick in at.items():
+        assert s == 0 or at[s - 1, g, t] < tick
+        assert s > 0 or t == 0 or at[stages - 1, g, t - 1] < tick
+    span = max(at.values()) + 1
+    assert decode_busy_fraction(stages, groups, steps) == pytest.approx(groups * steps / span)
+    if groups >= stages:
+        assert decode_busy_fraction(stages, groups, steps) >= 1 - 1 / (2 * stages)
 
 
 def test_the_step_logits_and_the_cache_are_those_of_one_stage(one_stage, tmp_path):
@@ -103,7 +128,8 @@ def test_sequences_preempted_in_a_staged_pool_resume_with_their_tokens(tmp_path)
     slots = LlamaDecoder(**kw, cache="slots")
     weights = slots.init_params(int(REF["seed"]))
     want = loaded(slots, weights, tmp_path / "slots", 1).generate(PROMPTS, 30, **SAMPLED)
-    paged = loaded(LlamaDecoder(**kw, cache_blocks=7, block_size=8), weights, tmp_path / "paged", 2, stages=2)
+    paged = loaded(LlamaDecoder(**kw, cache_blocks=7, block_size=8), weights, tmp_path / "paged", 2, stages=2,
+                   groups=2)
     assert paged.generate(PROMPTS, 30, **SAMPLED) == want
     assert paged.generation_info()["paged"]["preemptions"] > 0
 
@@ -145,10 +171,50 @@ def mpi_generate(model_dir: Path, n: int, *extra: str) -> dict:
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("split, n", [("s2x1", 2), ("s2x2", 4)])
-def test_mpiexec_stages_pick_the_tokens_of_one_stage(one_stage, staged_exports, split, n):
+def test_mpiexec_stages_pick_the_tokens_of_one_stage(one_stage, staged_exports, split, n, tmp_path):
     """Each rank runs its stage's programs, the activations over MPI to the next stage, the tokens
-    broadcast from the last; 2 x 2 sums its heads over the stage's own communicator."""
+    broadcast from the last; 2 x 2 sums its heads over the stage's own communicator. Greedy in
+    one group (the default on one host's CPU), sampled in 2 groups that follow each other."""
     _, _, greedy, sampled = one_stage
-    assert mpi_generate(staged_exports / split, n)["tokens"] == greedy
-    sample = ["--temperature", "0.9", "--top-k", "50", "--top-p", "0.9", "--seed", "3"]
-    assert mpi_generate(staged_exports / split, n, *sample)["tokens"] == sampled
+    got = mpi_generate(staged_exports / split, n)
+    assert got["tokens"] == greedy and got["stages"]["groups"] == 1
+    groups = tmp_path / "groups.ini"
+    groups.write_text("[runtime]\ndecode_groups = 2\n")
+    sample = ["--temperature", "0.9", "--top-k", "50", "--top-p", "0.9", "--seed", "3",
+              "--config-file", str(groups)]
+    got = mpi_generate(staged_exports / split, n, *sample)
+    assert got["tokens"] == sampled and got["stages"]["groups"] == 2
+
+
+HELPER = Path(__file__).parent / "helpers" / "decoder_stage_rank.py"
+
+
+def mpirun_helper(model_dir: Path, n: int, *extra: str) -> subprocess.CompletedProcess:
+    ids = [a for p in PROMPTS for a in ("--ids", ",".join(map(str, p)))]
+    cmd = [mpiexec_path(), "-n", str(n), sys.executable, str(HELPER), str(model_dir), *ids, *extra]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.mpi
+def test_two_groups_follow_each_other_through_mpi_stages_and_a_stuck_last_stage_is_named(
+        one_stage, staged_exports, tmp_path):
+    """The slots in 2 groups (one a stage): each rank's share of the decode time spent computing
+    is reported, with the one-stage tokens; then the last stage's rank stops after its 4th token
+    and the first stage's rank, waiting for a group's tokens, names it within the stage timeout."""
+    _, _, greedy, _ = one_stage
+    groups = tmp_path / "groups.ini"
+    groups.write_text("[runtime]\ndecode_groups = 2\n")
+    proc = mpirun_helper(staged_exports / "s2x1", 2, "--config", str(groups))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for line in proc.stdout.strip().splitlines()[-2:]:
+        got = json.loads(line)
+        assert got["tokens"] == greedy and got["stages"]["groups"] == 2
+        busy = got["stages"]["busy"]
+        assert set(busy) == {"0", "1"} and all(0 < b <= 1 for b in busy.values())
+    cfg = tmp_path / "c.ini"
+    cfg.write_text("[runtime]\nstage_timeout_s = 3\ndecode_groups = 2\n")
+    proc = mpirun_helper(staged_exports / "s2x1", 2, "--config", str(cfg), "--stuck", "1", "--after", "4")
+    assert proc.returncode != 0
+    assert "rank 0 received no tokens from rank 1 (the last stage) within 3 s; rank 1 is dead or stuck" \
+        in proc.stderr, proc.stderr[-3000:]

@@ -181,3 +181,39 @@ def test_a_stuck_rank_fails_the_generation_in_flight_naming_it(random_llama):
     wait_until(lambda: ready(server.rest), 60, "the relaunched agents")
     run = events(server.rest, "llama", {"input_ids": [1, 2, 3], "parameters": {"max_tokens": 4}})
     assert run[-1]["finish_reason"] == "length" and len(run) == 5
+
+
+@pytest.fixture(scope="module")
+def staged_adder(tmp_path_factory):
+    """The tiny adder as 2 pipeline stages of 2 ranks (the servable's rank_size=4, stage_size=2),
+    3 slots, served by 4 agents of one MPI job."""
+    root = tmp_path_factory.mktemp("staged")
+    model = LlamaDecoder(adder_dir(), slots=3, max_len=16, buckets=[8])
+    export_distributed(model, DistributedCheckpoint(model.checkpoint()), model.strategy(4, pipeline_stages=2),
+                       model.example_inputs(), root)
+    server = Serve(root, batching=False)
+    yield server
+    server.stop()
+
+
+@pytest.mark.mpi
+def test_a_decoder_over_two_stages_answers_concurrent_streams_and_names_a_stuck_last_stage(staged_adder):
+    """Six streams on 3 slots through 2 stages of 2 agents: each its answer; then an agent of the
+    second stage stops and the request in flight gets the 503 that names it."""
+    server = staged_adder
+    wait_until(lambda: ready(server.rest) and len(server.agents()) == 4, 60, "four ready agents")
+    qs = questions()[:6]
+    with ThreadPoolExecutor(6) as pool:
+        runs = list(pool.map(lambda q: events(server.rest, "llama", {"text_input": q[0],
+                                                                       "parameters": {"max_tokens": 5}}), qs))
+    answers = ["".join(e["text_output"] for e in run) for run in runs]
+    assert answers == [want for _, want in qs] and all(run[-1]["finish_reason"] == "stop" for run in runs)
+    victim = [p for p in server.agents()
+              if "--rank 3" in open(f"/proc/{p}/cmdline").read().replace("\0", " ")][0]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        status, reply = post(server.rest, "llama/generate",
+                             {"text_input": qs[0][0], "parameters": {"max_tokens": 5}})
+        assert status == 503 and "rank 3 died" in reply["error"], reply
+    finally:
+        os.kill(victim, signal.SIGKILL)

@@ -312,14 +312,76 @@ serve --model-dir DIR` serves it, with OpenAI's `/v1/chat/completions` beside th
     code("""# NBVAL_IGNORE_OUTPUT
 print(subprocess.run([sys.executable, "-m", "dinb", "generate", "--model-dir", str(work / "qwen3"), "--simulate", "2",
                       "--chat", "Hello!", "--max-new-tokens", "8"], capture_output=True, text=True).stdout)"""),
+    md("""## 8 · A decoder over pipeline stages
+
+With `--pipeline-stages S` a decoder's layers are cut into `S` runs, one a stage: the first stage
+holds the embedding, the last the final norm and the logits head, and each stage's ranks hold the
+KV cache **of their stage's layers only**. A decode step sends the activations `(slots, 1,
+hidden)` forward, stage to stage, and the last stage picks the tokens and sends the slots' state
+back to the first for the next step. Below, the adder as 2 stages of 2 ranks (tensor parallel
+inside each stage) on 4 simulated ranks, generating through the command line."""),
+    code(CHECK + """import json
+
+staged = work / "staged"
+split = subprocess.run([sys.executable, "-m", "dinb", "export", "--model", "llama", "--ranks", "4",
+                        "--pipeline-stages", "2", "--out", str(staged)], capture_output=True, text=True,
+                       check=True).stdout
+print(split.splitlines()[0].split(" to ")[0])
+for name, stage in re.findall(r"(llama\\d\\.dinb) .*?(stage \\d)", split):
+    print(" ", name, stage)
+q, want = questions()[0]
+done = subprocess.run([sys.executable, "-m", "dinb", "generate", "--model-dir", str(staged), "--simulate", "4",
+                       "--json", q], capture_output=True, text=True, check=True)
+got = json.loads(done.stdout.strip().splitlines()[-1])
+print(q, "->", got["texts"][0], "| the answer:", want)
+print("layers per stage:", got["stages"]["layers"], "| slot groups in flight:", got["stages"]["groups"])"""),
+    md("""With one group of sequences, a step goes through the stages one after the other: each stage
+works `1/S` of the time. So the slots are dealt into groups (slot `i` in group `i % G`) that
+follow each other through the stages: stage 1 works on group 0 while stage 0 works on group 1,
+and a group's next step starts as soon as its tokens are back. `decode_groups` in the run-time
+config sets `G`; by default it is one group a stage where the stages compute side by side (GPUs,
+CPU ranks on several hosts), and one group where they share one host's CPU cores, as the
+simulated ranks above do. The ticks of 4 decode steps, each column a tick, each digit the group
+a stage works on (`.`: idle):"""),
+    code(CHECK + """from dinb.sharding import decode_busy_fraction, draw_decode_schedule
+
+for groups in (1, 2):
+    print(f"{groups} group(s): each stage busy {decode_busy_fraction(2, groups, 4):.0%} of the ticks")
+    print(draw_decode_schedule(2, groups, 4))"""),
+    md("""Measured: 2 stages of one rank each under `mpiexec` (one process a rank, the activations and
+the tokens over MPI), 4 sequences of 24 tokens (`--ignore-eos`: past the answers too), each
+rank's share of the decode time spent computing, against the schedule's share for calls of 8
+steps, `G k / ((k - 1) max(S, G) + G + S - 1)`. The host's loop and the messages between the
+stages add to the formula's idle time. Two groups double each stage's share of the time spent
+computing, but not the tokens per second: both ranks share this machine's cores, so the groups'
+passes take turns on the same cores, and a pass of 2 sequences of this tiny model costs about
+what a pass of 4 costs (fixed costs, not arithmetic), so a step takes as long or longer. That is
+why one host's CPU runs one group by default; the groups pay off where the stages have their own
+devices."""),
+    code("""# NBVAL_IGNORE_OUTPUT
+from dinb.cli import launch
+
+two = work / "staged2"
+subprocess.run([sys.executable, "-m", "dinb", "export", "--model", "llama", "--ranks", "2", "--pipeline-stages",
+                "2", "--slots", "4", "--out", str(two)], capture_output=True, check=True)
+prompts = [a for q, _ in questions()[:4] for a in ("--ids", ",".join(map(str, encode(q))))]
+print("groups | stage 0 busy | stage 1 busy | formula (k = 8) | ms per step")
+for groups in (1, 2):
+    (work / "groups.ini").write_text(f"[runtime]\\ndecode_groups = {groups}\\n")
+    run = launch(2, ["--model-dir", str(two), *prompts, "--max-new-tokens", "24", "--ignore-eos", "--json",
+                     "--config-file", str(work / "groups.ini")], command="generate")
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    busy = out["stages"]["busy"]
+    print(f"{groups:6d} | {busy['0']:12.0%} | {busy['1']:12.0%} | {decode_busy_fraction(2, groups, 8):15.0%} | "
+          f"{out['decode_ms_per_step']:.2f}")"""),
     *exercises(
         "Work it out first, then check it against the runtime's own plan.",
         ("""A prompt of 120 tokens, 24 new tokens, an export with attention windows (128, 512, 2048) and
-decode calls of 1 or 8 steps: the prefill picks the first token, and each decode call runs the most
+decode calls of 1, 2, 4 or 8 steps: the prefill picks the first token, and each decode call runs the most
 steps it has that the tokens left fill (else 1). Which window does each decode call attend over, in
 order? (hint: a call of k steps from position p writes positions p .. p + k - 1, and needs a window
 that holds p + k positions)""",
-         """windows = [128, 512] + [512] * 7""",
+         """windows = [128, 512, 512, 512, 512]""",
          """exercises.decode_windows(windows)"""),
     ),
     code("""import shutil

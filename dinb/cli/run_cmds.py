@@ -215,9 +215,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     info = model.generation_info()
     count = args.max_new_tokens or default_new_tokens(info["max_len"], [len(p) for p in prompts])
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
-    # compile the prefill and the decode calls the generation runs (k steps and 1) and let the
-    # collectives connect (gloo says so), before the stream and the timings start
-    model.generate(prompts, min(count, max(info["decode_steps"]) + 2), stop_ids=(), **sampling)
+    # compile the prefill and the decode calls the generation runs (a call of each step count:
+    # 1 + 2 + 4 + 8 steps) and let the collectives connect (gloo says so), before the stream and
+    # the timings start
+    model.generate(prompts, min(count, sum(info["decode_steps"]) + 1), stop_ids=(), **sampling)
     if talk:
         print(f"{meta['model']} on {job.world_size} ranks ({job.process_count} process(es)), collectives "
               f"{model.collectives}; KV cache per rank {meta['generation']['cache_bytes']} bytes")
@@ -225,7 +226,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(args.prompts[0] if args.prompts and not args.chat else
                   (codec.decode(prompts[0]) if args.chat else prompts[0]), end="", flush=True)
 
-    rows = model.generate(prompts, count, on_token=TextStream(codec) if talk and single else None, **sampling)
+    stops = {"stop_ids": ()} if args.ignore_eos else {}
+    rows = model.generate(prompts, count, on_token=TextStream(codec) if talk and single else None, **stops,
+                          **sampling)
     crcs = job.allgather("tokens", str(zlib.crc32(json.dumps(rows).encode())))
     timings = model.generation_info()["timings"]
     per_token_ms = ms_per_step(timings)
@@ -236,7 +239,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                               "collectives": model.collectives, "same_on_every_rank": len(set(crcs)) == 1,
                               "prefill_s": timings.get("prefill_s"),
                               "decode_ms_per_step": per_token_ms,
-                              "paged": model.generation_info()["paged"]}))
+                              "paged": model.generation_info()["paged"],
+                              "stages": model.generation_info()["stages"]}))
         else:
             if single:
                 print()
@@ -332,6 +336,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--ids", action="append", type=ids_arg, default=None,
                    help="a prompt as token ids, e.g. 1,5,9 (repeat for several)")
     p.add_argument("--model-dir", required=True, help="directory of a llama export")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="generate --max-new-tokens whatever the end tokens (to time a generation)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="default: as many as the cache holds after the longest prompt, at most 64")
     p.add_argument("--temperature", type=float, default=None,

@@ -66,6 +66,46 @@ def stage_decode(model: Any, layers: range, first: bool, last: bool, window: int
     return decode
 
 
+def stage_decode_rows(model: Any, layers: range, first: bool, last: bool, window: int,
+                      sample: bool) -> Callable[..., tuple[Any, ...]]:
+    """One decode step of stage ``layers`` for the slots ``rows`` (R,) only, a group of the
+    slots that follow each other through the stages; a row ``S`` (past the last slot) is
+    padding, computed and dropped::
+
+        decode_rows(params, x, rows, tokens, positions, remaining, counts, sampling..., cache[, tables])
+            -> (x (R, 1, h), cache) | (token (S,), log-probability (S,), state..., cache)
+
+    The state and the tokens are every slot's (S,), as :func:`stage_decode`'s; the rows'
+    entries are moved on and the others left as they are (their token -1), so each group's
+    passes need only its own previous pass. The activations ``x`` are the rows' only."""
+
+    def decode(params: dict[str, Any], x: Any, rows: Any, tokens: Any, positions: Any, remaining: Any,
+               counts: Any, sampling_f: Any, sampling_i: Any, stops: Any, cache: Any,
+               tables: Any = None) -> tuple[Any, ...]:
+        import jax.numpy as jnp
+
+        def take(a: Any, fill: int = 0) -> Any:
+            return a.at[rows].get(mode="fill", fill_value=fill)
+
+        state = tuple(take(a) for a in (tokens, positions, remaining, counts))  # padding: remaining 0
+        if first:
+            x = model.embed(params, state[0])[:, None]
+        x, cache = model.decode_layers(params, layers, x, state[1], state[2] > 0, cache, window, tables, rows)
+        if not last:
+            return x, cache
+        logits = model.logits(params, x[:, 0])
+        n = rows.shape[0]
+        out, logprobs = jnp.full((1, n), -1, jnp.int32), jnp.zeros((1, n), jnp.float32)
+        *moved, out, logprobs = advance(0, logits, state, out, logprobs, take(sampling_f), take(sampling_i),
+                                        take(stops, -1), sample)
+        full = [a.at[rows].set(m, mode="drop") for a, m in zip((tokens, positions, remaining, counts), moved)]
+        picked = jnp.full(tokens.shape, -1, jnp.int32).at[rows].set(out[0], mode="drop")
+        logprob = jnp.zeros(tokens.shape, jnp.float32).at[rows].set(logprobs[0], mode="drop")
+        return picked, logprob, *full, cache
+
+    return decode
+
+
 def stage_prefill(model: Any, layers: range, first: bool, last: bool,
                   window: int | None = None) -> Callable[..., tuple[Any, ...]]:
     """The prefill of stage ``layers`` (see the module docstring); ``window``: the rest of each

@@ -24,10 +24,12 @@ from typing import Any
 
 
 class SlotCache:
-    """``(L, 2, S, K, T, dh)``: one row of ``max_len`` positions per sequence slot."""
+    """``(L, 2, S, K, T, dh)``: one row of ``max_len`` positions per sequence slot. ``rows``
+    (R,): a step of those slots only (row ``i`` of its keys and values is slot ``rows[i]``; a
+    row ``S``, past the last slot, writes nothing); None: every slot, in order."""
 
-    def __init__(self, max_len: int):
-        self.max_len = max_len
+    def __init__(self, max_len: int, rows: Any = None):
+        self.max_len, self.rows = max_len, rows
 
     def window(self, window: int) -> int:
         return window
@@ -36,13 +38,16 @@ class SlotCache:
         """Keys and values ``(S, K, dh)`` of one token per slot at ``positions`` (S,)."""
         import jax.numpy as jnp
 
-        slots = jnp.arange(k.shape[0])
+        slots = jnp.arange(k.shape[0]) if self.rows is None else self.rows
         at = jnp.where(active, positions, self.max_len)  # past the row: dropped
         cache = cache.at[layer, 0, slots, :, at].set(k.astype(cache.dtype), mode="drop")
         return cache.at[layer, 1, slots, :, at].set(v.astype(cache.dtype), mode="drop")
 
     def read(self, cache: Any, layer: int, window: int) -> tuple[Any, Any]:
-        """Keys and values ``(S, K, W, dh)`` of every slot's first ``window`` positions."""
+        """Keys and values ``(S, K, W, dh)`` of every slot's first ``window`` positions (of the
+        ``rows``' slots: ``(R, K, W, dh)``)."""
+        if self.rows is not None:
+            return cache[layer, 0, self.rows, :, :window], cache[layer, 1, self.rows, :, :window]
         return cache[layer, 0, :, :, :window], cache[layer, 1, :, :, :window]
 
     def write_prompts(self, cache: Any, layer: int, k_t: Any, v_t: Any, slots: Any, starts: Any) -> Any:

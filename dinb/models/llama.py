@@ -210,9 +210,12 @@ class LlamaDecoder(ModelDef):
             return (self.layers, 2, self.cache_blocks, self.kv_heads, self.block_size, self.head_dim)
         return (self.layers, 2, self.slots, self.kv_heads, self.max_len, self.head_dim)
 
-    def kv_store(self, tables: Any = None) -> SlotCache | PagedCache:
-        """How the programs reach the cache: by slot, or through the block ``tables``."""
-        return SlotCache(self.max_len) if tables is None else PagedCache(tables, self.block_size)
+    def kv_store(self, tables: Any = None, rows: Any = None) -> SlotCache | PagedCache:
+        """How the programs reach the cache: by slot, or through the block ``tables``; ``rows``:
+        a step of those slots only (see :class:`~dinb.models.kv_cache.SlotCache`)."""
+        if tables is None:
+            return SlotCache(self.max_len, rows)
+        return PagedCache(tables if rows is None else tables[rows], self.block_size)
 
     # ---- parameters ----------------------------------------------------------------------------
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -347,13 +350,13 @@ class LlamaDecoder(ModelDef):
         return jnp.take(p["model.embed_tokens.weight"], ids, axis=0)
 
     def decode_layers(self, p: dict[str, Any], layers: range, x: Any, positions: Any, active: Any, cache: Any,
-                      window: int, tables: Any = None) -> tuple[Any, Any]:
+                      window: int, tables: Any = None, rows: Any = None) -> tuple[Any, Any]:
         """``layers`` of a decode step on ``x`` (S, 1, h), the cache holding those layers only
         (layer ``i`` at ``i - layers.start``: a pipeline stage's cache; the whole model's for
-        ``range(L)``); see :meth:`step`."""
+        ``range(L)``); see :meth:`step`. ``rows`` (R,): ``x`` is those slots' only, (R, 1, h)."""
         import jax.numpy as jnp
 
-        kv = self.kv_store(tables)
+        kv = self.kv_store(tables, rows)
         visible = (jnp.arange(kv.window(window))[None, None, :] <= positions[:, None, None])  # (S, 1, W)
         for i in layers:
             pre, at = f"model.layers.{i}.", i - layers.start

@@ -82,10 +82,10 @@ class RankModel:
         return x, cache
 
     def decode_layers(self, p: dict[str, Any], layers: range, x: Any, positions: Any, active: Any, cache: Any,
-                      window: int, tables: Any = None) -> tuple[Any, Any]:
+                      window: int, tables: Any = None, rows: Any = None) -> tuple[Any, Any]:
         """:meth:`LlamaDecoder.decode_layers` on this rank (its heads, its cache of those layers)."""
         return self._layers(p, layers, x, cache, lambda layer, x, cache: self.attention(
-            p, layer, x, positions, active, cache, window, tables, layer - layers.start))
+            p, layer, x, positions, active, cache, window, tables, layer - layers.start, rows))
 
     def prompt_layers(self, p: dict[str, Any], layers: range, x: Any, slots: Any, cache: Any,
                       attention: str = "xla", tables: Any = None, starts: Any = None,
@@ -117,13 +117,13 @@ class RankModel:
         return self.step(p, tokens, positions, jnp.ones(tokens.shape, bool), cache, self.max_len, tables)
 
     def attention(self, p: dict[str, Any], layer: int, x: Any, positions: Any, active: Any, cache: Any,
-                  window: int, tables: Any, at: int) -> tuple[Any, Any]:
+                  window: int, tables: Any, at: int, rows: Any = None) -> tuple[Any, Any]:
         """Layer ``layer``'s attention on this rank's heads: its partial ``a_r Wo_r^T`` and the
         cache with this step's keys and values."""
         import jax.numpy as jnp
 
         m, pre = self.local, f"model.layers.{layer}."
-        kv = m.kv_store(tables)
+        kv = m.kv_store(tables, rows)
         visible = jnp.arange(kv.window(window))[None, None, :] <= positions[:, None, None]
         q, k, v = m._qkv(p, pre, x, positions[:, None])
         cache = kv.write_one(cache, at, k[:, 0], v[:, 0], positions, active)

@@ -13,6 +13,10 @@
     micro_batches = 1
     # seconds a stage waits for the previous stage's activations (or for the next to take them)
     stage_timeout_s = 60
+    # a decoder over pipeline stages: groups of sequence slots that follow each other through
+    # the stages, so each stage works on another group at each tick (0: one group per stage on
+    # GPUs and on CPU ranks of several hosts, one where the stages share one host's CPU cores)
+    decode_groups = 0
     # how activations move between stages: auto (MPI between CPU processes mpiexec started,
     # XLA's collective-permute otherwise), mpi or xla
     stage_transfer = auto
@@ -46,6 +50,7 @@ class RuntimeConfig:
     verify_checksums: bool = True
     micro_batches: int = 1
     stage_timeout_s: float = 60.0
+    decode_groups: int = 0
     stage_transfer: str = "auto"
     collectives: str = "auto"
     coordinator_address: str = ""
@@ -92,6 +97,9 @@ def load_config(path: str | Path | None) -> RuntimeConfig:
                 raise DinbError(f"config file {path}: {key} = {raw!r}; give a number of seconds above 0")
             if key == "micro_batches" and not 1 <= values[key] <= MAX_MICRO_BATCHES:  # type: ignore[operator]
                 raise DinbError(f"config file {path}: micro_batches = {raw!r}; give 1 to {MAX_MICRO_BATCHES}")
+            if key == "decode_groups" and values[key] < 0:  # type: ignore[operator]
+                raise DinbError(f"config file {path}: decode_groups = {raw!r}; give 0 (one group per "
+                                "stage) or a number of groups")
             if key == "stage_transfer" and values[key] not in TRANSFERS:
                 raise DinbError(
                     f"config file {path}: stage_transfer = {raw!r}; choose one of {list(TRANSFERS)}")

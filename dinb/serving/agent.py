@@ -196,8 +196,9 @@ class AgentLoop:
 def registration_of(model: Any) -> dict[str, Any]:
     """What the worker learns of this agent's export when it registers."""
     inputs, outputs = model_io(model)
+    staged = model.pipeline_info() or (model.generation_info() or {}).get("stages") or {"stages": 1}
     return {"pid": os.getpid(), "host": socket.gethostname(), "inputs": inputs, "outputs": outputs,
-            "stages": (model.pipeline_info() or {"stages": 1})["stages"],
+            "stages": staged["stages"],
             "generation": generation_info(model), "batch_buckets": model.batch_buckets or None}
 
 

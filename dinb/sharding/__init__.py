@@ -7,6 +7,13 @@ MindSpore's ``dev_matrix`` + ``tensor_map`` and JAX's ``PartitionSpec``),
 and :mod:`~dinb.sharding.batch_buckets` (the batch sizes an input layout can take).
 """
 
-from dinb.sharding.pipeline import bubble_fraction, measured_bubble
+from dinb.sharding.pipeline import (
+    bubble_fraction,
+    decode_busy_fraction,
+    decode_schedule,
+    draw_decode_schedule,
+    measured_bubble,
+)
 
-__all__ = ["bubble_fraction", "measured_bubble"]
+__all__ = ["bubble_fraction", "decode_busy_fraction", "decode_schedule", "draw_decode_schedule",
+           "measured_bubble"]

@@ -46,6 +46,36 @@ def gpipe_schedule(stages: int, micro_batches: int) -> list[tuple[int, int, int]
     return [(m + s, s, m) for s in range(stages) for m in range(micro_batches)]
 
 
+def decode_schedule(stages: int, groups: int, steps: int) -> list[tuple[int, int, int, int]]:
+    """``[(tick, stage, group, step)]`` of a decoder's ``steps`` decode steps over ``stages``
+    stages with its slots in ``groups`` groups (``runtime/runners/decoder_stages``).
+
+    Step ``t`` of group ``g`` needs that group's tokens of step ``t - 1``, which leave the last
+    stage at the end of tick ``(t - 1) P + g + S - 1``; with the groups issued in turn, a step
+    takes ``P = max(S, G)`` ticks, so the pass runs on stage ``s`` at tick ``t P + g + s``. With
+    ``G >= S`` no stage waits between the first and the last pass."""
+    period = max(stages, groups)
+    return [(t * period + g + s, s, g, t) for t in range(steps) for g in range(groups) for s in range(stages)]
+
+
+def decode_busy_fraction(stages: int, groups: int, steps: int) -> float:
+    """The share of the ticks each stage works in :func:`decode_schedule`: ``G k`` passes over
+    ``(k - 1) P + G + S - 1`` ticks; one group gives ``1/S`` as ``k`` grows, ``G = S`` groups
+    ``G k / (G k + S - 1)``."""
+    return groups * steps / ((steps - 1) * max(stages, groups) + groups + stages - 1)
+
+
+def draw_decode_schedule(stages: int, groups: int, steps: int) -> str:
+    """:func:`decode_schedule` as text: a row per stage, a column per tick, the group each
+    stage works on (``.``: idle)."""
+    ticks = decode_schedule(stages, groups, steps)
+    width = max(t for t, *_ in ticks) + 1
+    rows = [["."] * width for _ in range(stages)]
+    for tick, s, g, _ in ticks:
+        rows[s][tick] = str(g)
+    return "\n".join(f"stage {s}  {''.join(r)}" for s, r in enumerate(rows))
+
+
 @dataclass(frozen=True)
 class StageEvent:
     """One stage's computation of one micro-batch on one rank (seconds on one clock)."""

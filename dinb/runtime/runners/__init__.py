@@ -71,7 +71,8 @@ def choose_runner(files: dict[int, SliceFile], job: ranks.Job, provider: str,
                                 "runs one-stage exports of the built-in models")
         if first.generation is not None:
             mpi = first.pipeline is None and mpi_decoder_applies(files, job, config)
-            return DecoderRunner(files, job, mpi=mpi, stage_timeout_s=config.stage_timeout_s)
+            return DecoderRunner(files, job, mpi=mpi, stage_timeout_s=config.stage_timeout_s,
+                                 decode_groups=config.decode_groups)
         return PipelineRunner(files, job, config)
     if provider == "tensorrt":
         return OnnxRunner(files, job.world_size, job.process_count, job.target)

@@ -50,7 +50,7 @@ class DecoderRunner:
     gives_outputs = True
 
     def __init__(self, files: dict[int, SliceFile], job: ranks.Job, mpi: bool = False,
-                 stage_timeout_s: float = 60.0):
+                 stage_timeout_s: float = 60.0, decode_groups: int = 0):
         first = next(iter(files.values()))
         gen = first.generation or {}
         self.first, self.job = first, job
@@ -59,7 +59,8 @@ class DecoderRunner:
         #: SPMD programs of the export
         self.built: MpiDecoderPrograms | StagedDecoderPrograms | None = None
         if first.pipeline is not None:
-            self.built = StagedDecoderPrograms(files, job, job.process_count > 1, stage_timeout_s)
+            self.built = StagedDecoderPrograms(files, job, job.process_count > 1, stage_timeout_s,
+                                               decode_groups)
         elif mpi:
             self.built = MpiDecoderPrograms(first, job.local_ranks[0], job.world_size,
                                             job.device_of(job.local_ranks[0]))
@@ -406,6 +407,8 @@ class DecoderRunner:
         clock = _Clock(self.clock)
         run = _Run(prompts, max_new_tokens, {int(s) for s in stop_ids}, self.slots)
         self.ensure_cache()
+        if isinstance(self.built, StagedDecoderPrograms):
+            self.built.new_generation()
         self.left[:] = 0
         self.release_slots(range(self.slots))
         for row in run.rows:

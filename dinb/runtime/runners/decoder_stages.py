@@ -26,6 +26,8 @@ A rank that sends or receives nothing within ``stage_timeout_s`` is named
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -37,21 +39,22 @@ from dinb.export.slicefile import SliceFile, TensorMeta
 from dinb.formats.safetensors import np_dtype
 from dinb.job import ranks
 from dinb.models.decode_loop import SAMPLING, STOPS
-from dinb.models.decode_stages import stage_decode, stage_prefill
+from dinb.models.decode_stages import stage_decode, stage_decode_rows, stage_prefill
 from dinb.runtime.placement import place_params
 from dinb.runtime.runners.decoder_mpi import DECODE, PREFILL, MpiDecoderPrograms, decoder_model
 from dinb.runtime.runners.stage_link import poll_until
 from dinb.sharding.layout import Layout
 
-#: where a decode and a prefill program take the cache (after the params): it is donated
-DECODE_CACHE, PREFILL_CACHE = 9, 12
+#: where a decode (of every slot, of some rows) and a prefill program take the cache: it is donated
+DECODE_CACHE, ROWS_CACHE, PREFILL_CACHE = 9, 10, 12
 
 
 class StagedDecoderPrograms:
     """A staged decoder export's programs on this process's stages (see the module docstring),
     by the names of a one-stage export's programs."""
 
-    def __init__(self, files: dict[int, SliceFile], job: ranks.Job, mpi: bool, timeout_s: float):
+    def __init__(self, files: dict[int, SliceFile], job: ranks.Job, mpi: bool, timeout_s: float,
+                 groups: int = 0):
         import jax
 
         first = next(iter(files.values()))
@@ -91,6 +94,16 @@ class StagedDecoderPrograms:
                 "one host's GPUs) or on CPU ranks of mpiexec, one rank a process; this job has "
                 f"{job.process_count} processes on {job.target}")
         self._jax = jax
+        #: slot groups in flight through the stages (0: as :meth:`auto_groups`), at most one a slot
+        self.groups = max(1, min(groups or self.auto_groups(job.target), self.slots))
+
+    def auto_groups(self, target: str) -> int:
+        """One group per stage where the stages compute side by side (GPUs, CPU ranks of several
+        hosts); one where they share one host's cores (simulated CPU devices, mpiexec ranks of
+        one host): the groups' passes would only take turns on the same cores."""
+        if target != "cpu" or (self.link is not None and self.link.hosts > 1):
+            return self.stages
+        return 1
 
     def _place(self, files: dict[int, SliceFile], job: ranks.Job, devices: list[Any]) -> tuple[dict, dict]:
         """A stage's parameters on its devices, and the shardings of what its programs take."""
@@ -128,10 +141,19 @@ class StagedDecoderPrograms:
             return partial(self._prefill, int(prefill[3]) if prefill[3] else None)
         raise ProviderError(f"a decoder over pipeline stages has no program {key!r}")
 
+    def new_generation(self) -> None:
+        """Start the stage statistics of :meth:`info` again (they are a generation's)."""
+        if self.link is not None:
+            self.link.busy_s, self.link.stats = 0.0, {}
+
     def info(self) -> dict[str, Any]:
-        return {"stages": self.stages, "stage_ranks": self.t, "local_stages": list(self.local_stages),
+        info = {"stages": self.stages, "stage_ranks": self.t, "local_stages": list(self.local_stages),
                 "layers": {s: [r.start, r.stop] for s, r in self.layers.items()},
-                "transfer": "mpi" if self.link is not None else "local"}
+                "transfer": "mpi" if self.link is not None else "local", "groups": self.groups}
+        if self.link is not None:  # each rank's share of the generation's decode time spent computing
+            info["busy"] = {r: round(st["busy_s"] / st["wall_s"], 4) for r, st in self.link.stats.items()
+                            if st["wall_s"] > 0}
+        return info
 
     def describe(self) -> str:
         lines = [f"a decoder over {self.stages} pipeline stages of {self.t} rank(s): activations (S, 1, "
@@ -148,6 +170,9 @@ class StagedDecoderPrograms:
             first, last, layers = s == 0, s == self.stages - 1, self.layers[s]
             if kind == "decode":
                 fn, donate = stage_decode(self.stage_model, layers, first, last, window, sample), DECODE_CACHE
+            elif kind == "rows":
+                fn, donate = stage_decode_rows(self.stage_model, layers, first, last, window, bool(sample)), \
+                    ROWS_CACHE
             else:
                 fn, donate = stage_prefill(self.stage_model, layers, first, last, window), PREFILL_CACHE
             self._jitted[key] = self._jax.jit(fn, donate_argnums=(donate,))
@@ -161,24 +186,70 @@ class StagedDecoderPrograms:
         return [None if v is None else self._jax.device_put(v, sh[k]) for v, k in zip(values, kinds)]
 
     # ---- the passes --------------------------------------------------------------------------
+    def groups_of(self, keep: np.ndarray) -> list[np.ndarray]:
+        """The slot groups that follow each other through the stages, as their slots, each
+        padded to ``ceil(S / G)`` with ``S`` (a row that writes nothing): slot ``i`` is in group
+        ``i % G`` (so the first slots taken land in different groups); a group without a kept
+        slot is left out."""
+        n = -(-self.slots // self.groups)
+        groups = []
+        for g in range(self.groups):
+            rows = np.arange(g, self.slots, self.groups)
+            if keep[rows].any():
+                groups.append(np.concatenate([rows, np.full(n - len(rows), self.slots)]).astype(np.int32))
+        return groups
+
     def _decode(self, steps: int, window: int, sample: bool, params: dict[int, Any], tokens: Any,
                 positions: Any, remaining: Any, counts: Any, keep: Any, sampling_f: Any, sampling_i: Any,
                 stops: Any, cache: dict[int, Any], *rest: Any) -> tuple[Any, ...]:
-        """``decode_k``: ``steps`` passes, each one token per live slot (see decode_loop)."""
+        """``decode_k``: ``steps`` passes of each slot group, one token per live slot a pass.
+
+        Group ``g``'s pass computes its slots only (:func:`~dinb.models.decode_stages.stage_decode_rows`)
+        and moves on their entries of the state, so its passes depend on its own previous pass
+        alone: the passes are issued step by step, group by group, and stage ``s`` works on
+        group ``g`` while stage ``s + 1`` works on group ``g - 1``. The groups' slots are merged
+        into one state and one ``(k, S)`` of tokens at the end of the call. One group (or one
+        with a kept slot) runs the passes of every slot, as without groups."""
+        t0 = time.perf_counter()
+        if self.link is not None:
+            self.link.busy_s = 0.0  # this call's
         jnp = self._jax.numpy
-        where = np.where if self.link is not None else jnp.where  # (on the last stage's devices)
-        state: list[Any] = [tokens, positions, where(keep, remaining, 0), counts]
+        xp = np if self.link is not None else jnp
+        keep_host = np.asarray(keep, bool)
+        groups = self.groups_of(keep_host) if self.groups > 1 else []
+        last = self.stages - 1
+        start = self._put(last, [tokens, positions, xp.where(keep_host, remaining, 0), counts], ("slot",) * 4)
         sampling = {s: self._put(s, (sampling_f, sampling_i, stops, *rest),
                                  ("per_slot",) * 3 + ("whole2",) * len(rest)) for s in self.local_stages}
-        picks, logprobs = [], []
-        for _ in range(steps):
-            picked, logprob, *state = self._pass("decode", window, sample, params, state, sampling, cache,
-                                                 state[0], [(self.slots, 1, self.hidden)],
-                                                 [((self.slots,), "int32"), ((self.slots,), "float32")])
-            picks.append(picked)
-            logprobs.append(logprob)
-        stack = jnp.stack if self.link is None else np.stack
-        return stack(picks), stack(logprobs), *state, cache
+        if len(groups) <= 1:
+            groups = [None]
+        results: list[Any] = [[None, None, *start] for _ in groups]
+        passes: list[tuple[int, int, Any]] = []
+        for step in range(steps):
+            for g, rows in enumerate(groups):
+                state = _ready(results[g])[2:]
+                n = self.slots if rows is None else len(rows)
+                results[g] = self._pass("decode", window, sample, params, state, sampling, cache, state[0],
+                                        [(n, 1, self.hidden)],
+                                        [((self.slots,), "int32"), ((self.slots,), "float32")], rows)
+                passes.append((step, g, results[g]))
+        if groups == [None]:
+            picks, logprobs = zip(*(_ready(res)[:2] for _, _, res in passes))
+            state = _ready(results[0])[2:]
+        else:
+            masks = [np.isin(np.arange(self.slots), rows) for rows in groups]
+            picks = [xp.full((self.slots,), -1, np.int32) for _ in range(steps)]
+            logprobs = [xp.zeros((self.slots,), np.float32) for _ in range(steps)]
+            for step, g, res in passes:
+                picked, logprob = _ready(res)[:2]
+                picks[step] = xp.where(masks[g], picked, picks[step])
+                logprobs[step] = xp.where(masks[g], logprob, logprobs[step])
+            state = list(start)
+            for mask, res in zip(masks, results):
+                state = [xp.where(mask, new, old) for new, old in zip(_ready(res)[2:], state)]
+        if self.link is not None:
+            self.link.account(time.perf_counter() - t0)
+        return xp.stack(picks), xp.stack(logprobs), *state, cache
 
     def _logits_step(self, params: dict[int, Any], tokens: Any, positions: Any, cache: dict[int, Any],
                      *rest: Any) -> tuple[Any, Any]:
@@ -189,8 +260,9 @@ class StagedDecoderPrograms:
         sampling_arrays.append(np.full((self.slots, STOPS), -1, np.int32))
         sampling = {s: self._put(s, (*sampling_arrays, *rest), ("per_slot",) * 3 + ("whole2",) * len(rest))
                     for s in self.local_stages}
-        logits, = self._pass("decode", self.model.max_len, None, params, state, sampling, cache, tokens,
-                             [(self.slots, 1, self.hidden)], [((self.slots, self.vocab), "float32")])
+        logits, = _ready(self._pass("decode", self.model.max_len, None, params, state, sampling, cache,
+                                    tokens, [(self.slots, 1, self.hidden)],
+                                    [((self.slots, self.vocab), "float32")]))
         return logits, cache
 
     def _prefill(self, window: int | None, params: dict[int, Any], ids: Any, lengths: Any, slots: Any,
@@ -203,16 +275,19 @@ class StagedDecoderPrograms:
         tail = {s: self._put(s, (sampling_f, sampling_i, stops, *rest),
                              ("per_slot",) * 3 + ("whole2", "whole1")[:len(rest)]) for s in self.local_stages}
         extra = {s: (args[s], tail[s]) for s in self.local_stages}
-        first, logprob, logits, *state = self._pass(
+        first, logprob, logits, *state = _ready(self._pass(
             "prefill", window, None, params, state, extra, cache, ids, [(rows, bucket, self.hidden)],
-            [((rows,), "int32"), ((rows,), "float32"), ((rows, self.vocab), "float32")])
+            [((rows,), "int32"), ((rows,), "float32"), ((rows, self.vocab), "float32")]))
         return first, logprob, logits, *state, cache
 
     def _pass(self, kind: str, window: int | None, sample: bool | None, params: dict[int, Any],
               state: list[Any], extra: dict[int, Any], cache: dict[int, Any], x: Any,
-              carry: list[tuple[int, ...]], picked: list[tuple[tuple[int, ...], str]]) -> list[Any]:
-        """One pass through the local stages; the last stage's results (``picked``: their shapes
-        and dtypes, then the state), the same on every process. ``cache`` is updated in place."""
+              carry: list[tuple[int, ...]], picked: list[tuple[tuple[int, ...], str]],
+              rows: np.ndarray | None = None) -> Any:
+        """One pass through the local stages (a decode of the slots ``rows`` only, when given);
+        the last stage's results (``picked``: their shapes and dtypes, then the state), the same
+        on every process: a list, or under MPI a broadcast under way (:func:`_ready` waits for
+        it). ``cache`` is updated in place."""
         x_kind = ("slot" if kind == "decode" else "whole2")
         for s in self.local_stages:
             first, last = s == 0, s == self.stages - 1
@@ -223,8 +298,12 @@ class StagedDecoderPrograms:
                 xin = self.link.recv(carry[0], self.cache_meta.dtype)
             else:
                 xin = self._put(s, [x], ["carry"])[0]
-            program = self._stage(s, kind, window, sample)
-            if kind == "decode":
+            program = self._stage(s, "rows" if rows is not None else kind, window, sample)
+            t0 = time.perf_counter()
+            if rows is not None:
+                at = self._put(s, [rows], ["whole1"])[0]
+                out = program(params[s], xin, at, *st, *extra[s][:3], cache[s], *extra[s][3:])
+            elif kind == "decode":
                 out = program(params[s], xin, *st, *extra[s][:3], cache[s], *extra[s][3:])
             else:
                 (lengths, slots, budgets), tail = extra[s]
@@ -233,15 +312,19 @@ class StagedDecoderPrograms:
             if not last:
                 x = results[0]
                 if self.link is not None:
-                    self.link.send(np.asarray(x))
+                    x = np.asarray(x)
+                    self.link.busy_s += time.perf_counter() - t0
+                    self.link.send(x)
             else:
                 got = results
+                if self.link is not None:
+                    got = [np.asarray(a) for a in got]
+                    self.link.busy_s += time.perf_counter() - t0
         n_state = 0 if sample is None and kind == "decode" else 4
         if self.link is None:
             return got
         specs = picked + [((self.slots,), "int32")] * n_state
-        mine = [np.asarray(a) for a in got] if self.stages - 1 in self.local_stages else None
-        return self.link.broadcast(mine, specs)
+        return self.link.broadcast(got if self.stages - 1 in self.local_stages else None, specs)
 
 
 class _StageLink:
@@ -258,6 +341,10 @@ class _StageLink:
         self.rank, self.t, self.stages, self.timeout_s = rank, stage_ranks, stages, timeout_s
         self.stage_comm = self.world.Split(rank // stage_ranks, rank)
         self.root = (stages - 1) * stage_ranks
+        self.hosts = len(set(self.world.allgather(socket.gethostname())))  # the job's hosts
+        #: seconds this rank computed (its stage's programs) in the decode call under way, and
+        #: every rank's busy and wall seconds over the decode calls so far
+        self.busy_s, self.stats = 0.0, {}
 
     def send(self, x: np.ndarray) -> None:
         peer = self.rank + self.t
@@ -275,24 +362,56 @@ class _StageLink:
         return buf
 
     def broadcast(self, arrays: list[np.ndarray] | None, specs: Sequence[tuple[tuple[int, ...], str]]
-                  ) -> list[np.ndarray]:
-        """The last stage's first rank's ``arrays`` on every rank (``specs``: their shapes, dtypes)."""
+                  ) -> _Broadcast:
+        """The last stage's first rank's ``arrays`` on every rank (``specs``: their shapes, dtypes),
+        started: its :func:`_ready` waits for them. Every rank starts the broadcasts in the same
+        order (MPI's rule for non-blocking collectives) and waits only when it needs them."""
         sizes = [int(np.prod(shape)) * np.dtype(np_dtype(d)).itemsize for shape, d in specs]
         if arrays is not None and self.rank == self.root:
             buf = np.concatenate([np.ascontiguousarray(a, np_dtype(d)).view(np.uint8).reshape(-1)
                                   for a, (_, d) in zip(arrays, specs)])
         else:
             buf = np.empty(sum(sizes), np.uint8)
-        req = self.world.Ibcast([buf, self.MPI.BYTE], root=self.root)
-        self._wait(req, self.root, lambda: f"rank {self.rank} received no tokens from rank {self.root} (the "
-                   "last stage)")
-        out, at = [], 0
-        for (shape, d), n in zip(specs, sizes):
-            out.append(buf[at:at + n].view(np_dtype(d)).reshape(shape))
-            at += n
-        return out
+        return _Broadcast(self, self.world.Ibcast([buf, self.MPI.BYTE], root=self.root), buf, specs, sizes)
+
+    def account(self, wall_s: float) -> None:
+        """Add a decode call's ``wall_s`` and this rank's busy time in it to the stage statistics
+        (every rank's, gathered: the calls end together)."""
+        mine, self.busy_s = np.array([self.busy_s, wall_s]), 0.0
+        every = np.empty((self.world.size, 2))
+        req = self.world.Iallgather([mine, self.MPI.DOUBLE], [every, self.MPI.DOUBLE])
+        self._wait(req, self.root, lambda: f"rank {self.rank}: the ranks did not all end the decode call")
+        for r, (b, w) in enumerate(every.tolist()):
+            stats = self.stats.setdefault(r, {"busy_s": 0.0, "wall_s": 0.0})
+            stats["busy_s"] += b
+            stats["wall_s"] += w
 
     def _wait(self, req: Any, peer: int, message: Callable[[], str]) -> None:
         if not poll_until(req.Test, self.timeout_s):
             raise RankFailedError(f"{message()} within {self.timeout_s:.0f} s; rank {peer} is dead or stuck",
                                   (peer,))
+
+
+class _Broadcast:
+    """A started broadcast of the last stage's results (:meth:`_StageLink.broadcast`)."""
+
+    def __init__(self, link: _StageLink, req: Any, buf: np.ndarray,
+                 specs: Sequence[tuple[tuple[int, ...], str]], sizes: list[int]):
+        self.link, self.req, self.buf, self.specs, self.sizes = link, req, buf, specs, sizes
+        self.arrays: list[np.ndarray] | None = None
+
+    def wait(self) -> list[np.ndarray]:
+        if self.arrays is None:
+            link = self.link
+            link._wait(self.req, link.root, lambda: f"rank {link.rank} received no tokens from rank "
+                       f"{link.root} (the last stage)")
+            self.arrays, at = [], 0
+            for (shape, d), n in zip(self.specs, self.sizes):
+                self.arrays.append(self.buf[at:at + n].view(np_dtype(d)).reshape(shape))
+                at += n
+        return self.arrays
+
+
+def _ready(result: Any) -> list[Any]:
+    """A pass's results: waited for where they come by a broadcast still under way."""
+    return result.wait() if isinstance(result, _Broadcast) else result
