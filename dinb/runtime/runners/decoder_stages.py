@@ -268,17 +268,46 @@ class StagedDecoderPrograms:
     def _prefill(self, window: int | None, params: dict[int, Any], ids: Any, lengths: Any, slots: Any,
                  budgets: Any, tokens: Any, positions: Any, remaining: Any, counts: Any, sampling_f: Any,
                  sampling_i: Any, stops: Any, cache: dict[int, Any], *rest: Any) -> tuple[Any, ...]:
-        """``prefill_<R>x<P>`` (``window``: ``..._w<W>``, after a cached prefix): one pass."""
-        rows, bucket = np.shape(ids)
+        """``prefill_<R>x<P>`` (``window``: ``..._w<W>``, after a cached prefix): a pass of each
+        slot group's prompts (all of them in one pass with one group), issued one after the
+        other so that stage ``s`` prefills group ``g`` while stage ``s + 1`` prefills ``g - 1``;
+        the groups' first tokens, log-probabilities and logits put back in the rows' order, and
+        their slots' state merged."""
+        xp = np if self.link is not None else self._jax.numpy
         state = [tokens, positions, remaining, counts]
+        slot_of = np.asarray(slots)
+        groups = [np.flatnonzero(slot_of % self.groups == g) for g in range(self.groups)]
+        parts = [idx for idx in groups if (slot_of[idx] < self.slots).any()] if self.groups > 1 else []
+        if len(parts) <= 1:
+            return (*_ready(self._prefill_pass(window, params, ids, lengths, slots, budgets, state,
+                                               (sampling_f, sampling_i, stops), cache, rest)), cache)
+        results = [self._prefill_pass(window, params, *_rows((ids, lengths, slots, budgets), idx), state,
+                                      (sampling_f, sampling_i, stops), cache,
+                                      rest[:1] + tuple(_rows(rest[1:], idx)))
+                   for idx in parts]
+        rows = len(slot_of)
+        out = [xp.zeros((rows,), np.int32), xp.zeros((rows,), np.float32),
+               xp.zeros((rows, self.vocab), np.float32)]
+        merged = list(self._put(self.stages - 1, state, ("slot",) * 4))
+        for idx, res in zip(parts, results):
+            got = _ready(res)
+            out = [_set_rows(o, idx, g) for o, g in zip(out, got[:3])]
+            mine = np.isin(np.arange(self.slots), slot_of[idx])
+            merged = [xp.where(mine, new, old) for new, old in zip(got[3:], merged)]
+        return (*out, *merged, cache)
+
+    def _prefill_pass(self, window: int | None, params: dict[int, Any], ids: Any, lengths: Any, slots: Any,
+                      budgets: Any, state: list[Any], sampling: tuple[Any, Any, Any], cache: dict[int, Any],
+                      rest: tuple[Any, ...]) -> Any:
+        """One prefill pass of the rows ``ids`` (R, P) through the stages (see :meth:`_pass`)."""
+        rows, bucket = np.shape(ids)
         args = {s: self._put(s, (lengths, slots, budgets), ("whole1",) * 3) for s in self.local_stages}
-        tail = {s: self._put(s, (sampling_f, sampling_i, stops, *rest),
-                             ("per_slot",) * 3 + ("whole2", "whole1")[:len(rest)]) for s in self.local_stages}
+        tail = {s: self._put(s, (*sampling, *rest), ("per_slot",) * 3 + ("whole2", "whole1")[:len(rest)])
+                for s in self.local_stages}
         extra = {s: (args[s], tail[s]) for s in self.local_stages}
-        first, logprob, logits, *state = _ready(self._pass(
-            "prefill", window, None, params, state, extra, cache, ids, [(rows, bucket, self.hidden)],
-            [((rows,), "int32"), ((rows,), "float32"), ((rows, self.vocab), "float32")]))
-        return first, logprob, logits, *state, cache
+        return self._pass("prefill", window, None, params, state, extra, cache, ids,
+                          [(rows, bucket, self.hidden)],
+                          [((rows,), "int32"), ((rows,), "float32"), ((rows, self.vocab), "float32")])
 
     def _pass(self, kind: str, window: int | None, sample: bool | None, params: dict[int, Any],
               state: list[Any], extra: dict[int, Any], cache: dict[int, Any], x: Any,
@@ -410,6 +439,19 @@ class _Broadcast:
                 self.arrays.append(self.buf[at:at + n].view(np_dtype(d)).reshape(shape))
                 at += n
         return self.arrays
+
+
+def _rows(arrays: Sequence[Any], idx: np.ndarray) -> list[np.ndarray]:
+    """The rows ``idx`` of each of ``arrays`` (a prefill's per-row inputs), on the host."""
+    return [np.asarray(a)[idx] for a in arrays]
+
+
+def _set_rows(out: Any, idx: np.ndarray, values: Any) -> Any:
+    """``out`` with its rows ``idx`` set to ``values`` (a numpy array in place, a JAX one anew)."""
+    if isinstance(out, np.ndarray):
+        out[idx] = np.asarray(values)
+        return out
+    return out.at[idx].set(values)
 
 
 def _ready(result: Any) -> list[Any]:
