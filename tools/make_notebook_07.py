@@ -319,7 +319,7 @@ holds the embedding, the last the final norm and the logits head, and each stage
 KV cache **of their stage's layers only**. A decode step sends the activations `(slots, 1,
 hidden)` forward, stage to stage, and the last stage picks the tokens and sends the slots' state
 back to the first for the next step. Below, the adder as 2 stages of 2 ranks (tensor parallel
-inside each stage) on 4 simulated ranks, generating through the command line."""),
+inside each stage): what each rank's slice file holds."""),
     code(CHECK + """import json
 
 staged = work / "staged"
@@ -327,21 +327,29 @@ split = subprocess.run([sys.executable, "-m", "dinb", "export", "--model", "llam
                         "--pipeline-stages", "2", "--out", str(staged)], capture_output=True, text=True,
                        check=True).stdout
 print(split.splitlines()[0].split(" to ")[0])
-for name, stage in re.findall(r"(llama\\d\\.dinb) .*?(stage \\d)", split):
-    print(" ", name, stage)
-q, want = questions()[0]
-done = subprocess.run([sys.executable, "-m", "dinb", "generate", "--model-dir", str(staged), "--simulate", "4",
-                       "--json", q], capture_output=True, text=True, check=True)
-got = json.loads(done.stdout.strip().splitlines()[-1])
-print(q, "->", got["texts"][0], "| the answer:", want)
-print("layers per stage:", got["stages"]["layers"], "| slot groups in flight:", got["stages"]["groups"])"""),
+for r in range(4):
+    meta = dinb.read_meta(staged / f"llama{r}.dinb")
+    first, stop = meta["pipeline"]["layers"]
+    extra = [n for n in ("model.embed_tokens.weight", "lm_head.weight") if n in meta["params"]]
+    cache = meta["generation"]["cache"]["shape"]
+    print(f"  rank {r}: stage {r // 2}, layers {first}..{stop - 1}, KV cache {cache}"
+          + "".join(f" + {n}" for n in extra))"""),
+    md("""Four notebook ranks load it, each its own slice file (ranks 0 and 1 are stage 0, ranks 2 and 3
+stage 1), and answer the questions of section 4 with the tokens of this kernel's one device."""),
+    code(CHECK + """%dinfer cluster start -n 4"""),
+    code("""# NBVAL_IGNORE_OUTPUT
+%dinfer load {staged}"""),
+    code(CHECK + """staged_ranks = dinb.current_cluster()
+on_stages = answers(lambda p: staged_ranks.generate(p, 5, stop_ids=[1]))
+print("2 stages x 2 notebook ranks give the answers of 1 device:", on_stages == on_one)"""),
+    code(CHECK + """%dinfer cluster stop"""),
     md("""With one group of sequences, a step goes through the stages one after the other: each stage
 works `1/S` of the time. So the slots are dealt into groups (slot `i` in group `i % G`) that
 follow each other through the stages: stage 1 works on group 0 while stage 0 works on group 1,
 and a group's next step starts as soon as its tokens are back. `decode_groups` in the run-time
 config sets `G`; by default it is one group a stage where the stages compute side by side (GPUs,
 CPU ranks on several hosts), and one group where they share one host's CPU cores, as the
-simulated ranks above do. The ticks of 4 decode steps, each column a tick, each digit the group
+notebook ranks above do. The ticks of 4 decode steps, each column a tick, each digit the group
 a stage works on (`.`: idle):"""),
     code(CHECK + """from dinb.sharding import decode_busy_fraction, draw_decode_schedule
 
