@@ -135,6 +135,21 @@ def open_and_run(page, url: str, token: str, name: str) -> None:
     page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
 
 
+def wait_until_all_ran(page, name: str, timeout_s: float = 600):
+    """Wait until every code cell of the open notebook is numbered, or an error shows; the
+    errors shown (a locator)."""
+    # a folded input (an exercise's reference answer) shows a placeholder, not its prompt
+    prompts = page.locator(".jp-CodeCell:not(:has(.jp-InputPlaceholder)) .jp-InputPrompt")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        texts = prompts.all_inner_texts()
+        errors = page.locator(STDERR, has_text="Traceback")
+        if errors.count() or (texts and all(re.search(r"\[\d+\]", t) for t in texts)):
+            return errors
+        assert time.monotonic() < deadline, f"{name} did not finish within {timeout_s:.0f} s: {texts}"
+        time.sleep(1)
+
+
 def shut_down_kernels(url: str, token: str) -> None:
     """End every kernel of the lab (each notebook's kernel goes once its test is done)."""
     import json
@@ -165,16 +180,7 @@ def test_every_notebook_runs_in_jupyterlab_with_its_widgets(lab, path):
     try:
         with lab_page(path.stem) as page:
             open_and_run(page, url, token, path.name)
-            # a folded input (an exercise's reference answer) shows a placeholder, not its prompt
-            prompts = page.locator(".jp-CodeCell:not(:has(.jp-InputPlaceholder)) .jp-InputPrompt")
-            deadline = time.monotonic() + 600
-            while True:  # done: every code cell numbered, or an error shown
-                texts = prompts.all_inner_texts()
-                errors = page.locator(STDERR, has_text="Traceback")
-                if errors.count() or (texts and all(re.search(r"\[\d+\]", t) for t in texts)):
-                    break
-                assert time.monotonic() < deadline, f"{path.name} did not finish within 600 s: {texts}"
-                time.sleep(1)
+            errors = wait_until_all_ran(page, path.name)
             assert errors.count() == 0, f"{path.name}: {errors.first.inner_text()[-2000:]}"
             page.wait_for_timeout(1000)  # the last widget views render
             outputs = page.locator(".jp-OutputArea-output")
@@ -242,6 +248,9 @@ def test_the_pool_picture_goes_back_over_a_generation_in_jupyterlab(lab):
             pool = picture.locator("svg.dinb-pool")
             expect(pool).to_have_attribute("data-held", "0")
             expect(pool.locator("rect.dinb-block")).to_have_count(10)
+            # the slider's steps come from the kernel: let it finish the notebook's later cells first
+            # (they also remove the notebook's temporary folder)
+            assert wait_until_all_ran(page, path.name).count() == 0
             picture.scroll_into_view_if_needed()
             readout = picture.locator(".widget-readout")
             readout.click()
