@@ -1,6 +1,7 @@
 """Time per output token: dinb's decoder beside its memory floor, plain JAX and transformers.
 
     python benchmarks/generate.py                                   # CPU: the reference config
+    python benchmarks/generate.py --configs cpu-mid --batches 8     # CPU: stages that outweigh a pass
     python benchmarks/generate.py --baseline a878130                # ... beside an earlier dinb
     python benchmarks/generate.py --target gpu --configs 1b,3b      # one GPU: the floor table
 
@@ -9,7 +10,7 @@ batch of 1, 8 and 32 prompts (the export's sequence slots), with the same random
 token" is one decode step of the whole batch (each sequence gets one token); tokens per second
 count every sequence's tokens.
 
-On the CPU (the reference config, float32), in one run:
+On the CPU (the reference config, or ``cpu-mid``: 8 layers of 1024, float32), in one run:
 
   (a) dinb, 1 device                   python -m dinb generate --simulate 1
   (b) dinb, N virtual devices          python -m dinb generate --simulate N
@@ -20,7 +21,8 @@ On the CPU (the reference config, float32), in one run:
        forward over MPI, the tokens broadcast back from the last stage every step; on one host's
        CPU every slot in one group), and (s-mpi-G) under mpiexec with the slots in one group a
        stage, following each other through the stages (``decode_groups = N``); on a machine of
-       2N cores or more also 2 stages of N ranks each (2 x N), simulated and under mpiexec
+       2N cores or more also 2 stages of N ranks each (2 x N), simulated and under mpiexec with
+       one group and with two; every staged mpiexec case also prints each rank's busy share
   (a0) (b0) (c0) the same with the dinb of ``--baseline REV`` (a git revision, in a worktree)
   (t) transformers' generate           benchmarks/generate_torch.py in the reference environment
 
@@ -65,6 +67,22 @@ DATASHEET_TBS, DATASHEET_TFLOPS = 4.8, 989.0  # H200 SXM: HBM3e bandwidth, dense
 DEVICE = ["gpu"]  # what --target gpu runs on ("cpu" with --dry-run: the table's code on small shapes)
 CONFIGS: dict[str, dict[str, Any]] = {
     "reference": json.loads((ROOT / "tests" / "fixtures" / "llama" / "config.json").read_text()),
+    # CPU: a decoder whose decode step is memory-bound (0.3 GB of float32 weights), where a pipeline
+    # stage's compute outweighs what a pass costs beside it (the reference config's is a few MB)
+    "cpu-mid": {
+        "model_type": "llama",
+        "hidden_size": 1024,
+        "intermediate_size": 2816,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "num_hidden_layers": 8,
+        "vocab_size": 8192,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+    },
     "1b": {
         "model_type": "llama",
         "hidden_size": 2048,
@@ -500,9 +518,10 @@ def cpu_export(weights: Path, batch: int, ranks: int, new: int, out: Path, sourc
 
 def cpu_generate(
     kind: str, model_dir: Path, ids: list[list[int]], new: int, ranks: int, source: Path | None, repeat: int,
-    config_file: Path | None = None,
+    config_file: Path | None = None, busy: dict[str, Any] | None = None,
 ) -> float:
-    """ms per decode step, from ``dinb generate --json`` (the best of ``repeat`` runs)."""
+    """ms per decode step, from ``dinb generate --json`` (the best of ``repeat`` runs); a staged
+    export's share of the decode time each rank spent computing goes in ``busy`` (the best run's)."""
     args = ["generate", "--model-dir", str(model_dir), "--max-new-tokens", str(new), "--json"]
     if config_file is not None:
         args += ["--config-file", str(config_file)]
@@ -527,7 +546,11 @@ def cpu_generate(
             proc = cli([*args, "--simulate", str(ranks)], source)
         if proc.returncode:
             raise RuntimeError(f"dinb generate ({kind}, {ranks} ranks) failed:\n{proc.stderr[-3000:]}")
-        best = min(best, float(json.loads(proc.stdout.strip().splitlines()[-1])["decode_ms_per_step"]))
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        if float(out["decode_ms_per_step"]) < best:
+            best = float(out["decode_ms_per_step"])
+            if busy is not None and "busy" in out.get("stages", {}):
+                busy.update(out["stages"]["busy"])
     return best
 
 
@@ -545,7 +568,8 @@ def baseline_tree(rev: str, work: Path) -> Path:
 def cpu_main(args: argparse.Namespace) -> None:
     from dinb.formats.safetensors import np_dtype
 
-    config = CONFIGS[args.configs.split(",")[0]]
+    name = args.configs.split(",")[0]
+    config = CONFIGS[name]
     work = Path(tempfile.mkdtemp(prefix="dinb-bench-generate-"))
     tree = None
     rows = []
@@ -558,8 +582,11 @@ def cpu_main(args: argparse.Namespace) -> None:
         weights = write_folder(config, params, work / "weights")
         gloo = work / "gloo.ini"
         gloo.write_text("[runtime]\ncollectives = gloo\n")
-        groups = work / "groups.ini"
+        groups, two_groups, one_group = work / "groups.ini", work / "groups2.ini", work / "groups1.ini"
         groups.write_text(f"[runtime]\ndecode_groups = {args.ranks}\n")
+        two_groups.write_text("[runtime]\ndecode_groups = 2\n")
+        one_group.write_text("[runtime]\ndecode_groups = 1\n")
+        busy: dict[str, dict[str, float]] = {}  # per staged case, each rank's computing share
         tree = baseline_tree(args.baseline, work) if args.baseline else None
         n = args.ranks
         for b in [int(x) for x in args.batches.split(",")]:
@@ -588,19 +615,20 @@ def cpu_main(args: argparse.Namespace) -> None:
                     row[f"dinb_sim{n}_stages"] = cpu_generate(
                         "simulate", staged, ids, args.new_tokens, n, None, args.repeat
                     )
-                    row[f"dinb_mpi{n}_stages"] = cpu_generate(
-                        "mpiexec", staged, ids, args.new_tokens, n, None, args.repeat
-                    )
-                    row[f"dinb_mpi{n}_stages_groups{n}"] = cpu_generate(  # one group of slots a stage
-                        "mpiexec", staged, ids, args.new_tokens, n, None, args.repeat, groups
-                    )
+                    for key, cfg in ((f"dinb_mpi{n}_stages", one_group),
+                                     (f"dinb_mpi{n}_stages_groups{n}", groups)):  # a group of slots a stage
+                        row[key] = cpu_generate("mpiexec", staged, ids, args.new_tokens, n, None, args.repeat,
+                                                cfg, busy.setdefault(f"b{b} {key}", {}))
                     if (os.cpu_count() or 1) >= 2 * n:  # 2 stages of n ranks, where the cores are
                         grid = cpu_export(weights, b, 2 * n, args.new_tokens, work / f"b{b}_2x{n}", None,
                                           stages=2)
-                        for kind, short in (("simulate", "sim"), ("mpiexec", "mpi")):
-                            row[f"dinb_{short}{2 * n}_2x{n}"] = cpu_generate(
-                                kind, grid, ids, args.new_tokens, 2 * n, None, args.repeat
-                            )
+                        row[f"dinb_sim{2 * n}_2x{n}"] = cpu_generate(
+                            "simulate", grid, ids, args.new_tokens, 2 * n, None, args.repeat
+                        )
+                        for key, cfg in ((f"dinb_mpi{2 * n}_2x{n}", one_group),
+                                         (f"dinb_mpi{2 * n}_2x{n}_groups2", two_groups)):
+                            row[key] = cpu_generate("mpiexec", grid, ids, args.new_tokens, 2 * n, None,
+                                                    args.repeat, cfg, busy.setdefault(f"b{b} {key}", {}))
             row["torch"] = torch_case(weights, b, args.new_tokens, "float32", "cpu", args.torch_python)
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -611,16 +639,21 @@ def cpu_main(args: argparse.Namespace) -> None:
             )
         shutil.rmtree(work, ignore_errors=True)
     keys = [k for k in rows[0] if k != "batch"]
-    print("\nms per output token (one decode step of the batch), reference config, CPU; tokens/s in brackets")
+    print(f"\nms per output token (one decode step of the batch), {name} config, CPU; tokens/s in brackets")
     print("batch | " + " | ".join(keys) + (" | dinb_1 / baseline" if args.baseline else ""))
     for r in rows:
         cells = [f"{r[k]:.2f} ({r['batch'] * 1e3 / r[k]:.0f})" if r.get(k) else "-" for k in keys]
         ratio = f" | {r['dinb_1'] / r['baseline_dinb_1']:.2f}" if args.baseline else ""
         print(f"{r['batch']} | " + " | ".join(cells) + ratio)
+    if busy:
+        print("\nstaged cases: each rank's share of the decode time spent computing")
+        for case, shares in busy.items():
+            print(f"{case}: " + ", ".join(f"rank {r} {v:.0%}" for r, v in shares.items()))
     print(f"machine: {machine()}")
     result = {
+        "busy": busy,
         "machine": machine(),
-        "config": "reference",
+        "config": name,
         "dtype": "float32",
         "target": "cpu",
         "baseline": args.baseline,
@@ -638,7 +671,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--target", default="cpu", choices=["cpu", "gpu"])
-    parser.add_argument("--configs", default=None, help="cpu: reference; gpu: 1b,3b")
+    parser.add_argument("--configs", default=None, help="cpu: reference or cpu-mid; gpu: 1b,3b")
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--max-lens", default="80,2048", help="gpu: the exports' max_len")
     parser.add_argument("--ranks", type=int, default=2, help="cpu: ranks of (b) and (c)")

@@ -18,7 +18,8 @@ and without stages. Two ways to run the stages:
 * **CPU ranks of mpiexec** (one rank a process): each rank runs its stage's programs over its own
   slices (:class:`~dinb.models.llama_rank.RankModel`, the stage's all-reduces by MPI among the
   stage's ranks), sends its activations to the same rank of the next stage, and the last stage's
-  first rank broadcasts the tokens and the state to every rank (they all run the same host loop).
+  first rank sends the tokens and the state to every rank (they all run the same host loop);
+  every send is non-blocking, so no rank waits for a peer that is busy with another group.
 
 A rank that sends or receives nothing within ``stage_timeout_s`` is named
 (:class:`~dinb.errors.RankFailedError`).
@@ -374,13 +375,20 @@ class _StageLink:
         #: seconds this rank computed (its stage's programs) in the decode call under way, and
         #: every rank's busy and wall seconds over the decode calls so far
         self.busy_s, self.stats = 0.0, {}
+        self.sends: list[tuple[Any, int, Callable[[], str]]] = []  # under way: request, peer, what
 
     def send(self, x: np.ndarray) -> None:
+        """``x`` to the same rank of the next stage, started (:meth:`settle` waits for it)."""
         peer = self.rank + self.t
         req = self.world.Isend([np.ascontiguousarray(x).view(np.uint8).reshape(-1), self.MPI.BYTE], dest=peer,
                                tag=1)
-        self._wait(req, peer, lambda: f"rank {self.rank} (stage {self.rank // self.t}) could not hand its "
-                   f"activations to rank {peer} (stage {peer // self.t})")
+        self._started(req, peer, lambda: f"rank {self.rank} (stage {self.rank // self.t}) could not hand "
+                      f"its activations to rank {peer} (stage {peer // self.t})")
+
+    def _started(self, req: Any, peer: int, message: Callable[[], str]) -> None:
+        """A send under way: those done are let go (mpi4py's request holds the buffer till then)."""
+        self.sends = [s for s in self.sends if not s[0].Test()]
+        self.sends.append((req, peer, message))
 
     def recv(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
         peer = self.rank - self.t
@@ -393,19 +401,37 @@ class _StageLink:
     def broadcast(self, arrays: list[np.ndarray] | None, specs: Sequence[tuple[tuple[int, ...], str]]
                   ) -> _Broadcast:
         """The last stage's first rank's ``arrays`` on every rank (``specs``: their shapes, dtypes),
-        started: its :func:`_ready` waits for them. Every rank starts the broadcasts in the same
-        order (MPI's rule for non-blocking collectives) and waits only when it needs them."""
+        started: its :func:`_ready` waits for them. The root sends them to each rank on its own
+        (``Isend``, not ``Ibcast``): a non-blocking collective moves only while its root calls
+        into MPI, and the root goes straight on to its next group's pass, so the ranks waiting
+        for these tokens would wait for that pass too. A few hundred bytes go out as they are
+        sent; messages of one pair keep their order, so every rank matches the passes' results in
+        the order the passes ran."""
         sizes = [int(np.prod(shape)) * np.dtype(np_dtype(d)).itemsize for shape, d in specs]
-        if arrays is not None and self.rank == self.root:
+        if self.rank == self.root:
+            assert arrays is not None
             buf = np.concatenate([np.ascontiguousarray(a, np_dtype(d)).view(np.uint8).reshape(-1)
                                   for a, (_, d) in zip(arrays, specs)])
-        else:
-            buf = np.empty(sum(sizes), np.uint8)
-        return _Broadcast(self, self.world.Ibcast([buf, self.MPI.BYTE], root=self.root), buf, specs, sizes)
+            for r in range(self.world.size):
+                if r != self.root:
+                    self._started(self.world.Isend([buf, self.MPI.BYTE], dest=r, tag=2), r,
+                                  lambda r=r: f"rank {self.root} (the last stage) could not hand its "
+                                  f"tokens to rank {r}")
+            return _Broadcast(self, None, buf, specs, sizes)
+        buf = np.empty(sum(sizes), np.uint8)
+        return _Broadcast(self, self.world.Irecv([buf, self.MPI.BYTE], source=self.root, tag=2), buf, specs,
+                          sizes)
+
+    def settle(self) -> None:
+        """Wait for this rank's sends still under way (at the end of a decode call)."""
+        sends, self.sends = self.sends, []
+        for req, peer, message in sends:
+            self._wait(req, peer, message)
 
     def account(self, wall_s: float) -> None:
         """Add a decode call's ``wall_s`` and this rank's busy time in it to the stage statistics
         (every rank's, gathered: the calls end together)."""
+        self.settle()
         mine, self.busy_s = np.array([self.busy_s, wall_s]), 0.0
         every = np.empty((self.world.size, 2))
         req = self.world.Iallgather([mine, self.MPI.DOUBLE], [every, self.MPI.DOUBLE])
@@ -426,14 +452,16 @@ class _Broadcast:
 
     def __init__(self, link: _StageLink, req: Any, buf: np.ndarray,
                  specs: Sequence[tuple[tuple[int, ...], str]], sizes: list[int]):
+        """``req``: the receive under way (None at the root, which has them)."""
         self.link, self.req, self.buf, self.specs, self.sizes = link, req, buf, specs, sizes
         self.arrays: list[np.ndarray] | None = None
 
     def wait(self) -> list[np.ndarray]:
         if self.arrays is None:
             link = self.link
-            link._wait(self.req, link.root, lambda: f"rank {link.rank} received no tokens from rank "
-                       f"{link.root} (the last stage)")
+            if self.req is not None:
+                link._wait(self.req, link.root, lambda: f"rank {link.rank} received no tokens from rank "
+                           f"{link.root} (the last stage)")
             self.arrays, at = [], 0
             for (shape, d), n in zip(self.specs, self.sizes):
                 self.arrays.append(self.buf[at:at + n].view(np_dtype(d)).reshape(shape))
