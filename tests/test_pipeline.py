@@ -283,6 +283,16 @@ def test_real_ranks_equal_one_device(tmp_path, stages, n, transfer):
                 np.testing.assert_allclose(got, REF, rtol=1e-5, atol=1e-5)
 
 
+def test_the_xla_link_between_cpu_stages_of_several_ranks_is_refused_under_jax_0_12_1():
+    from dinb.runtime.runners.stage_link import xla_link_refusal
+
+    why = xla_link_refusal("0.12.1", "cpu", 2)
+    assert "jax 0.12.1" in why and "stage_transfer = mpi" in why and "jax!=0.12.1" in why
+    assert xla_link_refusal("0.12.1", "cpu", 1) is None  # one communicator a process: it runs
+    assert xla_link_refusal("0.12.1", "gpu", 2) is None  # NCCL, not gloo
+    assert xla_link_refusal("0.12.0.1", "cpu", 2) is None
+
+
 @pytest.mark.mpi
 def test_a_stuck_rank_of_the_first_stage_is_named_by_the_next_stage(tmp_path):
     export_deep(tmp_path / "model", 2, 2)

@@ -24,14 +24,21 @@ from typing import Any
 
 import numpy as np
 
-from dinb.errors import InputError, RankMismatchError
+from dinb.errors import InputError, ProviderError, RankMismatchError
 from dinb.export.slicefile import SliceFile, TensorMeta
 from dinb.job import ranks
 from dinb.runtime.config import RuntimeConfig
 from dinb.runtime.inputs import InputCheck
 from dinb.runtime.placement import xla_collectives
 from dinb.runtime.programs import deserialize
-from dinb.runtime.runners.stage_link import LocalLink, MpiLink, Shard, XlaLink, choose_transfer
+from dinb.runtime.runners.stage_link import (
+    LocalLink,
+    MpiLink,
+    Shard,
+    XlaLink,
+    choose_transfer,
+    xla_link_refusal,
+)
 from dinb.sharding.layout import one_mesh_shardings
 from dinb.sharding.pipeline import StageEvent
 
@@ -59,6 +66,12 @@ class PipelineRunner:
         self.check_micro(config.micro_batches, "the config's micro_batches")
         self.transfer = choose_transfer(config.stage_transfer, job.process_count, job.process_index,
                                         job.target)
+        if self.transfer == "xla":
+            import jax
+
+            refusal = xla_link_refusal(jax.__version__, job.target, self.t)
+            if refusal:
+                raise ProviderError(f"{first.path}: {refusal}")
         self._params: dict[int, dict[str, Any]] = {}
         self._compiled: dict[tuple[int, int], Any] = {}
         self._shardings: dict[int, tuple[dict[str, Any], list[Any], list[Any]]] = {}

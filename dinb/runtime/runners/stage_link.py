@@ -259,6 +259,22 @@ def choose_transfer(setting: str, process_count: int, process_index: int, target
     return "mpi"
 
 
+#: JAX releases whose gloo fails a CPU process in two communicators (docs/architecture.md)
+GLOO_TWO_COMMUNICATORS_BROKEN = ("0.12.1",)
+
+
+def xla_link_refusal(jax_version: str, target: str, stage_ranks: int) -> str | None:
+    """Why the XLA stage link cannot run here, or None: under jax 0.12.1 a CPU rank of a stage of
+    several ranks takes part in two gloo communicators (its stage's and the link's), which
+    fails with "Connection closed by peer" or hangs."""
+    if target == "cpu" and stage_ranks > 1 and jax_version in GLOO_TWO_COMMUNICATORS_BROKEN:
+        return (f"stage_transfer = xla between CPU stages of {stage_ranks} ranks fails under jax "
+                f"{jax_version} (its gloo breaks a process in two communicators); install another "
+                "release (pip install 'jax!=0.12.1' 'jaxlib!=0.12.1'), or run the ranks under mpiexec "
+                "(stage_transfer = mpi)")
+    return None
+
+
 def _mpi_world_is_job(process_count: int, process_index: int) -> tuple[bool, str]:
     import os
 
