@@ -23,7 +23,8 @@ On the CPU (the reference config, or ``cpu-mid``: 8 layers of 1024, float32), in
        stage, following each other through the stages (``decode_groups = N``); on a machine of
        2N cores or more also 2 stages of N ranks each (2 x N), simulated and under mpiexec with
        one group and with two; every staged mpiexec case also prints each rank's busy share
-  (a0) (b0) (c0) the same with the dinb of ``--baseline REV`` (a git revision, in a worktree)
+  (a0) (b0) (c0) the same with the dinb of ``--baseline REV`` (a git revision, in a worktree), and
+       with ``--baseline-stages`` its (s-mpi) and (s-mpi-G) too
   (t) transformers' generate           benchmarks/generate_torch.py in the reference environment
 
 On one GPU (bfloat16, in-process, ``--configs``: ``1b`` is a Llama of 1.2 billion parameters,
@@ -610,16 +611,18 @@ def cpu_main(args: argparse.Namespace) -> None:
                     row[f"dinb_mpi{n}_gloo"] = cpu_generate(
                         "mpiexec", split, ids, args.new_tokens, n, source, args.repeat, gloo
                     )
-                if not tag and args.stages:  # n pipeline stages of one rank each
-                    staged = cpu_export(weights, b, n, args.new_tokens, work / f"b{b}_{n}st", None, stages=n)
-                    row[f"dinb_sim{n}_stages"] = cpu_generate(
-                        "simulate", staged, ids, args.new_tokens, n, None, args.repeat
-                    )
-                    for key, cfg in ((f"dinb_mpi{n}_stages", one_group),
-                                     (f"dinb_mpi{n}_stages_groups{n}", groups)):  # a group of slots a stage
-                        row[key] = cpu_generate("mpiexec", staged, ids, args.new_tokens, n, None, args.repeat,
-                                                cfg, busy.setdefault(f"b{b} {key}", {}))
-                    if (os.cpu_count() or 1) >= 2 * n:  # 2 stages of n ranks, where the cores are
+                if args.stages and (not tag or args.baseline_stages):  # n pipeline stages of one rank each
+                    staged = cpu_export(weights, b, n, args.new_tokens, work / f"{tag}b{b}_{n}st", source,
+                                        stages=n)
+                    if not tag:
+                        row[f"dinb_sim{n}_stages"] = cpu_generate(
+                            "simulate", staged, ids, args.new_tokens, n, None, args.repeat
+                        )
+                    for key, cfg in ((f"{tag}dinb_mpi{n}_stages", one_group),  # and a group of slots a stage:
+                                     (f"{tag}dinb_mpi{n}_stages_groups{n}", groups)):
+                        row[key] = cpu_generate("mpiexec", staged, ids, args.new_tokens, n, source,
+                                                args.repeat, cfg, busy.setdefault(f"b{b} {key}", {}))
+                    if not tag and (os.cpu_count() or 1) >= 2 * n:  # 2 stages of n ranks, where the cores are
                         grid = cpu_export(weights, b, 2 * n, args.new_tokens, work / f"b{b}_2x{n}", None,
                                           stages=2)
                         row[f"dinb_sim{2 * n}_2x{n}"] = cpu_generate(
@@ -679,6 +682,8 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=2048, help="gpu: the prefill row's prompt (0: none)")
     parser.add_argument("--repeat", type=int, default=2, help="cpu: runs of each dinb case (the best counts)")
     parser.add_argument("--baseline", default=None, help="cpu: a git revision of dinb to run beside")
+    parser.add_argument("--baseline-stages", action="store_true",
+                        help="cpu: the baseline's (s-mpi) and (s-mpi-G) too (a baseline with decoder stages)")
     parser.add_argument("--stages", action=argparse.BooleanOptionalAction, default=True,
                         help="cpu: also --ranks pipeline stages of one rank each (simulated, mpiexec)")
     parser.add_argument(
